@@ -1,0 +1,115 @@
+"""Collect calibration statistics over a captured graph in two streaming passes.
+
+Pass 1: min/max of every tensor. Pass 2: fixed-range histograms of every tensor, and for every
+conv/linear layer the second moment H = E[x xᵀ] and the mean E[x] of its input patches, the
+quantities every weight method's output error is built on. Patches are subsampled per image at
+seeded positions, so the cost and memory are bounded however large the feature maps are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ptq.graph import Graph, Op, execute, float_kernels
+from .observers import Histogram
+from .progress import progress
+from .sources import DataSource
+
+MAX_POSITIONS = 256  # patches sampled per image and layer for H
+
+
+@dataclass
+class LayerInputStats:
+    """Sums for E[x xᵀ] and E[x] of a layer's input patches, one block per conv group."""
+
+    xx: np.ndarray  # (G, K, K)
+    x: np.ndarray  # (G, K)
+    count: int = 0
+
+    def merge(self, other: "LayerInputStats") -> "LayerInputStats":
+        return LayerInputStats(self.xx + other.xx, self.x + other.x, self.count + other.count)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        return self.xx / max(self.count, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.x / max(self.count, 1)
+
+
+@dataclass
+class Statistics:
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(default_factory=dict)
+    layer_inputs: dict[str, LayerInputStats] = field(default_factory=dict)
+    samples: int = 0
+
+
+def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Generator | None) -> torch.Tensor:
+    """Input patches of a conv/linear op as (G, rows, K); conv rows are sampled output positions."""
+    if op.kind == "linear":
+        return x.reshape(1, x.shape[0], -1)
+    a = op.attrs
+    kh, kw = op.weight.shape[2], op.weight.shape[3]
+    (sh, sw), (ph, pw), (dh, dw), g = a["stride"], a["padding"], a["dilation"], a["groups"]
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    total = oh * ow
+    if positions is not None and total > positions:
+        pos = torch.randperm(total, generator=gen)[:positions]
+    else:
+        pos = torch.arange(total)
+    oy, ox = pos // ow, pos % ow
+    iy = (oy * sh)[:, None, None] + (torch.arange(kh) * dh)[None, :, None]
+    ix = (ox * sw)[:, None, None] + (torch.arange(kw) * dw)[None, None, :]
+    patches = xp[:, :, iy, ix]  # (N, C, P, kh, kw)
+    n, c, p = patches.shape[:3]
+    patches = patches.reshape(n, g, c // g, p, kh, kw).permute(1, 0, 3, 2, 4, 5)
+    return patches.reshape(g, n * p, (c // g) * kh * kw)
+
+
+def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,
+                       positions: int = MAX_POSITIONS) -> Statistics:
+    """Two passes over `source`: ranges, then histograms and per-layer input moments."""
+    stats = Statistics(samples=len(source))
+    kernels = float_kernels(torch.float32)
+    n_batches = (len(source) + batch_size - 1) // batch_size
+
+    def track_range(name: str, t: torch.Tensor):
+        lo, hi = float(t.min()), float(t.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            from ptq.errors import DataError
+            raise DataError(f"tensor {name} became NaN/Inf on calibration data; check the data and the weights")
+        old = stats.ranges.get(name)
+        stats.ranges[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+
+    with torch.no_grad(), progress("calibration pass 1/2 (ranges)", n_batches) as advance:
+        for xb in source.batches(batch_size):
+            track_range(graph.input, xb)
+            execute(graph, xb, kernels, on_output=lambda op, xs, y: track_range(op.output, y))
+            advance()
+
+    stats.histograms = {t: Histogram.empty(*r) for t, r in stats.ranges.items()}
+    gen = torch.Generator().manual_seed(seed)
+
+    def observe(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
+        stats.histograms[op.output].add(y)
+        if op.weight is not None:
+            p = layer_patches(op, xs[0], positions, gen)
+            xx = torch.bmm(p.transpose(1, 2), p).double().numpy()
+            s = p.sum(1).double().numpy()
+            cur = stats.layer_inputs.get(op.name)
+            new = LayerInputStats(xx, s, p.shape[1])
+            stats.layer_inputs[op.name] = new if cur is None else cur.merge(new)
+
+    with torch.no_grad(), progress("calibration pass 2/2 (histograms, layer inputs)", n_batches) as advance:
+        for xb in source.batches(batch_size):
+            stats.histograms[graph.input].add(xb)
+            execute(graph, xb, kernels, on_output=observe)
+            advance()
+    return stats

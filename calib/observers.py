@@ -1,0 +1,120 @@
+"""Streaming, mergeable activation statistics and the encodings chosen from them.
+
+Pass 1 keeps min/max per tensor; pass 2 fills a fixed-range histogram over that range. Both merge
+by simple reduction, so calibration can be split over batches or processes in bounded memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+HIST_BINS = 2048
+HIST_SAMPLE = 1 << 20  # values per batch and tensor that enter the histogram (strided subsample)
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Affine activation encoding: real ≈ scale·(q − zero_point), q in [0, 2^bits − 1]."""
+
+    bits: int
+    scale: float
+    zero_point: int
+
+    @property
+    def qmin(self) -> int:
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "signed": False, "scale": self.scale, "zero_point": self.zero_point}
+
+    @staticmethod
+    def from_range(lo: float, hi: float, bits: int) -> "Encoding":
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        if hi - lo < 1e-12:
+            hi = lo + 1e-6
+        qmax = (1 << bits) - 1
+        scale = (hi - lo) / qmax
+        z = int(np.clip(np.floor(-lo / scale + 0.5), 0, qmax))
+        return Encoding(bits, float(scale), z)
+
+
+@dataclass
+class Histogram:
+    """Counts of a tensor's values in HIST_BINS equal bins over [lo, hi] (fixed in pass 2)."""
+
+    lo: float
+    hi: float
+    counts: np.ndarray
+
+    @staticmethod
+    def empty(lo: float, hi: float) -> "Histogram":
+        if hi <= lo:
+            hi = lo + 1e-6
+        return Histogram(float(lo), float(hi), np.zeros(HIST_BINS, dtype=np.float64))
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().flatten()
+        if flat.numel() > HIST_SAMPLE:
+            flat = flat[:: (flat.numel() + HIST_SAMPLE - 1) // HIST_SAMPLE]
+        h = torch.histc(flat, bins=HIST_BINS, min=self.lo, max=self.hi)
+        self.counts += h.double().cpu().numpy()
+
+    def merge(self, other: "Histogram") -> "Histogram":
+        assert (self.lo, self.hi) == (other.lo, other.hi)
+        return Histogram(self.lo, self.hi, self.counts + other.counts)
+
+    def centers(self) -> np.ndarray:
+        w = (self.hi - self.lo) / HIST_BINS
+        return self.lo + w * (np.arange(HIST_BINS) + 0.5)
+
+
+def _quant_error(values: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
+    """Histogram-weighted squared error of affine quantization for each candidate range (vectorised)."""
+    qmax = (1 << bits) - 1
+    scale = (hi - lo) / qmax
+    z = np.clip(np.floor(-lo / scale + 0.5), 0, qmax)
+    q = np.clip(np.floor(values[None, :] / scale[:, None] + 0.5) + z[:, None], 0, qmax)
+    deq = (q - z[:, None]) * scale[:, None]
+    return ((values[None, :] - deq) ** 2 * counts[None, :]).sum(axis=1)
+
+
+def choose_encoding(hist: Histogram, bits: int, observer: str = "mse", percentile: float = 99.99,
+                    act: list | None = None) -> Encoding:
+    """Pick an encoding for a tensor from its histogram; `act` is a fused clamp known to bound it."""
+    lo, hi = hist.lo, hist.hi
+    if act is not None:
+        if act[0] is not None:
+            lo = max(lo, act[0])
+        if act[1] is not None:
+            hi = min(hi, act[1])
+    if observer == "minmax" or hist.counts.sum() == 0:
+        return Encoding.from_range(lo, hi, bits)
+    values, counts = hist.centers(), hist.counts
+    if observer == "percentile":
+        cdf = np.cumsum(counts) / counts.sum()
+        q = percentile / 100.0
+        p_lo = values[min(np.searchsorted(cdf, 1 - q), HIST_BINS - 1)]
+        p_hi = values[min(np.searchsorted(cdf, q), HIST_BINS - 1)]
+        return Encoding.from_range(max(lo, p_lo) if lo < 0 else lo, min(hi, p_hi), bits)
+    if observer != "mse":
+        raise ValueError(f"unknown observer {observer!r}")
+    fractions = np.linspace(0.05, 1.0, 96)
+    if lo >= 0:
+        cand_lo, cand_hi = np.zeros_like(fractions), hi * fractions
+    elif hi <= 0:
+        cand_lo, cand_hi = lo * fractions, np.zeros_like(fractions)
+    else:
+        grid = np.linspace(0.1, 1.0, 40)
+        a, b = np.meshgrid(grid, grid, indexing="ij")
+        cand_lo, cand_hi = lo * a.ravel(), hi * b.ravel()
+    keep = counts > 0
+    err = _quant_error(values[keep], counts[keep], cand_lo, cand_hi, bits)
+    best = int(np.argmin(err))
+    return Encoding.from_range(cand_lo[best], cand_hi[best], bits)

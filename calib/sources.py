@@ -1,0 +1,211 @@
+"""Where calibration and evaluation tensors come from: image folders, tensor files, bundled photos.
+
+A source knows its length and yields preprocessed float32 batches lazily, so statistics can be
+collected in bounded memory however many images there are.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ptq.errors import DataError
+from .preprocess import Preprocess
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+# Photos shipped inside installed packages; split so calibration and evaluation never share a photo.
+SAMPLE_PHOTOS = {
+    "calib": ["skimage:astronaut.png", "skimage:coffee.png", "skimage:motorcycle_left.png",
+              "skimage:motorcycle_right.png", "skimage:rocket.jpg", "sklearn:china.jpg",
+              "skimage:camera.png", "skimage:brick.png", "skimage:moon.png", "skimage:hubble_deep_field.jpg"],
+    "eval": ["skimage:chelsea.png", "sklearn:flower.jpg", "skimage:retina.jpg", "skimage:coins.png",
+             "skimage:gravel.png", "skimage:grass.png", "skimage:clock_motion.png", "skimage:ihc.png",
+             "skimage:page.png", "skimage:text.png"],
+}
+
+
+@dataclass
+class DataSource:
+    """A finite, deterministic sequence of preprocessed samples (N, C, H, W)."""
+
+    description: str
+    kind: str  # "folder", "tensor", "samples"
+    count: int
+    _get: Callable[[int, int], np.ndarray] = field(repr=False)  # (start, stop) -> array
+    labels: np.ndarray | None = None
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, self.count, batch_size):
+            yield torch.from_numpy(np.ascontiguousarray(self._get(start, min(start + batch_size, self.count))))
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self._get(0, self.count)))
+
+    def to_dict(self) -> dict:
+        return {"source": self.description, "kind": self.kind, "size": self.count, "skipped": self.skipped}
+
+
+def _photo_path(ref: str) -> Path:
+    pkg, name = ref.split(":", 1)
+    if pkg == "skimage":
+        import skimage.data
+        return Path(skimage.data.data_dir) / name
+    import sklearn.datasets
+    return Path(sklearn.datasets.__file__).parent / "images" / name
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _resize_crop(rgb: np.ndarray, box: tuple[float, float, float, float], size: int, flip: bool) -> np.ndarray:
+    from PIL import Image
+    im = Image.fromarray(rgb).resize((size, size), Image.BILINEAR, box=box)
+    out = np.asarray(im)
+    return out[:, ::-1] if flip else out
+
+
+def _center_crop(rgb: np.ndarray, pre: Preprocess) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    s = pre.resize / min(h, w)
+    ch, cw = pre.size / s, pre.size / s
+    y0, x0 = (h - ch) / 2, (w - cw) / 2
+    return _resize_crop(rgb, (x0, y0, x0 + cw, y0 + ch), pre.size, False)
+
+
+def _random_crop_boxes(h: int, w: int, n: int, rng: np.random.Generator) -> list[tuple]:
+    """Random resized crops (scale 0.1..1 of the area, aspect 3/4..4/3) with a coin-flip mirror."""
+    boxes = []
+    while len(boxes) < n:
+        area = h * w * rng.uniform(0.1, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = np.sqrt(area * ratio), np.sqrt(area / ratio)
+        flip = bool(rng.random() < 0.5)
+        if cw <= w and ch <= h:
+            x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+            boxes.append(((x0, y0, x0 + cw, y0 + ch), flip))
+    return boxes
+
+
+def samples_source(split: str, n: int, pre: Preprocess, seed: int) -> DataSource:
+    """Augmented crops of the photos bundled with scikit-image and scikit-learn."""
+    photos = [_load_rgb(_photo_path(ref)) for ref in SAMPLE_PHOTOS[split]]
+    rng = np.random.default_rng([seed, 0 if split == "calib" else 1])
+    plan = []
+    per_photo = [n // len(photos) + (1 if i < n % len(photos) else 0) for i in range(len(photos))]
+    for i, (rgb, k) in enumerate(zip(photos, per_photo)):
+        plan += [(i, box, flip) for box, flip in _random_crop_boxes(rgb.shape[0], rgb.shape[1], k, rng)]
+
+    def get(start: int, stop: int) -> np.ndarray:
+        return np.stack([pre.apply(_resize_crop(photos[i], box, pre.size, flip)) for i, box, flip in plan[start:stop]])
+
+    return DataSource(f"samples:{split}", "samples", len(plan), get)
+
+
+def folder_source(path: Path, n: int | None, pre: Preprocess, seed: int) -> DataSource:
+    """Images in a folder (recursively), resized and centre-cropped; undecodable files are skipped."""
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in folder {path}; point --calib/--data at a folder of photos")
+    if n is not None and n < len(files):
+        idx = np.sort(np.random.default_rng(seed).choice(len(files), size=n, replace=False))
+        files = [files[i] for i in idx]
+    good: list[Path] = []
+    from PIL import Image
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+            good.append(f)
+        except Exception:  # PIL raises many types for undecodable files
+            continue
+    skipped = len(files) - len(good)
+    if not good:
+        raise DataError(f"none of the {len(files)} image files in {path} could be decoded")
+    labels = None
+    subdirs = sorted({f.parent.name for f in good})
+    if all(f.parent != path for f in good) and len(subdirs) > 1:
+        labels = np.asarray([subdirs.index(f.parent.name) for f in good])
+
+    def get(start: int, stop: int) -> np.ndarray:
+        return np.stack([pre.apply(_center_crop(_load_rgb(f), pre)) for f in good[start:stop]])
+
+    src = DataSource(f"folder:{path}", "folder", len(good), get, skipped=skipped)
+    src.labels = None  # folder names are not model class indices; labels come from tensor files
+    return src
+
+
+def tensor_source(path: Path, n: int | None, input_shape: tuple[int, ...]) -> DataSource:
+    """A .npy or .pt tensor (N, C, H, W), already preprocessed; a .npz may add `labels`."""
+    labels = None
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "x" not in z:
+                    raise DataError(f"{path} has no array named 'x' (and optionally 'labels')")
+                arr = z["x"]
+                labels = z["labels"] if "labels" in z else None
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                labels = obj.get("labels")
+                obj = obj.get("x")
+            if not isinstance(obj, torch.Tensor):
+                raise DataError(f"{path} must hold a tensor (or a dict with 'x' and optional 'labels')")
+            arr = obj.float().numpy()
+            labels = labels.numpy() if isinstance(labels, torch.Tensor) else labels
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot read tensor file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if arr.ndim != 1 + len(input_shape) or tuple(arr.shape[1:]) != tuple(input_shape):
+        raise DataError(f"{path} has shape {tuple(arr.shape)}; the model expects (N, {', '.join(map(str, input_shape))})")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{path} has dtype {arr.dtype}; expected preprocessed float tensors")
+    if arr.shape[0] == 0:
+        raise DataError(f"{path} holds no samples")
+    count = arr.shape[0] if n is None else min(n, arr.shape[0])
+
+    def get(start: int, stop: int) -> np.ndarray:
+        x = np.asarray(arr[start:stop], dtype=np.float32)
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{path} contains NaN or Inf values (samples {start}..{stop - 1})")
+        return x
+
+    lab = None if labels is None else np.asarray(labels)[:count]
+    return DataSource(f"tensor:{path}", "tensor", count, get, labels=lab)
+
+
+def open_source(spec: str, n: int | None, pre: Preprocess, input_shape: tuple[int, ...], seed: int,
+                split: str = "calib") -> DataSource:
+    """Resolve a --calib/--data argument: `samples`, `samples:calib|eval`, a folder or a tensor file."""
+    if spec == "samples" or spec.startswith("samples:"):
+        part = spec.split(":", 1)[1] if ":" in spec else split
+        if part not in SAMPLE_PHOTOS:
+            raise DataError(f"unknown sample split {part!r}; use samples:calib or samples:eval")
+        if tuple(input_shape[:1]) != (3,):
+            raise DataError(f"bundled photos are RGB; the model takes input shape {tuple(input_shape)}: pass --calib FILE.npy")
+        if n is not None and n < 1:
+            raise DataError("the sample count must be at least 1")
+        return samples_source(part, n or 128, pre, seed)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"data source {spec!r} does not exist; give an image folder, a .npy/.npz/.pt file or 'samples'")
+    if path.is_dir():
+        return folder_source(path, n, pre, seed)
+    if path.suffix in (".npy", ".npz", ".pt", ".pth"):
+        return tensor_source(path, n, input_shape)
+    raise DataError(f"cannot use {spec!r} as data: expected a folder, .npy/.npz/.pt file or 'samples'")

@@ -1,0 +1,217 @@
+"""The Python API; the command line is a thin shell over it.
+
+    qm = ptq.quantize("efficientnet_lite0", "samples", recipe="w8a8")
+    qm.save("out/")
+    y = ptq.load("out/").simulate(x)      # float inputs (N,C,H,W) -> dequantized integer outputs
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calib.collect import collect_statistics
+from calib.preprocess import Preprocess
+from calib.sources import DataSource, open_source
+
+from . import __version__
+from .biascorrect import choose_and_correct
+from .capture import capture
+from .card import bits_png, render_card, weight_summary
+from .errors import DataError, ModelError
+from .manifest import Manifest, load as load_manifest
+from .methods import METHODS
+from .metrics import fidelity
+from .models import LoadedModel, load_model, rebuild
+from .pipeline import build_manifest
+from .recipe import resolve
+from .reference import Codec, run_reference
+from .simulator import Simulator
+from . import verify
+
+
+def _preprocess(spec: dict) -> Preprocess | None:
+    p = spec.get("preprocess")
+    return None if p is None else Preprocess(p["name"], p["size"], tuple(p["mean"]), tuple(p["std"]), p["pixel_scale"], p["resize"])
+
+
+def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> DataSource:
+    """Accept a source spec string, a DataSource, or an in-memory array/tensor (N, C, H, W)."""
+    if isinstance(data, DataSource):
+        return data
+    shape = tuple(spec["input_shape"])
+    if isinstance(data, (str, Path)):
+        pre = _preprocess(spec)
+        if pre is None:
+            raise DataError("this model has no image preprocessing; give calibration data as a .npy/.pt tensor file")
+        return open_source(str(data), n, pre, shape, seed, split)
+    arr = data.detach().cpu().float().numpy() if isinstance(data, torch.Tensor) else np.asarray(data, np.float32)
+    if arr.ndim != 1 + len(shape) or tuple(arr.shape[1:]) != shape:
+        raise DataError(f"data has shape {arr.shape}; the model expects (N, {', '.join(map(str, shape))})")
+    if arr.shape[0] == 0:
+        raise DataError("the data holds no samples")
+    if not np.all(np.isfinite(arr)):
+        raise DataError("the data contains NaN or Inf values")
+    arr = arr[:n] if n else arr
+    return DataSource("in-memory array", "tensor", arr.shape[0], lambda a, b: arr[a:b])
+
+
+def _split_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("__", "."): v for k, v in overrides.items()}
+
+
+class QuantizedModel:
+    """A manifest plus what is needed to use it: simulate, evaluate, save."""
+
+    def __init__(self, manifest: Manifest, model: torch.nn.Module | None = None,
+                 report: dict | None = None, directory: Path | None = None):
+        self.manifest = manifest
+        self.model = model
+        self.report = report or {}
+        self.directory = directory
+        self._sim: Simulator | None = None
+
+    # -- execution --
+    def simulate(self, x: Any, accumulator: str | None = None) -> np.ndarray:
+        """Integer simulator outputs (dequantized, numpy) for float preprocessed inputs (N,C,H,W)."""
+        t = torch.as_tensor(np.asarray(x, np.float32)) if not isinstance(x, torch.Tensor) else x.float()
+        shape = tuple(self.manifest.graph["input_shape"])
+        if t.dim() != 1 + len(shape) or tuple(t.shape[1:]) != shape:
+            raise DataError(f"input has shape {tuple(t.shape)}; this model expects (N, {', '.join(map(str, shape))})")
+        sim = Simulator(self.manifest, accumulator) if accumulator else (self._sim or Simulator(self.manifest))
+        if not accumulator:
+            self._sim = sim
+        return sim(t)
+
+    def fakequant(self, x: torch.Tensor) -> np.ndarray:
+        out = self.manifest.graph["outputs"][0]
+        q = run_reference(self.manifest, x.float())[out]
+        return Codec(self.manifest).dequantize(q, out).numpy()
+
+    def fp32_model(self) -> torch.nn.Module:
+        if self.model is None:
+            self.model = rebuild(self.manifest.data["model"])
+        return self.model
+
+    def evaluate(self, data: Any = "samples", n: int | None = 64, backend: str = "sim", seed: int = 0,
+                 batch_size: int = 16) -> dict:
+        """Fidelity vs the FP32 model on `data` (held-out sample crops by default)."""
+        spec = self.manifest.data["model"]
+        src = as_source(data, spec, n, seed, split="eval")
+        model = self.fp32_model()
+        run = {"sim": self.simulate, "fakequant": self.fakequant}.get(backend)
+        if backend == "onnxruntime":
+            from .export import onnxruntime_runner
+            run = onnxruntime_runner(self.manifest)
+        if run is None:
+            raise DataError(f"unknown backend '{backend}'; use sim, fakequant or onnxruntime")
+        fps, qs = [], []
+        with torch.no_grad():
+            for xb in src.batches(batch_size):
+                fps.append(model(xb).numpy())
+                qs.append(run(xb))
+        res = fidelity(np.concatenate(fps), np.concatenate(qs), src.labels)
+        res.update(data=src.description, backend=backend)
+        res.update({k: v for k, v in weight_summary(self.manifest).items() if k in ("mean_weight_bits", "model_bytes")})
+        return res
+
+    # -- persistence --
+    def card(self) -> str:
+        return render_card(self.manifest, self.report.get("fidelity"), self.manifest.data.get("verification"))
+
+    def save(self, directory: str | Path, force: bool = False) -> Path:
+        extra = {"card.md": self.card().encode(), "report.json": (json.dumps(self.report, sort_keys=True, indent=1) + "\n").encode(),
+                 "bits.png": bits_png(self.manifest)}
+        self.directory = self.manifest.save(directory, extra_files=extra, force=force)
+        return self.directory
+
+
+def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | dict = "w8a8", *,
+             weights: str | None = None, calib_size: int | None = None, seed: int = 0,
+             eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
+             overrides: dict[str, Any] | None = None, **kw_overrides: Any) -> QuantizedModel:
+    """Quantize `model` with `recipe` on calibration data; verify it; measure its fidelity.
+
+    Overrides are recipe keys, as a dict ({"weights.bits": 4}) or keywords (weights__bits=4).
+    """
+    t0 = time.perf_counter()
+    all_over = dict(overrides or {})
+    all_over.update(_split_overrides(kw_overrides))
+    if calib_size is not None:
+        all_over["calibration.size"] = calib_size
+    r = resolve(recipe, all_over)
+    torch.manual_seed(seed)
+    if isinstance(model, torch.nn.Module):
+        shape = input_shape or (tuple(calib.shape[1:]) if hasattr(calib, "shape") else None)
+        if shape is None:
+            raise ModelError("give input_shape= (or calibration data as an array) for an in-memory model")
+        lm = LoadedModel(model.eval(), {"name": type(model).__name__, "kind": "module", "weights": None,
+                                         "seed": seed, "input_shape": list(shape), "preprocess": None})
+    else:
+        lm = load_model(model, weights, seed, input_shape)
+    cal = r["calibration"]
+    src = as_source(calib, lm.spec, cal["size"], seed, split="calib")
+    if len(src) < 16:
+        from calib.progress import console
+        console.print(f"[yellow]warning:[/] only {len(src)} calibration samples; statistics will be noisy (use 64 or more)")
+    graph = capture(lm.module, lm.input_shape)
+    t_cal = time.perf_counter()
+    stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"])
+    t_stats = time.perf_counter() - t_cal
+    wq = METHODS[r["method"]](graph, stats, r)
+    header = {"created_by": f"ptq {__version__}", "model": lm.spec,
+              "calibration": {**src.to_dict(), "seed": seed, "batch_size": cal["batch_size"]}}
+    m = build_manifest(graph, stats, r, wq, header)
+    bc = choose_and_correct(graph, m, _head(src, r["bias_correction"]["samples"]), r["bias_correction"]["mode"])
+    vx = _head(src, cal["verify_size"])
+    m.data["bias_correction"] = bc
+    m.data["verification"] = {"structural": verify.structural(m),
+                              "numeric": _summary(verify.numeric(m, list(vx.split(8))))}
+    qm = QuantizedModel(m, lm.module)
+    report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": lm.spec["name"]}
+    report.update({k: v for k, v in weight_summary(m).items() if k != "layers"})
+    if eval_data is not None or src.kind == "samples":
+        ev = eval_data if eval_data is not None else "samples:eval"
+        report["fidelity"] = qm.evaluate(ev, eval_size, seed=seed)
+    else:
+        report["fidelity"] = qm.evaluate(src, None, seed=seed)
+        report["fidelity"]["data"] += " (calibration data, not held out)"
+    report["verification"] = m.data["verification"]
+    report["seconds"] = time.perf_counter() - t0
+    report["calibration_seconds"] = t_stats
+    m.data["card"] = {k: v for k, v in report.items() if k in ("mean_weight_bits", "model_bytes", "recipe", "method")}
+    qm.report = report
+    return qm
+
+
+def _head(src: DataSource, n: int) -> torch.Tensor:
+    xs, got = [], 0
+    for xb in src.batches(min(n, 16)):
+        xs.append(xb)
+        got += xb.shape[0]
+        if got >= n:
+            break
+    return torch.cat(xs)[:n]
+
+
+def _summary(num: dict) -> dict:
+    """Numeric verification without the per-tensor table (kept in the report, not the manifest)."""
+    return {k: v for k, v in num.items() if k != "tensors"}
+
+
+def load(directory: str | Path) -> QuantizedModel:
+    """Load a saved manifest directory (validated) as a QuantizedModel."""
+    d = Path(directory)
+    m = load_manifest(d)
+    report = {}
+    rp = d / "report.json"
+    if rp.is_file():
+        try:
+            report = json.loads(rp.read_text())
+        except json.JSONDecodeError:
+            report = {}
+    return QuantizedModel(m, None, report, d)

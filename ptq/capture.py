@@ -1,0 +1,316 @@
+"""Capture a PyTorch model into the graph IR with torch.export, folding BatchNorm and fusing clamps.
+
+Each ATen op maps to one IR op (or to nothing, for identities such as dropout in eval mode).
+An op outside the integer op set is refused with an error naming the op and its module.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ModelError, UnsupportedOpError
+from .graph import LUT_FUNCTIONS, REQUANT_KINDS, Graph, Op
+
+aten = torch.ops.aten
+
+IDENTITY_TARGETS = {aten.dropout.default, aten.clone.default, aten.contiguous.default,
+                    aten.alias.default, aten.detach.default, aten.feature_dropout.default}
+RESHAPE_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                   aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
+CLAMP_TARGETS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
+                 aten.clamp.default, aten.clamp_.default, aten.relu6.default}
+ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor}
+LUT_TARGETS = {getattr(aten, n).default: n for n in LUT_FUNCTIONS}
+LUT_TARGETS.update({getattr(aten, n + "_").default: n for n in LUT_FUNCTIONS if hasattr(aten, n + "_")})
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...]:
+    val = node.meta.get("val")
+    return tuple(int(s) for s in val.shape)
+
+
+def _pair(v: Any, n: int = 2) -> list[int]:
+    if isinstance(v, int):
+        return [v] * n
+    v = [int(i) for i in v]
+    return v * n if len(v) == 1 else v
+
+
+class _Builder:
+    """Walks the exported graph once, turning nodes into IR ops."""
+
+    def __init__(self, ep: torch.export.ExportedProgram):
+        self.ep = ep
+        sig = ep.graph_signature
+        self.params: dict[str, str] = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+        self.constants = dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+        self.ops: list[Op] = []
+        self.alias: dict[str, str] = {}  # node name -> tensor name
+        self.names: set[str] = set()
+        self.n_consumers: dict[str, int] = {}
+
+    # -- helpers --
+    def tensor(self, node: Any) -> str:
+        if not isinstance(node, torch.fx.Node) or node.name not in self.alias:
+            raise UnsupportedOpError(f"an op input is not an activation tensor: {node!r}")
+        return self.alias[node.name]
+
+    def param(self, node: Any) -> tuple[str, np.ndarray] | tuple[None, None]:
+        if node is None:
+            return None, None
+        if not isinstance(node, torch.fx.Node):
+            raise UnsupportedOpError(f"expected a parameter, got {node!r}")
+        fqn = self.params.get(node.name) or self.constants.get(node.name)
+        if fqn is None:
+            raise UnsupportedOpError(f"weights computed at run time are not supported ({node.name})")
+        src = self.ep.state_dict if fqn in self.ep.state_dict else self.ep.constants
+        return fqn, src[fqn].detach().to(torch.float64).cpu().numpy()
+
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            i += 1
+            name = f"{base}#{i}"
+        self.names.add(name)
+        return name
+
+    def producer(self, tensor: str) -> Op | None:
+        for op in reversed(self.ops):
+            if op.output == tensor:
+                return op
+        return None
+
+    def emit(self, node: torch.fx.Node, kind: str, inputs: list[str], name: str, **attrs) -> Op:
+        op = Op(name=self.unique(name), kind=kind, inputs=inputs, output=node.name, attrs=attrs)
+        op.attrs["out_shape"] = list(_shape(node)[1:])
+        self.ops.append(op)
+        self.alias[node.name] = node.name
+        return op
+
+    # -- op handlers --
+    def weighted(self, node, kind):
+        args = list(node.args)
+        x = self.tensor(args[0])
+        fqn, w = self.param(args[1])
+        _, b = self.param(args[2] if len(args) > 2 else node.kwargs.get("bias"))
+        name = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+        if kind == "conv":
+            if w.ndim != 4:
+                raise UnsupportedOpError(f"only 2-D convolutions are supported ({name})")
+            padding = args[4] if len(args) > 4 else 0
+            if isinstance(padding, str):
+                raise UnsupportedOpError(f"string padding {padding!r} is not supported ({name})")
+            attrs = dict(stride=_pair(args[3] if len(args) > 3 else 1), padding=_pair(padding),
+                         dilation=_pair(args[5] if len(args) > 5 else 1),
+                         groups=int(args[6]) if len(args) > 6 else 1)
+            out = _shape(node)
+            attrs["macs"] = int(w.shape[0] * np.prod(w.shape[1:]) * out[2] * out[3])
+        else:
+            attrs = {"macs": int(w.shape[0] * w.shape[1])}
+            if len(_shape(args[0])) != 2:
+                raise UnsupportedOpError(f"linear layers on inputs of rank > 2 are not supported ({name})")
+        op = self.emit(node, kind, [x], name, **attrs)
+        op.weight = w
+        op.bias = b if b is not None else np.zeros(w.shape[0])
+        return op
+
+    def batch_norm(self, node):
+        args = list(node.args)
+        x = self.tensor(args[0])
+        _, gamma = self.param(args[1])
+        _, beta = self.param(args[2])
+        _, mean = self.param(args[3])
+        _, var = self.param(args[4])
+        eps = float(args[7] if node.target == aten.batch_norm.default else args[6])
+        c = mean.shape[0]
+        gamma = np.ones(c) if gamma is None else gamma
+        beta = np.zeros(c) if beta is None else beta
+        inv = gamma / np.sqrt(var + eps)
+        prod = self.producer(x)
+        if prod is not None and prod.kind == "conv" and self.n_consumers.get(x, 0) == 1 \
+                and prod.attrs.get("act") is None:
+            prod.weight = prod.weight * inv.reshape(-1, *([1] * (prod.weight.ndim - 1)))
+            prod.bias = (prod.bias - mean) * inv + beta
+            prod.attrs["bn_folded"] = True
+            self.alias[node.name] = x
+            return
+        # A lone BatchNorm becomes a depthwise 1x1 convolution.
+        op = self.emit(node, "conv", [x], _module_path(node) or node.name, stride=[1, 1],
+                       padding=[0, 0], dilation=[1, 1], groups=c)
+        out = _shape(node)
+        op.attrs["macs"] = int(c * out[2] * out[3])
+        op.weight = inv.reshape(c, 1, 1, 1)
+        op.bias = beta - mean * inv
+
+    def clamp(self, node):
+        x = self.tensor(node.args[0])
+        t = node.target
+        if t in (aten.relu.default, aten.relu_.default):
+            lo, hi = 0.0, None
+        elif t == aten.relu6.default:
+            lo, hi = 0.0, 6.0
+        elif t in (aten.hardtanh.default, aten.hardtanh_.default):
+            lo = float(node.args[1]) if len(node.args) > 1 else -1.0
+            hi = float(node.args[2]) if len(node.args) > 2 else 1.0
+        else:
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+            hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+            lo = None if lo is None else float(lo)
+            hi = None if hi is None else float(hi)
+        prod = self.producer(x)
+        if prod is not None and prod.kind in REQUANT_KINDS and prod.kind != "lut" \
+                and self.n_consumers.get(x, 0) == 1 and prod.attrs.get("act") is None:
+            prod.attrs["act"] = [lo, hi]
+            prod.output = node.name
+            self.alias[node.name] = node.name
+            return
+        self.emit(node, "clamp", [x], (_module_path(node) or node.name), act=[lo, hi])
+
+    def handle(self, node: torch.fx.Node):
+        t = node.target
+        a = node.args
+        mod = _module_path(node)
+        if t == aten.conv2d.default or t == aten.convolution.default:
+            if t == aten.convolution.default and (a[6] or any(a[7])):
+                raise UnsupportedOpError(f"transposed convolution is not supported ({mod})")
+            if t == aten.convolution.default:
+                node.args = (a[0], a[1], a[2], a[3], a[4], a[5], a[8])
+            self.weighted(node, "conv")
+        elif t == aten.linear.default:
+            self.weighted(node, "linear")
+        elif t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
+            self.batch_norm(node)
+        elif t == operator.getitem:
+            if a[1] != 0:
+                raise UnsupportedOpError(f"tuple output {a[1]} of {a[0].target} is not supported ({mod})")
+            self.alias[node.name] = self.alias[a[0].name]
+        elif t in CLAMP_TARGETS:
+            self.clamp(node)
+        elif t in ADD_TARGETS:
+            if not (isinstance(a[1], torch.fx.Node)) or (len(a) > 2 and a[2] != 1) or node.kwargs.get("alpha", 1) != 1:
+                raise UnsupportedOpError(f"add with a constant or alpha is not supported ({mod})")
+            self.emit(node, "add", [self.tensor(a[0]), self.tensor(a[1])], (mod or "add") + ":add")
+        elif t == aten.max_pool2d.default:
+            k = _pair(a[1])
+            self.emit(node, "maxpool", [self.tensor(a[0])], mod or "maxpool", kernel=k,
+                      stride=_pair(a[2]) if len(a) > 2 and a[2] else k,
+                      padding=_pair(a[3]) if len(a) > 3 else [0, 0],
+                      dilation=_pair(a[4]) if len(a) > 4 else [1, 1],
+                      ceil_mode=bool(a[5]) if len(a) > 5 else False)
+        elif t == aten.avg_pool2d.default:
+            k = _pair(a[1])
+            if (len(a) > 4 and a[4]) or (len(a) > 5 and not a[5]) or (len(a) > 6 and a[6] is not None):
+                raise UnsupportedOpError(f"avg_pool2d with ceil_mode, count_include_pad=False or a divisor is not supported ({mod})")
+            self.emit(node, "avgpool", [self.tensor(a[0])], mod or "avgpool", kernel=k,
+                      stride=_pair(a[2]) if len(a) > 2 and a[2] else k,
+                      padding=_pair(a[3]) if len(a) > 3 else [0, 0])
+        elif t == aten.adaptive_avg_pool2d.default or t == aten.mean.dim:
+            self.mean(node, mod)
+        elif t in RESHAPE_TARGETS:
+            in_shape, out_shape = _shape(a[0]), _shape(node)
+            if not in_shape or not out_shape or in_shape[0] != out_shape[0]:
+                raise UnsupportedOpError(f"{t} changes the batch dimension ({mod})")
+            self.emit(node, "reshape", [self.tensor(a[0])], (mod or "reshape") + ":reshape",
+                      shape=list(out_shape[1:]))
+        elif t == aten.cat.default:
+            dim = int(a[1]) if len(a) > 1 else 0
+            rank = len(_shape(node))
+            dim = dim % rank
+            if dim == 0:
+                raise UnsupportedOpError(f"concatenation along the batch dimension is not supported ({mod})")
+            self.emit(node, "concat", [self.tensor(x) for x in a[0]], (mod or "cat") + ":cat", dim=dim)
+        elif t in (aten.pad.default, aten.constant_pad_nd.default):
+            mode = a[2] if t == aten.pad.default and len(a) > 2 else "constant"
+            if mode != "constant":
+                raise UnsupportedOpError(f"pad mode {mode!r} is not supported ({mod})")
+            value = a[3] if t == aten.pad.default and len(a) > 3 else (a[2] if t == aten.constant_pad_nd.default and len(a) > 2 else 0.0)
+            self.emit(node, "pad", [self.tensor(a[0])], (mod or "pad") + ":pad",
+                      pads=[int(p) for p in a[1]], value=float(value or 0.0))
+        elif t in IDENTITY_TARGETS:
+            self.alias[node.name] = self.tensor(a[0])
+        elif t in LUT_TARGETS:
+            self.emit(node, "lut", [self.tensor(a[0])], (mod or LUT_TARGETS[t]) + ":" + LUT_TARGETS[t],
+                      function=LUT_TARGETS[t])
+        else:
+            raise UnsupportedOpError(
+                f"op {t} in module '{mod or '<top>'}' is outside the integer op set; "
+                "replace it or keep that part of the model out of the quantized graph")
+
+    def mean(self, node, mod):
+        a = node.args
+        in_shape, out_shape = _shape(a[0]), _shape(node)
+        if node.target == aten.mean.dim:
+            dims = sorted(int(d) % len(in_shape) for d in a[1])
+            if dims != [2, 3] or len(in_shape) != 4:
+                raise UnsupportedOpError(f"mean over dims {a[1]} is not supported ({mod})")
+            op = self.emit(node, "avgpool", [self.tensor(a[0])], (mod or "mean") + ":mean", **{"global": True})
+            op.attrs["out_shape"] = [in_shape[1], 1, 1]
+            if len(out_shape) != 4:  # keepdim=False: follow with a reshape
+                op.output = node.name + "__pooled"
+                self.alias[node.name] = node.name
+                self.ops.append(Op(name=self.unique((mod or "mean") + ":reshape"), kind="reshape",
+                                   inputs=[op.output], output=node.name,
+                                   attrs={"shape": list(out_shape[1:]), "out_shape": list(out_shape[1:])}))
+            return
+        oh, ow = out_shape[2], out_shape[3]
+        ih, iw = in_shape[2], in_shape[3]
+        if (oh, ow) == (1, 1):
+            self.emit(node, "avgpool", [self.tensor(a[0])], mod or "avgpool", **{"global": True})
+        elif ih % oh == 0 and iw % ow == 0:
+            k = [ih // oh, iw // ow]
+            self.emit(node, "avgpool", [self.tensor(a[0])], mod or "avgpool", kernel=k, stride=k, padding=[0, 0])
+        else:
+            raise UnsupportedOpError(f"adaptive_avg_pool2d from {ih}x{iw} to {oh}x{ow} is not supported ({mod})")
+
+
+def capture(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
+    """Export `model` on one example of shape (1, *input_shape) and convert it to the IR."""
+    model = model.eval()
+    example = torch.zeros(1, *input_shape)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (example,))
+    except Exception as exc:  # torch raises many types; all mean "this model cannot be captured"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"torch.export could not capture the model: {first}") from exc
+    b = _Builder(ep)
+    user_inputs = list(ep.graph_signature.user_inputs)
+    if len(user_inputs) != 1:
+        raise ModelError(f"the model must take exactly one tensor input, it takes {len(user_inputs)}")
+    for node in ep.graph.nodes:
+        for inp in node.all_input_nodes:
+            b.n_consumers[inp.name] = b.n_consumers.get(inp.name, 0) + 1
+    outputs: list[str] = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            if node.name == user_inputs[0]:
+                b.alias[node.name] = node.name
+        elif node.op == "call_function":
+            b.handle(node)
+        elif node.op == "output":
+            outs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+            outputs = [b.tensor(o) for o in outs]
+    # n_consumers counted ATen nodes; identities (dropout, aliases) may hide a second consumer, so
+    # recount on the IR and make sure every fusion was legal.
+    graph = Graph(input=user_inputs[0], input_shape=tuple(input_shape), ops=b.ops, outputs=outputs)
+    for op in graph.ops:
+        if op.weight is not None:
+            op.weight = op.weight.astype(np.float32)
+            op.bias = op.bias.astype(np.float32)
+        for k in ("act",):
+            if k in op.attrs and op.attrs[k] is not None:
+                lo, hi = op.attrs[k]
+                op.attrs[k] = [None if lo is None or math.isinf(lo) else lo,
+                               None if hi is None or math.isinf(hi) else hi]
+    return graph

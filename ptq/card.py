@@ -1,0 +1,114 @@
+"""The quantization card (card.md) and the per-layer bit-width plot, from the manifest alone.
+
+The card lists the design choices that otherwise confound comparisons between PTQ results.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from .manifest import Manifest
+
+
+def weight_summary(m: Manifest) -> dict[str, Any]:
+    """Parameter-weighted mean bits, max bits, weight bytes (with per-channel scales and biases)."""
+    total_params = 0
+    total_bits = 0.0
+    model_bytes = 0
+    max_bits = 0
+    per_layer = []
+    for op in m.weighted_ops():
+        w = op["weight"]
+        n = int(np.prod(w["shape"]))
+        c = w["shape"][0]
+        bpw = float(w["bits_per_weight"])
+        total_params += n
+        total_bits += bpw * n
+        model_bytes += int(np.ceil(n * bpw / 8)) + 4 * c * (len(w["terms"]) + 1)
+        max_bits = max(max_bits, w["bits"])
+        per_layer.append({"name": op["name"], "scheme": w["scheme"], "bits": w["bits"], "bits_per_weight": bpw,
+                          "params": n, "macs": op["attrs"].get("macs", 0)})
+    return {"mean_weight_bits": total_bits / max(total_params, 1), "max_weight_bits": max_bits,
+            "params": total_params, "model_bytes": model_bytes, "layers": per_layer}
+
+
+def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -> dict[str, Any]:
+    r = m.data["recipe"]
+    ws = weight_summary(m)
+    layers = ws["layers"]
+    encs = m.graph["encodings"]
+    act_bits = sorted({e["bits"] for e in encs.values()})
+    acc_bits = sorted({op["accumulator"]["bits"] for op in m.weighted_ops()})
+    corrected = sum(1 for op in m.weighted_ops() if op["bias"]["corrected"])
+    bn = sum(1 for op in m.weighted_ops() if op["attrs"].get("bn_folded"))
+    cal = m.data.get("calibration", {})
+    return {
+        "method": r["method"], "recipe": r["name"],
+        "weights": f"per-channel symmetric, narrow range, scheme {', '.join(sorted({l['scheme'] for l in layers}))}",
+        "weight_clipping": r["weights"]["clip"],
+        "activations": f"per-tensor affine (unsigned codes with zero point), {'/'.join(map(str, act_bits))} bits, observer {r['activations']['observer']}",
+        "rounding": "round half up (floor(x + 1/2)) everywhere; dyadic requantization with 31-bit mantissas",
+        "first_layer_bits": layers[0]["bits"] if layers else None,
+        "last_layer_bits": layers[-1]["bits"] if layers else None,
+        "quantized_tensors": "weights, activations, biases (int32), residual adds and pools (integer requantization)",
+        "mean_weight_bits": ws["mean_weight_bits"], "max_weight_bits": ws["max_weight_bits"],
+        "accumulator": f"{'/'.join(map(str, acc_bits))}-bit, mode {m.weighted_ops()[0]['accumulator']['mode'] if layers else '-'}",
+        "batchnorm_folded": f"{bn} BatchNorm layers folded into the preceding convolutions",
+        "float_islands": "none",
+        "bias_correction": f"{r['bias_correction']['mode']} ({corrected} of {len(layers)} layers corrected)",
+        "calibration": f"{cal.get('size')} samples from {cal.get('source')} ({'real photos' if cal.get('kind') in ('samples', 'folder') else 'tensor file'}), seed {cal.get('seed')}",
+        "model": f"{m.data['model']['name']} (weights: {m.data['model'].get('weights') or 'default'})",
+        "fidelity": fidelity,
+        "verification": verification,
+    }
+
+
+def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | None = None) -> str:
+    f = card_fields(m, fidelity, verification)
+    lines = [f"# Quantization card — {m.data['model']['name']} / {f['recipe']}", "",
+             "| choice | value |", "|---|---|"]
+    for key in ("model", "method", "recipe", "weights", "weight_clipping", "activations", "rounding",
+                "first_layer_bits", "last_layer_bits", "quantized_tensors", "mean_weight_bits", "max_weight_bits",
+                "accumulator", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
+        v = f[key]
+        v = f"{v:.3f}" if isinstance(v, float) else v
+        lines.append(f"| {key.replace('_', ' ')} | {v} |")
+    if m.data["model"].get("weights") == "random":
+        lines += ["", "**Random weights**: this model was quantized with randomly initialised weights "
+                  "(speed and smoke tests only); its fidelity says nothing about a trained model."]
+    if fidelity:
+        lines += ["", f"## Fidelity vs FP32 ({fidelity.get('data', '')}, {fidelity['samples']} samples)", "",
+                  "| metric | value |", "|---|---|"]
+        for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy"):
+            if k in fidelity:
+                lines.append(f"| {k} | {fidelity[k]:.4g} |")
+    if verification:
+        num = verification.get("numeric", {})
+        lines += ["", "## Verification", "",
+                  f"- level 1 (structure, data-free accumulator bounds): {'ok' if verification['structural']['ok'] else 'FAILED'}",
+                  f"- level 2 (integer simulator vs fake-quant reference, {num.get('samples')} samples): "
+                  f"{'ok' if num.get('ok') else 'FAILED'} — min share within 1 LSB {num.get('min_share_within_1lsb', 0):.5f}, "
+                  f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}%"]
+    return "\n".join(lines) + "\n"
+
+
+def bits_png(m: Manifest) -> bytes:
+    """Bar chart of per-layer weight bits (effective bits per weight)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = weight_summary(m)["layers"]
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.18), 3.2), dpi=100)
+    ax.bar(range(len(layers)), [l["bits_per_weight"] for l in layers], color="#3a6ea5")
+    ax.set_xlabel("layer (graph order)")
+    ax.set_ylabel("bits per weight")
+    ax.set_title(f"{m.data['model']['name']} — {m.data['recipe']['name']}")
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,291 @@
+"""The `ptq` command: a thin shell over the Python API.
+
+Human output goes to stderr through rich; `--json` prints one JSON object on stdout. Exit codes:
+0 success, 2 user error (one line), 1 internal error (traceback only with --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from calib.progress import console
+
+from . import __version__
+from .errors import PtqError
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else (1e308 if v > 0 else -1e308)
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def _emit(args, obj: dict) -> None:
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(_json_safe(obj), sort_keys=True) + "\n")
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    from .errors import RecipeError
+    from .recipe import parse_value
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise RecipeError(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = parse_value(v.strip())
+    return out
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise PtqError(f"--input-shape must be comma-separated integers like 3,224,224, got {text!r}") from None
+    if not shape or any(v < 1 for v in shape):
+        raise PtqError(f"--input-shape must be positive integers, got {text!r}")
+    return shape
+
+
+def _fidelity_table(title: str, f: dict) -> None:
+    from rich.table import Table
+    t = Table(title=title, show_header=True)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy",
+              "mean_weight_bits", "model_bytes", "samples"):
+        if k in f:
+            v = f[k]
+            t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+def cmd_quantize(args) -> int:
+    import ptq
+    overrides = _parse_sets(args.set)
+    out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-{Path(args.recipe).stem}")
+    if out.exists() and not args.force:
+        raise ptq.errors.OutputError(f"output directory {out} already exists; pass --force to replace it or choose another --out")
+    t0 = time.perf_counter()
+    qm = ptq.quantize(args.model, args.calib, args.recipe, weights=args.weights, calib_size=args.calib_size,
+                      seed=args.seed, eval_data=args.data, eval_size=args.eval_size,
+                      input_shape=_shape(args.input_shape), overrides=overrides)
+    qm.save(out, force=args.force)
+    r = qm.report
+    v = r["verification"]
+    verified = v["structural"]["ok"] and v["numeric"]["ok"]
+    if not args.json:
+        _fidelity_table(f"{r['model']} · {r['recipe']} → {out}", {**r["fidelity"], "mean_weight_bits": r["mean_weight_bits"],
+                                                                     "model_bytes": r["model_bytes"]})
+        status = "[green]verified[/]" if verified else "[red]NOT verified[/]"
+        console.print(f"integer simulator {status}: max share off by >1 LSB {1 - v['numeric']['min_share_within_1lsb']:.2e}, "
+                      f"top-1 sim vs reference {v['numeric']['top1_agreement_sim_vs_reference']:.1f}%; "
+                      f"{time.perf_counter() - t0:.1f}s")
+    _emit(args, {"out": str(out), "mean_weight_bits": r["mean_weight_bits"], "model_bytes": r["model_bytes"],
+                 "recipe": r["recipe"], "method": r["method"], "seconds": time.perf_counter() - t0,
+                 "verified": verified, "fidelity": r["fidelity"]})
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    import ptq
+    from .api import as_source
+    from .simulator import Simulator
+    from . import verify
+    qm = ptq.load(args.dir)
+    m = qm.manifest
+    src = as_source(args.data, m.data["model"], args.size, args.seed, split="eval")
+    sim = Simulator(m, args.accumulator, args.accumulator_bits)
+    structural = verify.structural(m)
+    num = verify.numeric(m, src.batches(8), sim)
+    layers = {name: st.to_dict() for name, st in sim.layers.items()}
+    overflows = sum(l["overflows"] for l in layers.values())
+    mode = args.accumulator or "manifest"
+    counted = args.accumulator in ("wrap", "saturate") or any(
+        op["accumulator"]["mode"] != "exact" for op in m.weighted_ops())
+    verified = structural["ok"] and num["ok"] and (overflows == 0 or not counted)
+    res = {"verified": verified, "overflows": overflows, "max_lsb_error": num["max_lsb_error"],
+           "min_share_within_1lsb": num["min_share_within_1lsb"],
+           "top1_agreement_vs_reference": num["top1_agreement_sim_vs_reference"],
+           "accumulator_mode": mode, "samples": num["samples"], "layers": layers, "data": src.description}
+    if not args.json:
+        from rich.table import Table
+        t = Table(title=f"integer simulation of {args.dir} ({num['samples']} samples, {src.description})")
+        for c in ("layer", "acc bits", "max |acc|", "bits needed", "data-free bits", "overflows"):
+            t.add_column(c, justify="right" if c != "layer" else "left")
+        for name, l in layers.items():
+            style = "red" if l["overflows"] else None
+            t.add_row(name, str(l["accumulator_bits"]), str(l["max_abs_acc"]), str(l["bits_needed"]),
+                      str(l["data_free_bits"]), str(l["overflows"]), style=style)
+        console.print(t)
+        if overflows:
+            console.print(f"[bold red]OVERFLOW:[/] {overflows} accumulator values exceeded their declared width")
+        console.print(("[green]verified[/]" if verified else "[red]NOT verified[/]") +
+                      f": share within 1 LSB ≥ {num['min_share_within_1lsb']:.5f} (worst {num['worst_tensor']}), "
+                      f"top-1 sim vs reference {num['top1_agreement_sim_vs_reference']:.2f}%")
+    _emit(args, res)
+    return 0 if verified else 3
+
+
+def cmd_eval(args) -> int:
+    import ptq
+    qm = ptq.load(args.dir)
+    res = qm.evaluate(args.data, args.size, args.backend, args.seed)
+    if not args.json:
+        _fidelity_table(f"fidelity of {args.dir} vs FP32 ({args.backend}, {res['data']})", res)
+    _emit(args, res)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .recipe import SCHEMA, builtin_names, resolve
+    rows = []
+    for name in builtin_names():
+        r = resolve(name)
+        rows.append({"name": name, "method": r["method"], "description": r["description"]})
+    keys = {(f"{s}.{k}" if s else k): {"default": f.default, "help": f.help, "choices": list(f.choices) if f.choices else None}
+            for s, fs in SCHEMA.items() for k, f in fs.items()}
+    if not args.json:
+        from rich.table import Table
+        t = Table(title="built-in recipes")
+        for c in ("name", "method", "description"):
+            t.add_column(c)
+        for r in rows:
+            t.add_row(r["name"], r["method"], r["description"])
+        console.print(t)
+        if args.keys:
+            kt = Table(title="recipe keys (override with --set key=value)")
+            for c in ("key", "default", "choices / help"):
+                kt.add_column(c)
+            for k, v in keys.items():
+                kt.add_row(k, repr(v["default"]), ", ".join(v["choices"]) if v["choices"] else v["help"])
+            console.print(kt)
+    _emit(args, {"recipes": rows, "keys": keys})
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import ptq
+    from .card import weight_summary
+    qm = ptq.load(args.dir)
+    m = qm.manifest
+    ws = weight_summary(m)
+    layers = []
+    for op in m.weighted_ops():
+        layers.append({"name": op["name"], "kind": op["kind"], "scheme": op["weight"]["scheme"],
+                       "bits": op["weight"]["bits"], "bits_per_weight": op["weight"]["bits_per_weight"],
+                       "shape": op["weight"]["shape"], "input_bits": m.encoding(op["inputs"][0])["bits"],
+                       "accumulator_bits": op["accumulator"]["bits"], "data_free_bits": op["accumulator"]["data_free_bits"],
+                       "bias_corrected": op["bias"]["corrected"]})
+    res = {"model": m.data["model"]["name"], "recipe": m.data["recipe"]["name"], "version": m.data["version"],
+           "created_by": m.data["created_by"], "ops": len(m.ops), "mean_weight_bits": ws["mean_weight_bits"],
+           "model_bytes": ws["model_bytes"], "layers": layers, "verification": m.data.get("verification")}
+    if not args.json:
+        from rich.table import Table
+        t = Table(title=f"{args.dir}: {res['model']} · {res['recipe']} · {len(m.ops)} ops · mean {ws['mean_weight_bits']:.2f} bits")
+        for c in ("layer", "scheme", "bits", "shape", "in bits", "acc", "data-free", "bias corr."):
+            t.add_column(c)
+        for l in layers:
+            t.add_row(l["name"], l["scheme"], f"{l['bits_per_weight']:.3g}", "×".join(map(str, l["shape"])),
+                      str(l["input_bits"]), str(l["accumulator_bits"]), str(l["data_free_bits"]), "yes" if l["bias_corrected"] else "")
+        console.print(t)
+    _emit(args, res)
+    return 0
+
+
+def cmd_card(args) -> int:
+    import ptq
+    qm = ptq.load(args.dir)
+    p = Path(args.dir) / "card.md"
+    text = p.read_text() if p.is_file() else qm.card()
+    sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptq", description="Post-training quantization with a verified integer manifest.")
+    p.add_argument("--version", action="version", version=f"ptq {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a verified manifest directory")
+    q.add_argument("model", help="torchvision name, efficientnet_lite0, a saved .pt module, or pkg.module:factory")
+    q.add_argument("--recipe", default="w8a8", help="built-in recipe name or a .toml file (see `ptq recipes`)")
+    q.add_argument("--calib", default="samples", help="image folder, .npy/.npz/.pt tensor file, or 'samples' (bundled photos)")
+    q.add_argument("--calib-size", type=int, help="number of calibration samples (recipe default 128)")
+    q.add_argument("--weights", help="state dict file, or 'random' (speed tests only)")
+    q.add_argument("--out", help="output directory (default ptq-out/MODEL-RECIPE)")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. weights.bits=4")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--data", help="held-out evaluation data (default: held-out sample photos when --calib samples)")
+    q.add_argument("--eval-size", type=int, default=64)
+    q.add_argument("--input-shape", help="per-sample input shape for models without a known one, e.g. 1,8,8")
+    q.add_argument("--force", action="store_true", help="replace an existing output directory (atomically)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_quantize)
+
+    s = sub.add_parser("simulate", help="run the integer simulator and verify a manifest")
+    s.add_argument("dir")
+    s.add_argument("--data", default="samples:eval")
+    s.add_argument("--size", type=int, default=32)
+    s.add_argument("--accumulator", choices=("exact", "wrap", "saturate"))
+    s.add_argument("--accumulator-bits", type=int, help="override every layer's accumulator width P")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_simulate)
+
+    e = sub.add_parser("eval", help="fidelity of a manifest against its FP32 model")
+    e.add_argument("dir")
+    e.add_argument("--data", default="samples:eval")
+    e.add_argument("--size", type=int, default=64)
+    e.add_argument("--backend", default="sim", choices=("sim", "fakequant", "onnxruntime"))
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("recipes", help="list built-in recipes (and with --keys every recipe key)")
+    r.add_argument("--keys", action="store_true")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_recipes)
+
+    i = sub.add_parser("inspect", help="summarise a manifest directory")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    c = sub.add_parser("card", help="print the quantization card of a manifest directory")
+    c.add_argument("dir")
+    c.set_defaults(fn=cmd_card)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except PtqError as exc:
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]; no output was written")
+        return 130
+    except Exception as exc:  # an internal error: a bug in ptq
+        if args.debug:
+            raise
+        console.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)", soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The integer contract's arithmetic: one rounding rule and dyadic multipliers, used everywhere.
+
+Rounding rule: round half up, i.e. floor(v + 1/2). In integers a right shift by n with rounding is
+(v + 2^(n-1)) >> n with an arithmetic (flooring) shift. The float reference uses the same rule, so
+the simulator and the fake-quant reference can only differ through the dyadic approximation of a
+real multiplier and the rounding of the bias.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MANTISSA_BITS = 31  # multipliers m satisfy 2^30 <= m < 2^31
+
+
+def round_half_up(v: torch.Tensor | np.ndarray):
+    """floor(v + 0.5) for float tensors or arrays."""
+    if isinstance(v, torch.Tensor):
+        return torch.floor(v + 0.5)
+    return np.floor(np.asarray(v, dtype=np.float64) + 0.5)
+
+
+def dyadic(multiplier: np.ndarray | float, max_shift: int = 62) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate positive reals M by m / 2^n with a 31-bit mantissa m (int64 arrays m, n)."""
+    M = np.atleast_1d(np.asarray(multiplier, dtype=np.float64))
+    if np.any(~np.isfinite(M)) or np.any(M <= 0):
+        raise ValueError("dyadic multipliers must be positive and finite")
+    mant, exp = np.frexp(M)  # M = mant * 2^exp, mant in [0.5, 1)
+    n = (MANTISSA_BITS - exp).astype(np.int64)
+    m = np.floor(mant * 2.0**MANTISSA_BITS + 0.5).astype(np.int64)
+    # mant*2^31 may round up to 2^31 exactly: renormalise
+    over = m >= 2**MANTISSA_BITS
+    m[over] //= 2
+    n[over] -= 1
+    # very small multipliers: cap the shift, reducing the mantissa (it stays exact enough)
+    big = n > max_shift
+    if np.any(big):
+        m[big] = np.floor(M[big] * 2.0 ** max_shift + 0.5).astype(np.int64)
+        n[big] = max_shift
+    if np.any(n < 1):
+        raise ValueError(f"multiplier {M.max():.3g} is too large for a right-shift requantizer")
+    return m, n
+
+
+def rounding_shift(v: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Round-half-up right shift of int64 values v by n (n >= 1, broadcastable)."""
+    return torch.bitwise_right_shift(v + torch.bitwise_left_shift(torch.ones_like(n), n - 1), n)
+
+
+def dyadic_value(m: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """The real number m / 2^n each (m, n) pair stands for."""
+    return np.asarray(m, dtype=np.float64) / np.exp2(np.asarray(n, dtype=np.float64))
+
+
+def dyadic_shared(multipliers: np.ndarray, max_shift: int = 62) -> tuple[np.ndarray, np.ndarray]:
+    """Multipliers M (T, C) → mantissas m (T, C) sharing one right shift n (C,) per column.
+
+    The shift is set by the largest multiplier of each column so its mantissa has 31 bits; terms
+    with smaller multipliers get proportionally smaller mantissas. Used where several integer
+    accumulators (multipoint terms, the inputs of an add) are summed before one rounding shift.
+    """
+    M = np.asarray(multipliers, dtype=np.float64)
+    if M.ndim == 1:
+        M = M[:, None]
+    if np.any(~np.isfinite(M)) or np.any(M < 0):
+        raise ValueError("dyadic multipliers must be non-negative and finite")
+    top = np.maximum(M.max(axis=0), np.finfo(np.float64).tiny)
+    _, exp = np.frexp(top)
+    n = np.minimum(MANTISSA_BITS - exp, max_shift).astype(np.int64)
+    m = np.floor(M * np.exp2(n)[None, :] + 0.5).astype(np.int64)
+    over = (m >= 2**MANTISSA_BITS).any(axis=0)
+    if np.any(over):
+        n[over] -= 1
+        m[:, over] = np.floor(M[:, over] * np.exp2(n[over])[None, :] + 0.5).astype(np.int64)
+    if np.any(n < 1):
+        raise ValueError(f"multiplier {M.max():.3g} is too large for a right-shift requantizer")
+    return m, n

@@ -1,0 +1,173 @@
+"""The mixed-precision manifest: manifest.json plus tensors.safetensors, saved atomically.
+
+The manifest is the only interface between the methods and the back ends. JSON is written with
+sorted keys and tensors in a fixed order, so the same inputs and seed give the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ManifestError, OutputError
+
+FORMAT = "ptq-manifest"
+VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TENSOR_FILE = "tensors.safetensors"
+OP_KINDS = ("conv", "linear", "add", "avgpool", "concat", "lut", "maxpool", "clamp", "reshape", "pad")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, indent=1, allow_nan=False) + "\n"
+
+
+@dataclass
+class Manifest:
+    """In memory: the JSON document and the tensors its `ref` strings name."""
+
+    data: dict[str, Any]
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    # -- access --
+    @property
+    def graph(self) -> dict:
+        return self.data["graph"]
+
+    @property
+    def ops(self) -> list[dict]:
+        return self.data["graph"]["ops"]
+
+    def op(self, name: str) -> dict:
+        for op in self.ops:
+            if op["name"] == name:
+                return op
+        raise KeyError(name)
+
+    def encoding(self, tensor: str) -> dict:
+        return self.graph["encodings"][tensor]
+
+    def tensor(self, ref: str) -> np.ndarray:
+        try:
+            return self.tensors[ref]
+        except KeyError:
+            raise ManifestError(f"manifest refers to tensor '{ref}', which is not in {TENSOR_FILE}") from None
+
+    def put(self, ref: str, array: np.ndarray) -> str:
+        self.tensors[ref] = np.ascontiguousarray(array)
+        return ref
+
+    def weighted_ops(self) -> list[dict]:
+        return [op for op in self.ops if "weight" in op]
+
+    def to_graph(self) -> "Graph":
+        """The manifest's graph as IR ops (each carrying its record) for the executors."""
+        from .graph import Graph, Op
+
+        g = self.graph
+        ops = [Op(name=r["name"], kind=r["kind"], inputs=list(r["inputs"]), output=r["output"],
+                  attrs=r["attrs"], record=r) for r in g["ops"]]
+        return Graph(input=g["input"], input_shape=tuple(g["input_shape"]), ops=ops, outputs=list(g["outputs"]))
+
+    # -- persistence --
+    def save(self, directory: str | Path, extra_files: dict[str, bytes] | None = None, force: bool = False) -> Path:
+        """Write the manifest (and extra artefacts) to a temporary directory, then move it into place.
+
+        An existing directory is refused unless `force`; with `force` it is replaced only after the
+        new one is complete, so an interrupted run never leaves a half-written result.
+        """
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        if directory.exists() and not force:
+            raise OutputError(f"output directory {directory} already exists; pass --force to replace it or choose another --out")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            ordered = {k: self.tensors[k] for k in sorted(self.tensors)}
+            save_file(ordered, str(tmp / TENSOR_FILE))
+            self.data["tensors"] = {
+                "file": TENSOR_FILE,
+                "sha256": sha256_file(tmp / TENSOR_FILE),
+                "entries": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in ordered.items()},
+            }
+            (tmp / MANIFEST_FILE).write_text(dumps(self.data))
+            for name, blob in (extra_files or {}).items():
+                (tmp / name).write_bytes(blob)
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    def hash(self) -> str:
+        """Digest of the JSON document (which includes the tensor file's hash once saved)."""
+        return hashlib.sha256(dumps(self.data).encode()).hexdigest()
+
+
+def load(directory: str | Path) -> Manifest:
+    """Load and validate a manifest directory; every problem is one ManifestError naming the field."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from .validate import validate
+
+    directory = Path(directory)
+    mpath = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise ManifestError(f"{directory} is not a manifest directory (run `ptq quantize ... --out {directory}` first)")
+    if not mpath.is_file():
+        raise ManifestError(f"{mpath} is missing; {directory} is not a ptq output directory")
+    try:
+        data = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{mpath} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{mpath} must hold a JSON object")
+    if data.get("format") != FORMAT:
+        raise ManifestError(f"{mpath}: field 'format' must be '{FORMAT}', got {data.get('format')!r}")
+    version = data.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise ManifestError(f"{mpath}: field 'version' must be a positive integer, got {version!r}")
+    if version > VERSION:
+        raise ManifestError(f"{mpath} has manifest version {version}; this ptq reads up to {VERSION}: upgrade ptq")
+    tinfo = data.get("tensors")
+    if not isinstance(tinfo, dict) or not isinstance(tinfo.get("file"), str) or not isinstance(tinfo.get("sha256"), str):
+        raise ManifestError(f"{mpath}: field 'tensors' must name the tensor file and its sha256")
+    tname = tinfo["file"]
+    if tname != TENSOR_FILE or "/" in tname:
+        raise ManifestError(f"{mpath}: field 'tensors.file' must be '{TENSOR_FILE}' (pickled tensors are refused)")
+    tpath = directory / tname
+    if not tpath.is_file():
+        raise ManifestError(f"tensor file {tpath} is missing")
+    digest = sha256_file(tpath)
+    if digest != tinfo["sha256"]:
+        raise ManifestError(f"tensor file {tpath} does not match the sha256 recorded in manifest.json (corrupt or replaced)")
+    try:
+        tensors = load_file(str(tpath))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ManifestError(f"tensor file {tpath} cannot be read: {exc}") from exc
+    m = Manifest(data, tensors)
+    validate(m)
+    return m

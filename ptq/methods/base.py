@@ -1,0 +1,43 @@
+"""What a method returns for one layer: integer GEMM terms and the scheme's own fields."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..graph import Graph, Op
+from ..weightquant import OutputError
+
+
+@dataclass
+class WeightQuant:
+    """Weights as a sum of integer tensors with per-channel scales: ŵ = Σ_t scale_t[c] · q_t.
+
+    Uniform has one term, multipoint one per point. `scheme` holds the JSON fields of the
+    manifest's tagged union, `extra` any further tensors of the scheme, `bits` the effective
+    storage bits per weight.
+    """
+
+    scheme: dict[str, Any]
+    terms: list[tuple[np.ndarray, np.ndarray]]  # (q int64 shaped like the weight, scale (C,) float64)
+    bits: float
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def dequantized(self) -> np.ndarray:
+        out = None
+        for q, s in self.terms:
+            t = q.astype(np.float64) * s.reshape(-1, *([1] * (q.ndim - 1)))
+            out = t if out is None else out + t
+        return out
+
+
+def layer_error(op: Op, stats) -> OutputError:
+    """The output-error evaluator of a layer from its calibration input moments."""
+    li = stats.layer_inputs.get(op.name) if stats is not None else None
+    return OutputError(None if li is None else li.hessian, op.weight.shape[0])
+
+
+def first_last(graph: Graph) -> tuple[str, str]:
+    w = graph.weighted_ops()
+    return w[0].name, w[-1].name

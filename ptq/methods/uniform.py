@@ -1,0 +1,30 @@
+"""Uniform baseline: per-channel symmetric narrow-range weights with a clipping search."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import Graph
+from ..recipe import layer_setting
+from ..weightquant import clip_search, quantize_symmetric
+from . import register
+from .base import WeightQuant, first_last, layer_error
+
+
+@register("uniform")
+def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
+    first, last = first_last(graph)
+    out = {}
+    for op in graph.weighted_ops():
+        bits = layer_setting(recipe, "weights.bits", op.name, first, last)
+        out[op.name] = uniform_layer(op, stats, bits, recipe["weights"]["clip"])
+    return out
+
+
+def uniform_layer(op, stats, bits: int, clip: str) -> WeightQuant:
+    w = op.weight.reshape(op.weight.shape[0], -1).astype(np.float64)
+    err = None if clip == "minmax" else layer_error(op, stats)
+    if clip == "mse":
+        err.h = None
+    scale = clip_search(w, bits, err) if err is not None else clip_search(w, bits, None)
+    q = quantize_symmetric(w, scale, bits).reshape(op.weight.shape)
+    return WeightQuant({"scheme": "uniform", "bits": bits, "narrow_range": True}, [(q, scale)], float(bits))

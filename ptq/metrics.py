@@ -1,0 +1,33 @@
+"""Fidelity of quantized outputs against FP32: agreement, KL, logit SQNR, accuracy."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def fidelity(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """Top-1/top-5 agreement (percent, FP32 top-1 as the label), mean KL(fp‖q), logit SQNR (dB)."""
+    fp = np.asarray(fp, np.float64)
+    q = np.asarray(q, np.float64)
+    top1_fp = fp.argmax(-1)
+    k = min(5, fp.shape[-1])
+    top5_q = np.argsort(-q, axis=-1)[:, :k]
+    lp, lq = _log_softmax(fp), _log_softmax(q)
+    kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+    noise = float(((fp - q) ** 2).sum())
+    out = {
+        "samples": int(fp.shape[0]),
+        "top1_agreement": 100.0 * float((q.argmax(-1) == top1_fp).mean()),
+        "top5_agreement": 100.0 * float((top5_q == top1_fp[:, None]).any(-1).mean()),
+        "kl": kl,
+        "sqnr_db": float(10 * np.log10((fp ** 2).sum() / noise)) if noise > 0 else float("inf"),
+    }
+    if labels is not None:
+        labels = np.asarray(labels)
+        out["accuracy"] = 100.0 * float((q.argmax(-1) == labels).mean())
+        out["fp32_accuracy"] = 100.0 * float((top1_fp == labels).mean())
+    return out

@@ -1,0 +1,166 @@
+"""From (graph, statistics, recipe, integer weights) to a complete manifest.
+
+Pure bookkeeping of the integer contract: activation encodings from the observers, integer
+biases at scale s_w·s_x, dyadic requantizers, clamp bounds of fused activations, lookup tables,
+and the data-free accumulator bound of every layer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from calib.collect import Statistics
+from calib.observers import Encoding, choose_encoding
+
+from .errors import RecipeError
+from .graph import LUT_FUNCTIONS, Graph, Op, lut_function
+from .intmath import dyadic_shared, round_half_up
+from .manifest import FORMAT, VERSION, Manifest
+from .methods.base import WeightQuant
+
+INT32_MAX = 2**31 - 1
+
+
+def choose_encodings(graph: Graph, stats: Statistics, recipe: dict) -> dict[str, Encoding]:
+    act = recipe["activations"]
+    src = graph.encoding_source()
+    producers = graph.producers()
+    output_sources = {src[o] for o in graph.outputs}
+    own: dict[str, Encoding] = {}
+    for t in sorted(set(src.values())):
+        bits = act["output_bits"] if t in output_sources else act["bits"]
+        fused = producers[t].attrs.get("act") if t in producers else None
+        own[t] = choose_encoding(stats.histograms[t], bits, act["observer"], act["percentile"], fused)
+    for op in graph.ops:
+        if op.kind == "lut" and own[src[op.inputs[0]]].bits > 8:
+            raise RecipeError(f"op {op.name} ({op.attrs['function']}) runs as a lookup table and needs inputs of at most 8 bits; set activations.bits <= 8")
+    return {t: own[s] for t, s in src.items()}
+
+
+def quantize_value(v: float, e: Encoding) -> int:
+    return int(np.clip(math.floor(v / e.scale + 0.5) + e.zero_point, e.qmin, e.qmax))
+
+
+def clamp_bounds(act: list | None, e: Encoding) -> list[int]:
+    """Integer bounds of a fused clamp in encoding e (quantization is monotone, so this is exact)."""
+    lo, hi = e.qmin, e.qmax
+    if act is not None:
+        if act[0] is not None:
+            lo = max(lo, quantize_value(act[0], e))
+        if act[1] is not None:
+            hi = min(hi, quantize_value(act[1], e))
+    return [lo, hi]
+
+
+def max_input_magnitude(e: Encoding) -> int:
+    return max(e.zero_point - e.qmin, e.qmax - e.zero_point)
+
+
+def int_dtype(bits: int) -> np.dtype:
+    return np.dtype(np.int8) if bits <= 8 else np.dtype(np.int16) if bits <= 16 else np.dtype(np.int32)
+
+
+def set_bias(m: Manifest, rec: dict, bias: np.ndarray, corrected: bool | None = None) -> None:
+    """Store a layer's float bias and its int32 version at scale s_x·scale_0 (saturating)."""
+    name = rec["name"]
+    s_x = m.encoding(rec["inputs"][0])["scale"]
+    s0 = m.tensor(rec["weight"]["terms"][0]["scale"])
+    q = round_half_up(bias / (s_x * s0))
+    saturated = int(np.sum(np.abs(q) > INT32_MAX))
+    q = np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+    rec["bias"] = {"q": m.put(f"{name}/bias.q", q), "float": m.put(f"{name}/bias.float", bias.astype(np.float64)),
+                   "bits": 32, "saturated": saturated,
+                   "corrected": rec.get("bias", {}).get("corrected", False) if corrected is None else corrected}
+    rec["accumulator"] = data_free_bound(m, rec)
+
+
+def data_free_bound(m: Manifest, rec: dict) -> dict:
+    """Σ|q|·max|x − z| + |bias| per channel (over all terms): the accumulator width that never overflows."""
+    xmax = max_input_magnitude(Encoding(**{k: v for k, v in m.encoding(rec["inputs"][0]).items() if k != "signed"}))
+    bound = np.abs(m.tensor(rec["bias"]["q"]).astype(np.float64))
+    per_term = []
+    for t in rec["weight"]["terms"]:
+        q = m.tensor(t["q"]).astype(np.float64)
+        l1 = np.abs(q.reshape(q.shape[0], -1)).sum(1) * xmax
+        per_term.append(int(l1.max()))
+        bound = bound + l1
+    worst = int(bound.max())
+    prev = rec.get("accumulator", {})
+    return {"bits": prev.get("bits", 32), "mode": prev.get("mode", "exact"),
+            "data_free_max": worst, "data_free_bits": int(math.ceil(math.log2(worst + 1))) + 1}
+
+
+def weighted_record(m: Manifest, op: Op, wq: WeightQuant, enc: dict[str, Encoding]) -> dict:
+    name = op.name
+    x, y = enc[op.inputs[0]], enc[op.output]
+    terms = []
+    for t, (q, s) in enumerate(wq.terms):
+        bits = wq.scheme.get("bits", 8)
+        terms.append({"q": m.put(f"{name}/w{t}.q", q.astype(int_dtype(bits))),
+                      "scale": m.put(f"{name}/w{t}.scale", np.asarray(s, np.float64))})
+    weight = dict(wq.scheme)
+    weight.update(shape=list(op.weight.shape), terms=terms, bits_per_weight=wq.bits)
+    if wq.extra:
+        weight["extra"] = {k: m.put(f"{name}/{k}", v) for k, v in sorted(wq.extra.items())}
+    M = np.stack([x.scale * np.asarray(s, np.float64) / y.scale for _, s in wq.terms])
+    mult, shift = dyadic_shared(M)
+    rec = {"name": name, "kind": op.kind, "inputs": list(op.inputs), "output": op.output,
+           "attrs": dict(op.attrs), "weight": weight,
+           "requant": {"multiplier": m.put(f"{name}/requant.m", mult), "shift": m.put(f"{name}/requant.n", shift)},
+           "clamp": clamp_bounds(op.attrs.get("act"), y)}
+    set_bias(m, rec, op.bias.astype(np.float64), corrected=False)
+    return rec
+
+
+def plain_record(m: Manifest, op: Op, enc: dict[str, Encoding]) -> dict:
+    rec: dict[str, Any] = {"name": op.name, "kind": op.kind, "inputs": list(op.inputs), "output": op.output,
+                           "attrs": dict(op.attrs)}
+    y = enc[op.output]
+    xs = [enc[t] for t in op.inputs]
+    if op.kind in ("add", "concat"):
+        mult, shift = dyadic_shared(np.array([[e.scale / y.scale] for e in xs]))
+        rec["requant"] = {"multiplier": [int(v) for v in mult[:, 0]], "shift": int(shift[0])}
+        rec["clamp"] = clamp_bounds(op.attrs.get("act"), y)
+    elif op.kind == "avgpool":
+        in_shape = op.attrs.get("in_shape")
+        count = in_shape[1] * in_shape[2] if op.attrs.get("global") else op.attrs["kernel"][0] * op.attrs["kernel"][1]
+        mult, shift = dyadic_shared(np.array([[xs[0].scale / (y.scale * count)]]))
+        rec["requant"] = {"multiplier": [int(mult[0, 0])], "shift": int(shift[0]), "count": int(count)}
+        rec["clamp"] = clamp_bounds(op.attrs.get("act"), y)
+    elif op.kind == "lut":
+        x = xs[0]
+        q = torch.arange(x.qmin, x.qmax + 1, dtype=torch.float64)
+        v = lut_function(op.attrs["function"])(x.scale * (q - x.zero_point)).numpy()
+        table = np.clip(np.floor(v / y.scale + 0.5) + y.zero_point, y.qmin, y.qmax).astype(np.int32)
+        rec["table"] = m.put(f"{op.name}/table", table)
+    elif op.kind == "clamp":
+        rec["clamp"] = clamp_bounds(op.attrs.get("act"), y)
+    elif op.kind == "pad":
+        rec["pad_value"] = quantize_value(op.attrs["value"], y)
+    elif op.kind == "maxpool":
+        rec["pad_value"] = y.qmin
+    return rec
+
+
+def build_manifest(graph: Graph, stats: Statistics, recipe: dict, weights: dict[str, WeightQuant],
+                   header: dict[str, Any]) -> Manifest:
+    """Assemble the manifest; `header` carries model, calibration and provenance fields."""
+    enc = choose_encodings(graph, stats, recipe)
+    m = Manifest({"format": FORMAT, "version": VERSION, **header, "recipe": recipe})
+    shapes = {graph.input: list(graph.input_shape)}
+    for op in graph.ops:
+        shapes[op.output] = op.attrs["out_shape"]
+    ops: list[dict] = []
+    m.data["graph"] = {"input": graph.input, "input_shape": list(graph.input_shape), "outputs": list(graph.outputs),
+                       "encodings": {t: e.to_dict() for t, e in sorted(enc.items())}, "ops": ops}
+    for op in graph.ops:
+        if op.kind == "avgpool":
+            op.attrs["in_shape"] = shapes[op.inputs[0]]
+        ops.append(weighted_record(m, op, weights[op.name], enc) if op.weight is not None else plain_record(m, op, enc))
+    return m
+
+
+__all__ = ["build_manifest", "choose_encodings", "set_bias", "LUT_FUNCTIONS"]

@@ -1,0 +1,223 @@
+"""Recipes: TOML files naming a method and its parameters, validated against one schema.
+
+Every default is written out in the resolved recipe (it goes into the manifest), unknown keys are
+errors naming the closest valid key, and `--set key=value` overrides any leaf.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe leaf: its default, type and allowed values or range."""
+
+    default: Any
+    kind: type | tuple[type, ...]
+    choices: tuple | None = None
+    lo: float | None = None
+    hi: float | None = None
+    help: str = ""
+
+    def check(self, key: str, value: Any) -> Any:
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = "/".join(k.__name__ for k in kinds)
+            raise RecipeError(f"recipe key '{key}' must be {names}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise RecipeError(f"recipe key '{key}' must be one of {', '.join(map(str, self.choices))}; got {value!r}")
+        if self.lo is not None and value < self.lo or self.hi is not None and value > self.hi:
+            raise RecipeError(f"recipe key '{key}' must be between {self.lo:g} and {self.hi:g}; got {value!r}")
+        return value
+
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "": {
+        "method": Field("uniform", str, help="weight method (see `ptq recipes`)"),
+        "description": Field("", str),
+    },
+    "weights": {
+        "bits": Field(8, int, lo=2, hi=8, help="weight bits (per-channel symmetric, narrow range)"),
+        "clip": Field("output", str, ("output", "mse", "minmax"),
+                      help="clipping search: output error (H-weighted), weight MSE, or none"),
+    },
+    "activations": {
+        "bits": Field(8, int, lo=2, hi=16, help="activation bits (per-tensor affine)"),
+        "observer": Field("mse", str, ("minmax", "percentile", "mse")),
+        "percentile": Field(99.99, float, lo=50.0, hi=100.0),
+        "output_bits": Field(8, int, lo=2, hi=16, help="bits of the model's output tensor"),
+    },
+    "bias_correction": {
+        "mode": Field("auto", str, ("auto", "layer", "all", "depthwise", "none"),
+                      help="auto: of none/depthwise/all/layer, the one with the least calibration KL"),
+        "samples": Field(32, int, lo=1, hi=100_000, help="calibration samples the correction is measured on"),
+    },
+    "calibration": {
+        "size": Field(128, int, lo=1, hi=1_000_000),
+        "batch_size": Field(16, int, lo=1, hi=4096),
+        "positions": Field(256, int, lo=1, hi=1_000_000, help="patches sampled per image and layer for H"),
+        "verify_size": Field(32, int, lo=1, hi=100_000, help="samples the integer simulator verifies on"),
+    },
+}
+
+OVERRIDE_KEYS = {"weights.bits": SCHEMA["weights"]["bits"]}
+
+
+def register_section(name: str, fields: dict[str, Field], override_keys: tuple[str, ...] = ()) -> None:
+    """Methods add their own recipe section (e.g. [multipoint]) and per-layer override keys."""
+    SCHEMA[name] = fields
+    for k in override_keys:
+        OVERRIDE_KEYS[f"{name}.{k}"] = fields[k]
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{k}" if s else k for s, fs in SCHEMA.items() for k in fs] + ["overrides"]
+
+
+def _unknown(key: str) -> RecipeError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; run `ptq recipes --keys` for the valid keys"
+    return RecipeError(f"unknown recipe key '{key}'{hint}")
+
+
+def defaults() -> dict:
+    out: dict[str, Any] = {}
+    for section, fields in SCHEMA.items():
+        target = out if not section else out.setdefault(section, {})
+        for k, f in fields.items():
+            target[k] = copy.deepcopy(f.default)
+    out["overrides"] = []
+    return out
+
+
+def _merge(base: dict, new: dict, prefix: str = "") -> None:
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if not prefix and k == "overrides":
+            if not isinstance(v, list):
+                raise RecipeError("recipe key 'overrides' must be a list of [[overrides]] tables")
+            base["overrides"] = [_check_override(o, i) for i, o in enumerate(v)]
+        elif not prefix and isinstance(v, dict):
+            if k not in SCHEMA or not k:
+                raise _unknown(k)
+            _merge(base.setdefault(k, {}), v, f"{k}.")
+        else:
+            section = prefix[:-1]
+            fields = SCHEMA.get(section, {})
+            if k not in fields:
+                raise _unknown(key)
+            base[k] = fields[k].check(key, v)
+
+
+def _check_override(o: Any, i: int) -> dict:
+    if not isinstance(o, dict) or "layers" not in o:
+        raise RecipeError(f"overrides[{i}] needs a 'layers' entry (a name glob, 'first' or 'last', or a list)")
+    layers = o["layers"]
+    layers = [layers] if isinstance(layers, str) else layers
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        raise RecipeError(f"overrides[{i}].layers must be a string or a list of strings")
+    out: dict[str, Any] = {"layers": layers}
+    flat: dict[str, Any] = {}
+    for k, v in o.items():
+        if k == "layers":
+            continue
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    for k, v in flat.items():
+        if k not in OVERRIDE_KEYS:
+            close = difflib.get_close_matches(k, list(OVERRIDE_KEYS), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; per-layer keys are {', '.join(OVERRIDE_KEYS)}"
+            raise RecipeError(f"unknown per-layer key '{k}' in overrides[{i}]{hint}")
+        out[k] = OVERRIDE_KEYS[k].check(f"overrides[{i}].{k}", v)
+    return out
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def _read(name_or_path: str) -> tuple[str, dict]:
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {name_or_path} does not exist")
+        text, label = path.read_text(), str(path)
+    else:
+        res = resources.files("recipes") / f"{name_or_path}.toml"
+        if not res.is_file():
+            close = difflib.get_close_matches(name_or_path, builtin_names(), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(f"unknown recipe '{name_or_path}'{hint} (built-in: {', '.join(builtin_names())}; or give a .toml file)")
+        text, label = res.read_text(), name_or_path
+    try:
+        return label, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"recipe {label} is not valid TOML: {exc}") from exc
+
+
+def parse_value(text: str) -> Any:
+    """A --set value as TOML (numbers, booleans, quoted strings, lists), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def resolve(recipe: str | dict = "w8a8", overrides: dict[str, Any] | None = None) -> dict:
+    """Defaults ← recipe file ← overrides ('section.key' → value); validated and complete."""
+    from .methods import METHODS  # noqa: F401  (methods register their sections on import)
+
+    out = defaults()
+    if isinstance(recipe, dict):
+        label, data = "<dict>", recipe
+    else:
+        label, data = _read(recipe)
+    _merge(out, data)
+    for key, value in (overrides or {}).items():
+        if key == "overrides":
+            _merge(out, {"overrides": value})
+            continue
+        parts = key.split(".")
+        if len(parts) == 1:
+            _merge(out, {key: value})
+        elif len(parts) == 2:
+            _merge(out, {parts[0]: {parts[1]: value}})
+        else:
+            raise _unknown(key)
+    if out["method"] not in METHODS:
+        close = difflib.get_close_matches(out["method"], list(METHODS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"unknown method '{out['method']}'{hint} (available: {', '.join(sorted(METHODS))})")
+    out["name"] = label
+    return out
+
+
+def layer_setting(recipe: dict, key: str, layer: str, first: str, last: str) -> Any:
+    """A per-layer value: the last matching override wins, else the recipe's section value."""
+    section, k = key.split(".")
+    value = recipe[section][k]
+    for o in recipe["overrides"]:
+        if key in o and any(_matches(pat, layer, first, last) for pat in o["layers"]):
+            value = o[key]
+    return value
+
+
+def _matches(pattern: str, layer: str, first: str, last: str) -> bool:
+    if pattern == "first":
+        return layer == first
+    if pattern == "last":
+        return layer == last
+    return fnmatch.fnmatchcase(layer, pattern)

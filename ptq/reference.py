@@ -1,0 +1,91 @@
+"""Fake-quant reference: the manifest executed in floating point, quantizing each op's output.
+
+It shares the rounding rule with the integer simulator but none of its arithmetic: weights are
+dequantized, biases are the real biases and multipliers are exact real ratios. Agreement between
+the two (level-2 verification) shows the integer program realises the intended quantized model.
+Tensors flow as integer codes (q) stored in a float dtype.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .graph import Kernel, Op, conv_float, execute, linear_float, maxpool, pad, pool_sum, reshape
+from .manifest import Manifest
+
+
+class Codec:
+    """Encoding arithmetic of one manifest: quantize, dequantize, clamp."""
+
+    def __init__(self, m: Manifest):
+        self.enc = m.graph["encodings"]
+
+    def params(self, t: str) -> tuple[float, int, int]:
+        e = self.enc[t]
+        return e["scale"], e["zero_point"], (1 << e["bits"]) - 1
+
+    def quantize(self, y: torch.Tensor, t: str, clamp: list[int] | None = None) -> torch.Tensor:
+        s, z, qmax = self.params(t)
+        lo, hi = clamp if clamp is not None else (0, qmax)
+        return torch.clamp(torch.floor(y / s + 0.5) + z, lo, hi)
+
+    def dequantize(self, q: torch.Tensor, t: str) -> torch.Tensor:
+        s, z, _ = self.params(t)
+        return s * (q - z)
+
+
+def dequantized_weight(m: Manifest, rec: dict, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    w = None
+    for t in rec["weight"]["terms"]:
+        q = torch.from_numpy(m.tensor(t["q"]).astype(np.float64))
+        s = torch.from_numpy(m.tensor(t["scale"])).reshape(-1, *([1] * (q.dim() - 1)))
+        w = q * s if w is None else w + q * s
+    return w.to(dtype)
+
+
+def reference_kernels(m: Manifest, dtype: torch.dtype = torch.float64) -> dict[str, Kernel]:
+    codec = Codec(m)
+    weights: dict[str, torch.Tensor] = {}
+
+    def weighted(op: Op, xs):
+        rec = op.record
+        if op.name not in weights:
+            weights[op.name] = dequantized_weight(m, rec, dtype)
+        b = torch.from_numpy(m.tensor(rec["bias"]["float"])).to(dtype)
+        x = codec.dequantize(xs[0], op.inputs[0])
+        f = conv_float if op.kind == "conv" else linear_float
+        return codec.quantize(f(op, x, weights[op.name], b), op.output, rec["clamp"])
+
+    def add(op, xs):
+        y = codec.dequantize(xs[0], op.inputs[0]) + codec.dequantize(xs[1], op.inputs[1])
+        return codec.quantize(y, op.output, op.record["clamp"])
+
+    def concat(op, xs):
+        y = torch.cat([codec.dequantize(x, t) for x, t in zip(xs, op.inputs)], dim=op.attrs["dim"])
+        return codec.quantize(y, op.output, op.record["clamp"])
+
+    def avgpool(op, xs):
+        s, count = pool_sum(op, codec.dequantize(xs[0], op.inputs[0]))
+        return codec.quantize(s / count, op.output, op.record["clamp"])
+
+    def lut(op, xs):
+        from .graph import lut_function
+        y = lut_function(op.attrs["function"])(codec.dequantize(xs[0], op.inputs[0]))
+        return codec.quantize(y, op.output)
+
+    return {
+        "conv": weighted, "linear": weighted, "add": add, "concat": concat, "avgpool": avgpool, "lut": lut,
+        "clamp": lambda op, xs: torch.clamp(xs[0], *op.record["clamp"]),
+        "maxpool": lambda op, xs: maxpool(op, xs[0], float(op.record["pad_value"])),
+        "reshape": lambda op, xs: reshape(op, xs[0]),
+        "pad": lambda op, xs: pad(op, xs[0], float(op.record["pad_value"])),
+    }
+
+
+def run_reference(m: Manifest, x: torch.Tensor, keep=(), dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """Quantize the float input and run the reference; returns integer codes of outputs and `keep`."""
+    g = m.to_graph()
+    codec = Codec(m)
+    with torch.no_grad():
+        q = codec.quantize(x.to(dtype), g.input)
+        return execute(g, q, reference_kernels(m, dtype), keep=keep)

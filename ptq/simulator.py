@@ -1,0 +1,199 @@
+"""Integer simulator: executes a manifest with integer arithmetic only and measures accumulators.
+
+Tensors are int64 codes. Convolutions and matrix products run as float64 GEMMs on integer values,
+which is exact while every partial sum stays below 2^53 (checked): the float64 unit is used as a
+wide integer adder, nothing is rounded. Requantization is m·acc followed by a rounding right shift.
+
+Accumulator modes: `exact` (int64, report only), `wrap` (two's complement at P bits, the same at
+every MAC as on the final sum since wrapping is modular), `saturate` (clip at P bits after each MAC,
+in the documented order: bias first, then the K products of the patch in (c, kh, kw) order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ManifestError
+from .graph import Kernel, Op, execute, maxpool, pad, pool_sum, reshape
+from .intmath import rounding_shift
+from .manifest import Manifest
+
+EXACT_LIMIT = 2**52
+ACC_MODES = ("exact", "wrap", "saturate")
+
+
+@dataclass
+class LayerAccStats:
+    """Accumulator behaviour of one layer over everything simulated so far."""
+
+    bits: int
+    data_free_bits: int
+    max_abs: int = 0
+    overflows: int = 0
+    outputs: int = 0
+
+    def to_dict(self) -> dict:
+        needed = int(self.max_abs).bit_length() + 1
+        return {"accumulator_bits": self.bits, "max_abs_acc": int(self.max_abs), "bits_needed": needed,
+                "headroom_bits": self.bits - needed, "overflows": int(self.overflows),
+                "data_free_bits": self.data_free_bits, "data_free_ok": self.data_free_bits <= self.bits}
+
+
+def _wrap(acc: torch.Tensor, bits: int) -> torch.Tensor:
+    half = 1 << (bits - 1)
+    return torch.remainder(acc + half, 1 << bits) - half
+
+
+def _saturating_conv(x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor, op: Op, bits: int) -> torch.Tensor:
+    """Sequential MACs with saturation after each one (bias first, then (c, kh, kw) order)."""
+    lim = (1 << (bits - 1)) - 1
+    if op.kind == "linear":
+        cols = x[:, None, :]  # (N, 1, K)
+        groups, out_shape = 1, None
+    else:
+        a = op.attrs
+        kh, kw = q.shape[2], q.shape[3]
+        cols = F.unfold(x, (kh, kw), dilation=a["dilation"], padding=a["padding"], stride=a["stride"])
+        groups = a["groups"]
+        cols = cols.transpose(1, 2)  # (N, L, C*kh*kw)
+        out_shape = a.get("out_shape")
+    n, L, _ = cols.shape
+    c_out = q.shape[0]
+    qg = q.reshape(groups, c_out // groups, -1)  # (G, Co/G, K)
+    colg = cols.reshape(n, L, groups, -1).to(torch.int64)  # (N, L, G, K)
+    acc = bias.reshape(1, 1, groups, c_out // groups).expand(n, L, groups, c_out // groups).clone()
+    for k in range(qg.shape[2]):
+        acc = torch.clamp(acc + colg[:, :, :, k:k + 1] * qg[None, None, :, :, k], -lim, lim)
+    acc = acc.reshape(n, L, c_out).transpose(1, 2)
+    if op.kind == "linear":
+        return acc[:, :, 0]
+    return acc.reshape(n, c_out, out_shape[1], out_shape[2])
+
+
+class Simulator:
+    """Integer execution of one manifest. `accumulator` overrides the manifest's mode for all layers."""
+
+    def __init__(self, m: Manifest, accumulator: str | None = None, bits: int | None = None):
+        if accumulator is not None and accumulator not in ACC_MODES:
+            raise ValueError(f"accumulator mode must be one of {ACC_MODES}")
+        self.m = m
+        self.graph = m.to_graph()
+        self.mode = accumulator
+        self.bits = bits
+        self.layers: dict[str, LayerAccStats] = {}
+        self._w: dict[str, list] = {}
+
+    # -- helpers --
+    def _enc(self, t: str) -> tuple[int, int]:
+        e = self.m.encoding(t)
+        return int(e["zero_point"]), (1 << e["bits"]) - 1
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.m.encoding(self.graph.input)
+        q = torch.floor(x.to(torch.float64) / e["scale"] + 0.5) + e["zero_point"]
+        return torch.clamp(q, 0, (1 << e["bits"]) - 1).to(torch.int64)
+
+    def dequantize(self, q: torch.Tensor, t: str) -> np.ndarray:
+        e = self.m.encoding(t)
+        return (e["scale"] * (q.to(torch.float64) - e["zero_point"])).numpy()
+
+    def _weights(self, op: Op):
+        if op.name not in self._w:
+            rec = op.record
+            terms = [torch.from_numpy(self.m.tensor(t["q"]).astype(np.float64)) for t in rec["weight"]["terms"]]
+            mult = torch.from_numpy(self.m.tensor(rec["requant"]["multiplier"]).astype(np.int64))
+            shift = torch.from_numpy(self.m.tensor(rec["requant"]["shift"]).astype(np.int64))
+            bias = torch.from_numpy(self.m.tensor(rec["bias"]["q"]).astype(np.int64))
+            acc = rec.get("accumulator", {})
+            bits = self.bits or acc.get("bits", 32)
+            mode = self.mode or acc.get("mode", "exact")
+            self._w[op.name] = [terms, mult, shift, bias, bits, mode]
+            self.layers[op.name] = LayerAccStats(bits, acc.get("data_free_bits", 0))
+        return self._w[op.name]
+
+    # -- kernels --
+    def _weighted(self, op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
+        terms, mult, shift, bias, bits, mode = self._weights(op)
+        z, _ = self._enc(op.inputs[0])
+        zy, _ = self._enc(op.output)
+        x = (xs[0] - z).to(torch.float64)
+        view = (1, -1, 1, 1) if op.kind == "conv" else (1, -1)
+        st = self.layers[op.name]
+        lim = (1 << (bits - 1)) - 1
+        total = None
+        for t, q in enumerate(terms):
+            b = bias if t == 0 else torch.zeros_like(bias)
+            if mode == "saturate":
+                acc = _saturating_conv((xs[0] - z), q.to(torch.int64), b, op, bits)
+            else:
+                if op.kind == "conv":
+                    a = op.attrs
+                    accf = F.conv2d(x, q, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+                else:
+                    accf = F.linear(x, q)
+                peak = float(accf.abs().max()) if accf.numel() else 0.0
+                if peak >= EXACT_LIMIT:
+                    raise ManifestError(f"layer {op.name}: partial sums reach {peak:.3g}, beyond exact simulation (2^52)")
+                acc = accf.to(torch.int64) + b.reshape(view)
+            st.max_abs = max(st.max_abs, int(acc.abs().max()) if acc.numel() else 0)
+            st.overflows += int((acc.abs() > lim).sum())
+            st.outputs += acc.numel()
+            if mode == "wrap":
+                acc = _wrap(acc, bits)
+            if st.max_abs >= 2**32:
+                raise ManifestError(f"layer {op.name}: accumulator {st.max_abs} exceeds the 32-bit requantizer input")
+            prod = acc * mult[t].reshape(view)
+            total = prod if total is None else total + prod
+        y = rounding_shift(total, shift.reshape(view)) + zy
+        lo, hi = op.record["clamp"]
+        return torch.clamp(y, lo, hi)
+
+    def _add(self, op: Op, xs):
+        r = op.record["requant"]
+        acc = sum((x - self._enc(t)[0]) * m for x, t, m in zip(xs, op.inputs, r["multiplier"]))
+        y = rounding_shift(acc, torch.tensor(r["shift"])) + self._enc(op.output)[0]
+        return torch.clamp(y, *op.record["clamp"])
+
+    def _concat(self, op: Op, xs):
+        r = op.record["requant"]
+        zy = self._enc(op.output)[0]
+        parts = [rounding_shift((x - self._enc(t)[0]) * m, torch.tensor(r["shift"])) + zy
+                 for x, t, m in zip(xs, op.inputs, r["multiplier"])]
+        return torch.clamp(torch.cat(parts, dim=op.attrs["dim"]), *op.record["clamp"])
+
+    def _avgpool(self, op: Op, xs):
+        r = op.record["requant"]
+        z = self._enc(op.inputs[0])[0]
+        s, count = pool_sum(op, (xs[0] - z).to(torch.float64))
+        if count != r["count"]:
+            raise ManifestError(f"layer {op.name}: pooling window {count} differs from the manifest's {r['count']} (input size changed?)")
+        acc = s.to(torch.int64) * r["multiplier"][0]
+        y = rounding_shift(acc, torch.tensor(r["shift"])) + self._enc(op.output)[0]
+        return torch.clamp(y, *op.record["clamp"])
+
+    def _lut(self, op: Op, xs):
+        table = torch.from_numpy(self.m.tensor(op.record["table"]).astype(np.int64))
+        return table[xs[0]]
+
+    def kernels(self) -> dict[str, Kernel]:
+        return {
+            "conv": self._weighted, "linear": self._weighted, "add": self._add, "concat": self._concat,
+            "avgpool": self._avgpool, "lut": self._lut,
+            "clamp": lambda op, xs: torch.clamp(xs[0], *op.record["clamp"]),
+            "maxpool": lambda op, xs: maxpool(op, xs[0].to(torch.float64), float(op.record["pad_value"])).to(torch.int64),
+            "reshape": lambda op, xs: reshape(op, xs[0]),
+            "pad": lambda op, xs: pad(op, xs[0], int(op.record["pad_value"])),
+        }
+
+    def run(self, x: torch.Tensor, keep=()) -> dict[str, torch.Tensor]:
+        """Integer codes of the outputs (and `keep` tensors) for float inputs x (N, C, H, W)."""
+        with torch.no_grad():
+            return execute(self.graph, self.quantize_input(x), self.kernels(), keep=keep)
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        """Dequantized first output for float inputs (what `QuantizedModel.simulate` returns)."""
+        out = self.graph.outputs[0]
+        return self.dequantize(self.run(x)[out], out)

@@ -1,0 +1,188 @@
+"""Structural validation of a loaded manifest (verification level 1 checks included).
+
+Every failure is one ManifestError naming the field, so a corrupt or hand-edited manifest is
+refused before any back end runs it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ManifestError
+from .manifest import OP_KINDS, Manifest
+
+SCHEME_CHECKS: dict[str, Callable[[Manifest, dict, str], None]] = {}
+
+
+def scheme_check(name: str):
+    """Register the extra checks of a weight scheme (uniform, multipoint, swis, ...)."""
+    def deco(fn):
+        SCHEME_CHECKS[name] = fn
+        return fn
+    return deco
+
+
+def fail(where: str, msg: str) -> ManifestError:
+    return ManifestError(f"manifest field '{where}': {msg}")
+
+
+def need(obj: Any, key: str, kind: type | tuple, where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise fail(f"{where}.{key}", "is missing")
+    v = obj[key]
+    if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        raise fail(f"{where}.{key}", f"must be {kind}, got {type(v).__name__}")
+    return v
+
+
+def tensor(m: Manifest, ref: Any, where: str, dtype_kind: str | None = None, shape: tuple | None = None) -> np.ndarray:
+    if not isinstance(ref, str):
+        raise fail(where, "must be a tensor reference (string)")
+    if ref not in m.tensors:
+        raise fail(where, f"refers to tensor '{ref}', which is not in the tensor file")
+    a = m.tensors[ref]
+    if dtype_kind == "int" and not np.issubdtype(a.dtype, np.integer):
+        raise fail(where, f"tensor '{ref}' must be integer, is {a.dtype}")
+    if dtype_kind == "float" and not np.issubdtype(a.dtype, np.floating):
+        raise fail(where, f"tensor '{ref}' must be floating point, is {a.dtype}")
+    if dtype_kind == "float" and not np.all(np.isfinite(a)):
+        raise fail(where, f"tensor '{ref}' contains NaN or Inf")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise fail(where, f"tensor '{ref}' has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    return a
+
+
+def in_range(a: np.ndarray, lo: int, hi: int, where: str) -> None:
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise fail(where, f"values {int(a.min())}..{int(a.max())} fall outside [{lo}, {hi}]")
+
+
+@scheme_check("uniform")
+def _uniform(m: Manifest, w: dict, where: str) -> None:
+    if len(w["terms"]) != 1:
+        raise fail(f"{where}.terms", "a uniform weight has exactly one term")
+
+
+def validate(m: Manifest) -> None:
+    d = m.data
+    entries = need(d, "tensors", dict, "").get("entries", {})
+    for ref, a in m.tensors.items():
+        e = entries.get(ref)
+        if e is None or e.get("dtype") != str(a.dtype) or list(e.get("shape", [])) != list(a.shape):
+            raise fail(f"tensors.entries.{ref}", "does not match the tensor file (dtype or shape)")
+    g = need(d, "graph", dict, "")
+    need(g, "input", str, "graph")
+    need(g, "input_shape", list, "graph")
+    need(g, "outputs", list, "graph")
+    encs = need(g, "encodings", dict, "graph")
+    ops = need(g, "ops", list, "graph")
+    for t, e in encs.items():
+        w = f"graph.encodings.{t}"
+        bits = need(e, "bits", int, w)
+        if not 2 <= bits <= 16:
+            raise fail(f"{w}.bits", f"must be 2..16, got {bits}")
+        s = need(e, "scale", (int, float), w)
+        if not (math.isfinite(s) and s > 0):
+            raise fail(f"{w}.scale", f"must be positive and finite, got {s}")
+        z = need(e, "zero_point", int, w)
+        if not 0 <= z <= (1 << bits) - 1:
+            raise fail(f"{w}.zero_point", f"must be in [0, {(1 << bits) - 1}], got {z}")
+    known = {g["input"]}
+    if g["input"] not in encs:
+        raise fail("graph.encodings", f"has no encoding for the input tensor '{g['input']}'")
+    names = set()
+    for i, op in enumerate(ops):
+        w = f"graph.ops[{i}]"
+        name = need(op, "name", str, w)
+        if name in names:
+            raise fail(f"{w}.name", f"duplicate op name '{name}'")
+        names.add(name)
+        kind = need(op, "kind", str, w)
+        if kind not in OP_KINDS:
+            raise fail(f"{w}.kind", f"unknown op kind '{kind}'")
+        for t in need(op, "inputs", list, w):
+            if t not in known:
+                raise fail(f"{w}.inputs", f"tensor '{t}' is used before it is produced")
+        out = need(op, "output", str, w)
+        if out not in encs:
+            raise fail("graph.encodings", f"has no encoding for tensor '{out}'")
+        need(op, "attrs", dict, w)
+        _check_op(m, op, w)
+        known.add(out)
+    for t in g["outputs"]:
+        if t not in known:
+            raise fail("graph.outputs", f"tensor '{t}' is not produced by any op")
+
+
+def _qmax(m: Manifest, t: str) -> int:
+    return (1 << m.encoding(t)["bits"]) - 1
+
+
+def _check_clamp(m: Manifest, op: dict, w: str) -> None:
+    c = need(op, "clamp", list, w)
+    hi = _qmax(m, op["output"])
+    if len(c) != 2 or not all(isinstance(v, int) for v in c) or not 0 <= c[0] <= c[1] <= hi:
+        raise fail(f"{w}.clamp", f"must be two integers 0 <= lo <= hi <= {hi}, got {c}")
+
+
+def _check_op(m: Manifest, op: dict, w: str) -> None:
+    kind = op["kind"]
+    if kind in ("conv", "linear"):
+        wt = need(op, "weight", dict, w)
+        scheme = need(wt, "scheme", str, f"{w}.weight")
+        if scheme not in SCHEME_CHECKS:
+            raise fail(f"{w}.weight.scheme", f"unknown weight scheme '{scheme}'")
+        shape = tuple(need(wt, "shape", list, f"{w}.weight"))
+        bits = need(wt, "bits", int, f"{w}.weight")
+        if not 2 <= bits <= 8:
+            raise fail(f"{w}.weight.bits", f"must be 2..8, got {bits}")
+        terms = need(wt, "terms", list, f"{w}.weight")
+        if not terms:
+            raise fail(f"{w}.weight.terms", "is empty")
+        c = shape[0]
+        lim = (1 << (bits - 1)) - 1
+        for j, t in enumerate(terms):
+            q = tensor(m, t.get("q") if isinstance(t, dict) else None, f"{w}.weight.terms[{j}].q", "int", shape)
+            in_range(q, -lim, lim, f"{w}.weight.terms[{j}].q")
+            s = tensor(m, t.get("scale"), f"{w}.weight.terms[{j}].scale", "float", (c,))
+            if np.any(s <= 0):
+                raise fail(f"{w}.weight.terms[{j}].scale", "must be positive")
+        SCHEME_CHECKS[scheme](m, wt, f"{w}.weight")
+        b = need(op, "bias", dict, w)
+        bq = tensor(m, b.get("q"), f"{w}.bias.q", "int", (c,))
+        in_range(bq, -(2**31 - 1), 2**31 - 1, f"{w}.bias.q")
+        tensor(m, b.get("float"), f"{w}.bias.float", "float", (c,))
+        r = need(op, "requant", dict, w)
+        mult = tensor(m, r.get("multiplier"), f"{w}.requant.multiplier", "int", (len(terms), c))
+        in_range(mult, 0, 2**31 - 1, f"{w}.requant.multiplier")
+        sh = tensor(m, r.get("shift"), f"{w}.requant.shift", "int", (c,))
+        in_range(sh, 1, 62, f"{w}.requant.shift")
+        _check_clamp(m, op, w)
+        acc = need(op, "accumulator", dict, w)
+        p = need(acc, "bits", int, f"{w}.accumulator")
+        if not 8 <= p <= 32:
+            raise fail(f"{w}.accumulator.bits", f"must be 8..32, got {p}")
+    elif kind in ("add", "concat", "avgpool"):
+        r = need(op, "requant", dict, w)
+        mult = need(r, "multiplier", list, f"{w}.requant")
+        n_in = 1 if kind == "avgpool" else len(op["inputs"])
+        if len(mult) != n_in or not all(isinstance(v, int) and 0 <= v < 2**31 for v in mult):
+            raise fail(f"{w}.requant.multiplier", f"must be {n_in} integers in [0, 2^31)")
+        sh = need(r, "shift", int, f"{w}.requant")
+        if not 1 <= sh <= 62:
+            raise fail(f"{w}.requant.shift", f"must be 1..62, got {sh}")
+        if kind == "avgpool" and (need(r, "count", int, f"{w}.requant") < 1):
+            raise fail(f"{w}.requant.count", "must be positive")
+        _check_clamp(m, op, w)
+    elif kind == "lut":
+        n = 1 << m.encoding(op["inputs"][0])["bits"]
+        t = tensor(m, op.get("table"), f"{w}.table", "int", (n,))
+        in_range(t, 0, _qmax(m, op["output"]), f"{w}.table")
+    elif kind == "clamp":
+        _check_clamp(m, op, w)
+    elif kind in ("pad", "maxpool"):
+        v = need(op, "pad_value", int, w)
+        if not 0 <= v <= _qmax(m, op["output"]):
+            raise fail(f"{w}.pad_value", f"must be a code of the output encoding, got {v}")

@@ -1,0 +1,71 @@
+"""Verification levels 1 and 2: structural facts and simulator-vs-reference agreement.
+
+Level 1: the loader's validation (ranges, shapes, references) plus each layer's data-free
+accumulator bound against its declared width. Level 2: per tensor, each op of the reference is run on
+the simulator's own inputs and must agree within 1 LSB (a 1-LSB flip upstream is legitimately
+amplified by large weights downstream, so independent runs are compared only end to end); end to
+end, the independent simulator and reference runs must agree on top-1.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .graph import execute
+from .manifest import Manifest
+from .reference import Codec, reference_kernels
+from .simulator import Simulator
+
+LSB_SHARE_REQUIRED = 0.999
+TOP1_REQUIRED = 0.995
+
+
+def structural(m: Manifest) -> dict:
+    layers = {}
+    for op in m.weighted_ops():
+        acc = op["accumulator"]
+        layers[op["name"]] = {"data_free_bits": acc["data_free_bits"], "accumulator_bits": acc["bits"],
+                              "data_free_ok": acc["data_free_bits"] <= acc["bits"]}
+    return {"ok": all(v["data_free_ok"] for v in layers.values()), "layers": layers}
+
+
+def numeric(m: Manifest, batches, sim: Simulator | None = None) -> dict:
+    """Run simulator and reference in lockstep over `batches` of float inputs."""
+    sim = sim or Simulator(m)
+    codec = Codec(m)
+    ref = reference_kernels(m, torch.float64)
+    ik = sim.kernels()
+    paired = {k: (lambda op, xs, k=k: (ik[k](op, [a for a, _ in xs]), ref[k](op, [b for _, b in xs]))) for k in ik}
+    per_tensor: dict[str, list[int]] = {}
+    agree = total = 0
+    out = sim.graph.outputs[0]
+
+    def compare(op, xs, y):
+        a = y[0]
+        b = ref[op.kind](op, [u.to(torch.float64) for u, _ in xs])  # the reference on the simulator's inputs
+        d = (a.to(torch.float64) - b).abs()
+        c = per_tensor.setdefault(op.output, [0, 0, 0])
+        c[0] += int((d <= 1).sum())
+        c[1] += d.numel()
+        c[2] = max(c[2], int(d.max()) if d.numel() else 0)
+
+    with torch.no_grad():
+        for x in batches:
+            x64 = x.to(torch.float64)
+            start = (sim.quantize_input(x64), codec.quantize(x64, sim.graph.input))
+            res = execute(sim.graph, start, paired, on_output=compare)[out]
+            ya, yb = sim.dequantize(res[0], out), codec.dequantize(res[1], out).numpy()
+            agree += int((ya.argmax(-1) == yb.argmax(-1)).sum())
+            total += ya.shape[0]
+    shares = {t: c[0] / c[1] for t, c in per_tensor.items() if c[1]}
+    worst = min(shares, key=shares.get) if shares else None
+    top1 = agree / max(total, 1)
+    return {
+        "samples": total,
+        "min_share_within_1lsb": shares[worst] if worst else 1.0,
+        "worst_tensor": worst,
+        "max_lsb_error": max((c[2] for c in per_tensor.values()), default=0),
+        "top1_agreement_sim_vs_reference": 100.0 * top1,
+        "ok": (shares[worst] if worst else 1.0) >= LSB_SHARE_REQUIRED and top1 >= TOP1_REQUIRED,
+        "tensors": {t: {"share_within_1lsb": s, "max_lsb_error": per_tensor[t][2]} for t, s in sorted(shares.items())},
+    }

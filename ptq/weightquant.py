@@ -1,0 +1,73 @@
+"""Per-channel symmetric weight quantization and the output error every method minimises.
+
+A channel's output error for an approximation ŵ is (w − ŵ)ᵀ H (w − ŵ), with H = E[x xᵀ] of the
+layer's input patches (one H per conv group). Clipping by this error instead of weight MSE is what
+keeps low-bit layers usable (ALGORITHMS.md, uniform).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .intmath import round_half_up
+
+
+def qmax(bits: int) -> int:
+    """Largest magnitude on the narrow symmetric grid [−(2^(b−1)−1), 2^(b−1)−1]."""
+    return (1 << (bits - 1)) - 1
+
+
+def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """Round (C, K) weights to the narrow grid with per-channel scales; int64 result."""
+    m = qmax(bits)
+    return np.clip(round_half_up(w / scale[:, None]), -m, m).astype(np.int64)
+
+
+class OutputError:
+    """Evaluates (w − ŵ)ᵀ H (w − ŵ) per output channel for one layer, batched over candidates."""
+
+    def __init__(self, hessian: np.ndarray | None, channels: int):
+        self.h = None if hessian is None else torch.from_numpy(hessian).float()  # (G, K, K)
+        self.groups = 1 if hessian is None else hessian.shape[0]
+        self.channels = channels
+
+    def __call__(self, diff: np.ndarray) -> np.ndarray:
+        """diff: (..., C, K) → (..., C); plain squared error when no H is known."""
+        d = torch.from_numpy(np.ascontiguousarray(diff)).float()
+        if self.h is None:
+            return (d * d).sum(-1).double().numpy()
+        lead = d.shape[:-2]
+        k = d.shape[-1]
+        g = self.groups
+        dg = d.reshape(-1, g, self.channels // g, k).permute(1, 0, 2, 3).reshape(g, -1, k)
+        e = (torch.bmm(dg, self.h) * dg).sum(-1)  # (G, lead*C/G)
+        e = e.reshape(g, -1, self.channels // g).permute(1, 0, 2).reshape(*lead, self.channels)
+        return e.double().numpy()
+
+    def energy(self, w: np.ndarray) -> np.ndarray:
+        """wᵀ H w per channel: the channel's output energy, for relative errors."""
+        return self(w)
+
+
+def ratio_grid(bits: int) -> np.ndarray:
+    lo = 0.5 if bits >= 6 else 0.25
+    return np.linspace(lo, 1.0, 40)
+
+
+def clip_search(w: np.ndarray, bits: int, err: OutputError | None) -> np.ndarray:
+    """Per-channel scale: the clip ratio of max|w| with the least error (output error if `err`)."""
+    m = qmax(bits)
+    amax = np.abs(w).max(axis=1)
+    amax = np.where(amax > 0, amax, 1.0)
+    if err is None:
+        return amax / m
+    best_scale = amax / m
+    best_err = np.full(w.shape[0], np.inf)
+    for r in ratio_grid(bits):
+        scale = amax * r / m
+        d = w - quantize_symmetric(w, scale, bits) * scale[:, None]
+        e = err(d)
+        better = e < best_err
+        best_err = np.where(better, e, best_err)
+        best_scale = np.where(better, scale, best_scale)
+    return best_scale

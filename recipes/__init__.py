@@ -1,0 +1,1 @@
+"""Built-in recipes (TOML), shipped as package data so they load from an installed wheel."""
