@@ -93,9 +93,31 @@ def data_free_bound(m: Manifest, rec: dict) -> dict:
             "data_free_max": worst, "data_free_bits": int(math.ceil(math.log2(worst + 1))) + 1}
 
 
+BIAS_HEADROOM = 16  # the int32 bias keeps this factor of room for later bias correction
+
+
+def fit_bias_scale(wq: WeightQuant, bias: np.ndarray, s_x: float) -> None:
+    """Raise term-0 scales where the bias would not fit int32 at scale s_x·scale.
+
+    Happens on near-dead channels (BatchNorm folded to weights ~1e-9 with a real bias); their
+    weights are re-rounded on the coarser grid, which leaves them (near) zero as they were.
+    """
+    q, s = wq.terms[0]
+    floor = np.abs(bias) * BIAS_HEADROOM / (s_x * INT32_MAX)
+    low = s < floor
+    if np.any(low):
+        s = s.copy()
+        new = np.where(low, floor, s)
+        lim = (1 << (wq.scheme.get("bits", 8) - 1)) - 1
+        ratio = (s / new).reshape(-1, *([1] * (q.ndim - 1)))
+        q = np.where(low.reshape(ratio.shape), np.clip(round_half_up(q * ratio), -lim, lim), q).astype(np.int64)
+        wq.terms[0] = (q, new)
+
+
 def weighted_record(m: Manifest, op: Op, wq: WeightQuant, enc: dict[str, Encoding]) -> dict:
     name = op.name
     x, y = enc[op.inputs[0]], enc[op.output]
+    fit_bias_scale(wq, op.bias.astype(np.float64), x.scale)
     terms = []
     for t, (q, s) in enumerate(wq.terms):
         bits = wq.scheme.get("bits", 8)

@@ -56,7 +56,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "bits": Field(8, int, lo=2, hi=16, help="activation bits (per-tensor affine)"),
         "observer": Field("mse", str, ("minmax", "percentile", "mse")),
         "percentile": Field(99.99, float, lo=50.0, hi=100.0),
-        "output_bits": Field(8, int, lo=2, hi=16, help="bits of the model's output tensor"),
+        "output_bits": Field(16, int, lo=2, hi=16, help="bits of the model's output tensor (logits)"),
     },
     "bias_correction": {
         "mode": Field("auto", str, ("auto", "layer", "all", "depthwise", "none"),

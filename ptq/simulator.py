@@ -1,8 +1,10 @@
 """Integer simulator: executes a manifest with integer arithmetic only and measures accumulators.
 
-Tensors are int64 codes. Convolutions and matrix products run as float64 GEMMs on integer values,
-which is exact while every partial sum stays below 2^53 (checked): the float64 unit is used as a
-wide integer adder, nothing is rounded. Requantization is m·acc followed by a rounding right shift.
+Tensors are int64 codes. Convolutions and matrix products run as float32 GEMMs on integer values
+split into digits: every product of a digit and a weight is an exact integer and every partial sum
+is bounded by Σ|q|·max|digit| < 2^24, so no rounding can happen in any summation order; the digit
+results are recombined in int64. (Where even one-bit digits would not fit, float64 is used, exact
+below 2^53.) Requantization is m·acc followed by a rounding right shift.
 
 Accumulator modes: `exact` (int64, report only), `wrap` (two's complement at P bits, the same at
 every MAC as on the final sum since wrapping is modular), `saturate` (clip at P bits after each MAC,
@@ -22,6 +24,7 @@ from .intmath import rounding_shift
 from .manifest import Manifest
 
 EXACT_LIMIT = 2**52
+F32_EXACT = 2**24
 ACC_MODES = ("exact", "wrap", "saturate")
 
 
@@ -73,6 +76,39 @@ def _saturating_conv(x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor, op: O
     return acc.reshape(n, c_out, out_shape[1], out_shape[2])
 
 
+def _gemm(op: Op, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    if op.kind == "conv":
+        a = op.attrs
+        return F.conv2d(x, q, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+    return F.linear(x, q)
+
+
+def integer_gemm(op: Op, u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Exact Σ q·u (int64) for int64 inputs u and integer-valued float32 weights q."""
+    l1 = float(q.abs().reshape(q.shape[0], -1).sum(1).max()) if q.numel() else 0.0
+    umax = int(u.abs().max()) if u.numel() else 0
+    if l1 == 0 or umax == 0:
+        return _gemm(op, u.to(torch.float32), q).to(torch.int64)
+    if l1 * umax < F32_EXACT:
+        return _gemm(op, u.to(torch.float32), q).to(torch.int64)
+    digit_bits = int(np.floor(np.log2(F32_EXACT / l1)))
+    if digit_bits < 1:
+        accf = _gemm(op, u.to(torch.float64), q.to(torch.float64))
+        if float(accf.abs().max()) >= EXACT_LIMIT:
+            raise ManifestError(f"layer {op.name}: partial sums reach 2^52, beyond exact simulation")
+        return accf.to(torch.int64)
+    base = 1 << digit_bits
+    acc = torch.zeros((), dtype=torch.int64)
+    rest, weight = u, 1
+    while True:
+        hi = torch.div(rest, base, rounding_mode="floor")
+        lo = rest - hi * base  # 0 <= lo < base
+        acc = acc + _gemm(op, lo.to(torch.float32), q).to(torch.int64) * weight
+        if int(hi.abs().max()) * l1 < F32_EXACT:
+            return acc + _gemm(op, hi.to(torch.float32), q).to(torch.int64) * (weight * base)
+        rest, weight = hi, weight * base
+
+
 class Simulator:
     """Integer execution of one manifest. `accumulator` overrides the manifest's mode for all layers."""
 
@@ -103,7 +139,7 @@ class Simulator:
     def _weights(self, op: Op):
         if op.name not in self._w:
             rec = op.record
-            terms = [torch.from_numpy(self.m.tensor(t["q"]).astype(np.float64)) for t in rec["weight"]["terms"]]
+            terms = [torch.from_numpy(self.m.tensor(t["q"]).astype(np.float32)) for t in rec["weight"]["terms"]]
             mult = torch.from_numpy(self.m.tensor(rec["requant"]["multiplier"]).astype(np.int64))
             shift = torch.from_numpy(self.m.tensor(rec["requant"]["shift"]).astype(np.int64))
             bias = torch.from_numpy(self.m.tensor(rec["bias"]["q"]).astype(np.int64))
@@ -119,7 +155,7 @@ class Simulator:
         terms, mult, shift, bias, bits, mode = self._weights(op)
         z, _ = self._enc(op.inputs[0])
         zy, _ = self._enc(op.output)
-        x = (xs[0] - z).to(torch.float64)
+        u = xs[0] - z
         view = (1, -1, 1, 1) if op.kind == "conv" else (1, -1)
         st = self.layers[op.name]
         lim = (1 << (bits - 1)) - 1
@@ -129,15 +165,7 @@ class Simulator:
             if mode == "saturate":
                 acc = _saturating_conv((xs[0] - z), q.to(torch.int64), b, op, bits)
             else:
-                if op.kind == "conv":
-                    a = op.attrs
-                    accf = F.conv2d(x, q, None, a["stride"], a["padding"], a["dilation"], a["groups"])
-                else:
-                    accf = F.linear(x, q)
-                peak = float(accf.abs().max()) if accf.numel() else 0.0
-                if peak >= EXACT_LIMIT:
-                    raise ManifestError(f"layer {op.name}: partial sums reach {peak:.3g}, beyond exact simulation (2^52)")
-                acc = accf.to(torch.int64) + b.reshape(view)
+                acc = integer_gemm(op, u, q) + b.reshape(view)
             st.max_abs = max(st.max_abs, int(acc.abs().max()) if acc.numel() else 0)
             st.overflows += int((acc.abs() > lim).sum())
             st.outputs += acc.numel()

@@ -33,7 +33,7 @@ def numeric(m: Manifest, batches, sim: Simulator | None = None) -> dict:
     """Run simulator and reference in lockstep over `batches` of float inputs."""
     sim = sim or Simulator(m)
     codec = Codec(m)
-    ref = reference_kernels(m, torch.float64)
+    ref = reference_kernels(m, torch.float32)
     ik = sim.kernels()
     paired = {k: (lambda op, xs, k=k: (ik[k](op, [a for a, _ in xs]), ref[k](op, [b for _, b in xs]))) for k in ik}
     per_tensor: dict[str, list[int]] = {}
@@ -42,8 +42,8 @@ def numeric(m: Manifest, batches, sim: Simulator | None = None) -> dict:
 
     def compare(op, xs, y):
         a = y[0]
-        b = ref[op.kind](op, [u.to(torch.float64) for u, _ in xs])  # the reference on the simulator's inputs
-        d = (a.to(torch.float64) - b).abs()
+        b = ref[op.kind](op, [u.to(torch.float32) for u, _ in xs])  # the reference on the simulator's inputs
+        d = (a.to(torch.float32) - b).abs()
         c = per_tensor.setdefault(op.output, [0, 0, 0])
         c[0] += int((d <= 1).sum())
         c[1] += d.numel()
@@ -51,8 +51,7 @@ def numeric(m: Manifest, batches, sim: Simulator | None = None) -> dict:
 
     with torch.no_grad():
         for x in batches:
-            x64 = x.to(torch.float64)
-            start = (sim.quantize_input(x64), codec.quantize(x64, sim.graph.input))
+            start = (sim.quantize_input(x), codec.quantize(x.to(torch.float32), sim.graph.input))
             res = execute(sim.graph, start, paired, on_output=compare)[out]
             ya, yb = sim.dequantize(res[0], out), codec.dequantize(res[1], out).numpy()
             agree += int((ya.argmax(-1) == yb.argmax(-1)).sum())
