@@ -180,7 +180,7 @@ def tensor_source(path: Path, n: int | None, input_shape: tuple[int, ...]) -> Da
     count = arr.shape[0] if n is None else min(n, arr.shape[0])
 
     def get(start: int, stop: int) -> np.ndarray:
-        x = np.asarray(arr[start:stop], dtype=np.float32)
+        x = np.array(arr[start:stop], dtype=np.float32)
         if not np.all(np.isfinite(x)):
             raise DataError(f"{path} contains NaN or Inf values (samples {start}..{stop - 1})")
         return x

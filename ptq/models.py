@@ -152,8 +152,11 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
 
 
 def _load_module_file(path: Path) -> torch.nn.Module:
+    import warnings
     try:
-        torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), map_location="cpu")
         raise ModelError(f"{path} is a TorchScript file, which torch.export cannot capture; "
                          "save the nn.Module with torch.save(model) or give pkg.module:factory")
     except ModelError:
