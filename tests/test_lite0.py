@@ -1,0 +1,36 @@
+"""EfficientNet-Lite0 with its real ImageNet weights, calibrated and evaluated on held-out photos.
+
+Bounds are set from measurements (BENCHMARKS.md) with margin for the smaller sample counts used here.
+"""
+import pytest
+
+import ptq
+
+
+@pytest.fixture(scope="module")
+def lite0_w8a8():
+    return ptq.quantize("efficientnet_lite0", "samples", "w8a8", calib_size=64, eval_size=64)
+
+
+def test_lite0_w8a8_fidelity_through_the_integer_simulator(lite0_w8a8):
+    f = lite0_w8a8.report["fidelity"]
+    assert f["backend"] == "sim" and f["data"] == "samples:eval"
+    assert f["kl"] <= 0.015
+    assert f["top1_agreement"] >= 85.0
+
+
+def test_lite0_simulator_matches_fake_quant(lite0_w8a8):
+    v = lite0_w8a8.manifest.data["verification"]
+    assert v["structural"]["ok"]
+    assert v["numeric"]["min_share_within_1lsb"] >= 0.999
+    assert v["numeric"]["top1_agreement_sim_vs_reference"] >= 99.5
+
+
+@pytest.mark.slow
+def test_resnet50_random_quantizes_simulates_and_verifies(tmp_path):
+    qm = ptq.quantize("resnet50", "samples", "w8a8", weights="random", calib_size=16, eval_size=8)
+    v = qm.manifest.data["verification"]
+    assert v["structural"]["ok"] and v["numeric"]["ok"]
+    assert "Random weights" in qm.card()
+    qm.save(tmp_path / "r50")
+    assert ptq.load(tmp_path / "r50").simulate(qm.fp32_model and __import__("torch").zeros(1, 3, 224, 224)).shape == (1, 1000)

@@ -1,0 +1,44 @@
+import pytest
+
+from ptq.errors import RecipeError
+from ptq.recipe import builtin_names, layer_setting, parse_value, resolve
+
+
+def test_builtin_recipes_load_from_the_package():
+    assert {"w8a8", "w4a8"} <= set(builtin_names())
+    r = resolve("w4a8")
+    assert r["weights"]["bits"] == 4 and r["activations"]["bits"] == 8
+    # every default is written out
+    assert r["calibration"]["size"] == 128 and "observer" in r["activations"]
+
+
+def test_overrides_and_layer_globs():
+    r = resolve("w4a8", {"weights.bits": 3, "activations.observer": "percentile"})
+    assert r["weights"]["bits"] == 3 and r["activations"]["observer"] == "percentile"
+    assert layer_setting(r, "weights.bits", "conv1", "conv1", "fc") == 8
+    assert layer_setting(r, "weights.bits", "fc", "conv1", "fc") == 8
+    assert layer_setting(r, "weights.bits", "layer1.0.conv1", "conv1", "fc") == 3
+    r = resolve({"overrides": [{"layers": "layer1.*", "weights": {"bits": 6}}]})
+    assert layer_setting(r, "weights.bits", "layer1.0.conv1", "conv1", "fc") == 6
+
+
+@pytest.mark.parametrize("over,msg", [
+    ({"weights.bitz": 4}, "did you mean 'weights.bits'"),
+    ({"weights.bits": 9}, "between 2 and 8"),
+    ({"activations.observer": "magic"}, "one of"),
+    ({"method": "unifrom"}, "did you mean 'uniform'"),
+    ({"calibraton.size": 3}, "calibration"),
+])
+def test_bad_keys_and_values_are_named(over, msg):
+    with pytest.raises(RecipeError, match=msg):
+        resolve("w8a8", over)
+
+
+def test_unknown_recipe_name_suggests():
+    with pytest.raises(RecipeError, match="w8a8"):
+        resolve("w8a9")
+
+
+def test_parse_value():
+    assert parse_value("4") == 4 and parse_value("0.5") == 0.5 and parse_value("true") is True
+    assert parse_value("mse") == "mse" and parse_value('"x"') == "x"
