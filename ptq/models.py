@@ -6,7 +6,6 @@ saying where to put them; `--weights random` is honoured only when given explici
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from calib.preprocess import PRESETS
 from .errors import ModelError, WeightsMissingError
+from .manifest import sha256_file as file_sha256
 
 DEFAULT_SHAPE = (3, 224, 224)
 LITE0 = "efficientnet_lite0"
@@ -29,14 +29,6 @@ class LoadedModel:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.spec["input_shape"])
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _state_dict_from(path: Path) -> dict:
