@@ -119,13 +119,20 @@ class QuantizedModel:
         res.update({k: v for k, v in weight_summary(self.manifest).items() if k in ("mean_weight_bits", "model_bytes")})
         return res
 
+    def export_onnx(self, path: str | Path, format: str = "qdq") -> Path:
+        """Write the QDQ (onnxruntime) or QONNX twin of the manifest atomically."""
+        from .export import export, save_onnx
+        return save_onnx(export(self.manifest, format), path)
+
     # -- persistence --
     def card(self) -> str:
         return render_card(self.manifest, self.report.get("fidelity"), self.manifest.data.get("verification"))
 
     def save(self, directory: str | Path, force: bool = False) -> Path:
+        from .export import export_qdq
         extra = {"card.md": self.card().encode(), "report.json": (json.dumps(self.report, sort_keys=True, indent=1) + "\n").encode(),
-                 "bits.png": bits_png(self.manifest)}
+                 "bits.png": bits_png(self.manifest),
+                 "model.onnx": lambda: export_qdq(self.manifest).SerializeToString()}
         self.directory = self.manifest.save(directory, extra_files=extra, force=force)
         return self.directory
 

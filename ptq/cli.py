@@ -176,6 +176,8 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    if str(args.dir).endswith(".onnx"):
+        return _inspect_onnx(args)
     import ptq
     from .card import weight_summary
     qm = ptq.load(args.dir)
@@ -201,6 +203,38 @@ def cmd_inspect(args) -> int:
                       str(l["input_bits"]), str(l["accumulator_bits"]), str(l["data_free_bits"]), "yes" if l["bias_corrected"] else "")
         console.print(t)
     _emit(args, res)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import ptq
+    from .export import read_ptq_metadata
+    qm = ptq.load(args.dir)
+    out = Path(args.out) if args.out else Path(args.dir) / ("model.onnx" if args.format == "qdq" else "model.qonnx.onnx")
+    qm.export_onnx(out, args.format)
+    res = {"path": str(out), "format": args.format, "bytes": out.stat().st_size,
+           "manifest_sha256": read_ptq_metadata(out)["model"]["ptq.manifest_sha256"]}
+    if not args.json:
+        console.print(f"wrote {out} ({args.format}, {res['bytes']} bytes)")
+    _emit(args, res)
+    return 0
+
+
+def _inspect_onnx(args) -> int:
+    from .export import read_ptq_metadata
+    res = read_ptq_metadata(args.dir)
+    if not args.json:
+        from rich.table import Table
+        t = Table(title=f"{args.dir}: IR {res['ir_version']} · {res['model'].get('ptq.recipe')} · "
+                        f"manifest {res['model'].get('ptq.manifest_sha256', '')[:12]}")
+        for c in ("layer", "op", "scheme", "bits", "terms", "acc", "mode", "data-free", "bias corr."):
+            t.add_column(c)
+        for name, l in res["layers"].items():
+            t.add_row(name, l["op_type"], str(l.get("scheme")), str(l.get("bits_per_weight")), str(l.get("terms")),
+                      str(l.get("accumulator_bits")), str(l.get("accumulator_mode")), str(l.get("data_free_bits")),
+                      "yes" if l.get("bias_corrected") else "")
+        console.print(t)
+    _emit(args, {k: v for k, v in res.items() if k != "nodes"})
     return 0
 
 
@@ -259,7 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_recipes)
 
-    i = sub.add_parser("inspect", help="summarise a manifest directory")
+    x = sub.add_parser("export", help="export a manifest as ONNX (QDQ for onnxruntime, or QONNX)")
+    x.add_argument("dir")
+    x.add_argument("--format", default="qdq", choices=("qdq", "qonnx"))
+    x.add_argument("--out", help="output file (default DIR/model.onnx)")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(fn=cmd_export)
+
+    i = sub.add_parser("inspect", help="summarise a manifest directory or an exported model.onnx")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)

@@ -85,7 +85,7 @@ class Manifest:
         return Graph(input=g["input"], input_shape=tuple(g["input_shape"]), ops=ops, outputs=list(g["outputs"]))
 
     # -- persistence --
-    def save(self, directory: str | Path, extra_files: dict[str, bytes] | None = None, force: bool = False) -> Path:
+    def save(self, directory: str | Path, extra_files: dict[str, Any] | None = None, force: bool = False) -> Path:
         """Write the manifest (and extra artefacts) to a temporary directory, then move it into place.
 
         An existing directory is refused unless `force`; with `force` it is replaced only after the
@@ -108,7 +108,8 @@ class Manifest:
             }
             (tmp / MANIFEST_FILE).write_text(dumps(self.data))
             for name, blob in (extra_files or {}).items():
-                (tmp / name).write_bytes(blob)
+                # callables are rendered after the tensor hash is known (the ONNX twin embeds it)
+                (tmp / name).write_bytes(blob() if callable(blob) else blob)
             if directory.exists():
                 old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
                 os.replace(directory, old)

@@ -1,0 +1,156 @@
+"""Multipoint (ptq/methods/multipoint.py): greedy points, allocation, manifest, fidelity on digits."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import ptq
+import ptq.methods.multipoint as mp  # registers the method until ptq/methods/__init__.py imports it
+from ptq.errors import ManifestError
+from ptq.weightquant import OutputError
+
+
+def test_greedy_matches_brute_force_on_a_tiny_grid():
+    w = np.array([[0.9, -0.35, 0.12]])
+    grid = np.linspace(0.05, 1.0, 20)
+    pts = mp.greedy_points(w, 2, 3, OutputError(None, 1), grid=grid)
+    r = w[0].copy()
+    for p in range(3):
+        base = np.abs(r).max()  # 2 bits: qmax = 1
+        best = (np.inf, None, None)
+        for a in grid * base:
+            for v in itertools.product((-1, 0, 1), repeat=3):
+                e = float(((r - a * np.array(v)) ** 2).sum())
+                if e < best[0] - 1e-12:
+                    best = (e, a, np.array(v))
+        assert pts.errors[p, 0] == pytest.approx(best[0], rel=1e-5, abs=1e-9)
+        r = r - best[1] * best[2]
+    assert np.allclose(w[0] - (pts.scales[:, 0, None] * pts.q[:, 0]).sum(0), r, atol=1e-6)
+
+
+def test_greedy_error_decreases_with_points_under_h():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 24))
+    x[:, :6] *= 4  # an uneven input: the H-weighted and the plain error differ
+    h = (x.T @ x / 500)[None]
+    w = rng.standard_normal((8, 24)) * 0.1
+    err = OutputError(h, 8)
+    pts = mp.greedy_points(w, 4, 4, err)
+    assert np.all(np.diff(pts.errors, axis=0) <= 1e-9)
+    assert np.all(pts.errors[-1] < 0.01 * pts.errors[0])
+    assert np.all(pts.scales > 0)
+    # the coarse-to-fine search is as good as the full 100-value grid
+    full = mp.greedy_points(w, 4, 1, err, grid=np.geomspace(mp.GRID_LO, 1.0, mp.GRID))
+    assert pts.errors[0].sum() <= full.errors[0].sum() * 1.02
+    # the reconstruction is what the errors say
+    what = (pts.scales[..., None] * pts.q).sum(0)
+    assert err(w - what) == pytest.approx(pts.errors[-1], rel=1e-3, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def digits_plans(digits):
+    from calib.collect import collect_statistics
+    from ptq.capture import capture
+    from ptq.recipe import resolve
+    model, xtr, *_ = digits
+    graph = capture(model, (1, 8, 8))
+    from ptq.api import as_source
+    src = as_source(xtr[:256], {"input_shape": [1, 8, 8]}, 256, 0, "calib")
+    stats = collect_statistics(graph, src)
+    recipe = resolve({"method": "multipoint"})
+    return graph, stats, recipe, mp.plan_layers(graph, stats, recipe)
+
+
+def _mean_points(plans, counts):
+    n = sum(p.k * counts[p.name].sum() for p in plans)
+    return n / sum(p.k * len(counts[p.name]) for p in plans)
+
+
+@pytest.mark.parametrize("budget", [1.0, 1.25, 2.0])
+def test_budget_is_respected(digits_plans, budget):
+    *_, plans = digits_plans
+    g = mp.allocate(plans, budget, "global", "error", 0.0, 0)
+    assert _mean_points(plans, g) <= budget + 1e-9
+    assert _mean_points(plans, g) >= budget - 0.1  # and spent
+    lay = mp.allocate(plans, budget, "layer", "error", 0.0, 0)
+    for p in plans:
+        assert lay[p.name].mean() <= budget + 1e-9
+        assert 1 <= lay[p.name].min() and lay[p.name].max() <= p.max_points
+
+
+def test_error_choice_beats_random_at_the_same_budget(digits_plans):
+    *_, plans = digits_plans
+    for scope in ("layer", "global"):
+        err = mp.allocate(plans, 1.25, scope, "error", 0.0, 0)
+        rnd = mp.allocate(plans, 1.25, scope, "random", 0.0, 0)
+        assert abs(_mean_points(plans, err) - _mean_points(plans, rnd)) < 0.05
+        # summed output error, each layer relative to its output energy (what the global ranking spends on)
+        e_err = sum(mp.channel_errors(p.pts, err[p.name]).sum() / p.pts.energy.sum() for p in plans)
+        e_rnd = sum(mp.channel_errors(p.pts, rnd[p.name]).sum() / p.pts.energy.sum() for p in plans)
+        assert e_err < 0.9 * e_rnd
+        if scope == "layer":
+            for p in plans:
+                assert mp.channel_errors(p.pts, err[p.name]).sum() <= mp.channel_errors(p.pts, rnd[p.name]).sum() + 1e-12
+
+
+def test_epsilon_stops_extra_points(digits_plans):
+    *_, plans = digits_plans
+    g = mp.allocate(plans, 4.0, "global", "error", 1e9, 0)
+    assert all(np.all(c == 1) for c in g.values())
+
+
+@pytest.fixture(scope="module")
+def digits_multipoint(digits):
+    model, xtr, _, xte, _ = digits
+    return ptq.quantize(model, xtr[:256], "multipoint", eval_data=xte[:128])
+
+
+def test_multipoint_digits_verifies_and_beats_uniform_4bit(digits, digits_multipoint):
+    model, xtr, _, xte, _ = digits
+    qm = digits_multipoint
+    v = qm.manifest.data["verification"]
+    assert v["structural"]["ok"] and v["numeric"]["ok"]
+    u4 = ptq.quantize(model, xtr[:256], "w4a8", eval_data=xte[:128])
+    assert qm.report["fidelity"]["kl"] < u4.report["fidelity"]["kl"]
+    ops = qm.manifest.weighted_ops()
+    assert all(op["weight"]["scheme"] == "multipoint" for op in ops)
+    assert ops[0]["weight"]["bits"] == 8 and ops[0]["weight"]["points"] == 1
+    assert any(op["weight"]["points"] > 1 for op in ops)
+
+
+def test_multipoint_manifest_fields_and_scheme_check(digits_multipoint, tmp_path):
+    from ptq.validate import validate
+    qm = digits_multipoint
+    m = qm.manifest
+    for op in m.weighted_ops():
+        w = op["weight"]
+        n = m.tensor(w["extra"]["points_per_channel"])
+        assert len(w["terms"]) == w["points"] == n.max()
+        assert w["bits_per_weight"] == pytest.approx(w["bits"] * n.mean())
+        assert w["mean_points"] == pytest.approx(n.mean())
+    saved = ptq.load(qm.save(tmp_path / "mp"))
+    x = torch.zeros(2, 1, 8, 8)
+    assert np.array_equal(saved.simulate(x), qm.simulate(x))
+    # a non-zero integer in a term the channel does not use is refused
+    op = next(op for op in m.weighted_ops() if op["weight"]["points"] > 1)
+    n = m.tensor(op["weight"]["extra"]["points_per_channel"])
+    q = m.tensor(op["weight"]["terms"][1]["q"])
+    c = int(np.argmin(n))
+    old = q.reshape(q.shape[0], -1)[c, 0].copy()
+    q.reshape(q.shape[0], -1)[c, 0] = 1
+    try:
+        with pytest.raises(ManifestError, match="terms\\[1\\].q"):
+            validate(m)
+    finally:
+        q.reshape(q.shape[0], -1)[c, 0] = old
+    validate(m)
+
+
+def test_w3_recipe_and_layer_scope_run(digits):
+    model, xtr, _, xte, _ = digits
+    qm = ptq.quantize(model, xtr[:256], "multipoint-w3", eval_data=xte[:64],
+                      overrides={"multipoint.budget_scope": "layer", "multipoint.channel_choice": "random"})
+    assert qm.manifest.data["verification"]["numeric"]["ok"]
+    for op in qm.manifest.weighted_ops()[1:]:
+        assert op["weight"]["bits"] == 3 and op["weight"]["mean_points"] <= 1.5 + 1e-9
