@@ -13,7 +13,7 @@ fake-quant semantics of `ptq.reference`:
   w = sum_t scale_t * q_t) is dequantized term by term and the terms are summed (one `Sum` node)
   before a single Conv/Gemm: onnxruntime runs this as one float convolution, which is the
   reference's arithmetic (one GEMM on the dequantized weight).
-- biases are float (the record's `bias.float`, i.e. bias correction included), added by the
+- biases are float: the int32 bias dequantized at s_x·scale_0 (bias correction included), added by the
   Conv/Gemm.
 - lookup tables (`lut`) are evaluated exactly as the integer program does: the input codes index
   the table. In the QDQ graph the uint codes of the input QuantizeLinear are cast to int64 and
@@ -42,6 +42,7 @@ import numpy as np
 
 from .errors import ManifestError, OutputError
 from .manifest import Manifest
+from .reference import dequantized_bias
 
 OPSET = 21
 IR_VERSION = 10
@@ -218,7 +219,7 @@ class _Builder:
         clamp = rec.get("clamp")
         if kind in ("conv", "linear"):
             w = self.weight(rec)
-            b = self.const(f"{name}/bias", np.asarray(self.m.tensor(rec["bias"]["float"]), np.float32))
+            b = self.const(f"{name}/bias", np.asarray(dequantized_bias(self.m, rec), np.float32))
             meta = weight_metadata(rec)
             if kind == "conv":
                 ph, pw = a["padding"]

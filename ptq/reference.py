@@ -1,7 +1,8 @@
 """Fake-quant reference: the manifest executed in floating point, quantizing each op's output.
 
-It shares the rounding rule with the integer simulator but none of its arithmetic: weights are
-dequantized, biases are the real biases and multipliers are exact real ratios. Agreement between
+It shares the rounding rule with the integer simulator but none of its arithmetic: weights and
+int32 biases are dequantized and multipliers are exact real ratios (quantizing the bias is part of
+the quantized model: at 4-bit weights its step s_x·s_w can exceed a 16-bit output step). Agreement between
 the two (level-2 verification) shows the integer program realises the intended quantized model.
 Tensors flow as integer codes (q) stored in a float dtype.
 """
@@ -43,6 +44,13 @@ def dequantized_weight(m: Manifest, rec: dict, dtype: torch.dtype = torch.float6
     return w.to(dtype)
 
 
+def dequantized_bias(m: Manifest, rec: dict) -> np.ndarray:
+    """The int32 bias at its real scale s_x·scale_0: the bias the integer program adds."""
+    s_x = m.encoding(rec["inputs"][0])["scale"]
+    s0 = m.tensor(rec["weight"]["terms"][0]["scale"])
+    return m.tensor(rec["bias"]["q"]).astype(np.float64) * s_x * s0
+
+
 def reference_kernels(m: Manifest, dtype: torch.dtype = torch.float64) -> dict[str, Kernel]:
     codec = Codec(m)
     weights: dict[str, torch.Tensor] = {}
@@ -51,7 +59,7 @@ def reference_kernels(m: Manifest, dtype: torch.dtype = torch.float64) -> dict[s
         rec = op.record
         if op.name not in weights:
             weights[op.name] = dequantized_weight(m, rec, dtype)
-        b = torch.from_numpy(m.tensor(rec["bias"]["float"])).to(dtype)
+        b = torch.from_numpy(dequantized_bias(m, rec)).to(dtype)
         x = codec.dequantize(xs[0], op.inputs[0])
         f = conv_float if op.kind == "conv" else linear_float
         return codec.quantize(f(op, x, weights[op.name], b), op.output, rec["clamp"])
