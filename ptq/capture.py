@@ -301,16 +301,15 @@ def capture(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
         elif node.op == "output":
             outs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
             outputs = [b.tensor(o) for o in outs]
-    # n_consumers counted ATen nodes; identities (dropout, aliases) may hide a second consumer, so
-    # recount on the IR and make sure every fusion was legal.
+    # n_consumers counts ATen users, identities (dropout, aliases) included, so a clamp or
+    # BatchNorm is fused only into a producer it is the sole user of.
     graph = Graph(input=user_inputs[0], input_shape=tuple(input_shape), ops=b.ops, outputs=outputs)
     for op in graph.ops:
         if op.weight is not None:
             op.weight = op.weight.astype(np.float32)
             op.bias = op.bias.astype(np.float32)
-        for k in ("act",):
-            if k in op.attrs and op.attrs[k] is not None:
-                lo, hi = op.attrs[k]
-                op.attrs[k] = [None if lo is None or math.isinf(lo) else lo,
+        if op.attrs.get("act") is not None:
+            lo, hi = op.attrs["act"]
+            op.attrs["act"] = [None if lo is None or math.isinf(lo) else lo,
                                None if hi is None or math.isinf(hi) else hi]
     return graph

@@ -40,10 +40,6 @@ class Op:
         assert self.weight is not None
         return self.weight.shape[0], int(np.prod(self.weight.shape[1:]))
 
-    @property
-    def macs_per_sample(self) -> int:
-        return int(self.attrs.get("macs", 0))
-
 
 @dataclass
 class Graph:
@@ -54,21 +50,8 @@ class Graph:
     ops: list[Op]
     outputs: list[str]
 
-    def op(self, name: str) -> Op:
-        for op in self.ops:
-            if op.name == name:
-                return op
-        raise KeyError(name)
-
     def producers(self) -> dict[str, Op]:
         return {op.output: op for op in self.ops}
-
-    def consumers(self) -> dict[str, list[Op]]:
-        out: dict[str, list[Op]] = {}
-        for op in self.ops:
-            for t in op.inputs:
-                out.setdefault(t, []).append(op)
-        return out
 
     def weighted_ops(self) -> list[Op]:
         return [op for op in self.ops if op.kind in WEIGHTED_KINDS]

@@ -20,28 +20,6 @@ def round_half_up(v: torch.Tensor | np.ndarray):
     return np.floor(np.asarray(v, dtype=np.float64) + 0.5)
 
 
-def dyadic(multiplier: np.ndarray | float, max_shift: int = 62) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate positive reals M by m / 2^n with a 31-bit mantissa m (int64 arrays m, n)."""
-    M = np.atleast_1d(np.asarray(multiplier, dtype=np.float64))
-    if np.any(~np.isfinite(M)) or np.any(M <= 0):
-        raise ValueError("dyadic multipliers must be positive and finite")
-    mant, exp = np.frexp(M)  # M = mant * 2^exp, mant in [0.5, 1)
-    n = (MANTISSA_BITS - exp).astype(np.int64)
-    m = np.floor(mant * 2.0**MANTISSA_BITS + 0.5).astype(np.int64)
-    # mant*2^31 may round up to 2^31 exactly: renormalise
-    over = m >= 2**MANTISSA_BITS
-    m[over] //= 2
-    n[over] -= 1
-    # very small multipliers: cap the shift, reducing the mantissa (it stays exact enough)
-    big = n > max_shift
-    if np.any(big):
-        m[big] = np.floor(M[big] * 2.0 ** max_shift + 0.5).astype(np.int64)
-        n[big] = max_shift
-    if np.any(n < 1):
-        raise ValueError(f"multiplier {M.max():.3g} is too large for a right-shift requantizer")
-    return m, n
-
-
 def rounding_shift(v: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """Round-half-up right shift of int64 values v by n (n >= 1, broadcastable)."""
     return torch.bitwise_right_shift(v + torch.bitwise_left_shift(torch.ones_like(n), n - 1), n)

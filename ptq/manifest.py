@@ -53,12 +53,6 @@ class Manifest:
     def ops(self) -> list[dict]:
         return self.data["graph"]["ops"]
 
-    def op(self, name: str) -> dict:
-        for op in self.ops:
-            if op["name"] == name:
-                return op
-        raise KeyError(name)
-
     def encoding(self, tensor: str) -> dict:
         return self.graph["encodings"][tensor]
 

@@ -16,7 +16,7 @@ from calib.collect import Statistics
 from calib.observers import Encoding, choose_encoding
 
 from .errors import RecipeError
-from .graph import LUT_FUNCTIONS, Graph, Op, lut_function
+from .graph import Graph, Op, lut_function
 from .intmath import dyadic_shared, round_half_up
 from .manifest import FORMAT, VERSION, Manifest
 from .methods.base import WeightQuant
@@ -185,4 +185,4 @@ def build_manifest(graph: Graph, stats: Statistics, recipe: dict, weights: dict[
     return m
 
 
-__all__ = ["build_manifest", "choose_encodings", "set_bias", "LUT_FUNCTIONS"]
+__all__ = ["build_manifest", "choose_encodings", "set_bias"]

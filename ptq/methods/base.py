@@ -32,9 +32,9 @@ class WeightQuant:
         return out
 
 
-def layer_error(op: Op, stats) -> OutputError:
-    """The output-error evaluator of a layer from its calibration input moments."""
-    li = stats.layer_inputs.get(op.name) if stats is not None else None
+def layer_error(op: Op, stats, output_error: bool = True) -> OutputError:
+    """The layer's error evaluator: output error from its input moments H, or weight MSE."""
+    li = stats.layer_inputs.get(op.name) if stats is not None and output_error else None
     return OutputError(None if li is None else li.hessian, op.weight.shape[0])
 
 

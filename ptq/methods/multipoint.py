@@ -212,9 +212,7 @@ def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
         bits = layer_setting(recipe, "multipoint.bits", op.name, first, last)
         maxp = layer_setting(recipe, "multipoint.max_points", op.name, first, last)
         sens = layer_setting(recipe, "multipoint.sensitivity", op.name, first, last)
-        err = layer_error(op, stats)
-        if mp["objective"] == "mse":
-            err.h = None
+        err = layer_error(op, stats, output_error=mp["objective"] == "output")
         c, k = op.weight_matrix_shape
         pts = greedy_points(op.weight.reshape(c, k), bits, maxp, err)
         plans.append(LayerPlan(op.name, pts, bits, maxp, sens, k))

@@ -22,9 +22,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
 
 def uniform_layer(op, stats, bits: int, clip: str) -> WeightQuant:
     w = op.weight.reshape(op.weight.shape[0], -1).astype(np.float64)
-    err = None if clip == "minmax" else layer_error(op, stats)
-    if clip == "mse":
-        err.h = None
-    scale = clip_search(w, bits, err) if err is not None else clip_search(w, bits, None)
+    err = None if clip == "minmax" else layer_error(op, stats, output_error=clip == "output")
+    scale = clip_search(w, bits, err)
     q = quantize_symmetric(w, scale, bits).reshape(op.weight.shape)
     return WeightQuant({"scheme": "uniform", "bits": bits, "narrow_range": True}, [(q, scale)], float(bits))
