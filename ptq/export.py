@@ -8,7 +8,7 @@ fake-quant semantics of `ptq.reference`:
   the storage type, and fused activation clamps, are realised by a Clip in front of the
   QuantizeLinear whose bounds are the dequantized clamp codes s*(lo - z), s*(hi - z). Because
   quantization is monotone this equals clamping the codes, as the reference does.
-- weights are int8 (int16/int32 above 8 bits) initializers with per-output-channel
+- weights are int4 (packed two per byte, at most 4 bits), int8 (int16/int32 above 8 bits) initializers with per-output-channel
   DequantizeLinear (axis 0, zero point 0). A weight with several terms (multipoint,
   w = sum_t scale_t * q_t) is dequantized term by term and the terms are summed (one `Sum` node)
   before a single Conv/Gemm: onnxruntime runs this as one float convolution, which is the
@@ -121,6 +121,19 @@ class _Builder:
             self._init_names.add(name)
         return name
 
+    def const_int4(self, name: str, array: np.ndarray) -> str:
+        """An INT4 initializer (two values per byte): 4-bit weights stored at their real size."""
+        if name not in self._init_names:
+            nib = (np.asarray(array).reshape(-1).astype(np.int64) & 0xF).astype(np.uint8)
+            if nib.size % 2:
+                nib = np.append(nib, np.uint8(0))
+            packed = nib[0::2] | (nib[1::2] << 4)  # ONNX: the first element in the low nibble
+            t = self.onnx.TensorProto(name=name, data_type=self.onnx.TensorProto.INT4, dims=list(np.shape(array)))
+            t.raw_data = packed.tobytes()
+            self.inits.append(t)
+            self._init_names.add(name)
+        return name
+
     def node(self, op_type: str, inputs: list[str], outputs: list[str], name: str, op: str, kind: str,
              meta: dict[str, Any] | None = None, domain: str = "", **attrs):
         n = self.onnx.helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attrs)
@@ -190,10 +203,14 @@ class _Builder:
             bits = int(rec["weight"].get("bits", 8))
             wname = f"{name}/w{i}"
             if self.fmt == "qdq":
-                qdt = np.int8 if bits <= 8 and q.dtype.itemsize <= 1 else np.int16 if q.dtype.itemsize <= 2 else np.int32
-                qi = self.const(f"{wname}.q", q.astype(qdt))
                 si = self.const(f"{wname}.scale", s.astype(np.float32))
-                zi = self.const(f"{wname}.zero_point", np.zeros(s.shape, qdt))
+                if bits <= 4 and np.abs(q).max(initial=0) <= 7:
+                    qi = self.const_int4(f"{wname}.q", q)
+                    zi = self.const_int4(f"{wname}.zero_point", np.zeros(s.shape, np.int8))
+                else:
+                    qdt = np.int8 if bits <= 8 and q.dtype.itemsize <= 1 else np.int16 if q.dtype.itemsize <= 2 else np.int32
+                    qi = self.const(f"{wname}.q", q.astype(qdt))
+                    zi = self.const(f"{wname}.zero_point", np.zeros(s.shape, qdt))
                 self.node("DequantizeLinear", [qi, si, zi], [wname], f"{name}/dequant:w{i}", name, kind,
                           {"ptq.role": "weight", "ptq.term": i}, axis=0)
             else:

@@ -151,7 +151,7 @@ def builtin_names() -> list[str]:
 
 def _read(name_or_path: str) -> tuple[str, dict]:
     path = Path(name_or_path)
-    if name_or_path.endswith(".toml") or path.exists():
+    if name_or_path.endswith(".toml") or path.is_file():  # a directory named like a recipe (an --out) is not one
         if not path.is_file():
             raise RecipeError(f"recipe file {name_or_path} does not exist")
         text, label = path.read_text(), str(path)

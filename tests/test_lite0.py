@@ -28,10 +28,9 @@ def test_lite0_simulator_matches_fake_quant(lite0_w8a8):
     src = as_source("samples:eval", lite0_w8a8.manifest.data["model"], 64, 0, "eval")
     num = verify.numeric(lite0_w8a8.manifest, src.batches(16))
     assert num["min_share_within_1lsb"] >= 0.999 and num["max_lsb_error"] <= 1
-    # independent end-to-end runs: a 1-LSB difference, amplified by large depthwise weights, can flip
-    # a near-tie. Measured 96.9% on these 64 crops and 98.8% on 256 (BENCHMARKS.md); the target is
-    # 99.5%, not met yet.
-    assert num["top1_agreement_sim_vs_reference"] >= 96.8
+    # independent end-to-end runs (reference in float64): measured 100% on 256 crops (BENCHMARKS.md)
+    assert num["top1_agreement_sim_vs_reference"] >= 99.5
+    assert v["numeric"]["top1_agreement_sim_vs_reference"] >= 99.5 and v["numeric"]["ok"]
 
 
 @pytest.mark.slow
