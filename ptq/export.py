@@ -52,8 +52,6 @@ INPUT_NAME = "input"
 # metadata keys whose values are kept as strings when read back (everything else is JSON)
 STRING_KEYS = {"ptq.op", "ptq.kind", "ptq.scheme", "ptq.accumulator_mode", "ptq.version", "ptq.recipe",
                "ptq.manifest_sha256", "ptq.format", "ptq.tensor", "ptq.role", "ptq.rounding", "ptq.lut"}
-WEIGHT_META = ("ptq.scheme", "ptq.bits", "ptq.bits_per_weight", "ptq.terms", "ptq.accumulator_bits",
-               "ptq.accumulator_mode", "ptq.data_free_bits", "ptq.bias_corrected")
 
 
 def _onnx():
@@ -78,13 +76,25 @@ def _parse_meta(key: str, v: str) -> Any:
 
 
 def weight_metadata(rec: dict) -> dict[str, Any]:
-    """The ptq.* entries of a weighted op, from its manifest record."""
+    """The ptq.* entries of a weighted op, from its manifest record.
+
+    Every scalar field of the weight scheme is carried (scheme, bits, points, group size, shared
+    bits, bit-plane range, ...), each extra tensor of the scheme by its reference in the manifest's
+    tensor file (e.g. a SWIS layer's group shifts), and the accumulator's width, mode and bounds.
+    """
     w, acc = rec["weight"], rec.get("accumulator", {})
-    meta = {"ptq.scheme": w.get("scheme"), "ptq.bits": w.get("bits"), "ptq.bits_per_weight": w.get("bits_per_weight"),
-            "ptq.terms": len(w["terms"]), "ptq.accumulator_bits": acc.get("bits"),
-            "ptq.accumulator_mode": acc.get("mode"), "ptq.data_free_bits": acc.get("data_free_bits"),
-            "ptq.bias_corrected": bool(rec.get("bias", {}).get("corrected", False))}
+    meta: dict[str, Any] = {f"ptq.{k}": v for k, v in sorted(w.items())
+                            if k not in ("shape", "terms", "extra") and _scalar_or_list(v)}
+    meta["ptq.terms"] = len(w["terms"])
+    meta.update({f"ptq.{k}_ref": v for k, v in sorted(w.get("extra", {}).items())})
+    meta.update({f"ptq.accumulator_{k}" if not k.startswith("data_free") else f"ptq.{k}": v
+                 for k, v in sorted(acc.items()) if _scalar_or_list(v)})
+    meta["ptq.bias_corrected"] = bool(rec.get("bias", {}).get("corrected", False))
     return {k: v for k, v in meta.items() if v is not None}
+
+
+def _scalar_or_list(v: Any) -> bool:
+    return isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and all(isinstance(e, (str, int, float, bool)) for e in v))
 
 
 def _torch_pads_to_onnx(pads: list[int], rank: int) -> list[int]:
@@ -444,7 +454,7 @@ def read_ptq_metadata(model_or_path: Any) -> dict[str, Any]:
         out["nodes"].append({"name": n.name, "op_type": n.op_type, "domain": n.domain, "ptq": meta})
         if n.op_type in ("Conv", "Gemm") and "ptq.scheme" in meta:
             out["layers"][meta["ptq.op"]] = {"kind": meta.get("ptq.kind"), "op_type": n.op_type,
-                                             **{k[4:]: meta[k] for k in WEIGHT_META if k in meta}}
+                                             **{k[4:]: v for k, v in meta.items() if k not in ("ptq.op", "ptq.kind")}}
     return out
 
 

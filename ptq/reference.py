@@ -28,11 +28,11 @@ class Codec:
     def quantize(self, y: torch.Tensor, t: str, clamp: list[int] | None = None) -> torch.Tensor:
         s, z, qmax = self.params(t)
         lo, hi = clamp if clamp is not None else (0, qmax)
-        return torch.clamp(torch.floor(y / s + 0.5) + z, lo, hi)
+        return torch.div(y, s).add_(0.5).floor_().add_(z).clamp_(lo, hi)  # in place on the new tensor
 
     def dequantize(self, q: torch.Tensor, t: str) -> torch.Tensor:
         s, z, _ = self.params(t)
-        return s * (q - z)
+        return torch.sub(q, z).mul_(s)
 
 
 def dequantized_weight(m: Manifest, rec: dict, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -158,6 +158,8 @@ def test_metadata_round_trip(digits_quantized, tmp_path):
         assert got["accumulator_mode"] == rec["accumulator"]["mode"]
         assert got["data_free_bits"] == rec["accumulator"]["data_free_bits"]
         assert got["bias_corrected"] is rec["bias"]["corrected"]
+        assert got["data_free_max"] == rec["accumulator"]["data_free_max"]
+        assert got["narrow_range"] is rec["weight"]["narrow_range"]
     names = {r["name"] for r in m.ops} | {"input"}
     for n in meta["nodes"]:
         assert n["ptq"]["ptq.op"] in names, n
