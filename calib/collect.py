@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ptq.graph import Graph, Op, execute, float_kernels
 from .observers import Histogram
 from .progress import progress
+from .sensitivity import channel_fisher
 from .sources import DataSource
 
 MAX_POSITIONS = 256  # patches sampled per image and layer for H
@@ -46,6 +47,7 @@ class Statistics:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     histograms: dict[str, Histogram] = field(default_factory=dict)
     layer_inputs: dict[str, LayerInputStats] = field(default_factory=dict)
+    fisher: dict[str, np.ndarray] = field(default_factory=dict)  # per output channel, see calib.sensitivity
     samples: int = 0
 
 
@@ -74,8 +76,9 @@ def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
 
 
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,
-                       positions: int = MAX_POSITIONS) -> Statistics:
-    """Two passes over `source`: ranges, then histograms and per-layer input moments."""
+                       positions: int = MAX_POSITIONS, sensitivity_samples: int = 0) -> Statistics:
+    """Two passes over `source`: ranges, then histograms and per-layer input moments; then the
+    per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: skipped)."""
     stats = Statistics(samples=len(source))
     kernels = float_kernels(torch.float32)
     n_batches = (len(source) + batch_size - 1) // batch_size
@@ -112,4 +115,19 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
             stats.histograms[graph.input].add(xb)
             execute(graph, xb, kernels, on_output=observe)
             advance()
+    if sensitivity_samples > 0:
+        n = min(sensitivity_samples, len(source))
+        with progress("sensitivity (one backward pass)", (n + batch_size - 1) // batch_size) as advance:
+            stats.fisher = channel_fisher(graph, _head(source.batches(batch_size), n, advance), seed)
     return stats
+
+
+def _head(batches, n: int, advance):
+    """The first n samples of a batch stream, ticking the progress bar."""
+    got = 0
+    for xb in batches:
+        if got >= n:
+            return
+        yield xb[:n - got]
+        got += xb.shape[0]
+        advance()

@@ -1,0 +1,56 @@
+"""How much the network's output cares about each output channel of each layer (Fisher diagonal).
+
+A weight error δw_c of output channel c perturbs that channel's pre-activation output by δw_c·x at
+every position. To second order, the expected divergence of the model's output distribution from
+the FP32 one grows by ½ · F_c · δw_cᵀ H δw_c, where H = E[x xᵀ] is the layer's input moment (already
+collected) and F_c = Σ_positions E[g²] is the Fisher information of the channel's pre-activation:
+g is the gradient of −log p(y|x) with y drawn from the model's own softmax, so E[g gᵀ] is the Fisher
+and its diagonal is measured with one backward pass per batch for every layer at once.
+
+This turns per-layer output errors into one network-wide currency: methods that spend a bit budget
+across layers (multipoint's extra points, the allocator's candidates) rank by F_c · e_c instead of
+relative errors, which ignore that an error in a layer feeding a residual stream, or in the logits,
+costs far more than the same relative error elsewhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ptq.graph import Graph, Op, apply_act, conv_float, execute, float_kernels, linear_float
+
+
+def channel_fisher(graph: Graph, batches, seed: int = 0) -> dict[str, np.ndarray]:
+    """{weighted op: F (C_out,)} summed over positions and averaged over the samples of `batches`."""
+    kernels = float_kernels(torch.float32)
+    pre: dict[str, torch.Tensor] = {}
+    params = {op.name: (torch.from_numpy(op.weight).float(),
+                        None if op.bias is None else torch.from_numpy(op.bias).float()) for op in graph.weighted_ops()}
+
+    def weighted(op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
+        w, b = params[op.name]
+        z = (conv_float if op.kind == "conv" else linear_float)(op, xs[0], w, b)
+        z.retain_grad()
+        pre[op.name] = z
+        return apply_act(op, z)
+
+    kernels = {**kernels, "conv": weighted, "linear": weighted}
+    gen = torch.Generator().manual_seed(seed)
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for xb in batches:
+        pre.clear()
+        with torch.enable_grad():
+            logits = execute(graph, xb.float().requires_grad_(True), kernels)[graph.outputs[0]]
+            logits = logits.reshape(logits.shape[0], -1)
+            y = torch.multinomial(torch.softmax(logits.detach().double(), -1).float(), 1, generator=gen)[:, 0]
+            torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+        for name, z in pre.items():
+            g2 = z.grad.double() ** 2
+            f = g2.sum(dim=tuple(d for d in range(g2.dim()) if d != 1)).numpy()
+            sums[name] = f if name not in sums else sums[name] + f
+        count += xb.shape[0]
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+__all__ = ["channel_fisher"]
