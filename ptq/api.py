@@ -167,12 +167,14 @@ def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str |
         console.print(f"[yellow]warning:[/] only {len(src)} calibration samples; statistics will be noisy (use 64 or more)")
     graph = capture(lm.module, lm.input_shape)
     t_cal = time.perf_counter()
-    stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"])
+    stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"])
     t_stats = time.perf_counter() - t_cal
     wq = METHODS[r["method"]](graph, stats, r)
     header = {"created_by": f"ptq {__version__}", "model": lm.spec,
               "calibration": {**src.to_dict(), "seed": seed, "batch_size": cal["batch_size"]}}
     m = build_manifest(graph, stats, r, wq, header)
+    if getattr(wq, "info", None):
+        m.data["method_info"] = wq.info
     bc = choose_and_correct(graph, m, _head(src, r["bias_correction"]["samples"]), r["bias_correction"]["mode"])
     vx = _head(src, cal["verify_size"])
     m.data["bias_correction"] = bc

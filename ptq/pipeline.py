@@ -15,6 +15,7 @@ import torch
 from calib.collect import Statistics
 from calib.observers import Encoding, choose_encoding
 
+from . import accumulator
 from .errors import RecipeError
 from .graph import Graph, Op, lut_function
 from .intmath import dyadic_shared, round_half_up
@@ -24,7 +25,9 @@ from .methods.base import WeightQuant
 INT32_MAX = 2**31 - 1
 
 
-def choose_encodings(graph: Graph, stats: Statistics, recipe: dict) -> dict[str, Encoding]:
+def choose_encodings(graph: Graph, stats: Statistics, recipe: dict,
+                     widths: dict[str, int] | None = None) -> dict[str, Encoding]:
+    """Every tensor's encoding; `widths` sets the bits of some tensors (by encoding source)."""
     act = recipe["activations"]
     src = graph.encoding_source()
     producers = graph.producers()
@@ -32,6 +35,7 @@ def choose_encodings(graph: Graph, stats: Statistics, recipe: dict) -> dict[str,
     own: dict[str, Encoding] = {}
     for t in sorted(set(src.values())):
         bits = act["output_bits"] if t in output_sources else act["bits"]
+        bits = (widths or {}).get(t, bits)
         fused = producers[t].attrs.get("act") if t in producers else None
         own[t] = choose_encoding(stats.histograms[t], bits, act["observer"], act["percentile"], fused)
     for op in graph.ops:
@@ -69,27 +73,47 @@ def set_bias(m: Manifest, rec: dict, bias: np.ndarray, corrected: bool | None = 
     s_x = m.encoding(rec["inputs"][0])["scale"]
     s0 = m.tensor(rec["weight"]["terms"][0]["scale"])
     q = round_half_up(bias / (s_x * s0))
-    saturated = int(np.sum(np.abs(q) > INT32_MAX))
-    q = np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+    room = np.full(q.shape, float(INT32_MAX))
+    p = rec.get("accumulator", {}).get("bits", 32)
+    if p < 32:  # keep the declared accumulator overflow-free: the bias gets what the weights leave
+        room = np.maximum(accumulator.limit(p) - weight_l1(m, rec) * input_max(m, rec), 0.0)
+    saturated = int(np.sum(np.abs(q) > room))
+    q = np.clip(q, -room, room).astype(np.int32)
     rec["bias"] = {"q": m.put(f"{name}/bias.q", q), "float": m.put(f"{name}/bias.float", bias.astype(np.float64)),
                    "bits": 32, "saturated": saturated,
                    "corrected": rec.get("bias", {}).get("corrected", False) if corrected is None else corrected}
     rec["accumulator"] = data_free_bound(m, rec)
 
 
-def data_free_bound(m: Manifest, rec: dict) -> dict:
-    """Σ|q|·max|x − z| + |bias| per channel (over all terms): the accumulator width that never overflows."""
-    xmax = max_input_magnitude(Encoding(**{k: v for k, v in m.encoding(rec["inputs"][0]).items() if k != "signed"}))
-    bound = np.abs(m.tensor(rec["bias"]["q"]).astype(np.float64))
-    per_term = []
+def input_max(m: Manifest, rec: dict) -> int:
+    return max_input_magnitude(Encoding(**{k: v for k, v in m.encoding(rec["inputs"][0]).items() if k != "signed"}))
+
+
+def weight_l1(m: Manifest, rec: dict) -> np.ndarray:
+    """Σ|q| per output channel over all terms (multipoint points add up in one accumulator)."""
+    total = 0.0
     for t in rec["weight"]["terms"]:
         q = m.tensor(t["q"]).astype(np.float64)
-        l1 = np.abs(q.reshape(q.shape[0], -1)).sum(1) * xmax
-        per_term.append(int(l1.max()))
-        bound = bound + l1
-    worst = int(bound.max())
+        total = total + np.abs(q.reshape(q.shape[0], -1)).sum(1)
+    return total
+
+
+def data_free_bound(m: Manifest, rec: dict) -> dict:
+    """Σ|q|·max|x − z| + |bias| per channel (over all terms): the accumulator width that never overflows.
+
+    `bound` names the tightest bound the layer meets at its declared width: "data-type" (from the
+    widths alone, de Bruin), "weight-level" (from its integer weights, A2Q) or "none".
+    """
+    xmax = input_max(m, rec)
+    bias = np.abs(m.tensor(rec["bias"]["q"]).astype(np.float64))
+    worst = int((weight_l1(m, rec) * xmax + bias).max())
     prev = rec.get("accumulator", {})
-    return {"bits": prev.get("bits", 32), "mode": prev.get("mode", "exact"),
+    p = prev.get("bits", 32)
+    w = rec["weight"]
+    k = int(np.prod(w["shape"][1:]))
+    by_type = len(w["terms"]) * accumulator.datatype_bound(k, xmax, int(w.get("bits", 8)), float(bias.max(initial=0)))
+    bound = "data-type" if by_type <= accumulator.limit(p) else "weight-level" if worst <= accumulator.limit(p) else "none"
+    return {"bits": p, "mode": prev.get("mode", "exact"), "bound": bound,
             "data_free_max": worst, "data_free_bits": int(math.ceil(math.log2(worst + 1))) + 1}
 
 
@@ -114,7 +138,7 @@ def fit_bias_scale(wq: WeightQuant, bias: np.ndarray, s_x: float) -> None:
         wq.terms[0] = (q, new)
 
 
-def weighted_record(m: Manifest, op: Op, wq: WeightQuant, enc: dict[str, Encoding]) -> dict:
+def weighted_record(m: Manifest, op: Op, wq: WeightQuant, enc: dict[str, Encoding], acc: dict) -> dict:
     name = op.name
     x, y = enc[op.inputs[0]], enc[op.output]
     fit_bias_scale(wq, op.bias.astype(np.float64), x.scale)
@@ -132,7 +156,8 @@ def weighted_record(m: Manifest, op: Op, wq: WeightQuant, enc: dict[str, Encodin
     rec = {"name": name, "kind": op.kind, "inputs": list(op.inputs), "output": op.output,
            "attrs": dict(op.attrs), "weight": weight,
            "requant": {"multiplier": m.put(f"{name}/requant.m", mult), "shift": m.put(f"{name}/requant.n", shift)},
-           "clamp": clamp_bounds(op.attrs.get("act"), y)}
+           "clamp": clamp_bounds(op.attrs.get("act"), y),
+           "accumulator": {"bits": acc["bits"], "mode": acc["mode"]}}
     set_bias(m, rec, op.bias.astype(np.float64), corrected=False)
     return rec
 
@@ -170,7 +195,10 @@ def plain_record(m: Manifest, op: Op, enc: dict[str, Encoding]) -> dict:
 def build_manifest(graph: Graph, stats: Statistics, recipe: dict, weights: dict[str, WeightQuant],
                    header: dict[str, Any]) -> Manifest:
     """Assemble the manifest; `header` carries model, calibration and provenance fields."""
-    enc = choose_encodings(graph, stats, recipe)
+    src = graph.encoding_source()
+    widths = {src[op.inputs[0]]: weights[op.name].input_bits for op in graph.weighted_ops()
+              if weights[op.name].input_bits is not None}
+    enc = choose_encodings(graph, stats, recipe, widths)
     m = Manifest({"format": FORMAT, "version": VERSION, **header, "recipe": recipe})
     shapes = {graph.input: list(graph.input_shape)}
     for op in graph.ops:
@@ -181,7 +209,8 @@ def build_manifest(graph: Graph, stats: Statistics, recipe: dict, weights: dict[
     for op in graph.ops:
         if op.kind == "avgpool":
             op.attrs["in_shape"] = shapes[op.inputs[0]]
-        ops.append(weighted_record(m, op, weights[op.name], enc) if op.weight is not None else plain_record(m, op, enc))
+        ops.append(weighted_record(m, op, weights[op.name], enc, recipe["accumulator"]) if op.weight is not None
+                   else plain_record(m, op, enc))
     return m
 
 

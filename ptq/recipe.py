@@ -63,11 +63,18 @@ SCHEMA: dict[str, dict[str, Field]] = {
                       help="auto: of none/depthwise/all/layer, the one with the least calibration KL"),
         "samples": Field(32, int, lo=1, hi=100_000, help="calibration samples the correction is measured on"),
     },
+    "accumulator": {
+        "bits": Field(32, int, lo=8, hi=32, help="accumulator width P every conv/linear must fit (recorded per layer)"),
+        "mode": Field("exact", str, ("exact", "wrap", "saturate"),
+                      help="how the simulator treats a P-bit accumulator: report only, two's-complement wrap, saturate"),
+    },
     "calibration": {
         "size": Field(128, int, lo=1, hi=1_000_000),
         "batch_size": Field(16, int, lo=1, hi=4096),
         "positions": Field(256, int, lo=1, hi=1_000_000, help="patches sampled per image and layer for H"),
         "verify_size": Field(32, int, lo=1, hi=100_000, help="samples the integer simulator verifies on"),
+        "sensitivity_samples": Field(32, int, lo=0, hi=100_000,
+                                     help="samples for the per-channel Fisher sensitivity (one backward pass each; 0 skips it)"),
     },
 }
 

@@ -162,12 +162,14 @@ class Simulator:
         total = None
         for t, q in enumerate(terms):
             b = bias if t == 0 else torch.zeros_like(bias)
-            if mode == "saturate":
-                acc = _saturating_conv((xs[0] - z), q.to(torch.int64), b, op, bits)
-            else:
-                acc = integer_gemm(op, u, q) + b.reshape(view)
+            acc = integer_gemm(op, u, q) + b.reshape(view)
             st.max_abs = max(st.max_abs, int(acc.abs().max()) if acc.numel() else 0)
-            st.overflows += int((acc.abs() > lim).sum())
+            if mode == "saturate":  # an overflow is an output the saturating MAC sequence changed
+                sat = _saturating_conv((xs[0] - z), q.to(torch.int64), b, op, bits)
+                st.overflows += int((sat != acc).sum())
+                acc = sat
+            else:
+                st.overflows += int((acc.abs() > lim).sum())
             st.outputs += acc.numel()
             if mode == "wrap":
                 acc = _wrap(acc, bits)

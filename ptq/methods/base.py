@@ -23,6 +23,7 @@ class WeightQuant:
     terms: list[tuple[np.ndarray, np.ndarray]]  # (q int64 shaped like the weight, scale (C,) float64)
     bits: float
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    input_bits: int | None = None  # a width chosen for the input tensor (allocator methods), else the recipe's
 
     def dequantized(self) -> np.ndarray:
         out = None
@@ -30,6 +31,14 @@ class WeightQuant:
             t = q.astype(np.float64) * s.reshape(-1, *([1] * (q.ndim - 1)))
             out = t if out is None else out + t
         return out
+
+
+class LayerWeights(dict):
+    """{op name: WeightQuant}, plus `info`: what the method reports (e.g. the allocator's solver and status)."""
+
+    def __init__(self, weights: dict[str, WeightQuant], info: dict[str, Any]):
+        super().__init__(weights)
+        self.info = info
 
 
 def layer_error(op: Op, stats, output_error: bool = True) -> OutputError:

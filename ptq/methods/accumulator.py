@@ -1,0 +1,135 @@
+"""Accumulator-aware mixed precision: per-layer weight and input widths chosen by the allocator.
+
+Every conv/linear must fit the recipe's P-bit accumulator (`accumulator.bits`) for any input. For
+each layer and each pair (weight bits M, input activation bits N) we build a candidate: weights
+clipped by output error at M bits, then made to meet the weight-level bound ‖q_c‖₁·X_N + |q_b| ≤
+2^(P−1) − 1 by L1 projection and toward-zero rounding (`ptq.accumulator.fit_l1`), with X_N and the
+input scale taken from the encoding the pipeline will choose at N bits. With 8-bit inputs after a
+ReLU (X = 255) and P = 16 that leaves ‖q_c‖₁ ≤ 128 per channel, so wide layers must trade input bits
+for weight mass; that trade is what the allocator decides.
+
+Error model (ours): the expected growth of the output divergence, in one currency across layers,
+    E = Σ_c F_c · ( δw_cᵀ H δw_c  +  Δ_N²/12 · ‖ŵ_c‖² )
+— the weight error through the layer's input moments H, plus uniform input-quantization noise of
+step Δ_N through the quantized weights — weighted by each output channel's Fisher sensitivity F_c
+(`calib.sensitivity`; without it, by 1 / the layer's output energy). Costs: weight bits (params·M)
+and BOPs (MACs·M·N). Budgets: `allocator.mean_weight_bits` (0: none) and `allocator.bops` as a
+fraction of the 8×8-bit BOPs (0: none). Recipe pins: per-layer `allocator.weight_bits` /
+`allocator.input_bits` (0: free). `allocator.mode = "naive"` is the baseline: the widest single
+(M, N) for every layer whose plain rounding fits P in the worst layer, no projection.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from calib.observers import choose_encoding
+
+from ..accumulator import bits_for, fit_l1, l1_radius, weight_level_bound
+from ..allocate import Candidate, LayerChoices, allocate
+from ..errors import BudgetError, RecipeError
+from ..graph import Graph, Op
+from ..intmath import round_half_up
+from ..recipe import Field, layer_setting, register_section
+from ..weightquant import clip_search, qmax, quantize_symmetric
+from . import register
+from .base import LayerWeights, WeightQuant, first_last, layer_error
+
+register_section("allocator", {
+    "mode": Field("milp", str, ("milp", "greedy", "naive"),
+                  help="milp: the integer program; greedy: its Lagrangian fallback; naive: one width pair for all layers"),
+    "min_weight_bits": Field(2, int, lo=2, hi=8),
+    "max_weight_bits": Field(8, int, lo=2, hi=8),
+    "min_input_bits": Field(4, int, lo=2, hi=8),
+    "max_input_bits": Field(8, int, lo=2, hi=8),
+    "mean_weight_bits": Field(0.0, float, lo=0.0, hi=8.0, help="budget: parameter-weighted mean weight bits (0: none)"),
+    "bops": Field(0.0, float, lo=0.0, hi=1.0, help="budget: bit operations as a fraction of 8×8-bit (0: none)"),
+    "weight_bits": Field(0, int, lo=0, hi=8, help="per-layer pin of the weight bits (0: free)"),
+    "input_bits": Field(0, int, lo=0, hi=8, help="per-layer pin of the input activation bits (0: free)"),
+}, override_keys=("weight_bits", "input_bits"))
+
+
+def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_act, p: int,
+                     wbits: list[int], ibits: list[int]) -> list[Candidate]:
+    """Every (M, N) candidate of one layer, fitted to a P-bit accumulator, with error and costs."""
+    act = recipe["activations"]
+    c = op.weight.shape[0]
+    w = op.weight.reshape(c, -1).astype(np.float64)
+    params, macs = w.size, float(op.attrs.get("macs", w.size))
+    err = layer_error(op, stats)
+    fisher = stats.fisher.get(op.name) if getattr(stats, "fisher", None) else None
+    weight = fisher if fisher is not None else 1.0 / max(float(err.energy(w.astype(np.float32)).sum()), 1e-30)
+    bias = op.bias.astype(np.float64) if op.bias is not None else np.zeros(c)
+    encs = {n: choose_encoding(stats.histograms[input_tensor], n, act["observer"], act["percentile"], producer_act)
+            for n in ibits}
+    out = []
+    for m in wbits:
+        scale = clip_search(w, m, err)
+        plain = quantize_symmetric(w, scale, m)
+        for n in ibits:
+            e = encs[n]
+            xmax = max(e.zero_point - e.qmin, e.qmax - e.zero_point)
+            bq = round_half_up(bias / (e.scale * scale))
+            q, projected = plain, False
+            if p < 32:
+                radius = l1_radius(p, xmax, bq)
+                if np.any(np.abs(plain).sum(1) > radius):
+                    q, projected = fit_l1(w / scale[:, None], radius, qmax(m)), True
+            need = int(bits_for(weight_level_bound(q, xmax, bq).max()))
+            what = q * scale[:, None]
+            e_w = err((w - what).astype(np.float32))
+            e_a = (e.scale ** 2 / 12.0) * (what ** 2).sum(1)
+            error = float(np.sum(weight * (e_w + e_a)))
+            wq = WeightQuant({"scheme": "uniform", "bits": m, "narrow_range": True},
+                             [(q.reshape(op.weight.shape).astype(np.int64), scale)], float(m), input_bits=n)
+            out.append(Candidate({"weight_bits": m, "input_bits": n, "projected": projected}, error,
+                                 {"weight_bits": float(params * m), "bops": macs * m * n}, need, wq))
+    return out
+
+
+def _naive(layers: list[LayerChoices], p: int) -> dict[str, Candidate]:
+    """The widest single (M, N) whose plain rounding fits P in every layer (ties: least total error)."""
+    pairs = sorted({(c.knobs["weight_bits"], c.knobs["input_bits"]) for c in layers[0].candidates},
+                   key=lambda mn: (-(mn[0] + mn[1]), -mn[1]))
+    for mn in pairs:
+        picks = {}
+        for lc in layers:
+            cand = next(c for c in lc.candidates if (c.knobs["weight_bits"], c.knobs["input_bits"]) == mn)
+            if cand.knobs["projected"] or cand.acc_bits > p:
+                break
+            picks[lc.layer] = cand
+        else:
+            return picks
+    raise BudgetError(f"no single (weight bits, input bits) pair fits a {p}-bit accumulator in every layer without projection")
+
+
+@register("accumulator")
+def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
+    al, p = recipe["allocator"], recipe["accumulator"]["bits"]
+    if al["min_weight_bits"] > al["max_weight_bits"] or al["min_input_bits"] > al["max_input_bits"]:
+        raise RecipeError("allocator.min_*_bits must not exceed allocator.max_*_bits")
+    wbits = list(range(al["min_weight_bits"], al["max_weight_bits"] + 1))
+    ibits = list(range(al["min_input_bits"], al["max_input_bits"] + 1))
+    first, last = first_last(graph)
+    src, producers = graph.encoding_source(), graph.producers()
+    layers = []
+    for op in graph.weighted_ops():
+        t = src[op.inputs[0]]
+        pin_w = layer_setting(recipe, "allocator.weight_bits", op.name, first, last)
+        pin_i = layer_setting(recipe, "allocator.input_bits", op.name, first, last)
+        prod = producers.get(t)
+        cands = layer_candidates(op, stats, recipe, t, prod.attrs.get("act") if prod is not None else None, p,
+                                 [pin_w] if pin_w else wbits, [pin_i] if pin_i else ibits)
+        layers.append(LayerChoices(op.name, t, cands))
+    if al["mode"] == "naive":
+        choice = _naive(layers, p)
+        pair = next(iter(choice.values())).knobs
+        return LayerWeights({k: c.payload for k, c in choice.items()},
+                            {"allocator": "naive", "weight_bits": pair["weight_bits"], "input_bits": pair["input_bits"]})
+    params = sum(float(op.weight.size) for op in graph.weighted_ops())
+    budgets = {}
+    if al["mean_weight_bits"] > 0:
+        budgets["weight_bits"] = al["mean_weight_bits"] * params
+    if al["bops"] > 0:
+        budgets["bops"] = al["bops"] * sum(64.0 * float(op.attrs.get("macs", op.weight.size)) for op in graph.weighted_ops())
+    a = allocate(layers, budgets, p, "greedy" if al["mode"] == "greedy" else "auto")
+    return LayerWeights({name: c.payload for name, c in a.choice.items()}, {"allocator": a.summary()})
