@@ -7,11 +7,14 @@ r₀ = w; for each point search a on a 1-D grid, v = clip(round(r/a)), keep the 
 output error (w − ŵ)ᵀH(w − ŵ) (weight MSE without H), r ← r − a·v. Every channel's whole greedy
 sequence up to `max_points` is computed once, so allocation is pure bookkeeping on error tables.
 
-Allocation: every channel starts with one point; the channel with the largest priority gets another
-point until its relative error e/wᵀHw ≤ ε or the budget is spent. Priority (ours) is the channel's
-output error divided by its layer's output energy Σ_c wᵀHw — its relative error times its share of
-the layer output, i.e. its contribution to the layer's noise-to-signal ratio, which adds up roughly
-along the network — times a per-layer `sensitivity` (1 unless a recipe override says otherwise).
+Allocation: every channel starts with one point; the point with the largest priority is added next
+until the channel's relative error e/wᵀHw ≤ ε or the budget is spent. Priority (ours, default
+`priority = "energy"`): the channel's output error divided by its layer's output energy Σ_c wᵀHw — its
+relative error times its share of the layer output. `priority = "fisher"` ranks by the expected loss
+the point saves, F_c · (e_n − e_{n+1}), per weight it costs, with F_c the channel's Fisher sensitivity
+(`calib.sensitivity`). Measured on EfficientNet-Lite0 at 4.94 bits (128 held-out crops): energy 80.5%
+top-1 / KL 0.098, fisher 71.1% / KL 0.084 — better KL and SQNR, worse top-1, so energy stays the
+default. Either is multiplied by a per-layer `sensitivity` (1 unless a recipe override says otherwise).
 The budget is the mean number of points per channel, parameter-weighted and global across the
 network by default (so effective bits = bits × budget), or per layer (`budget_scope = "layer"`).
 Because errors never increase with points, the greedy order equals one global sort of all candidate
@@ -45,6 +48,9 @@ register_section("multipoint", {
                           help="spend the budget across the whole network or within each layer"),
     "channel_choice": Field("error", str, ("error", "random"),
                             help="which channels get extra points: largest error, or at random (ablation)"),
+    "priority": Field("energy", str, ("energy", "fisher"),
+                      help="rank extra points by Fisher-weighted output-error reduction per weight, or by "
+                           "error relative to the layer's output energy"),
     "max_points": Field(4, int, lo=1, hi=16, help="most points a channel can have"),
     "objective": Field("output", str, ("output", "mse"), help="coefficient search by output error (H) or weight MSE"),
     "sensitivity": Field(1.0, float, lo=0.0, hi=1e6, help="per-layer weight of its errors in the global ranking"),
@@ -139,6 +145,7 @@ class LayerPlan:
     max_points: int
     sensitivity: float
     k: int  # weights per channel: the cost of one point
+    fisher: np.ndarray | None  # (C,) Fisher sensitivity of each output channel, or None
 
 
 def allocate(plans: list[LayerPlan], budget: float, scope: str, choice: str, epsilon: float,
@@ -160,8 +167,14 @@ def allocate(plans: list[LayerPlan], budget: float, scope: str, choice: str, eps
                 continue
             e = p.pts.errors[:steps]  # state n = 1..steps points, deciding on point n+1
             rel = e / np.maximum(p.pts.energy, 1e-30)[None]
-            layer_energy = max(float(p.pts.energy.sum()), 1e-30)
-            pri = p.sensitivity * e / layer_energy
+            if p.fisher is not None:
+                # expected loss saved by point n+1, per weight it costs; kept non-increasing along n
+                # so that a channel's points are taken in order (a prefix of one global sort)
+                gain = p.fisher[None] * (e - p.pts.errors[1:steps + 1]) / p.k
+                pri = p.sensitivity * np.minimum.accumulate(gain, axis=0)
+            else:
+                layer_energy = max(float(p.pts.energy.sum()), 1e-30)
+                pri = p.sensitivity * e / layer_energy
             pri = np.where(rel > epsilon, pri, -np.inf)  # done: error small enough
             if choice == "random":
                 n = np.arange(steps, dtype=np.float64)[:, None]
@@ -215,7 +228,13 @@ def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
         err = layer_error(op, stats, output_error=mp["objective"] == "output")
         c, k = op.weight_matrix_shape
         pts = greedy_points(op.weight.reshape(c, k), bits, maxp, err)
-        plans.append(LayerPlan(op.name, pts, bits, maxp, sens, k))
+        fisher = None
+        if mp["priority"] == "fisher":
+            if op.name not in getattr(stats, "fisher", {}):
+                raise RecipeError("multipoint.priority = 'fisher' needs the Fisher sensitivity: set calibration.sensitivity_samples > 0 "
+                                  "(or multipoint.priority = 'energy')")
+            fisher = stats.fisher[op.name]
+        plans.append(LayerPlan(op.name, pts, bits, maxp, sens, k, fisher))
     return plans
 
 
