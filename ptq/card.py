@@ -5,6 +5,7 @@ The card lists the design choices that otherwise confound comparisons between PT
 from __future__ import annotations
 
 import io
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,10 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
         "last_layer_bits": layers[-1]["bits"] if layers else None,
         "quantized_tensors": "weights, activations, biases (int32), residual adds and pools (integer requantization)",
         "mean_weight_bits": ws["mean_weight_bits"], "max_weight_bits": ws["max_weight_bits"],
-        "accumulator": f"{'/'.join(map(str, acc_bits))}-bit, mode {m.weighted_ops()[0]['accumulator']['mode'] if layers else '-'}",
+        "accumulator": f"{'/'.join(map(str, acc_bits))}-bit, mode {m.weighted_ops()[0]['accumulator']['mode'] if layers else '-'}; "
+                       + "bound met: " + ", ".join(f"{k} {v} layers" for k, v in sorted(Counter(
+                           op["accumulator"].get("bound", "none") for op in m.weighted_ops()).items())),
+        "allocation": _allocation(m.data.get("method_info", {})),
         "batchnorm_folded": f"{bn} BatchNorm layers folded into the preceding convolutions",
         "float_islands": "none",
         "bias_correction": f"{r['bias_correction']['mode']} ({corrected} of {len(layers)} layers corrected)",
@@ -65,13 +69,23 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
     }
 
 
+def _allocation(info: dict) -> str:
+    a = info.get("allocator")
+    if isinstance(a, dict):
+        return (f"integer program, solver {a['solver']}, status {a['status']}, objective {a['objective']:.4g}, "
+                f"{a['seconds']:.2f} s" + (f", budgets {a['budgets']}" if a.get("budgets") else ""))
+    if a == "naive":
+        return f"naive: {info['weight_bits']}-bit weights and {info['input_bits']}-bit inputs in every layer"
+    return "fixed by the recipe"
+
+
 def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | None = None) -> str:
     f = card_fields(m, fidelity, verification)
     lines = [f"# Quantization card — {m.data['model']['name']} / {f['recipe']}", "",
              "| choice | value |", "|---|---|"]
     for key in ("model", "method", "recipe", "weights", "weight_clipping", "activations", "rounding",
                 "first_layer_bits", "last_layer_bits", "quantized_tensors", "mean_weight_bits", "max_weight_bits",
-                "accumulator", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
+                "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
         v = f[key]
         v = f"{v:.3f}" if isinstance(v, float) else v
         lines.append(f"| {key.replace('_', ' ')} | {v} |")
