@@ -101,7 +101,7 @@ def _check_budgets(layers: list[LayerChoices], keep: list[list[int]], budgets: d
         least = sum(min(lc.candidates[j].costs.get(key, 0.0) for j in js) for lc, js in zip(layers, keep))
         if least > b * (1 + 1e-12):
             raise BudgetError(f"budget {key} = {b:g} cannot be met: the least any choice needs is {least:g} "
-                              f"(with the accumulator limit and pins); raise the budget to at least that")
+                              f"(with the accumulator limit and pins); raise the budget to at least that", key, least)
 
 
 def allocate(layers: list[LayerChoices], budgets: dict[str, float], accumulator_bits: int | None = None,

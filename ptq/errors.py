@@ -33,7 +33,11 @@ class UnsupportedOpError(PtqError):
 
 
 class BudgetError(PtqError):
-    """A budget or constraint cannot be met."""
+    """A budget or constraint cannot be met; `key` and `least` say which budget binds and what would work."""
+
+    def __init__(self, message: str, key: str | None = None, least: float | None = None):
+        super().__init__(message)
+        self.key, self.least = key, least
 
 
 class OutputError(PtqError):

@@ -131,5 +131,17 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
         budgets["weight_bits"] = al["mean_weight_bits"] * params
     if al["bops"] > 0:
         budgets["bops"] = al["bops"] * sum(64.0 * float(op.attrs.get("macs", op.weight.size)) for op in graph.weighted_ops())
-    a = allocate(layers, budgets, p, "greedy" if al["mode"] == "greedy" else "auto")
+    try:
+        a = allocate(layers, budgets, p, "greedy" if al["mode"] == "greedy" else "auto")
+    except BudgetError as exc:
+        if exc.key == "weight_bits":
+            least = exc.least / params
+            raise BudgetError(f"allocator.mean_weight_bits = {al['mean_weight_bits']:g} cannot be met with {p}-bit accumulators "
+                              f"and the recipe's pins: the least is {least:.3f}; set allocator.mean_weight_bits >= {least:.3f}",
+                              "allocator.mean_weight_bits", least) from exc
+        if exc.key == "bops":
+            least = exc.least / (budgets["bops"] / al["bops"])
+            raise BudgetError(f"allocator.bops = {al['bops']:g} cannot be met: the least is {least:.4f} of the 8x8-bit BOPs; "
+                              f"set allocator.bops >= {least:.4f}", "allocator.bops", least) from exc
+        raise
     return LayerWeights({name: c.payload for name, c in a.choice.items()}, {"allocator": a.summary()})
