@@ -24,7 +24,7 @@ import numpy as np
 
 from calib.observers import choose_encoding
 
-from ..accumulator import bits_for, fit_l1, l1_radius, weight_level_bound
+from ..accumulator import bits_for, fit_l1, l1_radius, limit, weight_level_bound
 from ..allocate import Candidate, LayerChoices, allocate
 from ..errors import BudgetError, RecipeError
 from ..graph import Graph, Op
@@ -33,6 +33,8 @@ from ..recipe import Field, layer_setting, register_section
 from ..weightquant import clip_search, qmax, quantize_symmetric
 from . import register
 from .base import LayerWeights, WeightQuant, first_last, layer_error
+
+BIAS_SHARE = 0.5  # most of a P-bit accumulator the int bias may take; the weights get the rest
 
 register_section("allocator", {
     "mode": Field("milp", str, ("milp", "greedy", "naive"),
@@ -63,11 +65,14 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
             for n in ibits}
     out = []
     for m in wbits:
-        scale = clip_search(w, m, err)
-        plain = quantize_symmetric(w, scale, m)
+        clipped = clip_search(w, m, err)
         for n in ibits:
             e = encs[n]
             xmax = max(e.zero_point - e.qmin, e.qmax - e.zero_point)
+            # a channel whose bias alone would take more than BIAS_SHARE of the accumulator gets a coarser
+            # step (its output is bias-dominated: typically a near-dead channel after BatchNorm folding)
+            scale = np.maximum(clipped, np.abs(bias) / (e.scale * limit(p) * BIAS_SHARE)) if p < 32 else clipped
+            plain = quantize_symmetric(w, scale, m)
             bq = round_half_up(bias / (e.scale * scale))
             q, projected = plain, False
             if p < 32:
