@@ -136,6 +136,9 @@ def folder_source(path: Path, n: int | None, pre: Preprocess, seed: int) -> Data
     skipped = len(files) - len(good)
     if not good:
         raise DataError(f"none of the {len(files)} image files in {path} could be decoded")
+    if skipped:
+        from .progress import console
+        console.print(f"[yellow]warning:[/] skipped {skipped} of {len(files)} image files in {path} that could not be decoded")
     labels = None
     subdirs = sorted({f.parent.name for f in good})
     if all(f.parent != path for f in good) and len(subdirs) > 1:

@@ -5,9 +5,11 @@ sorted keys and tensors in a fixed order, so the same inputs and seed give the s
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -91,7 +93,8 @@ class Manifest:
         if directory.exists() and not force:
             raise OutputError(f"output directory {directory} already exists; pass --force to replace it or choose another --out")
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        _clean_stale(directory)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
         try:
             ordered = {k: self.tensors[k] for k in sorted(self.tensors)}
             save_file(ordered, str(tmp / TENSOR_FILE))
@@ -104,7 +107,9 @@ class Manifest:
             for name, blob in (extra_files or {}).items():
                 # callables are rendered after the tensor hash is known (the ONNX twin embeds it)
                 (tmp / name).write_bytes(blob() if callable(blob) else blob)
-            if directory.exists():
+            if directory.exists() and _exchange(tmp, directory):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous output
+            elif directory.exists():
                 old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
                 os.replace(directory, old)
                 os.replace(tmp, directory)
@@ -119,6 +124,42 @@ class Manifest:
     def hash(self) -> str:
         """Digest of the JSON document (which includes the tensor file's hash once saved)."""
         return hashlib.sha256(dumps(self.data).encode()).hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(directory: Path) -> None:
+    """Tidy what a killed save of `directory` left: its temporary directory is removed; a previous
+    output it had moved aside (non-Linux fallback, killed between the two renames) is restored."""
+    pat = re.compile(rf"\.{re.escape(directory.name)}\.(tmp|old)-(\d+)(-.*)?")
+    for p in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*-*")):
+        m = pat.fullmatch(p.name)
+        if not m or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not directory.exists():
+            os.replace(p, directory)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE): `b` is never missing.
+    False where unsupported, and the caller falls back to two renames."""
+    import ctypes
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
 def load(directory: str | Path) -> Manifest:

@@ -52,9 +52,14 @@ def _load_state(module: torch.nn.Module, path: Path, name: str) -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise ModelError(f"weights file {path} does not fit {name}: {first}") from exc
-    for p in module.state_dict().values():
+    check_finite(module, f"weights file {path}")
+
+
+def check_finite(module: torch.nn.Module, what: str) -> None:
+    """Refuse NaN/Inf parameters or buffers up front, naming the first bad one (not a later symptom)."""
+    for key, p in module.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
-            raise ModelError(f"weights file {path} contains NaN or Inf values")
+            raise ModelError(f"{what} contains NaN or Inf values (first in '{key}'); fix or retrain the model")
 
 
 def _torchvision_names() -> list[str]:
@@ -139,6 +144,7 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
         spec.update(kind="torchvision", preprocess=PRESETS["imagenet"].to_dict())
     if weights not in (None, "random"):
         spec["weights"] = str(Path(weights).resolve())
+    check_finite(module, f"model '{name}'")
     spec["input_shape"] = list(input_shape or DEFAULT_SHAPE)
     return LoadedModel(module.eval(), spec)
 

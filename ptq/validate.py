@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import ManifestError
+from .errors import ManifestError, PtqError
 from .manifest import OP_KINDS, Manifest
 
+ARITY = {"conv": 1, "linear": 1, "add": 2, "avgpool": 1, "lut": 1, "maxpool": 1, "clamp": 1, "reshape": 1, "pad": 1}
 SCHEME_CHECKS: dict[str, Callable[[Manifest, dict, str], None]] = {}
 
 
@@ -67,10 +68,10 @@ def _uniform(m: Manifest, w: dict, where: str) -> None:
 
 def validate(m: Manifest) -> None:
     d = m.data
-    entries = need(d, "tensors", dict, "").get("entries", {})
+    entries = need(need(d, "tensors", dict, ""), "entries", dict, "tensors")
     for ref, a in m.tensors.items():
         e = entries.get(ref)
-        if e is None or e.get("dtype") != str(a.dtype) or list(e.get("shape", [])) != list(a.shape):
+        if not isinstance(e, dict) or e.get("dtype") != str(a.dtype) or e.get("shape") != list(a.shape):
             raise fail(f"tensors.entries.{ref}", "does not match the tensor file (dtype or shape)")
     g = need(d, "graph", dict, "")
     need(g, "input", str, "graph")
@@ -102,7 +103,10 @@ def validate(m: Manifest) -> None:
         kind = need(op, "kind", str, w)
         if kind not in OP_KINDS:
             raise fail(f"{w}.kind", f"unknown op kind '{kind}'")
-        for t in need(op, "inputs", list, w):
+        inputs = need(op, "inputs", list, w)
+        if len(inputs) != ARITY.get(kind, len(inputs)) or not inputs or not all(isinstance(t, str) for t in inputs):
+            raise fail(f"{w}.inputs", f"a {kind} op takes {ARITY.get(kind, 'one or more')} tensor name(s), got {inputs!r}")
+        for t in inputs:
             if t not in known:
                 raise fail(f"{w}.inputs", f"tensor '{t}' is used before it is produced")
         out = need(op, "output", str, w)
@@ -111,9 +115,70 @@ def validate(m: Manifest) -> None:
         need(op, "attrs", dict, w)
         _check_op(m, op, w)
         known.add(out)
+    if not g["outputs"] or not all(isinstance(t, str) for t in g["outputs"]):
+        raise fail("graph.outputs", f"must name at least one output tensor, got {g['outputs']!r}")
     for t in g["outputs"]:
         if t not in known:
             raise fail("graph.outputs", f"tensor '{t}' is not produced by any op")
+    shape = g["input_shape"]
+    if not shape or not all(type(v) is int and 1 <= v <= 1 << 16 for v in shape) or math.prod(shape) > 1 << 26:
+        raise fail("graph.input_shape", f"must be positive integers (at most 2^26 values), got {shape}")
+    dry_run(m)
+
+
+SPATIAL = ("kernel", "stride", "padding", "dilation", "pads")
+
+
+def dry_run(m: Manifest) -> None:
+    """Run the integer graph once on a zero input, so attributes the executors read (strides,
+    paddings, shapes, ...) that are missing, mistyped or inconsistent are refused here, naming the
+    op, instead of crashing or silently changing shapes later. Spatial attributes are bounded by
+    twice the op's input size (+16) first, so a corrupt one cannot make an op allocate without limit."""
+    import torch
+
+    from .graph import execute
+    from .simulator import Simulator
+
+    def guard(fn):
+        def run(op, xs):
+            where = f"graph.ops[{op.name}].attrs"
+            size = 2 * max(max(x.shape[2:] if x.dim() == 4 else x.shape[1:], default=1) for x in xs) + 16
+            for k in SPATIAL:
+                v = op.attrs.get(k)
+                if v is not None and (not isinstance(v, list) or not all(type(i) is int and 0 <= i <= size for i in v)):
+                    raise fail(f"{where}.{k}", f"must be a list of integers in [0, {size}], got {v!r}")
+            try:
+                y = fn(op, xs)
+            except PtqError:
+                raise
+            except Exception as exc:  # any executor failure here means an inconsistent manifest
+                raise fail(where, f"op '{op.name}' cannot be executed: {type(exc).__name__}: "
+                                  f"{(str(exc).splitlines() or [''])[0][:200]}") from None
+            want = op.attrs.get("out_shape")
+            if want is not None and list(y.shape[1:]) != want:
+                raise fail(f"{where}.out_shape", f"op '{op.name}' produces shape {list(y.shape[1:])}, the manifest says {want!r}")
+            return y
+        return run
+
+    try:
+        sim = Simulator(m)
+        kernels = {k: guard(f) for k, f in sim.kernels().items()}
+        x = sim.quantize_input(torch.zeros((1, *m.graph["input_shape"])))
+    except PtqError:
+        raise
+    except Exception as exc:
+        raise fail("graph", f"cannot be prepared for execution: {type(exc).__name__}: {exc}") from None
+    with torch.no_grad():
+        execute(sim.graph, x, kernels)
+
+
+def _check_dyadic(mult: np.ndarray, shift: np.ndarray, ratios: np.ndarray, where: str) -> None:
+    """Requantizers are derived from the encodings' scales (m = round(M·2^n)); a multiplier, shift or
+    scale edited on its own no longer agrees, and would silently compute a different model."""
+    err = np.abs(mult.astype(np.float64) - ratios * np.exp2(shift.astype(np.float64)))
+    if err.size and err.max() > 0.5 + 1e-6:
+        raise fail(where, "multiplier/shift do not match the scales of the encodings and weights "
+                          "(edited by hand?); re-run ptq quantize")
 
 
 def _qmax(m: Manifest, t: str) -> int:
@@ -123,7 +188,7 @@ def _qmax(m: Manifest, t: str) -> int:
 def _check_clamp(m: Manifest, op: dict, w: str) -> None:
     c = need(op, "clamp", list, w)
     hi = _qmax(m, op["output"])
-    if len(c) != 2 or not all(isinstance(v, int) for v in c) or not 0 <= c[0] <= c[1] <= hi:
+    if len(c) != 2 or not all(type(v) is int for v in c) or not 0 <= c[0] <= c[1] <= hi:
         raise fail(f"{w}.clamp", f"must be two integers 0 <= lo <= hi <= {hi}, got {c}")
 
 
@@ -135,6 +200,8 @@ def _check_op(m: Manifest, op: dict, w: str) -> None:
         if scheme not in SCHEME_CHECKS:
             raise fail(f"{w}.weight.scheme", f"unknown weight scheme '{scheme}'")
         shape = tuple(need(wt, "shape", list, f"{w}.weight"))
+        if not shape or not all(type(v) is int and v > 0 for v in shape):
+            raise fail(f"{w}.weight.shape", f"must be positive integers, got {list(shape)}")
         bits = need(wt, "bits", int, f"{w}.weight")
         if not 2 <= bits <= 8:
             raise fail(f"{w}.weight.bits", f"must be 2..8, got {bits}")
@@ -160,6 +227,9 @@ def _check_op(m: Manifest, op: dict, w: str) -> None:
         sh = tensor(m, r.get("shift"), f"{w}.requant.shift", "int", (c,))
         in_range(sh, 1, 62, f"{w}.requant.shift")
         _check_clamp(m, op, w)
+        s_x, s_y = m.encoding(op["inputs"][0])["scale"], m.encoding(op["output"])["scale"]
+        ratios = np.stack([s_x * m.tensors[t["scale"]].astype(np.float64) / s_y for t in terms])
+        _check_dyadic(mult, sh[None, :], ratios, f"{w}.requant")
         acc = need(op, "accumulator", dict, w)
         p = need(acc, "bits", int, f"{w}.accumulator")
         if not 8 <= p <= 32:
@@ -175,6 +245,10 @@ def _check_op(m: Manifest, op: dict, w: str) -> None:
             raise fail(f"{w}.requant.shift", f"must be 1..62, got {sh}")
         if kind == "avgpool" and (need(r, "count", int, f"{w}.requant") < 1):
             raise fail(f"{w}.requant.count", "must be positive")
+        count = r["count"] if kind == "avgpool" else 1
+        s_y = m.encoding(op["output"])["scale"]
+        ratios = np.array([m.encoding(t)["scale"] / (s_y * count) for t in op["inputs"]])
+        _check_dyadic(np.array(mult), np.array([sh]), ratios, f"{w}.requant")
         _check_clamp(m, op, w)
     elif kind == "lut":
         n = 1 << m.encoding(op["inputs"][0])["bits"]

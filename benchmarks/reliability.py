@@ -1,0 +1,248 @@
+"""Reliability benchmark: every class of bad input through the CLI, and calibration peak memory.
+
+    python -m benchmarks.reliability [--out FILE]          # markdown table of bad-input classes
+    python -m benchmarks.reliability --rss [--sizes 128,1024] [--json FILE]
+
+The table runs each command in a fresh subprocess inside a temporary directory and records the
+exact one-line message, the exit code and whether a previously written good output directory (each
+failing quantize is pointed at it with `--out GOOD --force`) is byte-identical afterwards. The RSS
+benchmark quantizes resnet50 (random weights, bundled sample crops streamed lazily) once per
+calibration size in its own subprocess and reads that child's peak RSS from os.wait4.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Tiny(nn.Module):
+    """A 1×8×8 model small enough that each CLI run is dominated by start-up, not quantization."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(nn.functional.relu(self.conv(x)).flatten(1))
+
+
+class TinyRGB(nn.Module):
+    """An RGB model of any input size, for image-folder calibration."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return Tiny().eval()
+
+
+def tiny_rgb() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyRGB().eval()
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PTQ_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
+            "COLUMNS": "400"}
+
+
+def run_cli(argv: list[str], cwd: Path, extra_env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptq", *argv], cwd=cwd, env={**env(), **(extra_env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tree_digest(d: Path) -> str:
+    """Digest of every file's name and bytes under d (empty string if d is missing)."""
+    if not d.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for f in sorted(p for p in d.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(d)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def make_fixtures(d: Path) -> dict[str, Path]:
+    """The files the bad-input commands point at: models, tensors, image folders, a good output."""
+    import warnings
+    from PIL import Image
+    from benchmarks.reliability import tiny  # not __main__.Tiny: the CLI must unpickle it by module path
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    rng = np.random.default_rng(0)
+    f = {"tiny": d / "tiny.pt", "nan_model": d / "nan.pt", "script": d / "scripted.pt", "calib": d / "calib.npy",
+         "nan_calib": d / "nan_calib.npy", "inf_calib": d / "inf_calib.npy", "empty_calib": d / "empty.npy",
+         "few_calib": d / "few.npy", "shape_calib": d / "shape.npy", "rgb_calib": d / "rgb.npy", "int_calib": d / "int.npy",
+         "imgs": d / "imgs", "bad_imgs": d / "bad_imgs", "empty_dir": d / "empty_dir", "good": d / "good",
+         "corrupt": d / "corrupt"}
+    torch.save(tiny(), f["tiny"])
+    m = tiny()
+    with torch.no_grad():
+        m.conv.weight[0, 0, 1, 1] = float("nan")
+    torch.save(m, f["nan_model"])
+    torch.jit.save(torch.jit.script(tiny()), f["script"])
+    x = rng.normal(size=(32, 1, 8, 8)).astype(np.float32)
+    np.save(f["calib"], x)
+    bad = x.copy()
+    bad[5, 0, 3, 3] = np.nan
+    np.save(f["nan_calib"], bad)
+    bad[5, 0, 3, 3] = np.inf
+    np.save(f["inf_calib"], bad)
+    np.save(f["empty_calib"], x[:0])
+    np.save(f["few_calib"], x[:8])
+    np.save(f["shape_calib"], rng.normal(size=(32, 1, 9, 9)).astype(np.float32))
+    np.save(f["rgb_calib"], rng.normal(size=(32, 3, 8, 8)).astype(np.float32))
+    np.save(f["int_calib"], (x * 10).astype(np.int64))
+    for key, n_good, n_bad in (("imgs", 3, 1), ("bad_imgs", 0, 2)):
+        f[key].mkdir()
+        for i in range(n_good):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(f[key] / f"ok{i}.png")
+        for i in range(n_bad):
+            (f[key] / f"broken{i}.jpg").write_bytes(b"this is not a jpeg" * 10)
+    f["empty_dir"].mkdir()
+    return f
+
+
+def cases(f: dict[str, Path]) -> list[dict]:
+    """(class, argv, expected exit code); quantize commands overwrite GOOD with --force."""
+    tiny_args = [str(f["tiny"]), "--input-shape", "1,8,8"]
+    good = ["--out", str(f["good"]), "--force"]
+    q = ["quantize"]
+    return [
+        {"class": "NaN in weights (saved module)", "argv": q + [str(f["nan_model"]), "--input-shape", "1,8,8", "--calib", str(f["calib"])] + good, "code": 2},
+        {"class": "NaN in calibration data", "argv": q + tiny_args + ["--calib", str(f["nan_calib"])] + good, "code": 2},
+        {"class": "Inf in calibration data", "argv": q + tiny_args + ["--calib", str(f["inf_calib"])] + good, "code": 2},
+        {"class": "wrong calibration shape", "argv": q + tiny_args + ["--calib", str(f["shape_calib"])] + good, "code": 2},
+        {"class": "wrong calibration dtype", "argv": q + tiny_args + ["--calib", str(f["int_calib"])] + good, "code": 2},
+        {"class": "input shape the model cannot take", "argv": q + [str(f["tiny"]), "--input-shape", "3,8,8", "--calib", str(f["rgb_calib"])] + good, "code": 2},
+        {"class": "empty calibration set (tensor)", "argv": q + tiny_args + ["--calib", str(f["empty_calib"])] + good, "code": 2},
+        {"class": "empty calibration set (folder)", "argv": q + ["benchmarks.reliability:tiny_rgb", "--calib", str(f["empty_dir"])] + good, "code": 2},
+        {"class": "calibration set below warn threshold (8 < 16)", "argv": q + tiny_args + ["--calib", str(f["few_calib"]), "--out", str(f["good"].with_name("few")), "--eval-size", "8", "--json"], "code": 0},
+        {"class": "some images undecodable (skipped, counted)", "argv": q + ["benchmarks.reliability:tiny_rgb", "--calib", str(f["imgs"]), "--out", str(f["good"].with_name("imgs_out")), "--json"], "code": 0},
+        {"class": "no decodable images", "argv": q + ["benchmarks.reliability:tiny_rgb", "--calib", str(f["bad_imgs"])] + good, "code": 2},
+        {"class": "unknown recipe key", "argv": q + tiny_args + ["--calib", str(f["calib"]), "--set", "weights.bitz=4"] + good, "code": 2},
+        {"class": "weight bits out of range", "argv": q + tiny_args + ["--calib", str(f["calib"]), "--set", "weights.bits=1"] + good, "code": 2},
+        {"class": "accumulator budget out of range", "argv": q + tiny_args + ["--calib", str(f["calib"]), "--set", "accumulator.bits=64"] + good, "code": 2},
+        {"class": "bad --set syntax", "argv": q + tiny_args + ["--calib", str(f["calib"]), "--set", "weights.bits"] + good, "code": 2},
+        {"class": "unknown recipe", "argv": q + tiny_args + ["--calib", str(f["calib"]), "--recipe", "w4a9"] + good, "code": 2},
+        {"class": "unknown model name", "argv": q + ["resnet5O"] + good, "code": 2},
+        {"class": "missing weights file", "argv": q + ["resnet18", "--weights", str(f["good"].with_name("nope.pth"))] + good, "code": 2},
+        {"class": "missing torchvision weights", "argv": q + ["resnet18"] + good, "code": 2,
+         "env": {"TORCH_HOME": str(f["good"].with_name("empty_torch_home"))}},
+        {"class": "TorchScript model file", "argv": q + [str(f["script"]), "--input-shape", "1,8,8", "--calib", str(f["calib"])] + good, "code": 2},
+        {"class": "missing calibration file", "argv": q + tiny_args + ["--calib", str(f["good"].with_name("nope.npy"))] + good, "code": 2},
+        {"class": "output directory exists (no --force)", "argv": q + tiny_args + ["--calib", str(f["calib"]), "--out", str(f["good"])], "code": 2},
+        {"class": "corrupt manifest (tensor hash)", "argv": ["simulate", str(f["corrupt"]), "--data", str(f["calib"])], "code": 2},
+        {"class": "not a manifest directory", "argv": ["simulate", str(f["empty_dir"])], "code": 2},
+    ]
+
+
+def table(out: Path | None) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ptq-rel-") as tmp:
+        d = Path(tmp)
+        f = make_fixtures(d)
+        r = run_cli(["quantize", str(f["tiny"]), "--input-shape", "1,8,8", "--calib", str(f["calib"]), "--out", str(f["good"])], d)
+        if r.returncode != 0:
+            raise SystemExit(f"could not write the good output: {r.stderr}")
+        import shutil
+        shutil.copytree(f["good"], f["corrupt"])
+        blob = (f["corrupt"] / "tensors.safetensors").read_bytes()
+        (f["corrupt"] / "tensors.safetensors").write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+        before = tree_digest(f["good"])
+        for c in cases(f):
+            r = run_cli(c["argv"], d, c.get("env"))
+            lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+            intact = tree_digest(f["good"]) == before
+            leftovers = sorted(p.name for p in d.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+            cmd = "ptq " + " ".join(a.replace(tmp, "$TMP") for a in c["argv"])
+            rows.append({"class": c["class"], "command": cmd, "message": " / ".join(lines).replace(tmp, "$TMP"),
+                         "exit_code": r.returncode, "expected_code": c["code"], "lines": len(lines),
+                         "prior_output_intact": intact, "leftovers": leftovers})
+            print(f"{r.returncode} {'ok ' if r.returncode == c['code'] else 'BAD'} {c['class']}: {rows[-1]['message'][:160]}", file=sys.stderr)
+    md = ["| class | command | message (stderr) | exit | prior output intact |", "|---|---|---|---|---|"]
+    for row in rows:
+        md.append(f"| {row['class']} | `{row['command']}` | {row['message'].replace('|', '/')} | {row['exit_code']} | "
+                  f"{'yes' if row['prior_output_intact'] else 'NO'}{' (leftovers: ' + ', '.join(row['leftovers']) + ')' if row['leftovers'] else ''} |")
+    text = "\n".join(md) + "\n"
+    if out:
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return rows
+
+
+def rss(sizes: list[int], batch_size: int, extra: list[str]) -> dict:
+    """Peak RSS of `ptq quantize resnet50` per calibration size, each in its own child process."""
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="ptq-rss-") as tmp:
+            argv = [sys.executable, "-m", "ptq", "quantize", "resnet50", "--weights", "random", "--calib", "samples",
+                    "--calib-size", str(n), "--eval-size", "16", "--set", f"calibration.batch_size={batch_size}",
+                    "--out", str(Path(tmp) / "o"), "--json", *extra]
+            t0 = time.perf_counter()
+            errf = open(Path(tmp) / "stderr", "w+b")
+            p = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=errf)
+            out = p.stdout.read()
+            _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (Popen.wait would discard it)
+            errf.seek(0)
+            err = errf.read()
+            errf.close()
+            p.returncode = os.waitstatus_to_exitcode(status)
+            secs = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise SystemExit(f"resnet50 with {n} calibration images failed ({p.returncode}): {err.decode()[-800:]}")
+        res = json.loads(out)
+        rows.append({"calib_size": n, "peak_rss_mb": usage.ru_maxrss / 1024, "seconds": secs,
+                     "top1_agreement": res["fidelity"]["top1_agreement"], "verified": res["verified"]})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    base = rows[0]["peak_rss_mb"]
+    return {"model": "resnet50 (--weights random)", "calib": "samples (random crops streamed lazily)",
+            "batch_size": batch_size, "extra": extra, "rows": rows,
+            "rss_ratio_largest_vs_smallest": rows[-1]["peak_rss_mb"] / base, "omp_num_threads": env()["OMP_NUM_THREADS"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help="write the markdown table here (default stdout)")
+    ap.add_argument("--rss", action="store_true", help="peak-RSS benchmark instead of the bad-input table")
+    ap.add_argument("--sizes", default="128,1024", help="calibration sizes for --rss (first is the baseline)")
+    ap.add_argument("--batch-size", type=int, default=16, help="calibration.batch_size for --rss")
+    ap.add_argument("--set", action="append", default=[], help="extra recipe override for --rss runs")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    a = ap.parse_args()
+    if a.rss:
+        extra = [x for s in a.set for x in ("--set", s)]
+        res = rss([int(s) for s in a.sizes.split(",")], a.batch_size, extra)
+        print(json.dumps(res, indent=1))
+    else:
+        res = table(a.out)
+        bad = [r["class"] for r in res if r["exit_code"] != r["expected_code"] or not r["prior_output_intact"] or (r["exit_code"] == 2 and r["lines"] != 1)]
+        if bad:
+            print(f"unexpected: {bad}", file=sys.stderr)
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
