@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,11 @@ from . import __version__
 from .biascorrect import choose_and_correct
 from .capture import capture
 from .card import bits_png, render_card, weight_summary
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, RecipeError
 from .manifest import Manifest, load as load_manifest
 from .methods import METHODS
 from .metrics import fidelity
-from .models import LoadedModel, load_model, rebuild
+from .models import LoadedModel, check_finite, load_model, rebuild
 from .pipeline import build_manifest
 from .recipe import resolve
 from .reference import Codec, run_reference
@@ -46,7 +47,7 @@ def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> Da
     shape = tuple(spec["input_shape"])
     if isinstance(data, (str, Path)):
         pre = _preprocess(spec)
-        if pre is None:
+        if pre is None and Path(data).suffix not in (".npy", ".npz", ".pt", ".pth"):
             raise DataError("this model has no image preprocessing; give calibration data as a .npy/.pt tensor file")
         return open_source(str(data), n, pre, shape, seed, split)
     arr = data.detach().cpu().float().numpy() if isinstance(data, torch.Tensor) else np.asarray(data, np.float32)
@@ -137,25 +138,45 @@ class QuantizedModel:
         return self.directory
 
 
-def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | dict = "w8a8", *,
-             weights: str | None = None, calib_size: int | None = None, seed: int = 0,
-             eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
-             overrides: dict[str, Any] | None = None, **kw_overrides: Any) -> QuantizedModel:
-    """Quantize `model` with `recipe` on calibration data; verify it; measure its fidelity.
+@dataclass
+class Prepared:
+    """What quantization needs that no weight setting changes: the loaded model, its captured graph
+    and the calibration statistics. One `prepare` serves many `quantize_prepared` calls (a sweep)."""
 
-    Overrides are recipe keys, as a dict ({"weights.bits": 4}) or keywords (weights__bits=4).
-    """
-    t0 = time.perf_counter()
+    model: LoadedModel
+    graph: Any
+    stats: Any
+    source: DataSource
+    recipe: dict
+    seed: int
+    eval_data: Any
+    eval_size: int
+    calibration_seconds: float
+    seconds: float
+
+
+def _resolve(recipe: str | dict, overrides: dict[str, Any] | None, kw_overrides: dict[str, Any],
+             calib_size: int | None) -> dict:
     all_over = dict(overrides or {})
     all_over.update(_split_overrides(kw_overrides))
     if calib_size is not None:
         all_over["calibration.size"] = calib_size
-    r = resolve(recipe, all_over)
+    return resolve(recipe, all_over)
+
+
+def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | dict = "w8a8", *,
+            weights: str | None = None, calib_size: int | None = None, seed: int = 0,
+            eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
+            overrides: dict[str, Any] | None = None, **kw_overrides: Any) -> Prepared:
+    """Load and capture `model` and collect its calibration statistics (the recipe's [calibration])."""
+    t0 = time.perf_counter()
+    r = _resolve(recipe, overrides, kw_overrides, calib_size)
     torch.manual_seed(seed)
     if isinstance(model, torch.nn.Module):
         shape = input_shape or (tuple(calib.shape[1:]) if hasattr(calib, "shape") else None)
         if shape is None:
             raise ModelError("give input_shape= (or calibration data as an array) for an in-memory model")
+        check_finite(model, f"model {type(model).__name__}")
         lm = LoadedModel(model.eval(), {"name": type(model).__name__, "kind": "module", "weights": None,
                                          "seed": seed, "input_shape": list(shape), "preprocess": None})
     else:
@@ -169,6 +190,25 @@ def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str |
     t_cal = time.perf_counter()
     stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"])
     t_stats = time.perf_counter() - t_cal
+    return Prepared(lm, graph, stats, src, r, seed, eval_data, eval_size, t_stats, time.perf_counter() - t0)
+
+
+def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
+                      overrides: dict[str, Any] | None = None) -> QuantizedModel:
+    """Quantize a prepared model with `recipe` (default: the one it was prepared with) + overrides.
+
+    The recipe's [calibration] must match the prepared one: statistics are not recollected."""
+    t0 = time.perf_counter()
+    if recipe is None:
+        r = resolve({k: v for k, v in prep.recipe.items() if k != "name"}, overrides)
+        r["name"] = prep.recipe["name"]
+    else:
+        r = resolve(recipe, overrides)
+    if r["calibration"] != prep.recipe["calibration"]:
+        raise RecipeError("the recipe's [calibration] differs from the prepared statistics; prepare again with it")
+    graph, stats, src, lm, seed = prep.graph, prep.stats, prep.source, prep.model, prep.seed
+    torch.manual_seed(seed)
+    cal = r["calibration"]
     wq = METHODS[r["method"]](graph, stats, r)
     header = {"created_by": f"ptq {__version__}", "model": lm.spec,
               "calibration": {**src.to_dict(), "seed": seed, "batch_size": cal["batch_size"]}}
@@ -183,18 +223,31 @@ def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str |
     qm = QuantizedModel(m, lm.module)
     report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": lm.spec["name"]}
     report.update({k: v for k, v in weight_summary(m).items() if k != "layers"})
-    if eval_data is not None or src.kind == "samples":
-        ev = eval_data if eval_data is not None else "samples:eval"
-        report["fidelity"] = qm.evaluate(ev, eval_size, seed=seed)
+    if prep.eval_data is not None or src.kind == "samples":
+        ev = prep.eval_data if prep.eval_data is not None else "samples:eval"
+        report["fidelity"] = qm.evaluate(ev, prep.eval_size, seed=seed)
     else:
         report["fidelity"] = qm.evaluate(src, None, seed=seed)
         report["fidelity"]["data"] += " (calibration data, not held out)"
     report["verification"] = m.data["verification"]
-    report["seconds"] = time.perf_counter() - t0
-    report["calibration_seconds"] = t_stats
+    report["seconds"] = time.perf_counter() - t0 + prep.seconds
+    report["calibration_seconds"] = prep.calibration_seconds
     m.data["card"] = {k: v for k, v in report.items() if k in ("mean_weight_bits", "model_bytes", "recipe", "method")}
     qm.report = report
     return qm
+
+
+def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | dict = "w8a8", *,
+             weights: str | None = None, calib_size: int | None = None, seed: int = 0,
+             eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
+             overrides: dict[str, Any] | None = None, **kw_overrides: Any) -> QuantizedModel:
+    """Quantize `model` with `recipe` on calibration data; verify it; measure its fidelity.
+
+    Overrides are recipe keys, as a dict ({"weights.bits": 4}) or keywords (weights__bits=4).
+    """
+    prep = prepare(model, calib, recipe, weights=weights, calib_size=calib_size, seed=seed, eval_data=eval_data,
+                   eval_size=eval_size, input_shape=input_shape, overrides=overrides, **kw_overrides)
+    return quantize_prepared(prep)
 
 
 def _head(src: DataSource, n: int) -> torch.Tensor:

@@ -247,6 +247,35 @@ def cmd_card(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import load_peers, parse_budgets, plot, sweep
+    budgets = parse_budgets(args.budgets)
+    peers = load_peers(args.peers) if args.peers else None
+    out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-sweep")
+    t0 = time.perf_counter()
+    res = sweep(args.model, args.recipe or ["w4a8"], budgets, calib=args.calib, calib_size=args.calib_size,
+                eval_size=args.eval_size, eval_data=args.data, seed=args.seed, weights=args.weights,
+                input_shape=_shape(args.input_shape))
+    res["peers"] = peers or []
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(_json_safe(res), sort_keys=True, indent=1) + "\n")
+    png = plot(res, out / "sweep.png", peers)
+    if not args.json:
+        from rich.table import Table
+        t = Table(title=f"{res['model']} sweep → {out} ({time.perf_counter() - t0:.0f}s, "
+                        f"{res['calibration_passes']} calibration pass(es))")
+        for c in ("recipe", "budget", "mean bits", "top-1 %", "top-5 %", "KL", "SQNR dB"):
+            t.add_column(c, justify="left" if c == "recipe" else "right")
+        for q in res["points"]:
+            t.add_row(q["recipe"], f"{q['budget']:g}", f"{q['mean_weight_bits']:.2f}", f"{q['top1_agreement']:.1f}",
+                      f"{q['top5_agreement']:.1f}", f"{q['kl']:.4f}", f"{q['sqnr_db']:.1f}")
+        console.print(t)
+        for s in res["skipped"]:
+            console.print(f"[dim]skipped {s['recipe']} @ {s['budget']:g}: {s['reason']}[/]")
+    _emit(args, {**res, "json": str(out / "sweep.json"), "png": str(png)})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptq", description="Post-training quantization with a verified integer manifest.")
     p.add_argument("--version", action="version", version=f"ptq {__version__}")
@@ -308,6 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("card", help="print the quantization card of a manifest directory")
     c.add_argument("dir")
     c.set_defaults(fn=cmd_card)
+
+    w = sub.add_parser("sweep", help="fidelity vs mean weight bits of recipes over budgets (PNG + JSON)")
+    w.add_argument("model", help="as for quantize")
+    w.add_argument("--recipe", action="append", help="recipe to sweep (repeatable; default w4a8); needs a budget_key")
+    w.add_argument("--budgets", default="3,4,5,6,8", help="comma-separated mean weight bits, e.g. 3,3.5,4,5,6,8")
+    w.add_argument("--calib", default="samples")
+    w.add_argument("--calib-size", type=int)
+    w.add_argument("--eval-size", type=int, default=64)
+    w.add_argument("--data", help="held-out evaluation data (default: held-out sample photos)")
+    w.add_argument("--weights", help="state dict file, or 'random'")
+    w.add_argument("--input-shape", help="per-sample input shape for models without a known one")
+    w.add_argument("--peers", help="JSON of peer points to overlay (e.g. benchmarks.run --out-json)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--out", help="output directory (default ptq-out/MODEL-sweep)")
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(fn=cmd_sweep)
     return p
 
 

@@ -46,6 +46,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "": {
         "method": Field("uniform", str, help="weight method (see `ptq recipes`)"),
         "description": Field("", str),
+        "budget_key": Field("", str, help="what a sweep budget (mean weight bits) sets: 'section.key', or "
+                            "'section.key / section.key2' to set budget ÷ key2 (e.g. multipoint.budget / multipoint.bits)"),
     },
     "weights": {
         "bits": Field(8, int, lo=2, hi=8, help="weight bits (per-channel symmetric, narrow range)"),
@@ -208,8 +210,27 @@ def resolve(recipe: str | dict = "w8a8", overrides: dict[str, Any] | None = None
         close = difflib.get_close_matches(out["method"], list(METHODS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise RecipeError(f"unknown method '{out['method']}'{hint} (available: {', '.join(sorted(METHODS))})")
+    budget_keys(out)
     out["name"] = label
     return out
+
+
+def budget_keys(recipe: dict) -> tuple[str, str | None]:
+    """The recipe's `budget_key` as (key a budget sets, key it is divided by or None), checked."""
+    text = recipe["budget_key"].strip()
+    if not text:
+        return "", None
+    parts = [p.strip() for p in text.split("/")]
+    if len(parts) > 2 or not all(parts):
+        raise RecipeError(f"recipe key 'budget_key' must be 'section.key' or 'section.key / section.key2'; got {text!r}")
+    for key in parts:
+        section, _, k = key.partition(".")
+        f = SCHEMA.get(section, {}).get(k) if section else None
+        if f is None:
+            raise RecipeError(f"budget_key names '{key}', which is not a recipe key; e.g. weights.bits")
+        if f.kind not in (int, float):
+            raise RecipeError(f"budget_key names '{key}', which is not numeric")
+    return parts[0], parts[1] if len(parts) == 2 else None
 
 
 def layer_setting(recipe: dict, key: str, layer: str, first: str, last: str) -> Any:
