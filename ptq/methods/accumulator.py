@@ -32,7 +32,7 @@ from ..intmath import round_half_up
 from ..recipe import Field, layer_setting, register_section
 from ..weightquant import clip_search, qmax, quantize_symmetric
 from . import register
-from .base import LayerWeights, WeightQuant, first_last, layer_error
+from .base import LayerWeights, WeightQuant, error_weights, first_last, layer_error
 
 BIAS_SHARE = 0.5  # most of a P-bit accumulator the int bias may take; the weights get the rest
 
@@ -58,8 +58,7 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
     w = op.weight.reshape(c, -1).astype(np.float64)
     params, macs = w.size, float(op.attrs.get("macs", w.size))
     err = layer_error(op, stats)
-    fisher = stats.fisher.get(op.name) if getattr(stats, "fisher", None) else None
-    weight = fisher if fisher is not None else 1.0 / max(float(err.energy(w.astype(np.float32)).sum()), 1e-30)
+    weight = error_weights(op, stats, err, w)
     bias = op.bias.astype(np.float64) if op.bias is not None else np.zeros(c)
     encs = {n: choose_encoding(stats.histograms[input_tensor], n, act["observer"], act["percentile"], producer_act)
             for n in ibits}
@@ -78,7 +77,8 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
             if p < 32:
                 radius = l1_radius(p, xmax, bq)
                 if np.any(np.abs(plain).sum(1) > radius):
-                    q, projected = fit_l1(w / scale[:, None], radius, qmax(m)), True
+                    q, scale = fit_with_step(w, scale, bias, e.scale, p, xmax, m, err)
+                    projected = True
             need = int(bits_for(weight_level_bound(q, xmax, bq).max()))
             what = q * scale[:, None]
             e_w = err((w - what).astype(np.float32))
@@ -89,6 +89,29 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
             out.append(Candidate({"weight_bits": m, "input_bits": n, "projected": projected}, error,
                                  {"weight_bits": float(params * m), "bops": macs * m * n}, need, wq))
     return out
+
+
+STEP_GROWTH = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)  # coarser steps tried for channels that must shrink
+
+
+def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scale: float, p: int, xmax: int,
+                  bits: int, err) -> tuple[np.ndarray, np.ndarray]:
+    """Make every channel fit the P-bit bound, choosing per channel between shrinking its weights onto
+    the L1 ball at the clipped step and a coarser step (which needs less shrinking and leaves the bias
+    more room): the least output error of `STEP_GROWTH` multiples of the step wins."""
+    best_q = best_s = best_e = None
+    for g in STEP_GROWTH:
+        s = scale * g
+        bq = round_half_up(bias / (input_scale * s))
+        q = fit_l1(w / s[:, None], l1_radius(p, xmax, bq), qmax(bits))
+        e = err((w - q * s[:, None]).astype(np.float32))
+        if best_e is None:
+            best_q, best_s, best_e = q, s, e
+            continue
+        better = e < best_e
+        best_q = np.where(better[:, None], q, best_q)
+        best_s, best_e = np.where(better, s, best_s), np.where(better, e, best_e)
+    return best_q, best_s
 
 
 def _naive(layers: list[LayerChoices], p: int) -> dict[str, Candidate]:

@@ -47,6 +47,16 @@ def layer_error(op: Op, stats, output_error: bool = True) -> OutputError:
     return OutputError(None if li is None else li.hessian, op.weight.shape[0])
 
 
+def error_weights(op: Op, stats, err: OutputError, w: np.ndarray) -> np.ndarray | float:
+    """Per-channel weights that put every layer's output errors in one currency for the allocator:
+    the channels' Fisher sensitivity of the final output (`calib.sensitivity`) when measured, else
+    1 / the layer's output energy (a relative error)."""
+    fisher = stats.fisher.get(op.name) if getattr(stats, "fisher", None) else None
+    if fisher is not None:
+        return fisher
+    return 1.0 / max(float(err.energy(w.astype(np.float32)).sum()), 1e-30)
+
+
 def first_last(graph: Graph) -> tuple[str, str]:
     w = graph.weighted_ops()
     return w[0].name, w[-1].name
