@@ -22,7 +22,7 @@ from calib.sources import DataSource, open_source
 from . import __version__
 from .biascorrect import choose_and_correct
 from .capture import capture
-from .card import bits_png, render_card, weight_summary
+from .card import bits_png, planes_png, render_card, weight_summary
 from .errors import DataError, ModelError, RecipeError
 from .manifest import Manifest, load as load_manifest
 from .methods import METHODS
@@ -134,6 +134,9 @@ class QuantizedModel:
         extra = {"card.md": self.card().encode(), "report.json": (json.dumps(self.report, sort_keys=True, indent=1) + "\n").encode(),
                  "bits.png": bits_png(self.manifest),
                  "model.onnx": lambda: export_qdq(self.manifest).SerializeToString()}
+        planes = planes_png(self.manifest)
+        if planes is not None:
+            extra["planes.png"] = planes
         self.directory = self.manifest.save(directory, extra_files=extra, force=force)
         return self.directory
 

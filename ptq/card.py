@@ -59,6 +59,8 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
                        + "bound met: " + ", ".join(f"{k} {v} layers" for k, v in sorted(Counter(
                            op["accumulator"].get("bound", "none") for op in m.weighted_ops()).items())),
         "allocation": _allocation(m.data.get("method_info", {})),
+        "compression": f"{32.0 / max(ws['mean_weight_bits'], 1e-9):.2f}x (32-bit floats / mean weight bits)",
+        "bit_planes": _bitplanes(m),
         "batchnorm_folded": f"{bn} BatchNorm layers folded into the preceding convolutions",
         "float_islands": "none",
         "bias_correction": f"{r['bias_correction']['mode']} ({corrected} of {len(layers)} layers corrected)",
@@ -79,13 +81,28 @@ def _allocation(info: dict) -> str:
     return "fixed by the recipe"
 
 
+def _bitplanes(m: Manifest) -> str:
+    """Bit-plane summary (bitplane recipe): 2-bit slice sparsity and the planes dropped, over all layers."""
+    recs = [(op["weight"]["bitplanes"], int(np.prod(op["weight"]["shape"]))) for op in m.weighted_ops()
+            if "bitplanes" in op["weight"]]
+    if not recs:
+        return "-"
+    n = sum(p for _, p in recs)
+    sparsity = sum(b["slice2_sparsity"] * p for b, p in recs) / n
+    free = sum(1 for b, _ in recs if b["msb_free"])
+    clipped = sum(1 for b, _ in recs if b["msb_clipped"])
+    lsb = sum(b["lsb_dropped"] * p for b, p in recs) / n
+    return (f"2-bit slice sparsity {100 * sparsity:.1f}%; empty MSB planes dropped free in {free} layers, "
+            f"non-empty MSB planes clipped in {clipped}; mean LSB planes dropped {lsb:.2f} (planes.png)")
+
+
 def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | None = None) -> str:
     f = card_fields(m, fidelity, verification)
     lines = [f"# Quantization card — {m.data['model']['name']} / {f['recipe']}", "",
              "| choice | value |", "|---|---|"]
     for key in ("model", "method", "recipe", "weights", "weight_clipping", "activations", "rounding",
                 "first_layer_bits", "last_layer_bits", "quantized_tensors", "mean_weight_bits", "max_weight_bits",
-                "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
+                "compression", "bit_planes", "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
         v = f[key]
         v = f"{v:.3f}" if isinstance(v, float) else v
         lines.append(f"| {key.replace('_', ' ')} | {v} |")
@@ -108,12 +125,23 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
     return "\n".join(lines) + "\n"
 
 
-def bits_png(m: Manifest) -> bytes:
-    """Bar chart of per-layer weight bits (effective bits per weight)."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def bits_png(m: Manifest) -> bytes:
+    """Bar chart of per-layer weight bits (effective bits per weight)."""
+    plt = _pyplot()
     layers = weight_summary(m)["layers"]
     fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.18), 3.2), dpi=100)
     ax.bar(range(len(layers)), [l["bits_per_weight"] for l in layers], color="#3a6ea5")
@@ -122,7 +150,28 @@ def bits_png(m: Manifest) -> bytes:
     ax.set_title(f"{m.data['model']['name']} — {m.data['recipe']['name']}")
     ax.set_xlim(-0.5, len(layers) - 0.5)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def planes_png(m: Manifest) -> bytes | None:
+    """Heat map of bit-plane density (share of weights with the bit set) per layer on the starting grid,
+    with the planes each layer kept outlined; None when no layer carries a `bitplanes` record."""
+    recs = [(op["name"], op["weight"]["bitplanes"]) for op in m.weighted_ops() if "bitplanes" in op["weight"]]
+    if not recs:
+        return None
+    plt = _pyplot()
+    planes = max(len(b["density"]) for _, b in recs)
+    dens = np.full((planes, len(recs)), np.nan)
+    for i, (_, b) in enumerate(recs):
+        dens[:len(b["density"]), i] = b["density"]
+    fig, ax = plt.subplots(figsize=(max(6, len(recs) * 0.18), 3.2), dpi=100)
+    im = ax.imshow(dens, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=0.5)
+    for i, (_, b) in enumerate(recs):
+        lo, hi = b["kept_planes"]
+        ax.add_patch(plt.Rectangle((i - 0.5, lo - 0.5), 1, hi - lo + 1, fill=False, edgecolor="white", lw=0.8))
+    ax.set_xlabel("layer (graph order); outlined: planes kept")
+    ax.set_ylabel("magnitude plane (LSB = 0)")
+    ax.set_title(f"{m.data['model']['name']} — bit-plane density")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return _png(fig)

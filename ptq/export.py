@@ -79,7 +79,7 @@ def weight_metadata(rec: dict) -> dict[str, Any]:
     """The ptq.* entries of a weighted op, from its manifest record.
 
     Every scalar field of the weight scheme is carried (scheme, bits, points, group size, shared
-    bits, bit-plane range, ...), each extra tensor of the scheme by its reference in the manifest's
+    bits, the `bitplanes` record as JSON, ...), each extra tensor of the scheme by its reference in the manifest's
     tensor file (e.g. a SWIS layer's group shifts), and the accumulator's width, mode and bounds.
     """
     w, acc = rec["weight"], rec.get("accumulator", {})
@@ -94,6 +94,9 @@ def weight_metadata(rec: dict) -> dict[str, Any]:
 
 
 def _scalar_or_list(v: Any) -> bool:
+    """Scalars, flat lists and records of them (e.g. a layer's `bitplanes` info) travel as JSON."""
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _scalar_or_list(e) and not isinstance(e, dict) for k, e in v.items())
     return isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and all(isinstance(e, (str, int, float, bool)) for e in v))
 
 

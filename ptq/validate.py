@@ -64,6 +64,19 @@ def in_range(a: np.ndarray, lo: int, hi: int, where: str) -> None:
 def _uniform(m: Manifest, w: dict, where: str) -> None:
     if len(w["terms"]) != 1:
         raise fail(f"{where}.terms", "a uniform weight has exactly one term")
+    if "bitplanes" in w:
+        _bitplanes(need(w, "bitplanes", dict, where), w["bits"], f"{where}.bitplanes")
+
+
+def _bitplanes(bp: dict, bits: int, where: str) -> None:
+    """The bit-plane record must describe the stored grid: `bits − 1` kept magnitude planes."""
+    kept = need(bp, "kept_planes", list, where)
+    if len(kept) != 2 or not all(type(v) is int for v in kept) or not 0 <= kept[0] <= kept[1] + 1 \
+            or kept[1] - kept[0] + 2 != bits:
+        raise fail(f"{where}.kept_planes", f"must be [lowest, highest] plane of the {bits - 1} kept magnitude planes, got {kept!r}")
+    dens = need(bp, "density", list, where)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in dens):
+        raise fail(f"{where}.density", "must be fractions in [0, 1], one per plane")
 
 
 def validate(m: Manifest) -> None:
