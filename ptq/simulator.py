@@ -37,12 +37,33 @@ class LayerAccStats:
     max_abs: int = 0
     overflows: int = 0
     outputs: int = 0
+    # bit-serial cycles (SWIS layers, ptq.bitserial): per sample from the weights, summed over samples
+    cycles_per_sample: int | None = None
+    baseline_per_sample: int | None = None
+    samples: int = 0
 
     def to_dict(self) -> dict:
         needed = int(self.max_abs).bit_length() + 1
-        return {"accumulator_bits": self.bits, "max_abs_acc": int(self.max_abs), "bits_needed": needed,
-                "headroom_bits": self.bits - needed, "overflows": int(self.overflows),
-                "data_free_bits": self.data_free_bits, "data_free_ok": self.data_free_bits <= self.bits}
+        out = {"accumulator_bits": self.bits, "max_abs_acc": int(self.max_abs), "bits_needed": needed,
+               "headroom_bits": self.bits - needed, "overflows": int(self.overflows),
+               "data_free_bits": self.data_free_bits, "data_free_ok": self.data_free_bits <= self.bits}
+        if self.cycles_per_sample is not None:
+            out.update(bitserial_cycles=self.cycles_per_sample * self.samples,
+                       bitserial_baseline_cycles=self.baseline_per_sample * self.samples)
+        return out
+
+
+def _bitserial_cycles(m: Manifest, rec: dict) -> tuple[int, int] | tuple[None, None]:
+    """Per-sample cycles of a SWIS layer recounted from its integer weights and issue order, and the
+    b₀-cycle baseline (ptq.bitserial); (None, None) for other schemes."""
+    w = rec["weight"]
+    if w["scheme"] != "swis":
+        return None, None
+    from .bitserial import layer_schedule
+    q = m.tensor(w["terms"][0]["q"])
+    s, _ = layer_schedule(q, w["group"], w["lanes"], w["shared_bits"], w["bits"], w["out_positions"],
+                          m.tensor(w["extra"]["order"]))
+    return s["cycles"], s["baseline_cycles"]
 
 
 def _wrap(acc: torch.Tensor, bits: int) -> torch.Tensor:
@@ -148,6 +169,7 @@ class Simulator:
             mode = self.mode or acc.get("mode", "exact")
             self._w[op.name] = [terms, mult, shift, bias, bits, mode]
             self.layers[op.name] = LayerAccStats(bits, acc.get("data_free_bits", 0))
+            self.layers[op.name].cycles_per_sample, self.layers[op.name].baseline_per_sample = _bitserial_cycles(self.m, rec)
         return self._w[op.name]
 
     # -- kernels --
@@ -158,6 +180,7 @@ class Simulator:
         u = xs[0] - z
         view = (1, -1, 1, 1) if op.kind == "conv" else (1, -1)
         st = self.layers[op.name]
+        st.samples += xs[0].shape[0]
         lim = (1 << (bits - 1)) - 1
         total = None
         for t, q in enumerate(terms):

@@ -30,7 +30,20 @@ def structural(m: Manifest) -> dict:
         acc = op["accumulator"]
         layers[op["name"]] = {"data_free_bits": acc["data_free_bits"], "accumulator_bits": acc["bits"],
                               "data_free_ok": acc["data_free_bits"] <= acc["bits"]}
-    return {"ok": all(v["data_free_ok"] for v in layers.values()), "layers": layers}
+    out = {"ok": all(v["data_free_ok"] for v in layers.values()), "layers": layers}
+    out.update(_bitserial(m, layers))
+    return out
+
+
+def _bitserial(m: Manifest, layers: dict) -> dict:
+    """SWIS layers: bit-serial cycles per sample (ptq.bitserial; checked against the weights by the
+    loader's validation) per layer, and their totals against the b₀-cycle baseline."""
+    from .bitserial import totals
+    keys = ("cycles", "cycles_unsorted", "dense_cycles", "baseline_cycles")
+    sched = {op["name"]: {k: op["weight"][k] for k in keys} for op in m.weighted_ops() if op["weight"]["scheme"] == "swis"}
+    for name, s in sched.items():
+        layers[name]["bitserial"] = s
+    return {"bitserial": totals(sched)} if sched else {}
 
 
 def numeric(m: Manifest, batches, sim: Simulator | None = None, dtype: torch.dtype = torch.float64) -> dict:

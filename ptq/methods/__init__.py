@@ -23,6 +23,7 @@ def register(name: str):
 from . import uniform  # noqa: E402,F401  (registers itself)
 from . import multipoint  # noqa: E402,F401
 from . import accumulator  # noqa: E402,F401
+from . import swis  # noqa: E402,F401
 from . import bitplane  # noqa: E402,F401
 
 __all__ = ["METHODS", "WeightQuant", "register"]

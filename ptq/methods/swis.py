@@ -1,0 +1,451 @@
+"""SWIS: shared weight bit sparsity (Li, Romaszkan, Graening, Gupta, 2021).
+
+Every output channel's weights are b₀-bit sign-magnitude integers on a per-channel scale (the
+output-error clipping search at b₀ bits). Groups of G consecutive weights along K each keep only N
+of the b₀−1 magnitude bit positions (any N, not necessarily consecutive): a weight is stored as a
+sign and an N-bit mask over its group's set S, q = sign · Σ_{k∈S} m_k·2^k, and executes as an
+ordinary b₀-bit integer weight. On a bit-serial array a group then costs one cycle per position it
+uses instead of b₀ (`ptq.bitserial`).
+
+Search (exhaustive, vectorised): for every one of the C(b₀−1, N) sets, a table maps a weight's real
+magnitude |w/s| (by its half-unit cell ⌊2|w/s|⌋, which decides the nearest representable integer
+exactly) to the nearest magnitude the set can represent; each group's error under every set is one
+gather and one weighted sum, Σ_k h_k (|x_k| − T_S[x_k])², with h = diag(H) of the layer's input
+moments (plain squared error without H), and the set with the least error wins. Groups are
+processed in chunks so memory stays bounded (the 1280×1000 classifier of EfficientNet-Lite0 needs
+a few MB at a time). Mapping the real value, not the b₀-bit rounded integer, avoids rounding twice.
+
+Scale (ours, measured in BENCHMARKS/the swis brief): the b₀-bit clipping scale is a poor fit for a
+group that can only keep N positions, so `scale_grid` > 0 re-searches each channel's scale over
+ratios of max|w|/qmax with the full output error (w − ŵ)ᵀH(w − ŵ) of the SWIS result.
+
+`positions = "truncate"` is the baseline the paper beats: every group keeps the N most significant
+positions (a fixed consecutive set), mapped to nearest like the search.
+
+N per layer: `mode = "fixed"` uses `shared_bits` everywhere (per-layer overrides allowed);
+`mode = "allocate"` measures every N in [min_shared_bits, max_shared_bits] per layer and lets the
+shared allocator (`ptq.allocate`) choose under a budget on total cycles (a fraction of the b₀-cycle
+bit-serial baseline) and/or mean storage bits. A budget set on a fixed-mode recipe (which is what
+`ptq sweep` does through the recipe's budget_key) allocates too: the budget, not N, then decides. Error currency as in the accumulator method:
+Σ_c F_c·e_c with the Fisher sensitivity F_c, or Σ_c e_c / layer output energy without it.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import bitserial
+from ..allocate import Candidate, LayerChoices, allocate
+from ..errors import BudgetError, RecipeError
+from ..graph import Graph, Op
+from ..recipe import Field, layer_setting, register_section
+from ..validate import fail, need, scheme_check, tensor
+from ..weightquant import OutputError, clip_search, qmax
+from . import register
+from .base import LayerWeights, WeightQuant, error_weights, first_last, layer_error
+
+CHUNK = 1 << 22  # sets × groups × G table values gathered at once (float32: 16 MB)
+
+register_section("swis", {
+    "bits": Field(8, int, lo=3, hi=8, help="b₀: bits of the sign-magnitude integers the groups are cut from"),
+    "group": Field(8, int, lo=1, hi=4096, help="G: consecutive weights along K sharing one set of bit positions"),
+    "shared_bits": Field(3, int, lo=1, hi=8, help="N: magnitude bit positions each group keeps (< swis.bits)"),
+    "lanes": Field(16, int, lo=1, hi=1 << 16, help="lock-stepped lanes of the bit-serial array (cycle model)"),
+    "positions": Field("search", str, ("search", "truncate"),
+                       help="search: best N-position set per group; truncate: the N most significant (baseline)"),
+    "scale_grid": Field(6, int, lo=0, hi=64,
+                        help="coarse clip ratios re-searched per channel with the SWIS output error, then a finer "
+                             "grid and least-squares refits (0: the b₀-bit output-error clipping scale as is)"),
+    "feedback": Field(False, bool, help="after the scale search, decide groups left to right along K with "
+                                         "GPTQ-style error feedback through H (kept per channel where it lowers the error)"),
+    "objective": Field("output", str, ("output", "mse"),
+                       help="errors weighted by the layer's input moments H (diag for the set search) or plain MSE"),
+    "mode": Field("fixed", str, ("fixed", "allocate"),
+                  help="fixed: N = shared_bits per layer (unless a budget is set); allocate: N per layer chosen by "
+                       "the allocator under the budgets"),
+    "min_shared_bits": Field(1, int, lo=1, hi=8, help="allocate: least N a layer may get"),
+    "max_shared_bits": Field(7, int, lo=1, hi=8, help="allocate: most N a layer may get (capped at swis.bits − 1)"),
+    "cycles": Field(0.0, float, lo=0.0, hi=1.0,
+                    help="allocate: budget on total bit-serial cycles as a fraction of the b₀-cycle baseline (0: none)"),
+    "mean_weight_bits": Field(0.0, float, lo=0.0, hi=16.0,
+                              help="allocate: budget on parameter-weighted mean storage bits (0: none)"),
+}, override_keys=("shared_bits", "min_shared_bits", "max_shared_bits"))
+
+
+# ---------------------------------------------------------------- the position-set search
+
+def position_sets(magnitude_bits: int, n: int, truncate: bool = False) -> np.ndarray:
+    """Bitmasks of every N-subset of the magnitude positions (or only the N most significant)."""
+    if truncate:
+        return np.array([sum(1 << k for k in range(magnitude_bits - n, magnitude_bits))], np.int64)
+    return np.array([sum(1 << k for k in c) for c in itertools.combinations(range(magnitude_bits), n)], np.int64)
+
+
+def nearest_tables(masks: np.ndarray, magnitude_bits: int) -> np.ndarray:
+    """(S, 2^(mb+1)) table: for the half-unit cell t = ⌊2x⌋ of a magnitude x, the nearest value set S represents.
+
+    The midpoints between integers are integers or half-integers, so every x in a cell has the same
+    nearest representable value, that of the cell's centre (t + ½)/2; exact ties go up (round half up).
+    """
+    values = np.arange(1 << magnitude_bits, dtype=np.int64)
+    ok = (values[None, :] & ~masks[:, None]) == 0  # (S, V)
+    centres = (np.arange(2 << magnitude_bits) + 0.5) / 2.0
+    dist = np.abs(centres[None, None, :] - values[None, :, None]) + np.where(ok, 0.0, np.inf)[:, :, None]
+    return values[dist.argmin(axis=1)]  # (S, T)
+
+
+def best_sets(x: np.ndarray, h: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best set per group and the mapped magnitudes, for magnitudes x (M, G) ≥ 0 weighted by h (M, G).
+
+    Exhaustive over the S sets: gather every set's values, weighted squared error, argmin (the first
+    set on ties); chunked over groups so at most CHUNK values are gathered at once.
+    """
+    s, t_len = tables.shape
+    m, g = x.shape
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    ht = torch.from_numpy(np.ascontiguousarray(h, np.float32))
+    cell = torch.clamp((2 * xt).long(), 0, t_len - 1)  # x ≥ 0: truncation is the floor
+    tab = torch.from_numpy(tables.astype(np.float32))
+    best = torch.empty(m, dtype=torch.long)
+    step = max(1, CHUNK // max(s * g, 1))
+    with torch.no_grad():
+        for lo in range(0, m, step):
+            v = tab.index_select(1, cell[lo:lo + step].reshape(-1)).view(s, -1, g)  # (S, m, G)
+            d = v - xt[lo:lo + step]
+            e = torch.einsum("smg,mg->sm", d * d, ht[lo:lo + step])
+            best[lo:lo + step] = e.argmin(0)
+    idx = best.numpy()
+    mags = tables[idx[:, None], cell.numpy()]  # (M, G)
+    return idx, mags
+
+
+# ---------------------------------------------------------------- one layer at one N
+
+@dataclass
+class SwisLayer:
+    """One layer decomposed at one N: integer weights, scales, group sets, errors and schedule."""
+
+    q: np.ndarray  # (C, K) int8: sign · representable magnitude
+    scale: np.ndarray  # (C,)
+    shifts: np.ndarray  # (C, ngroups) bitmask of each group's set
+    errors: np.ndarray  # (C,) output error (w − ŵ)ᵀH(w − ŵ), or squared error without H
+    shared_bits: int
+    schedule: dict[str, Any]
+    order: np.ndarray  # issue order of the C·ngroups groups
+
+
+def _input_weights(op: Op, stats, c: int, k: int, objective: str) -> np.ndarray:
+    """(C, K) per-input weights of the set search: diag(H) of the channel's conv group, or ones."""
+    li = stats.layer_inputs.get(op.name) if stats is not None and objective == "output" else None
+    if li is None:
+        return np.ones((c, k), np.float32)
+    d = np.diagonal(li.hessian, axis1=1, axis2=2)  # (groups, K)
+    return np.repeat(d, c // d.shape[0], axis=0).astype(np.float32)
+
+
+def _decompose(w: np.ndarray, scale: np.ndarray, h: np.ndarray, tables: np.ndarray, masks: np.ndarray,
+               m: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer weights (C, K) and group set masks (C, ngroups) of w on per-channel `scale`."""
+    c, k = w.shape
+    x = np.clip(w / scale[:, None], -m, m)
+    pad = (-k) % group
+    mag = np.pad(np.abs(x), ((0, 0), (0, pad))).reshape(-1, group)
+    hw = np.pad(h, ((0, 0), (0, pad))).reshape(-1, group)
+    idx, mags = best_sets(mag, hw, tables)
+    q = (np.sign(x) * mags.reshape(c, -1)[:, :k]).astype(np.int64)
+    return q, masks[idx].reshape(c, -1)
+
+
+DAMP = 0.01  # error feedback: H + DAMP·mean(diag H)·I, as in GPTQ
+
+
+def feedback_decompose(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, tables: np.ndarray,
+                       masks: np.ndarray, m: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer weights and group sets with error feedback along K (GPTQ/OBS, ours for SWIS).
+
+    Groups are decided left to right, one column of groups at a time for every channel at once:
+    the column's sets are searched on the weights as updated so far, with per-input weights
+    1/[U]_jj² (U the upper Cholesky factor of H⁻¹: the error a rounding leaves after the later inputs
+    compensate it), then each of its G inputs is mapped to the nearest value of its set and its
+    error is pushed onto the inputs not yet decided. The loop runs over the K inputs of a layer;
+    each step is vectorised over all channels (and over the blocks of a grouped or depthwise conv).
+    """
+    c, k = w.shape
+    g = hessian.shape[0]
+    h = torch.from_numpy(np.array(hessian, np.float64))
+    x = torch.from_numpy(w / scale[:, None]).reshape(g, c // g, k).clone()
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    dead = diag <= 0
+    x.masked_fill_(dead[:, None, :], 0.0)  # an input never seen on calibration data: its weight is free
+    h = h + torch.diag_embed(dead.double() + DAMP * diag.mean(1, keepdim=True).clamp_min(1e-12).expand_as(diag))
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (g, K, K)
+    ud = torch.diagonal(u, dim1=1, dim2=2)  # (g, K)
+    tab = torch.from_numpy(tables)
+    q = torch.zeros_like(x)
+    ng = -(-k // group)
+    shifts = np.zeros((c, ng), np.int64)
+    for b in range(ng):
+        lo, hi = b * group, min(k, (b + 1) * group)
+        blk = x[:, :, lo:hi].clamp(-m, m).abs().reshape(c, -1)
+        wts = (1.0 / ud[:, lo:hi] ** 2)[:, None, :].expand(g, c // g, hi - lo).reshape(c, -1)
+        pad = group - (hi - lo)
+        idx, _ = best_sets(np.pad(blk.numpy(), ((0, 0), (0, pad))), np.pad(wts.numpy(), ((0, 0), (0, pad))), tables)
+        shifts[:, b] = masks[idx]
+        sel = tab[torch.from_numpy(idx)].reshape(g, c // g, -1)  # (g, C/g, T): each channel's table
+        for j in range(lo, hi):
+            xj = x[:, :, j].clamp(-m, m)
+            cell = (2 * xj.abs()).long().clamp(0, tab.shape[1] - 1)
+            qj = torch.sign(xj) * torch.gather(sel, 2, cell[..., None])[..., 0].double()
+            q[:, :, j] = qj
+            e = (x[:, :, j] - qj) / ud[:, None, j]
+            x[:, :, j + 1:] -= e[..., None] * u[:, None, j, j + 1:]
+    return q.reshape(c, k).numpy().astype(np.int64), shifts
+
+
+SCALE_SPAN = 4.0  # the re-searched scales span this factor below the no-clipping scale
+REFITS = 2  # least-squares scale refits after the grid
+
+
+def scale_ratios(bits: int, shared_bits: int, truncate: bool, n: int) -> np.ndarray:
+    """Ratios r of max|w|/qmax tried as scales: geometric from u/SCALE_SPAN to u.
+
+    u = qmax / (largest magnitude any set represents: the N most significant positions), so that
+    at r = u a channel's largest weight is representable without clipping. Scaling by 2 shifts
+    every position by one, so one octave already reaches every relative placement of the sets;
+    the second octave allows the heavier clipping that output error prefers on heavy-tailed layers.
+    """
+    if n <= 0:
+        return np.zeros(0)
+    m = qmax(bits)
+    top = int(position_sets(bits - 1, shared_bits, True)[0])
+    u = m / top
+    return np.geomspace(u / SCALE_SPAN, u, n)
+
+
+class _Best:
+    """Per channel, the decomposition with the least output error among the scales offered so far."""
+
+    def __init__(self, c: int):
+        self.e = np.full(c, np.inf)
+        self.q = self.s = self.shifts = None
+
+    def offer(self, w: np.ndarray, s: np.ndarray, err: OutputError, h: np.ndarray, tables: np.ndarray,
+              masks: np.ndarray, m: int, group: int) -> None:
+        q, shifts = _decompose(w, s, h, tables, masks, m, group)
+        self.consider(w, q, s, shifts, err)
+
+    def consider(self, w: np.ndarray, q: np.ndarray, s: np.ndarray, shifts: np.ndarray, err: OutputError) -> None:
+        e = err((w - q * s[:, None]).astype(np.float32))
+        if self.q is None:
+            self.q, self.s, self.shifts, self.e = q, s.copy(), shifts, e
+            return
+        better = e < self.e
+        self.q = np.where(better[:, None], q, self.q)
+        self.s = np.where(better, s, self.s)
+        self.shifts = np.where(better[:, None], shifts, self.shifts)
+        self.e = np.where(better, e, self.e)
+
+    def refit(self, w: np.ndarray, err: OutputError, h: np.ndarray, tables: np.ndarray, masks: np.ndarray,
+              m: int, group: int, decompose: bool = True) -> None:
+        """Least-squares scale for the current integers, s·(xᵀHq)/(qᵀHq) with x = w/s (kept where it
+        lowers the error, which it does unless rounding says otherwise), then decompose again there."""
+        q = self.q.astype(np.float32)
+        x = (w / self.s[:, None]).astype(np.float32)
+        qq = err(q)
+        xq = (err(x + q) - err(x - q)) / 4.0  # polarization: xᵀHq from the error evaluator alone
+        t = np.where(qq > 0, xq / np.maximum(qq, 1e-30), 1.0)
+        s = self.s * np.where(t > 0, t, 1.0)
+        e = err((w - self.q * s[:, None]).astype(np.float32))
+        better = e < self.e
+        self.s = np.where(better, s, self.s)
+        self.e = np.where(better, e, self.e)
+        if decompose:
+            self.offer(w, self.s.copy(), err, h, tables, masks, m, group)
+
+
+def swis_layer(op: Op, stats, bits: int, group: int, shared_bits: int, lanes: int, truncate: bool,
+               scale_grid: int, objective: str, base: np.ndarray | None = None, feedback: bool = False) -> SwisLayer:
+    """Decompose one conv/linear layer (see the module docstring); `base`: its b₀-bit clipping scale if known."""
+    c, k = op.weight_matrix_shape
+    w = op.weight.reshape(c, k).astype(np.float64)
+    m = qmax(bits)
+    err: OutputError = layer_error(op, stats, output_error=objective == "output")
+    masks = position_sets(bits - 1, shared_bits, truncate)
+    tables = nearest_tables(masks, bits - 1)
+    h = _input_weights(op, stats, c, k, objective)
+    amax = np.abs(w).max(1)
+    amax = np.where(amax > 0, amax, 1.0)
+    best = _Best(c)
+    ratios = scale_ratios(bits, shared_bits, truncate, scale_grid)
+    if len(ratios) == 0:  # the b₀-bit output-error clipping scale, as is
+        best.offer(w, clip_search(w, bits, err) if base is None else base, err, h, tables, masks, m, group)
+    for r in ratios:  # coarse: the same ratios for every channel
+        best.offer(w, amax * r / m, err, h, tables, masks, m, group)
+    if len(ratios) > 1:  # fine: between the coarse neighbours of each channel's best
+        step = ratios[1] / ratios[0]
+        centre = best.s.copy()
+        for f in np.geomspace(1 / step, step, scale_grid // 2 + 3)[1:-1]:
+            best.offer(w, centre * f, err, h, tables, masks, m, group)
+        for _ in range(REFITS):
+            best.refit(w, err, h, tables, masks, m, group)
+    li = stats.layer_inputs.get(op.name) if stats is not None and objective == "output" else None
+    if feedback and li is not None:  # error feedback at each channel's best scale; kept where it helps
+        q, shifts = feedback_decompose(w, best.s, li.hessian, tables, masks, m, group)
+        best.consider(w, q, best.s.copy(), shifts, err)
+        best.refit(w, err, h, tables, masks, m, group, decompose=False)
+    best_q, best_s, best_shift, best_e = best.q, best.s, best.shifts, best.e
+    positions = max(1, int(op.attrs.get("macs", c * k)) // (c * k))
+    summary, order = bitserial.layer_schedule(best_q, group, lanes, shared_bits, bits, positions)
+    return SwisLayer(best_q.astype(np.int8), best_s, best_shift, best_e, shared_bits, summary, order)
+
+
+def build(layer: SwisLayer, op: Op, bits: int, group: int, positions: str) -> WeightQuant:
+    """The layer's WeightQuant: one integer term, the scheme's scalar fields and its extra tensors."""
+    scheme = {"scheme": "swis", "bits": bits, "group": group, "shared_bits": layer.shared_bits,
+              "narrow_range": True, "positions": positions, **layer.schedule}
+    extra = {"shifts": layer.shifts.astype(np.int32), "order": layer.order.astype(np.int32)}
+    q = layer.q.astype(np.int64).reshape(op.weight.shape)
+    return WeightQuant(scheme, [(q, layer.scale)], bitserial.storage_bits(bits, layer.shared_bits, group), extra)
+
+
+# ---------------------------------------------------------------- the method
+
+def _check_n(n: int, bits: int, key: str, layer: str) -> None:
+    if n >= bits:
+        raise RecipeError(f"swis.{key} = {n} for layer {layer} must be below swis.bits = {bits} "
+                          f"(a group keeps N of the {bits - 1} magnitude positions)")
+
+
+@register("swis")
+def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
+    sw = recipe["swis"]
+    bits, group, lanes = sw["bits"], sw["group"], sw["lanes"]
+    truncate = sw["positions"] == "truncate"
+    first, last = first_last(graph)
+    ops = graph.weighted_ops()
+
+    def run(op: Op, n: int, base: np.ndarray | None = None) -> SwisLayer:
+        return swis_layer(op, stats, bits, group, n, lanes, truncate, sw["scale_grid"], sw["objective"], base,
+                          sw["feedback"])
+
+    budgeted = sw["cycles"] > 0 or sw["mean_weight_bits"] > 0
+    if sw["mode"] == "fixed" and not budgeted:
+        out = {}
+        cycles = {}
+        for op in ops:
+            n = layer_setting(recipe, "swis.shared_bits", op.name, first, last)
+            _check_n(n, bits, "shared_bits", op.name)
+            lay = run(op, n)
+            out[op.name] = build(lay, op, bits, group, sw["positions"])
+            cycles[op.name] = lay.schedule
+        return LayerWeights(out, {"swis": {"mode": "fixed", **bitserial.totals(cycles)}})
+
+    if not budgeted:
+        raise RecipeError("swis.mode = 'allocate' needs a budget: set swis.cycles (fraction of the b₀-cycle baseline) "
+                          "and/or swis.mean_weight_bits")
+    layers = []
+    for op in ops:
+        lo = layer_setting(recipe, "swis.min_shared_bits", op.name, first, last)
+        hi = min(layer_setting(recipe, "swis.max_shared_bits", op.name, first, last), bits - 1)
+        _check_n(lo, bits, "min_shared_bits", op.name)
+        if lo > hi:
+            raise RecipeError(f"swis.min_shared_bits = {lo} exceeds swis.max_shared_bits = {hi} for layer {op.name}")
+        c, k = op.weight_matrix_shape
+        w = op.weight.reshape(c, k).astype(np.float32)
+        err = layer_error(op, stats, output_error=sw["objective"] == "output")
+        weight = error_weights(op, stats, err, w)
+        base = None if sw["scale_grid"] else clip_search(w.astype(np.float64), bits, err)
+        cands = []
+        for n in range(lo, hi + 1):
+            lay = run(op, n, base)
+            cost = {"cycles": float(lay.schedule["cycles"]),
+                    "weight_bits": float(c * k * bitserial.storage_bits(bits, n, group))}
+            cands.append(Candidate({"shared_bits": n}, float(np.sum(weight * lay.errors)), cost, 0, (lay, op)))
+        layers.append(LayerChoices(op.name, None, cands))
+    budgets = {}
+    params = sum(float(op.weight.size) for op in ops)
+    base_cycles = sum(float(lc.candidates[0].payload[0].schedule["baseline_cycles"]) for lc in layers)
+    if sw["cycles"] > 0:
+        budgets["cycles"] = sw["cycles"] * base_cycles
+    if sw["mean_weight_bits"] > 0:
+        budgets["weight_bits"] = sw["mean_weight_bits"] * params
+
+    try:
+        a = allocate(layers, budgets)
+    except BudgetError as exc:
+        if exc.key == "cycles":
+            least = exc.least / base_cycles
+            raise BudgetError(f"swis.cycles = {sw['cycles']:g} cannot be met: the least is {least:.4f} of the baseline "
+                              f"cycles; set swis.cycles >= {least:.4f}", "swis.cycles", least) from exc
+        if exc.key == "weight_bits":
+            least = exc.least / params
+            raise BudgetError(f"swis.mean_weight_bits = {sw['mean_weight_bits']:g} cannot be met: the least is {least:.3f}; "
+                              f"set swis.mean_weight_bits >= {least:.3f}", "swis.mean_weight_bits", least) from exc
+        raise
+    out, cycles = {}, {}
+    for name, cand in a.choice.items():
+        lay, op = cand.payload
+        out[name] = build(lay, op, bits, group, sw["positions"])
+        cycles[name] = lay.schedule
+    info = {"swis": {"mode": "allocate", **bitserial.totals(cycles),
+                     "shared_bits": {k: c.knobs["shared_bits"] for k, c in a.choice.items()}},
+            "allocator": a.summary()}
+    return LayerWeights(out, info)
+
+
+# ---------------------------------------------------------------- the manifest check
+
+SCHEDULE_KEYS = ("cycles", "cycles_unsorted", "dense_cycles", "baseline_cycles")
+
+
+@scheme_check("swis")
+def _swis(m, w: dict, where: str) -> None:
+    """Shapes of the group tensors, every weight representable by its group's set, the schedule's cycles."""
+    bits = w["bits"]
+    if len(w["terms"]) != 1:
+        raise fail(f"{where}.terms", "a swis weight has exactly one term")
+    g = need(w, "group", int, where)
+    if g < 1:
+        raise fail(f"{where}.group", f"must be positive, got {g}")
+    n = need(w, "shared_bits", int, where)
+    if not 1 <= n <= bits - 1:
+        raise fail(f"{where}.shared_bits", f"must be 1..{bits - 1} (bits − 1), got {n}")
+    lanes = need(w, "lanes", int, where)
+    if lanes < 1:
+        raise fail(f"{where}.lanes", f"must be positive, got {lanes}")
+    shape = w["shape"]
+    c, k = shape[0], int(np.prod(shape[1:]))
+    ng = -(-k // g)
+    extra = need(w, "extra", dict, where)
+    shifts = tensor(m, extra.get("shifts"), f"{where}.extra.shifts", "int", (c, ng)).astype(np.int64)
+    if shifts.size and (shifts.min() < 0 or shifts.max() >= 1 << (bits - 1)):
+        raise fail(f"{where}.extra.shifts", f"bitmasks must lie in [0, 2^{bits - 1}), got {int(shifts.min())}..{int(shifts.max())}")
+    pc = bitserial.popcount(shifts)
+    if pc.size and pc.max() > n:
+        ci, gi = np.unravel_index(int(pc.argmax()), pc.shape)
+        raise fail(f"{where}.extra.shifts", f"group ({ci}, {gi}) has {int(pc.max())} positions, more than shared_bits = {n}")
+    q = m.tensor(w["terms"][0]["q"]).reshape(c, -1)
+    bad = bitserial.unrepresentable(q, shifts, g)
+    if bad.any():
+        ci, gi, j = (int(v) for v in np.argwhere(bad)[0])
+        kk = gi * g + j
+        raise fail(f"{where}.terms[0].q", f"weight [{ci}, {kk}] = {int(q[ci, kk])} is not representable by its group's "
+                                          f"shift set {int(shifts[ci, gi]):#b} (extra.shifts[{ci}, {gi}]); "
+                                          f"{int(bad.sum())} weight(s) are not")
+    order = tensor(m, extra.get("order"), f"{where}.extra.order", "int", (c * ng,)).astype(np.int64)
+    if not np.array_equal(np.sort(order), np.arange(c * ng)):
+        raise fail(f"{where}.extra.order", f"must be a permutation of the {c * ng} groups")
+    pos = need(w, "out_positions", int, where)
+    summary, _ = bitserial.layer_schedule(q, g, lanes, n, bits, pos, order)
+    for key in SCHEDULE_KEYS:
+        got = need(w, key, int, where)
+        if got != summary[key]:
+            raise fail(f"{where}.{key}", f"is {got} but the weights and schedule give {summary[key]}")
+    bpw = need(w, "bits_per_weight", (int, float), where)
+    want = bitserial.storage_bits(bits, n, g)
+    if abs(bpw - want) > 1e-9:
+        raise fail(f"{where}.bits_per_weight", f"is {bpw:g}, expected 1 + N + N·⌈log2(bits−1)⌉/group = {want:g}")
