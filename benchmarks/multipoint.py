@@ -23,6 +23,8 @@ import torch
 
 import ptq
 
+from .variants import fidelity_row, prepare_model
+
 MP_PINS = ["first", "*_depthwise_conv", "_blocks.[0-5].*"]  # the multipoint recipe's 8-bit layers
 
 
@@ -43,17 +45,6 @@ def variants() -> list[tuple[str, object, dict]]:
         ("multipoint (random channels)", "multipoint", {"multipoint.channel_choice": "random"}),
         ("multipoint (16-bit logits)", "multipoint", {"activations.output_bits": 16}),
     ]
-
-
-def row(model: str, label: str, recipe, over: dict, calib: int, evals: int) -> dict:
-    weights = None if model == "efficientnet_lite0" else "random"
-    t = time.perf_counter()
-    qm = ptq.quantize(model, "samples", recipe, weights=weights, calib_size=calib, eval_size=evals, overrides=over)
-    f, num = qm.report["fidelity"], qm.manifest.data["verification"]["numeric"]
-    return {"model": model, "variant": label, "mean_weight_bits": qm.report["mean_weight_bits"],
-            "top1_agreement": f["top1_agreement"], "top5_agreement": f["top5_agreement"], "kl": f["kl"],
-            "sqnr_db": f["sqnr_db"], "verified": bool(num["ok"]),
-            "sim_vs_reference_top1": num["top1_agreement_sim_vs_reference"], "seconds": time.perf_counter() - t}
 
 
 def resnet50_ratio(calib: int) -> dict:
@@ -86,8 +77,9 @@ def main() -> None:
     print("| model | variant | mean bits | top-1 agr. % | top-5 agr. % | KL | SQNR dB | verified (sim vs ref top-1 %) |")
     print("|---|---|---|---|---|---|---|---|")
     for m in a.models.split(","):
+        prep = prepare_model(m, a.calib_size, a.eval_size)
         for label, recipe, over in variants():
-            r = row(m, label, recipe, over, a.calib_size, a.eval_size)
+            r = fidelity_row(prep, label, recipe, over)
             rows.append(r)
             print(f"| {m} | {label} | {r['mean_weight_bits']:.2f} | {r['top1_agreement']:.1f} | {r['top5_agreement']:.1f} | "
                   f"{r['kl']:.4f} | {r['sqnr_db']:.1f} | {r['verified']} ({r['sim_vs_reference_top1']:.1f}) |", flush=True)
