@@ -10,13 +10,7 @@ weights alone). resnet18 runs with random weights unless torchvision weights are
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
-
-import torch
-
-from .variants import fidelity_row, prepare_model
+from .variants import FIDELITY, table_main
 
 
 def uniform_everywhere(bits: int) -> dict:
@@ -38,29 +32,15 @@ def planes(qm) -> dict:
     return {"slice2_sparsity": qm.manifest.data.get("method_info", {}).get("slice2_sparsity")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="efficientnet_lite0,resnet18")
+def bits_arg(ap) -> None:
     ap.add_argument("--bits", default="4,3")
-    ap.add_argument("--calib-size", type=int, default=64)
-    ap.add_argument("--eval-size", type=int, default=256)
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    rows = []
-    print("| model | variant | mean bits | compression | top-1 agr. % | KL | SQNR dB | 2-bit slice sparsity % | verified |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for m in a.models.split(","):
-        prep = prepare_model(m, a.calib_size, a.eval_size)
-        for label, recipe, over in variants([int(b) for b in a.bits.split(",")]):
-            r = fidelity_row(prep, label, recipe, over, planes)
-            rows.append(r)
-            sp = "-" if r["slice2_sparsity"] is None else f"{100 * r['slice2_sparsity']:.1f}"
-            print(f"| {m} | {label} | {r['mean_weight_bits']:.2f} | {32 / r['mean_weight_bits']:.1f}x | {r['top1_agreement']:.1f} | "
-                  f"{r['kl']:.4f} | {r['sqnr_db']:.1f} | {sp} | {r['verified']} |", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(), "rows": rows},
-                      f, indent=1, sort_keys=True)
+
+
+def main() -> None:
+    table_main(__doc__, "efficientnet_lite0,resnet18", lambda prep, a: variants([int(b) for b in a.bits.split(",")]),
+               [("mean bits", lambda r: f"{r['mean_weight_bits']:.2f}"), ("compression", lambda r: f"{32 / r['mean_weight_bits']:.1f}x"),
+                *FIDELITY, ("2-bit slice sparsity %", lambda r: "-" if r["slice2_sparsity"] is None else f"{100 * r['slice2_sparsity']:.1f}")],
+               planes, bits_arg)
 
 
 if __name__ == "__main__":

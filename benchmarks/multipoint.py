@@ -15,15 +15,13 @@ lines give quantize time over one FP32 pass of the calibration data for resnet50
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
 
 import ptq
 
-from .variants import fidelity_row, prepare_model
+from .variants import FIDELITY, table_main
 
 MP_PINS = ["first", "*_depthwise_conv", "_blocks.[0-5].*"]  # the multipoint recipe's 8-bit layers
 
@@ -65,32 +63,22 @@ def resnet50_ratio(calib: int) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="efficientnet_lite0,resnet18")
-    ap.add_argument("--calib-size", type=int, default=64)
-    ap.add_argument("--eval-size", type=int, default=256)
+def skip_arg(ap) -> None:
     ap.add_argument("--skip-resnet50", action="store_true")
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    rows = []
-    print("| model | variant | mean bits | top-1 agr. % | top-5 agr. % | KL | SQNR dB | verified (sim vs ref top-1 %) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for m in a.models.split(","):
-        prep = prepare_model(m, a.calib_size, a.eval_size)
-        for label, recipe, over in variants():
-            r = fidelity_row(prep, label, recipe, over)
-            rows.append(r)
-            print(f"| {m} | {label} | {r['mean_weight_bits']:.2f} | {r['top1_agreement']:.1f} | {r['top5_agreement']:.1f} | "
-                  f"{r['kl']:.4f} | {r['sqnr_db']:.1f} | {r['verified']} ({r['sim_vs_reference_top1']:.1f}) |", flush=True)
-    out = {"date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def resnet50_rows(a, out: dict) -> None:
     if not a.skip_resnet50:
         out["resnet50_quantize_over_fp32_pass"] = r50 = resnet50_ratio(a.calib_size)
         print("\nresnet50 (random weights): quantize / one FP32 calibration pass = "
               + ", ".join(f"{k} {v:.1f}×" for k, v in r50.items()))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1, sort_keys=True)
+
+
+def main() -> None:
+    table_main(__doc__, "efficientnet_lite0,resnet18", lambda prep, a: variants(),
+               [("mean bits", lambda r: f"{r['mean_weight_bits']:.2f}"), ("top-5 agr. %", lambda r: f"{r['top5_agreement']:.1f}"),
+                *FIDELITY, ("sim vs ref top-1 %", lambda r: f"{r['sim_vs_reference_top1']:.1f}")],
+               add_args=skip_arg, after=resnet50_rows)
 
 
 if __name__ == "__main__":

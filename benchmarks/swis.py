@@ -15,13 +15,7 @@ unless torchvision weights are in the hub cache: its figures measure quantizatio
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
-
-import torch
-
-from .variants import fidelity_row, prepare_model
+from .variants import FIDELITY, table_main
 
 PINS = ["first", "*_depthwise_conv"]  # efficientnet_lite0 names; mobilenet_v2's depthwise are matched by kind
 STEM_ONLY = [{"layers": ["first"], "swis": {"shared_bits": 7, "min_shared_bits": 7}}]
@@ -58,29 +52,16 @@ def cycles(qm) -> dict:
             "unsorted_vs_baseline": info["cycles_unsorted"] / max(info["baseline_cycles"], 1)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="efficientnet_lite0,mobilenet_v2")
+def shared_bits_arg(ap) -> None:
     ap.add_argument("--shared-bits", default="3,2")
-    ap.add_argument("--calib-size", type=int, default=64)
-    ap.add_argument("--eval-size", type=int, default=256)
-    ap.add_argument("--json")
-    a = ap.parse_args()
-    rows = []
-    print("| model | variant | storage bits | top-1 agr. % | KL | SQNR dB | cycles / 8-bit serial (unsorted) | verified |")
-    print("|---|---|---|---|---|---|---|---|")
-    for m in a.models.split(","):
-        prep = prepare_model(m, a.calib_size, a.eval_size)
-        for label, recipe, over in variants(prep, [int(n) for n in a.shared_bits.split(",")]):
-            r = fidelity_row(prep, label, recipe, over, cycles)
-            rows.append(r)
-            cyc = "-" if r["cycles_vs_baseline"] is None else f"{r['cycles_vs_baseline']:.3f} ({r['unsorted_vs_baseline']:.3f})"
-            print(f"| {m} | {label} | {r['mean_weight_bits']:.2f} | {r['top1_agreement']:.1f} | {r['kl']:.4f} | "
-                  f"{r['sqnr_db']:.1f} | {cyc} | {r['verified']} |", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(), "rows": rows},
-                      f, indent=1, sort_keys=True)
+
+
+def main() -> None:
+    table_main(__doc__, "efficientnet_lite0,mobilenet_v2", lambda prep, a: variants(prep, [int(n) for n in a.shared_bits.split(",")]),
+               [("storage bits", lambda r: f"{r['mean_weight_bits']:.2f}"), *FIDELITY,
+                ("cycles / 8-bit serial (unsorted)", lambda r: "-" if r["cycles_vs_baseline"] is None
+                 else f"{r['cycles_vs_baseline']:.3f} ({r['unsorted_vs_baseline']:.3f})")],
+               cycles, shared_bits_arg)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ with fidelity against FP32 on the same held-out sample crops.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
+
+import torch
 
 from ptq.api import Prepared, QuantizedModel, prepare, quantize_prepared
 
@@ -33,3 +37,40 @@ def fidelity_row(prep: Prepared, label: str, recipe: Any, over: dict,
     if extra is not None:
         row.update(extra(qm))
     return row
+
+
+Column = tuple[str, Callable[[dict], str]]
+FIDELITY: list[Column] = [("top-1 agr. %", lambda r: f"{r['top1_agreement']:.1f}"), ("KL", lambda r: f"{r['kl']:.4f}"),
+                          ("SQNR dB", lambda r: f"{r['sqnr_db']:.1f}")]
+
+
+def table_main(doc: str, default_models: str, variants: Callable[[Prepared, argparse.Namespace], Iterable[tuple[str, Any, dict]]],
+               columns: list[Column], extra: Callable[[QuantizedModel], dict] | None = None,
+               add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+               after: Callable[[argparse.Namespace, dict], None] | None = None) -> None:
+    """The command line of a method benchmark: per model, prepare once, one markdown row per variant
+    (printed as it lands), `after` for measurements beyond the table, and optionally everything as
+    JSON with the date and thread count."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--models", default=default_models)
+    ap.add_argument("--calib-size", type=int, default=64)
+    ap.add_argument("--eval-size", type=int, default=256)
+    ap.add_argument("--json")
+    if add_args:
+        add_args(ap)
+    a = ap.parse_args()
+    cols: list[Column] = [("model", lambda r: r["model"]), ("variant", lambda r: r["variant"]), *columns,
+                          ("verified", lambda r: str(r["verified"]))]
+    print("| " + " | ".join(c[0] for c in cols) + " |\n|" + "---|" * len(cols))
+    rows = []
+    for m in a.models.split(","):
+        prep = prepare_model(m, a.calib_size, a.eval_size)
+        for label, recipe, over in variants(prep, a):
+            rows.append(fidelity_row(prep, label, recipe, over, extra))
+            print("| " + " | ".join(f(rows[-1]) for _, f in cols) + " |", flush=True)
+    out = {"date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(), "rows": rows}
+    if after:
+        after(a, out)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1, sort_keys=True)

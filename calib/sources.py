@@ -5,7 +5,6 @@ collected in bounded memory however many images there are.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -139,11 +138,6 @@ def folder_source(path: Path, n: int | None, pre: Preprocess, seed: int) -> Data
     if skipped:
         from .progress import console
         console.print(f"[yellow]warning:[/] skipped {skipped} of {len(files)} image files in {path} that could not be decoded")
-    labels = None
-    subdirs = sorted({f.parent.name for f in good})
-    if all(f.parent != path for f in good) and len(subdirs) > 1:
-        labels = np.asarray([subdirs.index(f.parent.name) for f in good])
-
     def get(start: int, stop: int) -> np.ndarray:
         return np.stack([pre.apply(_center_crop(_load_rgb(f), pre)) for f in good[start:stop]])
 

@@ -61,6 +61,7 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
         "allocation": _allocation(m.data.get("method_info", {})),
         "compression": f"{32.0 / max(ws['mean_weight_bits'], 1e-9):.2f}x (32-bit floats / mean weight bits)",
         "bit_planes": _bitplanes(m),
+        "bit_serial": _bitserial(m),
         "batchnorm_folded": f"{bn} BatchNorm layers folded into the preceding convolutions",
         "float_islands": "none",
         "bias_correction": f"{r['bias_correction']['mode']} ({corrected} of {len(layers)} layers corrected)",
@@ -96,13 +97,44 @@ def _bitplanes(m: Manifest) -> str:
             f"non-empty MSB planes clipped in {clipped}; mean LSB planes dropped {lsb:.2f} (planes.png)")
 
 
+def _swis_layers(m: Manifest) -> list[dict]:
+    return [op for op in m.weighted_ops() if op["weight"]["scheme"] == "swis"]
+
+
+def _bitserial(m: Manifest) -> str:
+    """SWIS totals: bit-serial cycles per sample against the b₀-cycle baseline and the N-cycle cost of
+    truncation (every group N cycles, no skipping)."""
+    ops = _swis_layers(m)
+    if not ops:
+        return "-"
+    tot = {k: sum(op["weight"][k] for op in ops) for k in ("cycles", "cycles_unsorted", "dense_cycles", "baseline_cycles")}
+    w = ops[0]["weight"]
+    return (f"{tot['cycles']:,} cycles per sample on {w['lanes']} lock-stepped lanes of G = {w['group']}: "
+            f"{tot['cycles'] / max(tot['baseline_cycles'], 1):.3f} of the {w['bits']}-cycle bit-serial baseline "
+            f"({tot['baseline_cycles']:,}), {tot['cycles'] / max(tot['dense_cycles'], 1):.3f} of truncation's N cycles per group "
+            f"({tot['dense_cycles']:,}); unsorted issue order {tot['cycles_unsorted']:,}")
+
+
+def _bitserial_table(m: Manifest) -> list[str]:
+    ops = _swis_layers(m)
+    if not ops:
+        return []
+    lines = ["", "## Bit-serial schedule (cycles per sample)", "",
+             "| layer | N | cycles | unsorted | truncation (N per group) | baseline |", "|---|---|---|---|---|---|"]
+    for op in ops:
+        w = op["weight"]
+        lines.append(f"| {op['name']} | {w['shared_bits']} | {w['cycles']:,} | {w['cycles_unsorted']:,} | "
+                     f"{w['dense_cycles']:,} | {w['baseline_cycles']:,} |")
+    return lines
+
+
 def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | None = None) -> str:
     f = card_fields(m, fidelity, verification)
     lines = [f"# Quantization card — {m.data['model']['name']} / {f['recipe']}", "",
              "| choice | value |", "|---|---|"]
     for key in ("model", "method", "recipe", "weights", "weight_clipping", "activations", "rounding",
                 "first_layer_bits", "last_layer_bits", "quantized_tensors", "mean_weight_bits", "max_weight_bits",
-                "compression", "bit_planes", "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
+                "compression", "bit_planes", "bit_serial", "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
         v = f[key]
         v = f"{v:.3f}" if isinstance(v, float) else v
         lines.append(f"| {key.replace('_', ' ')} | {v} |")
@@ -122,6 +154,7 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
                   f"- level 2 (integer simulator vs fake-quant reference, {num.get('samples')} samples): "
                   f"{'ok' if num.get('ok') else 'FAILED'} — min share within 1 LSB {num.get('min_share_within_1lsb', 0):.5f}, "
                   f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}%"]
+    lines += _bitserial_table(m)
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ in the documented order: bias first, then the K products of the patch in (c, kh,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -12,7 +12,6 @@ agreement in float32, 100% in float64, at 1.9x the time).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .graph import execute

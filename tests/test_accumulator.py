@@ -118,7 +118,7 @@ def test_naive_mode_picks_one_width_pair_for_every_layer(digits):
 
 def test_infeasible_size_budget_says_the_least_that_works(digits, tmp_path, capsys):
     from ptq.cli import main
-    from tests_support import tiny_model
+    from benchmarks.reliability import tiny as tiny_model
     model, xtr, *_ = digits
     with pytest.raises(ptq.errors.BudgetError, match=r"allocator.mean_weight_bits = 1.5 cannot be met with 16-bit accumulators .*the least is 2.000"):
         ptq.quantize(model, xtr[:64], "acc16", overrides={"allocator.mean_weight_bits": 1.5}, eval_data=np.asarray(xtr[:16]))

@@ -18,7 +18,7 @@ def run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    from tests_support import tiny_model
+    from benchmarks.reliability import tiny as tiny_model
     d = tmp_path_factory.mktemp("m")
     torch.save(tiny_model(), d / "tiny.pt")
     np.save(d / "calib.npy", np.random.default_rng(0).normal(size=(32, 1, 8, 8)).astype(np.float32))

@@ -117,6 +117,10 @@ def test_swis_digits_keeps_agreement_and_every_weight_is_representable(digits, d
         assert w["cycles"] <= w["cycles_unsorted"] <= w["dense_cycles"] <= w["baseline_cycles"]
     info = m.data["method_info"]["swis"]
     assert info["cycles"] == sum(op["weight"]["cycles"] for op in ops)
+    card = qm.card()
+    assert f"{info['cycles']:,} cycles per sample" in card and "of the 8-cycle bit-serial baseline" in card
+    assert card.count("\n| ") >= len(ops)  # one schedule row per layer
+    assert f"| {ops[1]['name']} | {ops[1]['weight']['shared_bits']} | {ops[1]['weight']['cycles']:,} |" in card
 
 
 def test_corrupted_swis_manifest_is_refused(digits_swis, tmp_path):

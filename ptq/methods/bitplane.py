@@ -29,7 +29,7 @@ from ..errors import BudgetError, RecipeError
 from ..graph import Graph, Op
 from ..intmath import round_half_up
 from ..recipe import Field, layer_setting, register_section
-from ..weightquant import OutputError, clip_search, qmax, quantize_symmetric
+from ..weightquant import OutputError, clip_search, quantize_symmetric
 from . import register
 from .base import LayerWeights, WeightQuant, error_weights, first_last, layer_error
 
