@@ -24,6 +24,8 @@ import ptq
 from ptq.api import as_source
 from ptq.simulator import Simulator
 
+from .variants import fidelity_row, prepare_model
+
 
 def overflows(m, xs: list[torch.Tensor], p: int) -> dict[str, int]:
     out = {}
@@ -36,31 +38,30 @@ def overflows(m, xs: list[torch.Tensor], p: int) -> dict[str, int]:
     return out
 
 
-def row(model: str, p: int, naive: bool, calib: int, evals: int) -> dict:
-    weights = None if model == "efficientnet_lite0" else "random"
+def row(prep, p: int, naive: bool, calib: int, evals: int) -> dict:
     over = {"accumulator.bits": p, "allocator.min_input_bits": 3 if p <= 12 else 4}
     if naive:
         over["allocator.mode"] = "naive"
-    t = time.perf_counter()
+    variant = "naive" if naive else "allocator"
+
+    def accumulators(qm) -> dict:
+        m = qm.manifest
+        spec = m.data["model"]
+        xs = [as_source("samples", spec, calib, 0, "calib").tensor(), as_source("samples:eval", spec, evals, 0, "eval").tensor()]
+        ov = overflows(m, xs, p)
+        ops = m.weighted_ops()
+        info = m.data.get("method_info", {})
+        alloc = info.get("allocator") if isinstance(info.get("allocator"), dict) else None
+        return {"P": p, "mean_input_bits": float(np.mean([m.encoding(o["inputs"][0])["bits"] for o in ops])),
+                "overflows_wrap": ov["wrap"], "overflows_saturate": ov["saturate"],
+                "data_free_ok": all(o["accumulator"]["data_free_bits"] <= p for o in ops),
+                "solver": alloc["solver"] if alloc else "naive", "solve_s": alloc["seconds"] if alloc else None,
+                "naive_pair": [info.get("weight_bits"), info.get("input_bits")] if naive else None}
+
     try:
-        qm = ptq.quantize(model, "samples", "acc16", weights=weights, calib_size=calib, eval_size=evals, overrides=over)
+        return fidelity_row(prep, variant, "acc16", over, accumulators)
     except ptq.PtqError as exc:
-        return {"model": model, "P": p, "variant": "naive" if naive else "allocator", "error": str(exc)}
-    secs = time.perf_counter() - t
-    m, f = qm.manifest, qm.report["fidelity"]
-    spec = m.data["model"]
-    xs = [as_source("samples", spec, calib, 0, "calib").tensor(), as_source("samples:eval", spec, evals, 0, "eval").tensor()]
-    ov = overflows(m, xs, p)
-    ops = m.weighted_ops()
-    info = m.data.get("method_info", {})
-    return {"model": model, "P": p, "variant": "naive" if naive else "allocator", "mean_weight_bits": qm.report["mean_weight_bits"],
-            "mean_input_bits": float(np.mean([m.encoding(o["inputs"][0])["bits"] for o in ops])),
-            "top1_agreement": f["top1_agreement"], "kl": f["kl"], "sqnr_db": f["sqnr_db"],
-            "overflows_wrap": ov["wrap"], "overflows_saturate": ov["saturate"],
-            "data_free_ok": all(o["accumulator"]["data_free_bits"] <= p for o in ops),
-            "solver": info.get("allocator", {}).get("solver") if isinstance(info.get("allocator"), dict) else "naive",
-            "solve_s": info.get("allocator", {}).get("seconds") if isinstance(info.get("allocator"), dict) else None,
-            "naive_pair": [info.get("weight_bits"), info.get("input_bits")] if naive else None, "seconds": secs}
+        return {"model": prep.model.spec["name"], "P": p, "variant": variant, "error": str(exc)}
 
 
 def main() -> None:
@@ -76,9 +77,10 @@ def main() -> None:
     print("| model | P | variant | mean weight bits | mean input bits | top-1 agr. % | KL | SQNR dB | overflows wrap / saturate (calib + held-out) | data-free bound, every channel | solver (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in a.models.split(","):
+        prep = prepare_model(model, a.calib_size, a.eval_size)
         for p in [int(b) for b in a.bits.split(",")]:
             for naive in (False, True):
-                r = row(model, p, naive, a.calib_size, a.eval_size)
+                r = row(prep, p, naive, a.calib_size, a.eval_size)
                 rows.append(r)
                 if "error" in r:
                     print(f"| {model} | {p} | {r['variant']} | — | — | — | — | — | — | — | {r['error']} |", flush=True)

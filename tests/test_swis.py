@@ -117,6 +117,9 @@ def test_swis_digits_keeps_agreement_and_every_weight_is_representable(digits, d
         assert w["cycles"] <= w["cycles_unsorted"] <= w["dense_cycles"] <= w["baseline_cycles"]
     info = m.data["method_info"]["swis"]
     assert info["cycles"] == sum(op["weight"]["cycles"] for op in ops)
+    # the shipped recipe: N per layer, no more cycles or storage than N = 3 everywhere
+    assert info["mode"] == "allocate" and info["cycles"] <= 3 / 8 * info["baseline_cycles"]
+    assert qm.report["mean_weight_bits"] <= bitserial.storage_bits(8, 3, 8) + 1e-9
     card = qm.card()
     assert f"{info['cycles']:,} cycles per sample" in card and "of the 8-cycle bit-serial baseline" in card
     assert card.count("\n| ") >= len(ops)  # one schedule row per layer
@@ -202,12 +205,12 @@ def test_bad_settings_are_one_line_recipe_errors(digits_prepared):
     from ptq.recipe import resolve
     g, stats = digits_prepared.graph, digits_prepared.stats
     with pytest.raises(RecipeError, match=r"swis.shared_bits = 8 .* must be below swis.bits = 8"):
+        METHODS["swis"](g, stats, resolve("swis", {"swis.shared_bits": 8, "swis.mode": "fixed"}))
+    with pytest.raises(RecipeError, match=r"swis.shared_bits = 8 must be below swis.bits = 8 \(it sets the default budgets\)"):
         METHODS["swis"](g, stats, resolve("swis", {"swis.shared_bits": 8}))
     with pytest.raises(RecipeError, match=r"swis.min_shared_bits = 5 exceeds swis.max_shared_bits = 4"):
         METHODS["swis"](g, stats, resolve("swis", {"swis.mode": "allocate", "swis.cycles": 0.5, "overrides": [],
                                                    "swis.min_shared_bits": 5, "swis.max_shared_bits": 4}))
-    with pytest.raises(RecipeError, match="needs a budget"):
-        METHODS["swis"](g, stats, resolve("swis", {"swis.mode": "allocate"}))
     with pytest.raises(BudgetError, match=r"swis.cycles = 0.01 cannot be met"):
         METHODS["swis"](g, stats, resolve("swis", {"swis.cycles": 0.01, "swis.scale_grid": 0}))
     with pytest.raises(RecipeError, match="must be one of search, truncate"):
