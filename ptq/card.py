@@ -150,7 +150,8 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
     if verification:
         num = verification.get("numeric", {})
         lines += ["", "## Verification", "",
-                  f"- level 1 (structure, data-free accumulator bounds): {'ok' if verification['structural']['ok'] else 'FAILED'}",
+                  f"- level 1 (structure, representability, data-free accumulator bounds): {'ok' if verification['structural']['ok'] else 'FAILED'}"
+                  + (f" — {verification['structural']['problem']}" if verification["structural"].get("problem") else ""),
                   f"- level 2 (integer simulator vs fake-quant reference, {num.get('samples')} samples): "
                   f"{'ok' if num.get('ok') else 'FAILED'} — min share within 1 LSB {num.get('min_share_within_1lsb', 0):.5f}, "
                   f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}%"]

@@ -79,13 +79,15 @@ def _bitplanes(bp: dict, bits: int, where: str) -> None:
         raise fail(f"{where}.density", "must be fractions in [0, 1], one per plane")
 
 
-def validate(m: Manifest) -> None:
+def validate(m: Manifest, stored: bool = True) -> None:
+    """Every check of the manifest; `stored=False` for one not yet saved (no tensor-file entries yet)."""
     d = m.data
-    entries = need(need(d, "tensors", dict, ""), "entries", dict, "tensors")
-    for ref, a in m.tensors.items():
-        e = entries.get(ref)
-        if not isinstance(e, dict) or e.get("dtype") != str(a.dtype) or e.get("shape") != list(a.shape):
-            raise fail(f"tensors.entries.{ref}", "does not match the tensor file (dtype or shape)")
+    if stored:
+        entries = need(need(d, "tensors", dict, ""), "entries", dict, "tensors")
+        for ref, a in m.tensors.items():
+            e = entries.get(ref)
+            if not isinstance(e, dict) or e.get("dtype") != str(a.dtype) or e.get("shape") != list(a.shape):
+                raise fail(f"tensors.entries.{ref}", "does not match the tensor file (dtype or shape)")
     g = need(d, "graph", dict, "")
     need(g, "input", str, "graph")
     need(g, "input_shape", list, "graph")

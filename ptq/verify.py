@@ -24,12 +24,21 @@ TOP1_REQUIRED = 0.995
 
 
 def structural(m: Manifest) -> dict:
+    """Level 1: every check of the loader (ranges, shapes, references, each scheme's own rules such as
+    SWIS representability and cycle counts, requantizers against scales) and the data-free bounds."""
+    from .errors import ManifestError
+    from .validate import validate
+    try:
+        validate(m, stored=False)
+        problem = None
+    except ManifestError as exc:
+        problem = str(exc)
     layers = {}
     for op in m.weighted_ops():
         acc = op["accumulator"]
         layers[op["name"]] = {"data_free_bits": acc["data_free_bits"], "accumulator_bits": acc["bits"],
                               "data_free_ok": acc["data_free_bits"] <= acc["bits"]}
-    out = {"ok": all(v["data_free_ok"] for v in layers.values()), "layers": layers}
+    out = {"ok": problem is None and all(v["data_free_ok"] for v in layers.values()), "problem": problem, "layers": layers}
     out.update(_bitserial(m, layers))
     return out
 

@@ -140,6 +140,9 @@ def test_corrupted_swis_manifest_is_refused(digits_swis, tmp_path):
     old = flat[0, 0].copy()
     flat[0, 0] = outside  # a power of two whose position is not in group (0, 0)'s set
     try:
+        from ptq.verify import structural
+        s = structural(m)  # level 1 on the in-memory manifest, before any save
+        assert not s["ok"] and "not representable" in s["problem"]
         with pytest.raises(ManifestError, match=r"terms\[0\]\.q.*not representable.*extra\.shifts\[0, 0\]"):
             ptq.load(qm.save(tmp_path / "bad"))
     finally:
