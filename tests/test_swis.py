@@ -216,5 +216,8 @@ def test_bad_settings_are_one_line_recipe_errors(digits_prepared):
                                                    "swis.min_shared_bits": 5, "swis.max_shared_bits": 4}))
     with pytest.raises(BudgetError, match=r"swis.cycles = 0.01 cannot be met"):
         METHODS["swis"](g, stats, resolve("swis", {"swis.cycles": 0.01, "swis.scale_grid": 0}))
+    pinned = [{"layers": ["*"], "swis": {"min_shared_bits": 7}}]  # every layer at 8 bits: N = 1's budget is out of reach
+    with pytest.raises(BudgetError, match=r"swis.cycles = 0.125 \(from swis.shared_bits = 1\) cannot be met .* set swis.cycles >= 0.8"):
+        METHODS["swis"](g, stats, resolve("swis", {"swis.shared_bits": 1, "swis.scale_grid": 0, "overrides": pinned}))
     with pytest.raises(RecipeError, match="must be one of search, truncate"):
         resolve("swis", {"swis.positions": "msb"})

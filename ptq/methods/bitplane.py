@@ -147,8 +147,9 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     except BudgetError as exc:
         if exc.key == "weight_bits":
             least = exc.least / params
-            raise BudgetError(f"bitplane.mean_bits = {bp['mean_bits']:g} cannot be met with the recipe's pins"
-                              f"{f' and {p}-bit accumulators' if p < 32 else ''}: the least is {least:.3f}; "
+            limits = [f"bitplane.min_bits = {bp['min_bits']}", "the recipe's pins"] + ([f"{p}-bit accumulators"] if p < 32 else [])
+            raise BudgetError(f"bitplane.mean_bits = {bp['mean_bits']:g} cannot be met with {', '.join(limits[:-1])} and {limits[-1]}: "
+                              f"the least is {least:.3f}; "
                               f"set bitplane.mean_bits >= {least:.3f}", "bitplane.mean_bits", least) from exc
         raise
     chosen = {name: c.payload for name, c in a.choice.items()}

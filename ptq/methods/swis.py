@@ -349,6 +349,9 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
             cycles[op.name] = lay.schedule
         return LayerWeights(out, {"swis": {"mode": "fixed", **bitserial.totals(cycles)}})
 
+    n_ref = sw["shared_bits"]  # the N whose everywhere-cost sets the budgets left at 0
+    if n_ref >= bits:
+        raise RecipeError(f"swis.shared_bits = {n_ref} must be below swis.bits = {bits} (it sets the default budgets)")
     layers = []
     for op in ops:
         lo = layer_setting(recipe, "swis.min_shared_bits", op.name, first, last)
@@ -371,22 +374,22 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     budgets = {}
     params = sum(float(op.weight.size) for op in ops)
     base_cycles = sum(float(lc.candidates[0].payload[0].schedule["baseline_cycles"]) for lc in layers)
-    n = sw["shared_bits"]
-    if n >= bits:
-        raise RecipeError(f"swis.shared_bits = {n} must be below swis.bits = {bits} (it sets the default budgets)")
-    budgets["cycles"] = (sw["cycles"] or n / bits) * base_cycles
-    budgets["weight_bits"] = (sw["mean_weight_bits"] or bitserial.storage_bits(bits, n, group)) * params
+    cyc = sw["cycles"] or n_ref / bits
+    mwb = sw["mean_weight_bits"] or bitserial.storage_bits(bits, n_ref, group)
+    budgets["cycles"], budgets["weight_bits"] = cyc * base_cycles, mwb * params
 
     try:
         a = allocate(layers, budgets)
     except BudgetError as exc:
         if exc.key == "cycles":
             least = exc.least / base_cycles
-            raise BudgetError(f"swis.cycles = {sw['cycles']:g} cannot be met: the least is {least:.4f} of the baseline "
-                              f"cycles; set swis.cycles >= {least:.4f}", "swis.cycles", least) from exc
+            given = f"{cyc:g}" + ("" if sw["cycles"] else f" (from swis.shared_bits = {n_ref})")
+            raise BudgetError(f"swis.cycles = {given} cannot be met with the recipe's pins: the least is {least:.4f} of the "
+                              f"baseline cycles; set swis.cycles >= {least:.4f}", "swis.cycles", least) from exc
         if exc.key == "weight_bits":
             least = exc.least / params
-            raise BudgetError(f"swis.mean_weight_bits = {sw['mean_weight_bits']:g} cannot be met: the least is {least:.3f}; "
+            given = f"{mwb:g}" + ("" if sw["mean_weight_bits"] else f" (from swis.shared_bits = {n_ref})")
+            raise BudgetError(f"swis.mean_weight_bits = {given} cannot be met with the recipe's pins: the least is {least:.3f}; "
                               f"set swis.mean_weight_bits >= {least:.3f}", "swis.mean_weight_bits", least) from exc
         raise
     out, cycles = {}, {}
