@@ -4,11 +4,15 @@
 
 Rows per model and N, all through the integer simulator on held-out sample crops, fidelity vs FP32:
 - `swis` as shipped: N per layer chosen by the allocator within the cycles and storage of N
-  everywhere; truncation (every group keeps the N most significant positions) allocated the same way;
+  everywhere; truncation allocated the same way;
 - N in every layer, stem and depthwise convs at 8 bits: SWIS, truncation, and uniform (1 + N)-bit
   weights (the same storage as SWIS without its shift amounts);
 - for the first N, SWIS and truncation with the depthwise convs decomposed too (only the stem kept),
   the layers where the paper reports truncation collapsing on MobileNet-v2.
+Two truncations: "truncate" is the paper's baseline (the 8-bit grid's scale, every weight keeps its
+N most significant magnitude bits, rounded to nearest); "truncate+scale" also re-searches each
+channel's scale for the N kept positions, which makes it a uniform (1 + N)-bit grid with a
+power-of-two-free scale — a much stronger baseline than the paper's.
 Cycles: bit-serial cycles per sample of the whole network (`ptq.bitserial` model) as a fraction of the
 8-cycle bit-serial baseline, in parentheses without sorting the groups; uniform rows have no cycle
 model. Other models (e.g. mobilenet_v2) run with random weights unless torchvision weights are in the
@@ -27,21 +31,24 @@ def variants(prep, ns: list[int]) -> list[tuple[str, object, dict]]:
     pins = ["first"] + depthwise_layers(prep)
     fixed = {"swis.mode": "fixed", "overrides": [{"layers": pins, "swis": {"shared_bits": 7}}]}
     stem_only = {"swis.mode": "fixed", "overrides": [{"layers": ["first"], "swis": {"shared_bits": 7}}]}
-    trunc = {"swis.positions": "truncate"}
+    trunc = {"swis.positions": "truncate"}  # the N most significant positions, scale re-searched for them
+    paper = {**trunc, "swis.scale_grid": 0}  # the paper's truncation: the 8-bit scale, its N top bits kept
     out = []
     for n in ns:
         sb = {"swis.shared_bits": n}
         out += [
             (f"swis N={n}: N per layer allocated (shipped)", "swis", sb),
-            (f"truncate N={n}: N per layer allocated", "swis", {**sb, **trunc}),
+            (f"truncate+scale N={n}: N per layer allocated", "swis", {**sb, **trunc}),
             (f"swis N={n} fixed (stem, depthwise 8-bit)", "swis", {**sb, **fixed}),
-            (f"truncate N={n} fixed (stem, depthwise 8-bit)", "swis", {**sb, **fixed, **trunc}),
+            (f"truncate+scale N={n} fixed (stem, depthwise 8-bit)", "swis", {**sb, **fixed, **trunc}),
+            (f"truncate N={n} fixed (stem, depthwise 8-bit)", "swis", {**sb, **fixed, **paper}),
             (f"uniform {1 + n}-bit (stem, depthwise 8-bit)", "w8a8",
              {"weights.bits": 1 + n, "overrides": [{"layers": pins, "weights": {"bits": 8}}]}),
         ]
         if n == ns[0]:
             out += [(f"swis N={n} fixed (depthwise too)", "swis", {**sb, **stem_only}),
-                    (f"truncate N={n} fixed (depthwise too)", "swis", {**sb, **stem_only, **trunc})]
+                    (f"truncate+scale N={n} fixed (depthwise too)", "swis", {**sb, **stem_only, **trunc}),
+                    (f"truncate N={n} fixed (depthwise too)", "swis", {**sb, **stem_only, **paper})]
     return out
 
 

@@ -56,6 +56,7 @@ def table_main(doc: str, default_models: str, variants: Callable[[Prepared, argp
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--eval-size", type=int, default=256)
     ap.add_argument("--json")
+    ap.add_argument("--only", help="run only the variants whose label contains one of these comma-separated words")
     if add_args:
         add_args(ap)
     a = ap.parse_args()
@@ -66,6 +67,8 @@ def table_main(doc: str, default_models: str, variants: Callable[[Prepared, argp
     for m in a.models.split(","):
         prep = prepare_model(m, a.calib_size, a.eval_size)
         for label, recipe, over in variants(prep, a):
+            if a.only and not any(w in label for w in a.only.split(",")):
+                continue
             rows.append(fidelity_row(prep, label, recipe, over, extra))
             print("| " + " | ".join(f(rows[-1]) for _, f in cols) + " |", flush=True)
     out = {"date": time.strftime("%Y-%m-%d"), "torch_threads": torch.get_num_threads(), "rows": rows}
