@@ -32,6 +32,7 @@ def fidelity_row(prep: Prepared, label: str, recipe: Any, over: dict,
            "top1_agreement": f["top1_agreement"], "top5_agreement": f["top5_agreement"], "kl": f["kl"],
            "sqnr_db": f["sqnr_db"], "verified": bool(num["ok"]),
            "sim_vs_reference_top1": num["top1_agreement_sim_vs_reference"],
+           "min_share_within_1lsb": num["min_share_within_1lsb"], "max_lsb_error": num["max_lsb_error"],
            "layer_bits": [op["weight"]["bits"] for op in qm.manifest.weighted_ops()],
            "seconds": time.perf_counter() - t}
     if extra is not None:
@@ -61,7 +62,8 @@ def table_main(doc: str, default_models: str, variants: Callable[[Prepared, argp
         add_args(ap)
     a = ap.parse_args()
     cols: list[Column] = [("model", lambda r: r["model"]), ("variant", lambda r: r["variant"]), *columns,
-                          ("verified", lambda r: str(r["verified"]))]
+                          ("verified (sim vs ref top-1 %, share ≤ 1 LSB)", lambda r: f"{r['verified']} "
+                           f"({r['sim_vs_reference_top1']:.1f}, {r['min_share_within_1lsb']:.5f})")]
     print("| " + " | ".join(c[0] for c in cols) + " |\n|" + "---|" * len(cols))
     rows = []
     for m in a.models.split(","):
