@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import Manifest
+from .verify import DECISIVE_NOISE
 
 
 def weight_summary(m: Manifest) -> dict[str, Any]:
@@ -154,7 +155,9 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
                   + (f" — {verification['structural']['problem']}" if verification["structural"].get("problem") else ""),
                   f"- level 2 (integer simulator vs fake-quant reference, {num.get('samples')} samples): "
                   f"{'ok' if num.get('ok') else 'FAILED'} — min share within 1 LSB {num.get('min_share_within_1lsb', 0):.5f}, "
-                  f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}%"]
+                  f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}% "
+                  f"({num.get('top1_agreement_decisive', 0):.2f}% on the {num.get('decisive_samples', 0)} samples whose "
+                  f"reference margin exceeds {DECISIVE_NOISE:g}× the RMS logit difference, the criterion)"]
     lines += _bitserial_table(m)
     return "\n".join(lines) + "\n"
 

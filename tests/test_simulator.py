@@ -53,3 +53,21 @@ def test_wrap_mode_counts_overflow_of_a_narrow_accumulator(digits_quantized):
     exact = Simulator(qm.manifest, "exact")
     exact(x)
     assert sum(s.overflows for s in exact.layers.values()) == 0
+
+
+def test_end_to_end_counts_flips_only_on_decisive_samples():
+    from ptq.verify import DECISIVE_NOISE, end_to_end
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(40, 10)) * 3
+    ref[0, :2] = [5.0, 4.999]  # a near tie
+    sim = ref + rng.normal(size=ref.shape) * 0.01  # 1-LSB-like noise everywhere
+    sim[0, :2] = [4.999, 5.0]  # the tie flips
+    r = end_to_end(sim, ref)
+    assert r["top1_agreement_sim_vs_reference"] == pytest.approx(97.5)
+    assert r["top1_agreement_decisive"] == 100.0 and r["decisive_samples"] == 39
+    margin = np.sort(ref[1])[-1] - np.sort(ref[1])[-2]
+    assert margin > DECISIVE_NOISE * r["logit_rms_difference"]
+    sim[1] = ref[1]
+    sim[1, np.argsort(ref[1])[-2]] += 2 * margin  # a systematic error flips a decisive sample
+    r = end_to_end(sim, ref)
+    assert r["top1_agreement_decisive"] < 99.5
