@@ -80,7 +80,8 @@ def _saturating_conv(x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor, op: O
     else:
         a = op.attrs
         kh, kw = q.shape[2], q.shape[3]
-        cols = F.unfold(x, (kh, kw), dilation=a["dilation"], padding=a["padding"], stride=a["stride"])
+        # im2col has no integer kernel: float64 holds these codes exactly (|u| < 2^17)
+        cols = F.unfold(x.to(torch.float64), (kh, kw), dilation=a["dilation"], padding=a["padding"], stride=a["stride"])
         groups = a["groups"]
         cols = cols.transpose(1, 2)  # (N, L, C*kh*kw)
         out_shape = a.get("out_shape")

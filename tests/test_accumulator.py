@@ -84,6 +84,21 @@ def test_naive_8x8_layer_overflows_a_16_bit_accumulator_and_the_allocator_fixes_
     assert fitted.report["fidelity"]["top1_agreement"] >= 80.0  # measured 89.1 (a random network: near-ties)
 
 
+def test_saturate_mode_runs_convolutions_and_matches_exact_without_overflow(digits):
+    """Sequential saturating MACs through convs (stride, padding, depthwise groups) and the linear head:
+    with a bound every channel meets, saturation never triggers and the outputs equal exact mode."""
+    model, xtr, _, xte, _ = digits
+    qm = ptq.quantize(model, xtr[:128], "acc16", eval_data=np.asarray(xte[:32]))
+    x = torch.from_numpy(np.asarray(xte[:24]))
+    exact = Simulator(qm.manifest, "exact", 16)(x)
+    s = Simulator(qm.manifest, "saturate", 16)
+    assert np.array_equal(s(x), exact)
+    assert all(st.overflows == 0 for st in s.layers.values())
+    tight = Simulator(qm.manifest, "saturate", 9)  # far too narrow: the simulator counts what saturation changed
+    tight(x)
+    assert sum(st.overflows for st in tight.layers.values()) > 0
+
+
 @pytest.mark.parametrize("recipe,p", [("acc16", 16), ("acc12", 12)])
 def test_digits_data_free_bound_holds_for_every_channel(digits, recipe, p):
     model, xtr, ytr, xte, yte = digits
