@@ -12,11 +12,11 @@ agreement in float32, 100% in float64, at 1.9x the time).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-import numpy as np
-
 from .graph import execute
+from .metrics import fidelity
 from .manifest import Manifest
 from .reference import Codec, reference_kernels
 from .simulator import Simulator
@@ -40,12 +40,12 @@ def end_to_end(ya: np.ndarray, yb: np.ndarray) -> dict:
     top2 = np.sort(yb, axis=-1)[:, -2:] if yb.shape[-1] > 1 else np.concatenate([yb, yb], -1)
     decisive = (top2[:, 1] - top2[:, 0]) > DECISIVE_NOISE * rms
     agree = ya.argmax(-1) == yb.argmax(-1)
-    power = float(np.mean(yb * yb)) if yb.size else 0.0
-    return {"top1_agreement_sim_vs_reference": 100.0 * float(agree.mean()) if agree.size else 100.0,
+    f = fidelity(yb, ya)
+    return {"top1_agreement_sim_vs_reference": f["top1_agreement"] if agree.size else 100.0,
             "decisive_samples": int(decisive.sum()),
             "top1_agreement_decisive": 100.0 * float(agree[decisive].mean()) if decisive.any() else 100.0,
             "logit_rms_difference": rms,
-            "logit_sqnr_sim_vs_reference_db": float(10 * np.log10(power / rms ** 2)) if rms > 0 and power > 0 else None}
+            "logit_sqnr_sim_vs_reference_db": f["sqnr_db"] if np.isfinite(f["sqnr_db"]) else None}
 
 
 def structural(m: Manifest) -> dict:
