@@ -20,11 +20,12 @@ hub cache: their figures measure quantization noise, not accuracy.
 """
 from __future__ import annotations
 
+from ptq.biascorrect import is_depthwise
+
 from .variants import FIDELITY, table_main
 
 def depthwise_layers(prep) -> list[str]:
-    return [op.name for op in prep.graph.weighted_ops() if op.kind == "conv" and op.attrs.get("groups", 1) > 1
-            and op.attrs["groups"] == op.weight.shape[0]]
+    return [op.name for op in prep.graph.weighted_ops() if is_depthwise(op)]
 
 
 def variants(prep, ns: list[int]) -> list[tuple[str, object, dict]]:
