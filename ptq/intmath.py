@@ -25,6 +25,47 @@ def rounding_shift(v: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_right_shift(v + torch.bitwise_left_shift(torch.ones_like(n), n - 1), n)
 
 
+F64_EXACT = 2**53  # every integer of smaller magnitude is a float64
+
+
+def dyadic_sum(parts: list[torch.Tensor], mults: list[torch.Tensor], shift: torch.Tensor,
+               bounds: list[torch.Tensor | float]) -> torch.Tensor:
+    """round_half_up(Σ_i parts_i · mults_i / 2^shift) for integer-valued tensors, as float64.
+
+    `bounds[i]` bounds |parts_i|; multipliers, shifts and bounds are scalars or per-channel tensors
+    broadcast along dim 1. Where Σ bounds_i·mults_i + 2^(shift-1) < 2^52 (one bit of margin for
+    this estimate's own rounding) every intermediate is an integer, or a power-of-two scaling of
+    one, below 2^53, so the float64 products, sum, offset, scaling and floor are exact and equal the
+    int64 rounding shift; the float path is several times faster on CPU than int64 shifts. The
+    channels that miss the bound are recomputed in int64.
+    """
+    shift = torch.as_tensor(shift, dtype=torch.int64)
+    mults = [torch.as_tensor(m, dtype=torch.int64) for m in mults]
+    need = torch.exp2((shift - 1).to(torch.float64))
+    for b, m in zip(bounds, mults):
+        need = need + torch.as_tensor(b, dtype=torch.float64) * m.to(torch.float64)
+    exact = need < 2.0 ** 52
+    if not bool(exact.any()):
+        return _int_dyadic_sum(parts, mults, shift)
+    total = None
+    for p, m in zip(parts, mults):
+        prod = p.to(torch.float64) * m.to(torch.float64)
+        total = prod if total is None else total.add_(prod)
+    total.add_(torch.exp2((shift - 1).to(torch.float64))).mul_(torch.exp2(-shift.to(torch.float64)))
+    total = total.floor_()
+    if not bool(exact.all()):
+        idx = torch.nonzero(~exact.reshape(-1)).reshape(-1)
+        pick = (lambda t: t.index_select(1, idx) if t.dim() > 1 and t.shape[1] > 1 else t)
+        total.index_copy_(1, idx, _int_dyadic_sum([p.index_select(1, idx) for p in parts],
+                                                   [pick(m) for m in mults], pick(shift)))
+    return total
+
+
+def _int_dyadic_sum(parts: list[torch.Tensor], mults: list[torch.Tensor], shift: torch.Tensor) -> torch.Tensor:
+    total = sum(p.to(torch.int64) * m for p, m in zip(parts, mults))
+    return rounding_shift(total, shift).to(torch.float64)
+
+
 def dyadic_value(m: np.ndarray, n: np.ndarray) -> np.ndarray:
     """The real number m / 2^n each (m, n) pair stands for."""
     return np.asarray(m, dtype=np.float64) / np.exp2(np.asarray(n, dtype=np.float64))

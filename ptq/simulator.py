@@ -1,12 +1,15 @@
 """Integer simulator: executes a manifest with integer arithmetic only and measures accumulators.
 
-Tensors are int64 codes. Convolutions and matrix products run as float32 GEMMs on integer values
-split into digits: every product of a digit and a weight is an exact integer and every partial sum
-is bounded by Σ|q|·max|digit| < 2^24, so no rounding can happen in any summation order; the digit
-results are recombined in int64. (Where even one-bit digits would not fit, float64 is used, exact
-below 2^53.) Requantization is m·acc followed by a rounding right shift.
+Activation codes are carried as integer-valued float32 tensors (codes have at most 16 bits, so
+float32 holds them exactly) and handed out as int64. Convolutions and matrix products run as
+float32 GEMMs on integer values split into digits: every product of a digit and a weight is an
+exact integer and every partial sum is bounded by Σ|q|·max|digit| < 2^24, so no rounding can happen
+in any summation order; the digit results are recombined in float64, exact below 2^53. (Where even
+one-bit digits would not fit, float64 is used for the GEMM.) Requantization is m·acc followed by a
+rounding right shift, done in float64 when a bound proves every intermediate exact and in int64
+otherwise (`intmath.dyadic_sum`); both give the same integers.
 
-Accumulator modes: `exact` (int64, report only), `wrap` (two's complement at P bits, the same at
+Accumulator modes: `exact` (report only), `wrap` (two's complement at P bits, the same at
 every MAC as on the final sum since wrapping is modular), `saturate` (clip at P bits after each MAC,
 in the documented order: bias first, then the K products of the patch in (c, kh, kw) order).
 """
@@ -20,10 +23,11 @@ import torch.nn.functional as F
 
 from .errors import ManifestError
 from .graph import Kernel, Op, execute, maxpool, pad, pool_sum, reshape
-from .intmath import rounding_shift
+from .intmath import dyadic_sum
 from .manifest import Manifest
 
 EXACT_LIMIT = 2**52
+CODE = torch.float32  # carrier of activation codes (exact: codes have <= 16 bits)
 F32_EXACT = 2**24
 ACC_MODES = ("exact", "wrap", "saturate")
 
@@ -106,28 +110,27 @@ def _gemm(op: Op, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def integer_gemm(op: Op, u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Exact Σ q·u (int64) for int64 inputs u and integer-valued float32 weights q."""
+    """Exact Σ q·u as an integer-valued float64 tensor, for integer-valued u and float32 weights q."""
     l1 = float(q.abs().reshape(q.shape[0], -1).sum(1).max()) if q.numel() else 0.0
-    umax = int(u.abs().max()) if u.numel() else 0
-    if l1 == 0 or umax == 0:
-        return _gemm(op, u.to(torch.float32), q).to(torch.int64)
+    umax = max(-float(u.min()), float(u.max())) if u.numel() else 0.0
     if l1 * umax < F32_EXACT:
-        return _gemm(op, u.to(torch.float32), q).to(torch.int64)
+        return _gemm(op, u.to(torch.float32), q).to(torch.float64)
     digit_bits = int(np.floor(np.log2(F32_EXACT / l1)))
     if digit_bits < 1:
         accf = _gemm(op, u.to(torch.float64), q.to(torch.float64))
         if float(accf.abs().max()) >= EXACT_LIMIT:
             raise ManifestError(f"layer {op.name}: partial sums reach 2^52, beyond exact simulation")
-        return accf.to(torch.int64)
-    base = 1 << digit_bits
-    acc = torch.zeros((), dtype=torch.int64)
-    rest, weight = u, 1
+        return accf
+    base = float(1 << digit_bits)
+    u = u.to(torch.float64)
+    acc = torch.zeros((), dtype=torch.float64)
+    rest, weight = u, 1.0
     while True:
-        hi = torch.div(rest, base, rounding_mode="floor")
+        hi = torch.floor(rest / base)
         lo = rest - hi * base  # 0 <= lo < base
-        acc = acc + _gemm(op, lo.to(torch.float32), q).to(torch.int64) * weight
-        if int(hi.abs().max()) * l1 < F32_EXACT:
-            return acc + _gemm(op, hi.to(torch.float32), q).to(torch.int64) * (weight * base)
+        acc = acc + _gemm(op, lo.to(torch.float32), q).to(torch.float64) * weight
+        if float(hi.abs().max()) * l1 < F32_EXACT:
+            return acc + _gemm(op, hi.to(torch.float32), q).to(torch.float64) * (weight * base)
         rest, weight = hi, weight * base
 
 
@@ -152,7 +155,7 @@ class Simulator:
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         e = self.m.encoding(self.graph.input)
         q = torch.floor(x.to(torch.float64) / e["scale"] + 0.5) + e["zero_point"]
-        return torch.clamp(q, 0, (1 << e["bits"]) - 1).to(torch.int64)
+        return torch.clamp(q, 0, (1 << e["bits"]) - 1).to(CODE)
 
     def dequantize(self, q: torch.Tensor, t: str) -> np.ndarray:
         e = self.m.encoding(t)
@@ -173,7 +176,7 @@ class Simulator:
             self.layers[op.name].cycles_per_sample, self.layers[op.name].baseline_per_sample = _bitserial_cycles(self.m, rec)
         return self._w[op.name]
 
-    # -- kernels --
+    # -- kernels (inputs and outputs are integer-valued CODE tensors) --
     def _weighted(self, op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
         terms, mult, shift, bias, bits, mode = self._weights(op)
         z, _ = self._enc(op.inputs[0])
@@ -183,40 +186,50 @@ class Simulator:
         st = self.layers[op.name]
         st.samples += xs[0].shape[0]
         lim = (1 << (bits - 1)) - 1
-        total = None
+        accs, bounds = [], []
         for t, q in enumerate(terms):
             b = bias if t == 0 else torch.zeros_like(bias)
-            acc = integer_gemm(op, u, q) + b.reshape(view)
-            st.max_abs = max(st.max_abs, int(acc.abs().max()) if acc.numel() else 0)
+            acc = integer_gemm(op, u, q).add_(b.to(torch.float64).reshape(view))
+            reduce = [d for d in range(acc.dim()) if d != 1]
+            chan_abs = torch.maximum(acc.amax(dim=reduce, keepdim=True), -acc.amin(dim=reduce, keepdim=True)) \
+                if acc.numel() else torch.zeros(view, dtype=torch.float64)
+            max_abs = int(chan_abs.max())
+            st.max_abs = max(st.max_abs, max_abs)
             if mode == "saturate":  # an overflow is an output the saturating MAC sequence changed
-                sat = _saturating_conv((xs[0] - z), q.to(torch.int64), b, op, bits)
+                sat = _saturating_conv(u.to(torch.int64), q.to(torch.int64), b, op, bits).to(torch.float64)
                 st.overflows += int((sat != acc).sum())
                 acc = sat
-            else:
+            elif max_abs > lim:
                 st.overflows += int((acc.abs() > lim).sum())
             st.outputs += acc.numel()
             if mode == "wrap":
                 acc = _wrap(acc, bits)
             if st.max_abs >= 2**32:
                 raise ManifestError(f"layer {op.name}: accumulator {st.max_abs} exceeds the 32-bit requantizer input")
-            prod = acc * mult[t].reshape(view)
-            total = prod if total is None else total + prod
-        y = rounding_shift(total, shift.reshape(view)) + zy
+            accs.append(acc)
+            bounds.append(chan_abs if mode == "exact" else chan_abs.clamp(max=float(1 << (bits - 1))))
+        y = dyadic_sum(accs, [mult[t].reshape(view) for t in range(len(terms))], shift.reshape(view), bounds)
         lo, hi = op.record["clamp"]
-        return torch.clamp(y, lo, hi)
+        return y.add_(zy).clamp_(lo, hi).to(CODE)
+
+    def _requant_inputs(self, op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
+        """round(Σ m_i·(x_i - z_i) / 2^n) of an add's inputs (float64, exact by intmath.dyadic_sum)."""
+        r = op.record["requant"]
+        parts = [x - self._enc(t)[0] for x, t in zip(xs, op.inputs)]
+        return dyadic_sum(parts, [torch.tensor(m) for m in r["multiplier"]], torch.tensor(r["shift"]),
+                          [float(1 << self.m.encoding(t)["bits"]) for t in op.inputs])
 
     def _add(self, op: Op, xs):
-        r = op.record["requant"]
-        acc = sum((x - self._enc(t)[0]) * m for x, t, m in zip(xs, op.inputs, r["multiplier"]))
-        y = rounding_shift(acc, torch.tensor(r["shift"])) + self._enc(op.output)[0]
-        return torch.clamp(y, *op.record["clamp"])
+        y = self._requant_inputs(op, xs)
+        return y.add_(self._enc(op.output)[0]).clamp_(*op.record["clamp"]).to(CODE)
 
     def _concat(self, op: Op, xs):
         r = op.record["requant"]
         zy = self._enc(op.output)[0]
-        parts = [rounding_shift((x - self._enc(t)[0]) * m, torch.tensor(r["shift"])) + zy
+        parts = [dyadic_sum([x - self._enc(t)[0]], [torch.tensor(m)], torch.tensor(r["shift"]),
+                            [float(1 << self.m.encoding(t)["bits"])]) + zy
                  for x, t, m in zip(xs, op.inputs, r["multiplier"])]
-        return torch.clamp(torch.cat(parts, dim=op.attrs["dim"]), *op.record["clamp"])
+        return torch.cat(parts, dim=op.attrs["dim"]).clamp_(*op.record["clamp"]).to(CODE)
 
     def _avgpool(self, op: Op, xs):
         r = op.record["requant"]
@@ -224,20 +237,20 @@ class Simulator:
         s, count = pool_sum(op, (xs[0] - z).to(torch.float64))
         if count != r["count"]:
             raise ManifestError(f"layer {op.name}: pooling window {count} differs from the manifest's {r['count']} (input size changed?)")
-        acc = s.to(torch.int64) * r["multiplier"][0]
-        y = rounding_shift(acc, torch.tensor(r["shift"])) + self._enc(op.output)[0]
-        return torch.clamp(y, *op.record["clamp"])
+        bound = float(count << self.m.encoding(op.inputs[0])["bits"])
+        y = dyadic_sum([torch.round(s)], [torch.tensor(r["multiplier"][0])], torch.tensor(r["shift"]), [bound])
+        return y.add_(self._enc(op.output)[0]).clamp_(*op.record["clamp"]).to(CODE)
 
     def _lut(self, op: Op, xs):
-        table = torch.from_numpy(self.m.tensor(op.record["table"]).astype(np.int64))
-        return table[xs[0]]
+        table = torch.from_numpy(self.m.tensor(op.record["table"]).astype(np.float32))
+        return table[xs[0].to(torch.int64)]
 
     def kernels(self) -> dict[str, Kernel]:
         return {
             "conv": self._weighted, "linear": self._weighted, "add": self._add, "concat": self._concat,
             "avgpool": self._avgpool, "lut": self._lut,
             "clamp": lambda op, xs: torch.clamp(xs[0], *op.record["clamp"]),
-            "maxpool": lambda op, xs: maxpool(op, xs[0].to(torch.float64), float(op.record["pad_value"])).to(torch.int64),
+            "maxpool": lambda op, xs: maxpool(op, xs[0], float(op.record["pad_value"])),
             "reshape": lambda op, xs: reshape(op, xs[0]),
             "pad": lambda op, xs: pad(op, xs[0], int(op.record["pad_value"])),
         }
@@ -245,7 +258,8 @@ class Simulator:
     def run(self, x: torch.Tensor, keep=()) -> dict[str, torch.Tensor]:
         """Integer codes of the outputs (and `keep` tensors) for float inputs x (N, C, H, W)."""
         with torch.no_grad():
-            return execute(self.graph, self.quantize_input(x), self.kernels(), keep=keep)
+            out = execute(self.graph, self.quantize_input(x), self.kernels(), keep=keep)
+        return {t: v.to(torch.int64) for t, v in out.items()}
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         """Dequantized first output for float inputs (what `QuantizedModel.simulate` returns)."""

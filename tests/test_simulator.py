@@ -12,7 +12,7 @@ def test_integer_gemm_is_exact(groups, cin, k, stride):
     op = Op("t", "conv", ["x"], "y", {"stride": [stride] * 2, "padding": [k // 2] * 2, "dilation": [1, 1], "groups": groups})
     q = torch.randint(-127, 128, (64, cin // groups, k, k)).float()
     u = torch.randint(-255, 256, (2, cin, 9, 9))
-    got = integer_gemm(op, u, q)
+    got = integer_gemm(op, u, q).long()
     want = torch.nn.functional.conv2d(u.double(), q.double(), None, stride, k // 2, 1, groups).round().long()
     assert torch.equal(got, want)
 
@@ -21,7 +21,7 @@ def test_integer_gemm_linear_16bit_inputs():
     op = Op("t", "linear", ["x"], "y", {})
     q = torch.randint(-127, 128, (10, 300)).float()
     u = torch.randint(-65535, 65536, (4, 300))
-    assert torch.equal(integer_gemm(op, u, q), (u @ q.long().T))
+    assert torch.equal(integer_gemm(op, u, q).long(), (u @ q.long().T))
 
 
 def test_simulator_matches_reference_within_one_lsb(digits_quantized):
