@@ -4,7 +4,8 @@
 
 resnet18 runs with random weights (agreement and speed only). Throughput is onnxruntime on the QDQ
 model (basic optimisation, which keeps QDQ semantics exact) and with full optimisation (fused
-integer kernels), each as a ratio to onnxruntime on an FP32 export of the same graph.
+integer kernels), and on the integer twin (`--format int`, bit-exact with the simulator), each as a
+ratio to onnxruntime on an FP32 export of the same graph.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def fp32_onnx(model: torch.nn.Module, shape) -> bytes:
 def run(model_name: str, recipe: str, eval_size: int) -> dict:
     weights = None if model_name == "efficientnet_lite0" else "random"
     qm = ptq.quantize(model_name, "samples", recipe, weights=weights, calib_size=64, eval_size=16)
-    from ptq.export import export_qdq, onnxruntime_runner
+    from ptq.export import export, export_qdq, onnxruntime_runner
     qdq = export_qdq(qm.manifest).SerializeToString()
     src = as_source("samples:eval", qm.manifest.data["model"], eval_size, 0, "eval")
     x = src.tensor()
@@ -56,11 +57,16 @@ def run(model_name: str, recipe: str, eval_size: int) -> dict:
     runner = onnxruntime_runner(qm.manifest)
     ort_out = np.concatenate([runner(xb) for xb in x.split(16)])
     f = fidelity(sim, ort_out)
+    int_runner = onnxruntime_runner(qm.manifest, fmt="int")
+    int_out = np.concatenate([int_runner(xb) for xb in x.split(16)])
+    int_model = export(qm.manifest, "int").SerializeToString()
     xb = x[:8].numpy()
     fp = ort_session(fp32_onnx(qm.fp32_model(), x.shape[1:]), "all")
     t_fp = throughput(fp, xb)
     return {"model": model_name, "recipe": recipe, "onnx_bytes": len(qdq),
             "ort_vs_sim_top1": f["top1_agreement"], "ort_vs_sim_sqnr_db": f["sqnr_db"],
+            "int_twin_identical": bool(np.array_equal(int_out, sim)),
+            "int_over_fp32": throughput(ort_session(int_model, "basic"), xb) / t_fp,
             "qdq_basic_over_fp32": throughput(ort_session(qdq, "basic"), xb) / t_fp,
             "qdq_all_over_fp32": throughput(ort_session(qdq, "all"), xb) / t_fp}
 
@@ -71,13 +77,14 @@ def main() -> None:
     ap.add_argument("--recipes", default="w8a8,w4a8")
     ap.add_argument("--eval-size", type=int, default=128)
     a = ap.parse_args()
-    print("| model | recipe | model.onnx bytes | ort vs sim top-1 % | ort vs sim logit SQNR dB | ort QDQ (basic) / FP32 throughput | ort QDQ (all) / FP32 throughput |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | recipe | model.onnx bytes | ort vs sim top-1 % | ort vs sim logit SQNR dB | int twin = sim | ort QDQ (basic) / FP32 throughput | ort QDQ (all) / FP32 throughput | int twin / FP32 throughput |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in a.models.split(","):
         for r in a.recipes.split(","):
             res = run(m, r, a.eval_size)
             print(f"| {res['model']} | {res['recipe']} | {res['onnx_bytes']} | {res['ort_vs_sim_top1']:.1f} | "
-                  f"{res['ort_vs_sim_sqnr_db']:.1f} | {res['qdq_basic_over_fp32']:.2f}× | {res['qdq_all_over_fp32']:.2f}× |", flush=True)
+                  f"{res['ort_vs_sim_sqnr_db']:.1f} | {'identical' if res['int_twin_identical'] else 'DIFFERS'} | "
+                  f"{res['qdq_basic_over_fp32']:.2f}× | {res['qdq_all_over_fp32']:.2f}× | {res['int_over_fp32']:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,11 +105,11 @@ class QuantizedModel:
         src = as_source(data, spec, n, seed, split="eval")
         model = self.fp32_model()
         run = {"sim": self.simulate, "fakequant": self.fakequant}.get(backend)
-        if backend == "onnxruntime":
+        if backend in ("onnxruntime", "onnxruntime-int"):
             from .export import onnxruntime_runner
-            run = onnxruntime_runner(self.manifest)
+            run = onnxruntime_runner(self.manifest, fmt="int" if backend == "onnxruntime-int" else "qdq")
         if run is None:
-            raise DataError(f"unknown backend '{backend}'; use sim, fakequant or onnxruntime")
+            raise DataError(f"unknown backend '{backend}'; use sim, fakequant, onnxruntime or onnxruntime-int")
         fps, qs = [], []
         with torch.no_grad():
             for xb in src.batches(batch_size):
@@ -121,7 +121,7 @@ class QuantizedModel:
         return res
 
     def export_onnx(self, path: str | Path, format: str = "qdq") -> Path:
-        """Write the QDQ (onnxruntime) or QONNX twin of the manifest atomically."""
+        """Write the QDQ (onnxruntime), QONNX or integer (`int`, bit-exact in onnxruntime) twin atomically."""
         from .export import export, save_onnx
         return save_onnx(export(self.manifest, format), path)
 

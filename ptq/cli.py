@@ -210,7 +210,8 @@ def cmd_export(args) -> int:
     import ptq
     from .export import read_ptq_metadata
     qm = ptq.load(args.dir)
-    out = Path(args.out) if args.out else Path(args.dir) / ("model.onnx" if args.format == "qdq" else "model.qonnx.onnx")
+    default = {"qdq": "model.onnx", "qonnx": "model.qonnx.onnx", "int": "model.int.onnx"}[args.format]
+    out = Path(args.out) if args.out else Path(args.dir) / default
     qm.export_onnx(out, args.format)
     res = {"path": str(out), "format": args.format, "bytes": out.stat().st_size,
            "manifest_sha256": read_ptq_metadata(out)["model"]["ptq.manifest_sha256"]}
@@ -312,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dir")
     e.add_argument("--data", default="samples:eval")
     e.add_argument("--size", type=int, default=64)
-    e.add_argument("--backend", default="sim", choices=("sim", "fakequant", "onnxruntime"))
+    e.add_argument("--backend", default="sim", choices=("sim", "fakequant", "onnxruntime", "onnxruntime-int"),
+                   help="onnxruntime runs the QDQ twin (float semantics), onnxruntime-int the integer twin (bit-exact)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
@@ -322,10 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_recipes)
 
-    x = sub.add_parser("export", help="export a manifest as ONNX (QDQ for onnxruntime, or QONNX)")
+    x = sub.add_parser("export", help="export a manifest as ONNX (QDQ for onnxruntime, QONNX, or the bit-exact integer twin)")
     x.add_argument("dir")
-    x.add_argument("--format", default="qdq", choices=("qdq", "qonnx"))
-    x.add_argument("--out", help="output file (default DIR/model.onnx)")
+    x.add_argument("--format", default="qdq", choices=("qdq", "qonnx", "int"))
+    x.add_argument("--out", help="output file (default DIR/model.onnx, model.qonnx.onnx or model.int.onnx)")
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_export)
 

@@ -47,7 +47,7 @@ from .reference import dequantized_bias
 OPSET = 21
 IR_VERSION = 10
 QONNX_DOMAIN = "qonnx.custom_op.general"
-FORMATS = ("qdq", "qonnx")
+FORMATS = ("qdq", "qonnx", "int")
 INPUT_NAME = "input"
 # metadata keys whose values are kept as strings when read back (everything else is JSON)
 STRING_KEYS = {"ptq.op", "ptq.kind", "ptq.scheme", "ptq.accumulator_mode", "ptq.version", "ptq.recipe",
@@ -297,6 +297,13 @@ class _Builder:
             raise ManifestError(f"op {name}: kind '{kind}' cannot be exported to ONNX")
         self.quant(rec["output"], y, name, kind, clamp)
 
+    def quantize_input(self) -> None:
+        self.quant(self.m.graph["input"], INPUT_NAME, "input", "input")
+
+    def output(self, t: str) -> tuple[str, int]:
+        """Name and element type of graph output t (already dequantized by its quantizer pair)."""
+        return self.fname(t), self.onnx.TensorProto.FLOAT
+
     def pad(self, rec: dict, x: str, pads: list[int], name: str, out: str | None = None) -> str:
         t = rec["inputs"][0]
         e = self.m.encoding(t)
@@ -311,15 +318,15 @@ class _Builder:
         onnx = self.onnx
         h = onnx.helper
         g = self.m.graph
-        self.quant(g["input"], INPUT_NAME, "input", "input")
+        self.quantize_input()
         for rec in g["ops"]:
             self.emit(rec)
         inp = h.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, ["N", *g["input_shape"]])
         outs = []
         for t in g["outputs"]:
             shape = _out_shape(g, t)
-            outs.append(h.make_tensor_value_info(self.fname(t), onnx.TensorProto.FLOAT,
-                                                 ["N", *shape] if shape is not None else None))
+            name, elem = self.output(t)
+            outs.append(h.make_tensor_value_info(name, elem, ["N", *shape] if shape is not None else None))
         graph = h.make_graph(self.nodes, f"ptq:{self.m.data.get('model', {}).get('name', 'model')}", [inp], outs,
                              self.inits, doc_string=__doc__.split("\n\n")[0])
         opsets = [h.make_opsetid("", OPSET)]
@@ -350,14 +357,20 @@ def model_metadata(m: Manifest, fmt: str) -> dict[str, str]:
     r = m.data.get("recipe", {})
     meta = {"ptq.manifest_sha256": m.hash(), "ptq.version": _version(), "ptq.recipe": r.get("name", ""),
             "ptq.mean_weight_bits": weight_summary(m)["mean_weight_bits"], "ptq.format": fmt,
-            "ptq.manifest_version": m.data.get("version"), "ptq.rounding": "half-up in ptq; half-even in ONNX Quantize/Quant",
+            "ptq.manifest_version": m.data.get("version"),
+            "ptq.rounding": "half-up (integer twin: the simulator's arithmetic)" if fmt == "int"
+            else "half-up in ptq; half-even in ONNX Quantize/Quant",
             "ptq.outputs": list(m.graph["outputs"]), "ptq.input": m.graph["input"]}
     return {k: _meta_value(v) for k, v in meta.items() if v is not None}
 
 
 def export(manifest: Manifest, fmt: str = "qdq", check: bool = True):
-    """The manifest as an onnx.ModelProto in format `qdq` or `qonnx`, checked by onnx.checker."""
-    model = _Builder(manifest, fmt).build()
+    """The manifest as an onnx.ModelProto in format `qdq`, `qonnx` or `int`, checked by onnx.checker."""
+    if fmt == "int":
+        from .export_int import IntBuilder
+        model = IntBuilder(manifest, fmt).build()
+    else:
+        model = _Builder(manifest, fmt).build()
     if check:
         onnx = _onnx()
         try:
@@ -428,9 +441,13 @@ def onnxruntime_session(model, level: str = "basic", threads: int = 1):
     return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
 
 
-def onnxruntime_runner(manifest: Manifest, level: str = "basic", threads: int = 1) -> Callable[[Any], np.ndarray]:
-    """A callable x (N, C, H, W) -> dequantized first output (float64 numpy), run by onnxruntime on the QDQ twin."""
-    sess = onnxruntime_session(export_qdq(manifest, check=False), level, threads)
+def onnxruntime_runner(manifest: Manifest, level: str = "basic", threads: int = 1,
+                       fmt: str = "qdq") -> Callable[[Any], np.ndarray]:
+    """A callable x (N, C, H, W) -> dequantized first output (float64 numpy), run by onnxruntime on
+    the QDQ twin (float semantics) or the `int` twin (the simulator's integers, bit for bit)."""
+    if fmt not in ("qdq", "int"):
+        raise OutputError(f"onnxruntime runs the 'qdq' or 'int' format, not {fmt!r}")
+    sess = onnxruntime_session(export(manifest, fmt, check=False), level, threads)
     out = sess.get_outputs()[0].name
 
     def run(x: Any) -> np.ndarray:
@@ -455,9 +472,9 @@ def read_ptq_metadata(model_or_path: Any) -> dict[str, Any]:
     for n in model.graph.node:
         meta = {p.key: _parse_meta(p.key, p.value) for p in n.metadata_props if p.key.startswith("ptq.")}
         out["nodes"].append({"name": n.name, "op_type": n.op_type, "domain": n.domain, "ptq": meta})
-        if n.op_type in ("Conv", "Gemm") and "ptq.scheme" in meta:
+        if "ptq.scheme" in meta and meta["ptq.op"] not in out["layers"]:  # Conv/Gemm, or the int twin's first term
             out["layers"][meta["ptq.op"]] = {"kind": meta.get("ptq.kind"), "op_type": n.op_type,
-                                             **{k[4:]: v for k, v in meta.items() if k not in ("ptq.op", "ptq.kind")}}
+                                             **{k[4:]: v for k, v in meta.items() if k not in ("ptq.op", "ptq.kind", "ptq.term")}}
     return out
 
 

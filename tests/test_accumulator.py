@@ -69,8 +69,12 @@ def test_naive_8x8_layer_overflows_a_16_bit_accumulator_and_the_allocator_fixes_
     naive = ptq.quantize(model, calib, "w8a8", eval_data=held, overrides={"accumulator.bits": 16, "accumulator.mode": "wrap"})
     assert not naive.manifest.data["verification"]["structural"]["ok"]
     sim = Simulator(naive.manifest)
-    sim(torch.from_numpy(held))
+    wrapped = sim(torch.from_numpy(held))
     assert sim.layers["fc2"].overflows > 0 and sim.layers["fc2"].max_abs > limit(16)
+    # the integer ONNX twin wraps the same accumulators: onnxruntime gives the simulator's outputs exactly
+    from ptq.export import onnxruntime_runner
+    assert np.array_equal(onnxruntime_runner(naive.manifest, fmt="int")(held), wrapped)
+    assert not np.array_equal(Simulator(naive.manifest, "exact")(torch.from_numpy(held)), wrapped)
 
     fitted = ptq.quantize(model, calib, "acc16", eval_data=held)
     m = fitted.manifest

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import ptq
-from ptq.export import (IR_VERSION, OPSET, QONNX_DOMAIN, export_qdq, export_qonnx, onnxruntime_runner,
+from ptq.export import (IR_VERSION, OPSET, QONNX_DOMAIN, export, export_qdq, export_qonnx, onnxruntime_runner,
                         read_ptq_metadata, save_onnx)
 from ptq.manifest import MANIFEST_FILE, sha256_file
 
@@ -216,3 +216,64 @@ def test_evaluate_backend_onnxruntime(digits_quantized, digits):
     for k in ("top1_agreement", "sqnr_db"):
         if k in res and k in sim:
             assert abs(res[k] - sim[k]) <= (0.03 if k == "top1_agreement" else 3.0)
+
+
+# ---- the integer twin (`int` format): onnxruntime reproduces the simulator's integers exactly ----
+
+def _int_outputs(m, x):
+    return onnxruntime_runner(m, fmt="int")(x)
+
+
+def test_int_twin_equals_simulator_on_every_op_kind(mixed_quantized):
+    qm, x = mixed_quantized
+    model = export(qm.manifest, "int")
+    types = {n.op_type for n in model.graph.node}
+    assert {"ConvInteger", "MatMulInteger", "MaxPool", "Pad", "Concat", "Gather", "Mod", "Div"} <= types
+    assert not types & {"QuantizeLinear", "DequantizeLinear"}
+    assert np.array_equal(_int_outputs(qm.manifest, x), qm.simulate(x))
+
+
+def test_int_twin_equals_simulator_with_two_weight_terms(mixed_quantized):
+    qm, x = mixed_quantized
+    m = copy.deepcopy(qm.manifest)
+    rec = m.weighted_ops()[1]
+    t0 = rec["weight"]["terms"][0]
+    q = m.tensor(t0["q"]).astype(np.int64)
+    qa = np.trunc(q / 2).astype(np.int8)
+    m.put(t0["q"], qa)
+    rec["weight"]["terms"].append({"q": m.put(f"{rec['name']}/w1.q", (q - qa).astype(np.int8)), "scale": t0["scale"]})
+    from ptq.intmath import dyadic_shared
+    mult = m.tensor(rec["requant"]["multiplier"])
+    m.put(rec["requant"]["multiplier"], np.concatenate([mult, mult // 3]))  # a different mantissa per term
+    assert np.array_equal(_int_outputs(m, x), ptq.QuantizedModel(m).simulate(x))
+
+
+def test_int_twin_narrow_activations_wide_inputs_and_16bit_logits(digits, digits_x):
+    """6-bit codes, 4-bit weights, and 10-bit inputs (a float32 Conv on integers, proven exact at export)."""
+    model, xtr, *_ = digits
+    for overrides in ({"activations.bits": 6}, {"activations.bits": 10}):
+        qm = ptq.quantize(model, xtr[:128], "w4a8", overrides=overrides)
+        types = {n.op_type for n in export(qm.manifest, "int").graph.node}
+        assert ("ConvInteger" in types) == (overrides["activations.bits"] <= 8)
+        assert np.array_equal(_int_outputs(qm.manifest, digits_x), qm.simulate(digits_x))
+
+
+def test_int_twin_refuses_a_float_accumulation_it_cannot_prove_exact(digits):
+    model, xtr, *_ = digits
+    qm = ptq.quantize(model, xtr[:128], "w8a8", overrides={"activations.bits": 16})
+    with pytest.raises(ptq.errors.ManifestError, match=r"not provably exact .*--format qdq"):
+        export(qm.manifest, "int")
+
+
+def test_int_twin_metadata_and_eval_backend(digits_quantized, digits):
+    qm, _ = digits_quantized
+    meta = read_ptq_metadata(export(qm.manifest, "int"))
+    qdq = read_ptq_metadata(export_qdq(qm.manifest))
+    assert meta["model"]["ptq.format"] == "int" and meta["model"]["ptq.manifest_sha256"] == qm.manifest.hash()
+    strip = (lambda layers: {k: {f: v for f, v in d.items() if f != "op_type"} for k, d in layers.items()})
+    assert strip(meta["layers"]) == strip(qdq["layers"])
+    assert {d["op_type"] for d in meta["layers"].values()} == {"ConvInteger", "MatMulInteger"}
+    res = qm.evaluate(digits[3][:48], n=48, backend="onnxruntime-int")
+    sim = qm.evaluate(digits[3][:48], n=48, backend="sim")
+    assert res["backend"] == "onnxruntime-int"
+    assert res["top1_agreement"] == sim["top1_agreement"] and res["kl"] == sim["kl"]

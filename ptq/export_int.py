@@ -1,0 +1,290 @@
+"""The integer twin: an ONNX graph in which onnxruntime executes the integer contract bit for bit.
+
+The QDQ twin (`ptq.export`) computes the float fake-quant semantics, so onnxruntime and the
+integer simulator differ by float rounding: rare one-code differences that a network with 4- to
+6-bit activations amplifies layer after layer (acc16 on Lite0: 92% top-1 agreement, 16 dB). This
+format carries the codes themselves and repeats the simulator's arithmetic with exact ONNX ops:
+
+- activation codes are uint8 tensors (int64 above 8 bits); the input is quantized in float64 as
+  the simulator does, floor(x / s + 1/2) + z, clipped;
+- conv / linear: ConvInteger / MatMulInteger on the uint8 codes with the input zero point (ONNX
+  pads with the zero point, which is the simulator's zero padding of x - z) and int8 weights give
+  the exact int32 accumulator; the int32 bias is added in int64, a `wrap` accumulator is wrapped
+  to P bits, and each term is multiplied by its integer mantissa m;
+- requantization is the rounding right shift floor((Σ acc·m + 2^(n-1)) / 2^n) in int64, written
+  as (v - Mod(v, 2^n)) / 2^n (ONNX integer Div truncates, Mod with fmod=0 takes the divisor's sign),
+  then + z, Clip to the clamp codes, Cast;
+- adds, concats and average pools use the same requantizer; max pools, pads, clamps and reshapes
+  act on the codes; lookup tables are a Gather on the codes.
+- layers whose inputs have more than 8 bits, or weights more than 8, run as a float32 Conv/Gemm on
+  integer-valued tensors, which is exact because the data-free bound Σ|q|·max|x - z| + |b| is
+  checked to be below 2^24 at export (otherwise the export is refused with the layer's name).
+
+The first output is the dequantized logits in float64. Saturating accumulators are exported only
+where the data-free bound proves that no partial sum can saturate. Node metadata are those of the
+QDQ twin (the weight fields sit on the ConvInteger / MatMulInteger nodes).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ManifestError
+from .export import INPUT_NAME, _Builder, _torch_pads_to_onnx, weight_metadata
+
+F32_EXACT = 2**24
+
+
+class IntBuilder(_Builder):
+    """Builds the `int` format; reuses the QDQ builder's naming, constants, nodes and metadata."""
+
+    def __init__(self, m, fmt: str = "int"):
+        super().__init__(m, fmt)
+        self._made: set[str] = set()  # shared int64 views of code tensors
+
+    # -- codes --
+    def code_type(self, t: str):
+        return self.onnx.TensorProto.UINT8 if self.m.encoding(t)["bits"] <= 8 else self.onnx.TensorProto.INT64
+
+    def code_np(self, t: str):
+        return np.uint8 if self.m.encoding(t)["bits"] <= 8 else np.int64
+
+    def code(self, t: str) -> str:
+        return self.codes[t]
+
+    def as_int64(self, name: str, op: str, kind: str) -> str:
+        """name cast to int64 (once, however many ops consume it)."""
+        out = f"{name}/i64"
+        if out not in self._made:
+            self.node("Cast", [name], [out], f"{op}/cast:{name}", op, kind, to=self.onnx.TensorProto.INT64)
+            self._made.add(out)
+        return out
+
+    def centred(self, t: str, op: str, kind: str) -> str:
+        """x - z of tensor t's codes in int64 (once per tensor)."""
+        out = f"t/{t}/centred"
+        if out not in self._made:
+            z = int(self.m.encoding(t)["zero_point"])
+            self.node("Sub", [self.as_int64(self.code(t), op, kind), self.const(f"{t}/z.i64", np.array(z, np.int64))],
+                      [out], f"{op}/centre:{t}", op, kind)
+            self._made.add(out)
+        return out
+
+    def requant(self, parts: list[tuple[str, np.ndarray]], shift: np.ndarray, t: str, op: str, kind: str,
+                clamp: list[int] | None, view: tuple[int, ...], codes: str | None = None) -> str:
+        """codes(t) = clip(floor((Σ part·m + 2^(n-1)) / 2^n) + z, clamp), all in int64."""
+        e = self.m.encoding(t)
+        prods = []
+        for i, (p, m) in enumerate(parts):
+            out = f"{op}/term{i}/scaled"
+            self.node("Mul", [p, self.const(f"{op}/m{i}", np.asarray(m, np.int64).reshape(view))], [out],
+                      f"{op}/mul:m{i}", op, kind)
+            prods.append(out)
+        v = prods[0]
+        for i, p in enumerate(prods[1:], 1):  # Sum has no integer kernel: a chain of Adds
+            self.node("Add", [v, p], [f"{op}/acc_sum{i}"], f"{op}/sum_terms{i}", op, kind)
+            v = f"{op}/acc_sum{i}"
+        shift = np.asarray(shift, np.int64).reshape(view)
+        div = self.const(f"{op}/pow2n", np.left_shift(np.int64(1), shift))
+        half = self.const(f"{op}/half", np.left_shift(np.int64(1), shift - 1))
+        b = f"{op}/rq"
+        self.node("Add", [v, half], [b + "/biased"], f"{op}/round", op, kind)
+        self.node("Mod", [b + "/biased", div], [b + "/rem"], f"{op}/mod", op, kind, fmod=0)
+        self.node("Sub", [b + "/biased", b + "/rem"], [b + "/floor"], f"{op}/floor", op, kind)
+        self.node("Div", [b + "/floor", div], [b + "/shifted"], f"{op}/shift", op, kind)
+        self.node("Add", [b + "/shifted", self.const(f"{t}/z.i64", np.array(int(e["zero_point"]), np.int64))],
+                  [b + "/zp"], f"{op}/zero_point", op, kind)
+        return self.store(t, b + "/zp", op, kind, clamp, wide=True, codes=codes)
+
+    def store(self, t: str, x: str, op: str, kind: str, clamp: list[int] | None, wide: bool,
+              codes: str | None = None) -> str:
+        """Clip int64 (wide) or code-typed x to t's clamp codes and cast it to t's code type.
+
+        The result becomes t's code tensor unless another name is given (the parts of a concat)."""
+        e = self.m.encoding(t)
+        bits = int(e["bits"])
+        if bits > 16:
+            raise ManifestError(f"tensor {t}: {bits}-bit activations cannot be exported (at most 16)")
+        lo, hi = (0, (1 << bits) - 1) if clamp is None else (int(clamp[0]), int(clamp[1]))
+        ctype = np.int64 if wide else self.code_np(t)
+        out = codes or f"t/{t}/q"
+        clipped = f"{out}/clipped"
+        self.node("Clip", [x, self.const(f"{t}/lo.{np.dtype(ctype).name}", np.array(lo, ctype)),
+                           self.const(f"{t}/hi.{np.dtype(ctype).name}", np.array(hi, ctype))],
+                  [clipped], f"{op}/clip:{t}", op, kind, {"ptq.tensor": t, "ptq.clamp": [lo, hi]})
+        self.node("Cast", [clipped], [out], f"{op}/codes:{t}", op, kind,
+                  {"ptq.tensor": t, "ptq.act_bits": bits}, to=self.code_type(t))
+        if codes is None:
+            self.codes[t] = out
+        return out
+
+    # -- weighted layers --
+    def accumulate(self, rec: dict, term: int, q: np.ndarray) -> str:
+        """Exact accumulator (int64) of one weight term, bias added to term 0, wrapped if `wrap`."""
+        name, kind, a = rec["name"], rec["kind"], rec["attrs"]
+        t = rec["inputs"][0]
+        ex, z = self.m.encoding(t), int(self.m.encoding(t)["zero_point"])
+        bits = int(rec["weight"].get("bits", 8))
+        conv = kind == "conv"
+        bias = self.m.tensor(rec["bias"]["q"]).astype(np.int64) if term == 0 else np.zeros(q.shape[0], np.int64)
+        meta = {**weight_metadata(rec), "ptq.term": term}
+        acc32 = f"{name}/term{term}/acc32"
+        if ex["bits"] <= 8 and bits <= 8 and np.abs(q).max(initial=0) <= 127:
+            xz = self.const(f"{t}/z.u8", np.array(z, np.uint8))
+            if conv:
+                ph, pw = a["padding"]
+                self.node("ConvInteger", [self.code(t), self.const(f"{name}/w{term}.q", q.astype(np.int8)), xz], [acc32],
+                          f"{name}/term{term}", name, kind, meta, kernel_shape=list(q.shape[2:]),
+                          strides=list(a["stride"]), pads=[ph, pw, ph, pw], dilations=list(a["dilation"]),
+                          group=int(a["groups"]))
+            else:
+                self.node("MatMulInteger", [self.code(t), self.const(f"{name}/w{term}.qT", np.ascontiguousarray(q.T.astype(np.int8))), xz],
+                          [acc32], f"{name}/term{term}", name, kind, meta)
+            acc = self.as_int64(acc32, name, kind)
+        else:
+            xmax = max(z, (1 << ex["bits"]) - 1 - z)
+            l1 = np.abs(q.reshape(q.shape[0], -1)).sum(1).astype(np.float64)
+            if float((l1 * xmax + np.abs(bias)).max()) >= F32_EXACT:
+                raise ManifestError(f"layer {name}: {ex['bits']}-bit inputs or {bits}-bit weights need a float32 "
+                                    "accumulation that is not provably exact (bound ≥ 2^24); export --format qdq instead")
+            xf = f"{name}/x.f32"
+            self.node("Cast", [self.centred(t, name, kind)], [xf], f"{name}/cast:x", name, kind,
+                      to=self.onnx.TensorProto.FLOAT)
+            wf = self.const(f"{name}/w{term}.f32", q.astype(np.float32))
+            accf = f"{name}/term{term}/accf"
+            if conv:
+                ph, pw = a["padding"]
+                self.node("Conv", [xf, wf], [accf], f"{name}/term{term}", name, kind, meta,
+                          kernel_shape=list(q.shape[2:]), strides=list(a["stride"]), pads=[ph, pw, ph, pw],
+                          dilations=list(a["dilation"]), group=int(a["groups"]))
+            else:
+                self.node("Gemm", [xf, wf], [accf], f"{name}/term{term}", name, kind, meta, transB=1)
+            acc = self.as_int64(accf, name, kind)
+        view = (-1, 1, 1) if conv else (-1,)
+        if term == 0:
+            self.node("Add", [acc, self.const(f"{name}/bias.i64", bias.reshape(view))], [f"{name}/term0/biased"],
+                      f"{name}/bias", name, kind)
+            acc = f"{name}/term0/biased"
+        accr = rec.get("accumulator", {})
+        p, mode = int(accr.get("bits", 32)), accr.get("mode", "exact")
+        if mode == "saturate" and int(accr.get("data_free_bits", 64)) > p:
+            raise ManifestError(f"layer {name}: a saturating {p}-bit accumulator without a data-free guarantee "
+                                "cannot be expressed in ONNX; export --format qdq instead")
+        if mode == "wrap" and p < 63:
+            half = self.const(f"acc.half{p}", np.array(1 << (p - 1), np.int64))
+            self.node("Add", [acc, half], [f"{name}/term{term}/w0"], f"{name}/wrap{term}/add", name, kind)
+            self.node("Mod", [f"{name}/term{term}/w0", self.const(f"acc.mod{p}", np.array(1 << p, np.int64))],
+                      [f"{name}/term{term}/w1"], f"{name}/wrap{term}/mod", name, kind, fmod=0)
+            self.node("Sub", [f"{name}/term{term}/w1", half], [f"{name}/term{term}/wrapped"],
+                      f"{name}/wrap{term}/sub", name, kind)
+            acc = f"{name}/term{term}/wrapped"
+        return acc
+
+    def emit(self, rec: dict) -> None:
+        name, kind, a = rec["name"], rec["kind"], rec["attrs"]
+        ins, t = rec["inputs"], rec["output"]
+        clamp = rec.get("clamp")
+        r = rec.get("requant")
+        if kind in ("conv", "linear"):
+            view = (-1, 1, 1) if kind == "conv" else (-1,)
+            mult = np.asarray(self.m.tensor(r["multiplier"]), np.int64)
+            terms = rec["weight"]["terms"]
+            parts = [(self.accumulate(rec, i, np.asarray(self.m.tensor(tm["q"]))), mult[i]) for i, tm in enumerate(terms)]
+            self.requant(parts, np.asarray(self.m.tensor(r["shift"])), t, name, kind, clamp, view)
+        elif kind == "add":
+            parts = [(self.centred(x, name, kind), np.array(m)) for x, m in zip(ins, r["multiplier"])]
+            self.requant(parts, np.array(r["shift"]), t, name, kind, clamp, ())
+        elif kind == "concat":
+            pieces = []
+            for i, (x, m) in enumerate(zip(ins, r["multiplier"])):
+                pieces.append(self.requant([(self.centred(x, name, kind), np.array(m))], np.array(r["shift"]), t,
+                                           f"{name}/part{i}", kind, clamp, (), codes=f"t/{t}/part{i}"))
+            self.node("Concat", pieces, [f"t/{t}/q"], name, name, kind, axis=int(a["dim"]))
+            self.codes[t] = f"t/{t}/q"
+        elif kind == "avgpool":
+            x = ins[0]
+            if a.get("global"):
+                s = f"{name}/sum"
+                self.node("ReduceSum", [self.centred(x, name, kind), self.const("axes.hw", np.array([2, 3], np.int64))],
+                          [s], name, name, kind, keepdims=1)
+            else:
+                if self.m.encoding(x)["bits"] > 8:
+                    raise ManifestError(f"layer {name}: average pooling of {self.m.encoding(x)['bits']}-bit codes cannot be exported to the int format")
+                c = int(a["out_shape"][0])
+                kh, kw = a["kernel"]
+                ph, pw = a["padding"]
+                s32 = f"{name}/sum32"
+                self.node("ConvInteger", [self.code(x), self.const(f"{name}/ones", np.ones((c, 1, kh, kw), np.uint8)),
+                                          self.const(f"{x}/z.u8", np.array(int(self.m.encoding(x)["zero_point"]), np.uint8))],
+                          [s32], name, name, kind, kernel_shape=[kh, kw], strides=list(a["stride"]),
+                          pads=[ph, pw, ph, pw], group=c)
+                s = self.as_int64(s32, name, kind)
+            self.requant([(s, np.array(r["multiplier"][0]))], np.array(r["shift"]), t, name, kind, clamp, ())
+        elif kind == "maxpool":  # on uint8 codes; wider codes (at most 16 bits) are exact in float32
+            x = self.code(ins[0])
+            wide = self.m.encoding(ins[0])["bits"] > 8
+            if wide:
+                self.node("Cast", [x], [f"{name}/x.f32"], f"{name}/cast:x", name, kind, to=self.onnx.TensorProto.FLOAT)
+                x = f"{name}/x.f32"
+            ph, pw = a["padding"]
+            if ph or pw:
+                x = self.pad_codes(rec, x, [0, 0, ph, pw, 0, 0, ph, pw], f"{name}/pad", np.float32 if wide else None)
+            y = f"{name}/max"
+            self.node("MaxPool", [x], [y], name, name, kind, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+                      dilations=list(a["dilation"]), ceil_mode=int(bool(a["ceil_mode"])))
+            if wide:
+                self.node("Cast", [y], [f"{y}/i64"], f"{name}/cast:y", name, kind, to=self.onnx.TensorProto.INT64)
+                y = f"{y}/i64"
+            self.store(t, y, name, kind, clamp, wide=wide)
+        elif kind == "reshape":
+            y = f"{name}/reshaped"
+            self.node("Reshape", [self.code(ins[0]), self.const(f"{name}/shape", np.array([0, *a["shape"]], np.int64))],
+                      [y], name, name, kind)
+            self.store(t, y, name, kind, clamp, wide=False)
+        elif kind == "pad":
+            y = self.pad_codes(rec, self.code(ins[0]), _torch_pads_to_onnx(a["pads"], 1 + len(a["out_shape"])), name)
+            self.store(t, y, name, kind, clamp, wide=False)
+        elif kind == "clamp":
+            self.store(t, self.code(ins[0]), name, kind, clamp, wide=False)
+        elif kind == "lut":
+            table = np.asarray(self.m.tensor(rec["table"])).astype(self.code_np(t))
+            y = f"{name}/lookup"
+            self.node("Gather", [self.const(f"{name}/table", table), self.as_int64(self.code(ins[0]), name, kind)],
+                      [y], name, name, kind, {"ptq.lut": a["function"]}, axis=0)
+            self.store(t, y, name, kind, clamp, wide=False)
+        else:
+            raise ManifestError(f"op {name}: kind '{kind}' cannot be exported to ONNX")
+
+    def pad_codes(self, rec: dict, x: str, pads: list[int], name: str, dtype=None) -> str:
+        t = rec["inputs"][0]
+        out = f"{name}/padded"
+        self.node("Pad", [x, self.const(f"{name}/pads", np.array(pads, np.int64)),
+                          self.const(f"{name}/value", np.array(int(rec["pad_value"]), dtype or self.code_np(t)))], [out],
+                  name, rec["name"], rec["kind"], mode="constant")
+        return out
+
+    def quantize_input(self) -> None:
+        t = self.m.graph["input"]
+        e = self.m.encoding(t)
+        P = self.onnx.TensorProto
+        self.node("Cast", [INPUT_NAME], ["input/f64"], "input/cast", "input", "input", to=P.DOUBLE)
+        self.node("Div", ["input/f64", self.const(f"{t}/scale.f64", np.array(float(e["scale"]), np.float64))],
+                  ["input/scaled"], "input/scale", "input", "input")
+        self.node("Add", ["input/scaled", self.const("half.f64", np.array(0.5, np.float64))], ["input/half"],
+                  "input/round", "input", "input")
+        self.node("Floor", ["input/half"], ["input/floor"], "input/floor", "input", "input")
+        self.node("Cast", ["input/floor"], ["input/i64"], "input/int", "input", "input", to=P.INT64)
+        self.node("Add", ["input/i64", self.const(f"{t}/z.i64", np.array(int(e["zero_point"]), np.int64))],
+                  ["input/zp"], "input/zero_point", "input", "input")
+        self.store(t, "input/zp", "input", "input", None, wide=True)
+
+    def output(self, t: str) -> tuple[str, int]:
+        """The dequantized output s·(q - z) in float64."""
+        e = self.m.encoding(t)
+        out = self.fname(t)
+        f = f"{out}/codes.f64"
+        self.node("Cast", [self.code(t)], [f], f"output/cast:{t}", "output", "output", to=self.onnx.TensorProto.DOUBLE)
+        self.node("Sub", [f, self.const(f"{t}/z.f64", np.array(float(e["zero_point"]), np.float64))], [f + "/centred"],
+                  f"output/centre:{t}", "output", "output")
+        self.node("Mul", [f + "/centred", self.const(f"{t}/scale.f64", np.array(float(e["scale"]), np.float64))],
+                  [out], f"output/dequant:{t}", "output", "output")
+        return out, self.onnx.TensorProto.DOUBLE
