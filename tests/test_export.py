@@ -242,7 +242,6 @@ def test_int_twin_equals_simulator_with_two_weight_terms(mixed_quantized):
     qa = np.trunc(q / 2).astype(np.int8)
     m.put(t0["q"], qa)
     rec["weight"]["terms"].append({"q": m.put(f"{rec['name']}/w1.q", (q - qa).astype(np.int8)), "scale": t0["scale"]})
-    from ptq.intmath import dyadic_shared
     mult = m.tensor(rec["requant"]["multiplier"])
     m.put(rec["requant"]["multiplier"], np.concatenate([mult, mult // 3]))  # a different mantissa per term
     assert np.array_equal(_int_outputs(m, x), ptq.QuantizedModel(m).simulate(x))
