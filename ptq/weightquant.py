@@ -48,6 +48,21 @@ class OutputError:
         """wᵀ H w per channel: the channel's output energy, for relative errors."""
         return self(w)
 
+    def inner(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """aᵀ H b per output channel for (C, K) arrays (plain dot products when no H is known)."""
+        if self.h is None:
+            return (np.asarray(a, np.float64) * np.asarray(b, np.float64)).sum(-1)
+        g, c, k = self.groups, self.channels, a.shape[-1]
+        ag = torch.from_numpy(np.ascontiguousarray(a, np.float32)).reshape(g, c // g, k)
+        bg = torch.from_numpy(np.ascontiguousarray(b, np.float32)).reshape(g, c // g, k)
+        return (torch.bmm(ag, self.h) * bg).sum(-1).reshape(c).double().numpy()
+
+    def refit_scale(self, w: np.ndarray, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """Per-channel s minimising the output error of s·q against w: qᵀHw / qᵀHq (the old scale
+        where q is all zero)."""
+        qq = self.inner(q, q)
+        return np.where(qq > 0, self.inner(q, w) / np.where(qq > 0, qq, 1.0), scale)
+
 
 def ratio_grid(bits: int) -> np.ndarray:
     lo = 0.5 if bits >= 6 else 0.25

@@ -98,12 +98,18 @@ def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scal
                   bits: int, err) -> tuple[np.ndarray, np.ndarray]:
     """Make every channel fit the P-bit bound, choosing per channel between shrinking its weights onto
     the L1 ball at the clipped step and a coarser step (which needs less shrinking and leaves the bias
-    more room): the least output error of `STEP_GROWTH` multiples of the step wins."""
+    more room): the least output error of `STEP_GROWTH` multiples of the step wins.
+
+    The bound is on the integers (Σ|q| and the bias code), not on the step, so once q is fixed the
+    step is refitted by least squares on the output error (projection shrinks every weight; a
+    larger step gives the magnitude back). Only larger steps are taken: they shrink the bias code,
+    so the bound still holds."""
     best_q = best_s = best_e = None
     for g in STEP_GROWTH:
         s = scale * g
         bq = round_half_up(bias / (input_scale * s))
         q = fit_l1(w / s[:, None], l1_radius(p, xmax, bq), qmax(bits))
+        s = np.maximum(s, err.refit_scale(w, q, s))
         e = err((w - q * s[:, None]).astype(np.float32))
         if best_e is None:
             best_q, best_s, best_e = q, s, e

@@ -256,14 +256,10 @@ class _Best:
 
     def refit(self, w: np.ndarray, err: OutputError, h: np.ndarray, tables: np.ndarray, masks: np.ndarray,
               m: int, group: int, decompose: bool = True) -> None:
-        """Least-squares scale for the current integers, s·(xᵀHq)/(qᵀHq) with x = w/s (kept where it
+        """Least-squares scale for the current integers, (wᵀHq)/(qᵀHq) (kept where it is positive and
         lowers the error, which it does unless rounding says otherwise), then decompose again there."""
-        q = self.q.astype(np.float32)
-        x = (w / self.s[:, None]).astype(np.float32)
-        qq = err(q)
-        xq = (err(x + q) - err(x - q)) / 4.0  # polarization: xᵀHq from the error evaluator alone
-        t = np.where(qq > 0, xq / np.maximum(qq, 1e-30), 1.0)
-        s = self.s * np.where(t > 0, t, 1.0)
+        ls = err.refit_scale(w, self.q, self.s)
+        s = np.where(ls > 0, ls, self.s)
         e = err((w - self.q * s[:, None]).astype(np.float32))
         better = e < self.e
         self.s = np.where(better, s, self.s)
