@@ -69,35 +69,58 @@ class IntBuilder(_Builder):
             self._made.add(out)
         return out
 
-    def requant(self, parts: list[tuple[str, np.ndarray]], shift: np.ndarray, t: str, op: str, kind: str,
-                clamp: list[int] | None, view: tuple[int, ...], codes: str | None = None) -> str:
-        """codes(t) = clip(floor((Σ part·m + 2^(n-1)) / 2^n) + z, clamp), all in int64."""
+    def xmax(self, t: str) -> int:
+        """Largest |code - z| of tensor t."""
         e = self.m.encoding(t)
+        return max(int(e["zero_point"]), (1 << int(e["bits"])) - 1 - int(e["zero_point"]))
+
+    def requant(self, parts: list[tuple[str, np.ndarray, np.ndarray]], shift: np.ndarray, t: str, op: str,
+                kind: str, clamp: list[int] | None, view: tuple[int, ...], codes: str | None = None) -> str:
+        """codes(t) = clip(floor((Σ part·m + 2^(n-1)) / 2^n) + z, clamp) for int64 parts with |part| ≤ bound.
+
+        In float64 when Σ bound·m + 2^(n-1) < 2^52 in every channel (every intermediate is then an
+        integer, or a power-of-two scaling of one, below 2^53: exact, as in `intmath.dyadic_sum`),
+        else in int64 with the floor division written as (v - Mod(v, 2^n)) / 2^n."""
+        e = self.m.encoding(t)
+        shift = np.asarray(shift, np.int64).reshape(view)
+        need = np.exp2(shift - 1.0) + sum(np.asarray(b, np.float64).reshape(view) * np.asarray(m, np.float64).reshape(view)
+                                          for _, m, b in parts)
+        exact_float = bool(np.all(need < 2.0 ** 52))
+        P = self.onnx.TensorProto
+        dt = np.float64 if exact_float else np.int64
         prods = []
-        for i, (p, m) in enumerate(parts):
+        for i, (p, m, _) in enumerate(parts):
+            if exact_float:
+                self.node("Cast", [p], [f"{op}/term{i}/f64"], f"{op}/cast:term{i}", op, kind, to=P.DOUBLE)
+                p = f"{op}/term{i}/f64"
             out = f"{op}/term{i}/scaled"
-            self.node("Mul", [p, self.const(f"{op}/m{i}", np.asarray(m, np.int64).reshape(view))], [out],
+            self.node("Mul", [p, self.const(f"{op}/m{i}.{np.dtype(dt).name}", np.asarray(m, dt).reshape(view))], [out],
                       f"{op}/mul:m{i}", op, kind)
             prods.append(out)
         v = prods[0]
         for i, p in enumerate(prods[1:], 1):  # Sum has no integer kernel: a chain of Adds
             self.node("Add", [v, p], [f"{op}/acc_sum{i}"], f"{op}/sum_terms{i}", op, kind)
             v = f"{op}/acc_sum{i}"
-        shift = np.asarray(shift, np.int64).reshape(view)
-        div = self.const(f"{op}/pow2n", np.left_shift(np.int64(1), shift))
-        half = self.const(f"{op}/half", np.left_shift(np.int64(1), shift - 1))
         b = f"{op}/rq"
-        self.node("Add", [v, half], [b + "/biased"], f"{op}/round", op, kind)
-        self.node("Mod", [b + "/biased", div], [b + "/rem"], f"{op}/mod", op, kind, fmod=0)
-        self.node("Sub", [b + "/biased", b + "/rem"], [b + "/floor"], f"{op}/floor", op, kind)
-        self.node("Div", [b + "/floor", div], [b + "/shifted"], f"{op}/shift", op, kind)
-        self.node("Add", [b + "/shifted", self.const(f"{t}/z.i64", np.array(int(e["zero_point"]), np.int64))],
+        if exact_float:
+            self.node("Add", [v, self.const(f"{op}/half.f64", np.exp2(shift - 1.0))], [b + "/biased"], f"{op}/round", op, kind)
+            self.node("Mul", [b + "/biased", self.const(f"{op}/inv2n.f64", np.exp2(-shift.astype(np.float64)))],
+                      [b + "/scaled"], f"{op}/scale", op, kind)
+            self.node("Floor", [b + "/scaled"], [b + "/shifted"], f"{op}/floor", op, kind)
+        else:
+            div = self.const(f"{op}/pow2n", np.left_shift(np.int64(1), shift))
+            self.node("Add", [v, self.const(f"{op}/half", np.left_shift(np.int64(1), shift - 1))], [b + "/biased"],
+                      f"{op}/round", op, kind)
+            self.node("Mod", [b + "/biased", div], [b + "/rem"], f"{op}/mod", op, kind, fmod=0)
+            self.node("Sub", [b + "/biased", b + "/rem"], [b + "/floor"], f"{op}/floor", op, kind)
+            self.node("Div", [b + "/floor", div], [b + "/shifted"], f"{op}/shift", op, kind)
+        self.node("Add", [b + "/shifted", self.const(f"{t}/z.{np.dtype(dt).name}", np.array(int(e["zero_point"]), dt))],
                   [b + "/zp"], f"{op}/zero_point", op, kind)
-        return self.store(t, b + "/zp", op, kind, clamp, wide=True, codes=codes)
+        return self.store(t, b + "/zp", op, kind, clamp, wide=True, codes=codes, dtype=dt)
 
     def store(self, t: str, x: str, op: str, kind: str, clamp: list[int] | None, wide: bool,
-              codes: str | None = None) -> str:
-        """Clip int64 (wide) or code-typed x to t's clamp codes and cast it to t's code type.
+              codes: str | None = None, dtype=np.int64) -> str:
+        """Clip x (of `dtype` if wide, else of t's code type) to t's clamp codes and cast it to t's code type.
 
         The result becomes t's code tensor unless another name is given (the parts of a concat)."""
         e = self.m.encoding(t)
@@ -105,7 +128,7 @@ class IntBuilder(_Builder):
         if bits > 16:
             raise ManifestError(f"tensor {t}: {bits}-bit activations cannot be exported (at most 16)")
         lo, hi = (0, (1 << bits) - 1) if clamp is None else (int(clamp[0]), int(clamp[1]))
-        ctype = np.int64 if wide else self.code_np(t)
+        ctype = dtype if wide else self.code_np(t)
         out = codes or f"t/{t}/q"
         clipped = f"{out}/clipped"
         self.node("Clip", [x, self.const(f"{t}/lo.{np.dtype(ctype).name}", np.array(lo, ctype)),
@@ -118,8 +141,9 @@ class IntBuilder(_Builder):
         return out
 
     # -- weighted layers --
-    def accumulate(self, rec: dict, term: int, q: np.ndarray) -> str:
-        """Exact accumulator (int64) of one weight term, bias added to term 0, wrapped if `wrap`."""
+    def accumulate(self, rec: dict, term: int, q: np.ndarray) -> tuple[str, np.ndarray]:
+        """Exact accumulator (int64) of one weight term, bias added to term 0, wrapped if `wrap` and
+        the data-free bound allows an overflow; with that bound on |acc| per channel."""
         name, kind, a = rec["name"], rec["kind"], rec["attrs"]
         t = rec["inputs"][0]
         ex, z = self.m.encoding(t), int(self.m.encoding(t)["zero_point"])
@@ -128,6 +152,7 @@ class IntBuilder(_Builder):
         bias = self.m.tensor(rec["bias"]["q"]).astype(np.int64) if term == 0 else np.zeros(q.shape[0], np.int64)
         meta = {**weight_metadata(rec), "ptq.term": term}
         acc32 = f"{name}/term{term}/acc32"
+        bound = np.abs(q.reshape(q.shape[0], -1)).sum(1).astype(np.float64) * self.xmax(t) + np.abs(bias)
         if ex["bits"] <= 8 and bits <= 8 and np.abs(q).max(initial=0) <= 127:
             xz = self.const(f"{t}/z.u8", np.array(z, np.uint8))
             if conv:
@@ -141,9 +166,7 @@ class IntBuilder(_Builder):
                           [acc32], f"{name}/term{term}", name, kind, meta)
             acc = self.as_int64(acc32, name, kind)
         else:
-            xmax = max(z, (1 << ex["bits"]) - 1 - z)
-            l1 = np.abs(q.reshape(q.shape[0], -1)).sum(1).astype(np.float64)
-            if float((l1 * xmax + np.abs(bias)).max()) >= F32_EXACT:
+            if float(bound.max()) >= F32_EXACT:
                 raise ManifestError(f"layer {name}: {ex['bits']}-bit inputs or {bits}-bit weights need a float32 "
                                     "accumulation that is not provably exact (bound ≥ 2^24); export --format qdq instead")
             xf = f"{name}/x.f32"
@@ -169,7 +192,7 @@ class IntBuilder(_Builder):
         if mode == "saturate" and int(accr.get("data_free_bits", 64)) > p:
             raise ManifestError(f"layer {name}: a saturating {p}-bit accumulator without a data-free guarantee "
                                 "cannot be expressed in ONNX; export --format qdq instead")
-        if mode == "wrap" and p < 63:
+        if mode == "wrap" and p < 63 and float(bound.max()) > (1 << (p - 1)) - 1:
             half = self.const(f"acc.half{p}", np.array(1 << (p - 1), np.int64))
             self.node("Add", [acc, half], [f"{name}/term{term}/w0"], f"{name}/wrap{term}/add", name, kind)
             self.node("Mod", [f"{name}/term{term}/w0", self.const(f"acc.mod{p}", np.array(1 << p, np.int64))],
@@ -177,7 +200,8 @@ class IntBuilder(_Builder):
             self.node("Sub", [f"{name}/term{term}/w1", half], [f"{name}/term{term}/wrapped"],
                       f"{name}/wrap{term}/sub", name, kind)
             acc = f"{name}/term{term}/wrapped"
-        return acc
+            bound = np.minimum(bound, float(1 << (p - 1)))
+        return acc, bound
 
     def emit(self, rec: dict) -> None:
         name, kind, a = rec["name"], rec["kind"], rec["attrs"]
@@ -188,15 +212,16 @@ class IntBuilder(_Builder):
             view = (-1, 1, 1) if kind == "conv" else (-1,)
             mult = np.asarray(self.m.tensor(r["multiplier"]), np.int64)
             terms = rec["weight"]["terms"]
-            parts = [(self.accumulate(rec, i, np.asarray(self.m.tensor(tm["q"]))), mult[i]) for i, tm in enumerate(terms)]
+            parts = [(*self.accumulate(rec, i, np.asarray(self.m.tensor(tm["q"]))), mult[i]) for i, tm in enumerate(terms)]
+            parts = [(acc, m, bound) for acc, bound, m in parts]
             self.requant(parts, np.asarray(self.m.tensor(r["shift"])), t, name, kind, clamp, view)
         elif kind == "add":
-            parts = [(self.centred(x, name, kind), np.array(m)) for x, m in zip(ins, r["multiplier"])]
+            parts = [(self.centred(x, name, kind), np.array(m), np.array(self.xmax(x))) for x, m in zip(ins, r["multiplier"])]
             self.requant(parts, np.array(r["shift"]), t, name, kind, clamp, ())
         elif kind == "concat":
             pieces = []
             for i, (x, m) in enumerate(zip(ins, r["multiplier"])):
-                pieces.append(self.requant([(self.centred(x, name, kind), np.array(m))], np.array(r["shift"]), t,
+                pieces.append(self.requant([(self.centred(x, name, kind), np.array(m), np.array(self.xmax(x)))], np.array(r["shift"]), t,
                                            f"{name}/part{i}", kind, clamp, (), codes=f"t/{t}/part{i}"))
             self.node("Concat", pieces, [f"t/{t}/q"], name, name, kind, axis=int(a["dim"]))
             self.codes[t] = f"t/{t}/q"
@@ -218,7 +243,8 @@ class IntBuilder(_Builder):
                           [s32], name, name, kind, kernel_shape=[kh, kw], strides=list(a["stride"]),
                           pads=[ph, pw, ph, pw], group=c)
                 s = self.as_int64(s32, name, kind)
-            self.requant([(s, np.array(r["multiplier"][0]))], np.array(r["shift"]), t, name, kind, clamp, ())
+            self.requant([(s, np.array(r["multiplier"][0]), np.array(r["count"] * self.xmax(x)))], np.array(r["shift"]),
+                         t, name, kind, clamp, ())
         elif kind == "maxpool":  # on uint8 codes; wider codes (at most 16 bits) are exact in float32
             x = self.code(ins[0])
             wide = self.m.encoding(ins[0])["bits"] > 8
@@ -275,7 +301,7 @@ class IntBuilder(_Builder):
         self.node("Cast", ["input/floor"], ["input/i64"], "input/int", "input", "input", to=P.INT64)
         self.node("Add", ["input/i64", self.const(f"{t}/z.i64", np.array(int(e["zero_point"]), np.int64))],
                   ["input/zp"], "input/zero_point", "input", "input")
-        self.store(t, "input/zp", "input", "input", None, wide=True)
+        self.store(t, "input/zp", "input", "input", None, wide=True)  # int64
 
     def output(self, t: str) -> tuple[str, int]:
         """The dequantized output s·(q - z) in float64."""
