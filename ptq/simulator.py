@@ -75,6 +75,14 @@ def _wrap(acc: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.remainder(acc + half, 1 << bits) - half
 
 
+def _may_saturate(u: torch.Tensor, q: torch.Tensor, bias: torch.Tensor, lim: int) -> bool:
+    """Whether some partial sum could pass ±lim: not when |b_c| + Σ|q_c|·max|u| ≤ lim for every
+    channel, and then the sequential saturating MACs equal the exact sum (no loop needed)."""
+    umax = max(-float(u.min()), float(u.max())) if u.numel() else 0.0
+    l1 = q.abs().reshape(q.shape[0], -1).sum(1).double()
+    return bool((bias.abs().double() + l1 * umax > lim).any())
+
+
 def _saturating_conv(x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor, op: Op, bits: int) -> torch.Tensor:
     """Sequential MACs with saturation after each one (bias first, then (c, kh, kw) order)."""
     lim = (1 << (bits - 1)) - 1
@@ -195,7 +203,8 @@ class Simulator:
                 if acc.numel() else torch.zeros(view, dtype=torch.float64)
             max_abs = int(chan_abs.max())
             st.max_abs = max(st.max_abs, max_abs)
-            if mode == "saturate":  # an overflow is an output the saturating MAC sequence changed
+            if mode == "saturate" and _may_saturate(u, q, b, lim):
+                # an overflow is an output the saturating MAC sequence changed
                 sat = _saturating_conv(u.to(torch.int64), q.to(torch.int64), b, op, bits).to(torch.float64)
                 st.overflows += int((sat != acc).sum())
                 acc = sat

@@ -101,6 +101,17 @@ def test_saturate_mode_runs_convolutions_and_matches_exact_without_overflow(digi
     tight = Simulator(qm.manifest, "saturate", 9)  # far too narrow: the simulator counts what saturation changed
     tight(x)
     assert sum(st.overflows for st in tight.layers.values()) > 0
+    # within the bound the simulator skips the MAC loop; the loop itself still equals the exact sum there
+    from ptq.simulator import _saturating_conv, integer_gemm
+    m = qm.manifest
+    g = m.to_graph()
+    codes = Simulator(m).run(x, keep=[op.inputs[0] for op in g.ops if op.kind == "conv"])
+    for op in [o for o in g.ops if o.kind == "conv"][:2]:
+        u = codes[op.inputs[0]] - m.encoding(op.inputs[0])["zero_point"]
+        q = torch.from_numpy(m.tensor(op.record["weight"]["terms"][0]["q"]).astype(np.int64))
+        b = torch.from_numpy(m.tensor(op.record["bias"]["q"]).astype(np.int64))
+        want = integer_gemm(op, u, q.float()).long() + b.reshape(1, -1, 1, 1)
+        assert torch.equal(_saturating_conv(u, q, b, op, 16), want)
 
 
 @pytest.mark.parametrize("recipe,p", [("acc16", 16), ("acc12", 12)])
