@@ -30,8 +30,7 @@ import numpy as np
 
 from .errors import ManifestError
 from .export import INPUT_NAME, _Builder, _torch_pads_to_onnx, weight_metadata
-
-F32_EXACT = 2**24
+from .simulator import F32_EXACT
 
 
 class IntBuilder(_Builder):

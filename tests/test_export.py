@@ -167,16 +167,22 @@ def test_metadata_round_trip(digits_quantized, tmp_path):
     assert read_ptq_metadata(export_qonnx(m))["layers"] == meta["layers"]
 
 
-def test_multi_term_weights_sum_before_conv(mixed_quantized):
-    """A weight split into two terms (ŵ = s·q_a + s·q_b) exports as Sum of dequantized terms."""
-    qm, x = mixed_quantized
-    m = copy.deepcopy(qm.manifest)
-    rec = m.weighted_ops()[0]
+def split_into_two_terms(manifest, index: int):
+    """A copy of the manifest whose `index`-th weighted op has its weight split as s·q_a + s·q_b."""
+    m = copy.deepcopy(manifest)
+    rec = m.weighted_ops()[index]
     t0 = rec["weight"]["terms"][0]
     q = m.tensor(t0["q"]).astype(np.int64)
     qa = np.trunc(q / 2).astype(np.int8)
     m.put(t0["q"], qa)
     rec["weight"]["terms"].append({"q": m.put(f"{rec['name']}/w1.q", (q - qa).astype(np.int8)), "scale": t0["scale"]})
+    return m, rec
+
+
+def test_multi_term_weights_sum_before_conv(mixed_quantized):
+    """A weight split into two terms (ŵ = s·q_a + s·q_b) exports as Sum of dequantized terms."""
+    qm, x = mixed_quantized
+    m, rec = split_into_two_terms(qm.manifest, 0)
     model = export_qdq(m)
     assert any(n.op_type == "Sum" for n in model.graph.node)
     assert read_ptq_metadata(model)["layers"][rec["name"]]["terms"] == 2
@@ -235,13 +241,7 @@ def test_int_twin_equals_simulator_on_every_op_kind(mixed_quantized):
 
 def test_int_twin_equals_simulator_with_two_weight_terms(mixed_quantized):
     qm, x = mixed_quantized
-    m = copy.deepcopy(qm.manifest)
-    rec = m.weighted_ops()[1]
-    t0 = rec["weight"]["terms"][0]
-    q = m.tensor(t0["q"]).astype(np.int64)
-    qa = np.trunc(q / 2).astype(np.int8)
-    m.put(t0["q"], qa)
-    rec["weight"]["terms"].append({"q": m.put(f"{rec['name']}/w1.q", (q - qa).astype(np.int8)), "scale": t0["scale"]})
+    m, rec = split_into_two_terms(qm.manifest, 1)
     mult = m.tensor(rec["requant"]["multiplier"])
     m.put(rec["requant"]["multiplier"], np.concatenate([mult, mult // 3]))  # a different mantissa per term
     assert np.array_equal(_int_outputs(m, x), ptq.QuantizedModel(m).simulate(x))
