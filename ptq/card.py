@@ -61,6 +61,7 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
                            op["accumulator"].get("bound", "none") for op in m.weighted_ops()).items())),
         "allocation": _allocation(m.data.get("method_info", {})),
         "compression": f"{32.0 / max(ws['mean_weight_bits'], 1e-9):.2f}x (32-bit floats / mean weight bits)",
+        "multipoint": _multipoint(m),
         "bit_planes": _bitplanes(m),
         "bit_serial": _bitserial(m),
         "batchnorm_folded": f"{bn} BatchNorm layers folded into the preceding convolutions",
@@ -96,6 +97,45 @@ def _bitplanes(m: Manifest) -> str:
     lsb = sum(b["lsb_dropped"] * p for b, p in recs) / n
     return (f"2-bit slice sparsity {100 * sparsity:.1f}%; empty MSB planes dropped free in {free} layers, "
             f"non-empty MSB planes clipped in {clipped}; mean LSB planes dropped {lsb:.2f} (planes.png)")
+
+
+def _points(m: Manifest) -> list[tuple[dict, np.ndarray]]:
+    """Multipoint layers with their points per channel."""
+    return [(op, np.asarray(m.tensor(op["weight"]["extra"]["points_per_channel"])))
+            for op in m.weighted_ops() if op["weight"]["scheme"] == "multipoint"]
+
+
+def _multipoint(m: Manifest) -> str:
+    """Multipoint totals: parameter-weighted mean points, effective bits, and the share of channels
+    by number of points over all multipoint layers."""
+    recs = _points(m)
+    if not recs:
+        return "-"
+    k = np.array([np.prod(op["weight"]["shape"][1:]) for op, _ in recs], np.float64)
+    n = np.concatenate([np.repeat(kk, len(c)) for kk, (_, c) in zip(k, recs)])
+    counts = np.concatenate([c for _, c in recs])
+    bits = sum(op["weight"]["bits_per_weight"] * kk * len(c) for kk, (op, c) in zip(k, recs)) / n.sum()
+    widths = sorted({tuple(op["weight"].get("point_bits", [op["weight"]["bits"]])) for op, _ in recs if len(op["weight"]["terms"]) > 1})
+    hist = ", ".join(f"{p} point{'s' if p > 1 else ''} {100 * np.mean(counts == p):.1f}%" for p in range(1, int(counts.max()) + 1))
+    return (f"{float((counts * n).sum() / n.sum()):.3f} mean points per channel (parameter-weighted), {bits:.3f} effective "
+            f"bits per weight over {len(recs)} layers; channels: {hist}"
+            + (f"; point widths {', '.join('+'.join(map(str, w)) for w in widths)}" if widths else ""))
+
+
+def _points_table(m: Manifest) -> list[str]:
+    recs = [(op, c) for op, c in _points(m) if len(op["weight"]["terms"]) > 1]
+    if not recs:
+        return []
+    most = max(int(c.max()) for _, c in recs)
+    lines = ["", "## Multipoint: channels by number of points (layers with extra points)", "",
+             "| layer | point bits | mean points | bits per weight | " + " | ".join(f"{p}" for p in range(1, most + 1)) + " |",
+             "|---|---|---|---|" + "---|" * most]
+    for op, c in recs:
+        w = op["weight"]
+        lines.append(f"| {op['name']} | {'+'.join(map(str, w.get('point_bits', [w['bits']] * w['points'])))} | "
+                     f"{w['mean_points']:.3f} | {w['bits_per_weight']:.3f} | "
+                     + " | ".join(str(int((c == p).sum())) for p in range(1, most + 1)) + " |")
+    return lines
 
 
 def _swis_layers(m: Manifest) -> list[dict]:
@@ -135,7 +175,7 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
              "| choice | value |", "|---|---|"]
     for key in ("model", "method", "recipe", "weights", "weight_clipping", "activations", "rounding",
                 "first_layer_bits", "last_layer_bits", "quantized_tensors", "mean_weight_bits", "max_weight_bits",
-                "compression", "bit_planes", "bit_serial", "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
+                "compression", "multipoint", "bit_planes", "bit_serial", "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
         v = f[key]
         v = f"{v:.3f}" if isinstance(v, float) else v
         lines.append(f"| {key.replace('_', ' ')} | {v} |")
@@ -158,6 +198,7 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
                   f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}% "
                   f"({num.get('top1_agreement_decisive', 0):.2f}% on the {num.get('decisive_samples', 0)} samples whose "
                   f"reference margin exceeds {DECISIVE_NOISE:g}× the RMS logit difference, the criterion)"]
+    lines += _points_table(m)
     lines += _bitserial_table(m)
     return "\n".join(lines) + "\n"
 

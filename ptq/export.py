@@ -210,10 +210,11 @@ class _Builder:
     def weight(self, rec: dict) -> str:
         name, kind = rec["name"], rec["kind"]
         parts = []
-        for i, term in enumerate(rec["weight"]["terms"]):
+        terms = rec["weight"]["terms"]
+        widths = rec["weight"].get("point_bits") or [rec["weight"].get("bits", 8)] * len(terms)  # multipoint: per point
+        for i, (term, bits) in enumerate(zip(terms, widths)):
             q = self.m.tensor(term["q"])
             s = np.asarray(self.m.tensor(term["scale"]), np.float64).reshape(-1)
-            bits = int(rec["weight"].get("bits", 8))
             wname = f"{name}/w{i}"
             if self.fmt == "qdq":
                 si = self.const(f"{wname}.scale", s.astype(np.float32))

@@ -31,18 +31,20 @@ class OutputError:
         self.groups = 1 if hessian is None else hessian.shape[0]
         self.channels = channels
 
+    def hmul(self, a: np.ndarray) -> torch.Tensor:
+        """H a for every channel of (..., C, K) (a itself when no H is known), float32."""
+        d = torch.from_numpy(np.ascontiguousarray(a, np.float32))
+        if self.h is None:
+            return d
+        lead, k, g = d.shape[:-2], d.shape[-1], self.groups
+        dg = d.reshape(-1, g, self.channels // g, k).permute(1, 0, 2, 3).reshape(g, -1, k)
+        hd = torch.bmm(dg, self.h)  # H is symmetric: rows of dg·H are H·d
+        return hd.reshape(g, -1, self.channels // g, k).permute(1, 0, 2, 3).reshape(*lead, self.channels, k)
+
     def __call__(self, diff: np.ndarray) -> np.ndarray:
         """diff: (..., C, K) → (..., C); plain squared error when no H is known."""
-        d = torch.from_numpy(np.ascontiguousarray(diff)).float()
-        if self.h is None:
-            return (d * d).sum(-1).double().numpy()
-        lead = d.shape[:-2]
-        k = d.shape[-1]
-        g = self.groups
-        dg = d.reshape(-1, g, self.channels // g, k).permute(1, 0, 2, 3).reshape(g, -1, k)
-        e = (torch.bmm(dg, self.h) * dg).sum(-1)  # (G, lead*C/G)
-        e = e.reshape(g, -1, self.channels // g).permute(1, 0, 2).reshape(*lead, self.channels)
-        return e.double().numpy()
+        d = torch.from_numpy(np.ascontiguousarray(diff, np.float32))
+        return (self.hmul(diff) * d).sum(-1).double().numpy()
 
     def energy(self, w: np.ndarray) -> np.ndarray:
         """wᵀ H w per channel: the channel's output energy, for relative errors."""
@@ -52,10 +54,7 @@ class OutputError:
         """aᵀ H b per output channel for (C, K) arrays (plain dot products when no H is known)."""
         if self.h is None:
             return (np.asarray(a, np.float64) * np.asarray(b, np.float64)).sum(-1)
-        g, c, k = self.groups, self.channels, a.shape[-1]
-        ag = torch.from_numpy(np.ascontiguousarray(a, np.float32)).reshape(g, c // g, k)
-        bg = torch.from_numpy(np.ascontiguousarray(b, np.float32)).reshape(g, c // g, k)
-        return (torch.bmm(ag, self.h) * bg).sum(-1).reshape(c).double().numpy()
+        return (self.hmul(a) * torch.from_numpy(np.ascontiguousarray(b, np.float32))).sum(-1).double().numpy()
 
     def refit_scale(self, w: np.ndarray, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """Per-channel s minimising the output error of s·q against w: qᵀHw / qᵀHq (the old scale

@@ -48,6 +48,41 @@ def test_greedy_error_decreases_with_points_under_h():
     assert err(w - what) == pytest.approx(pts.errors[-1], rel=1e-3, abs=1e-9)
 
 
+def test_refit_is_never_worse_and_is_what_the_weights_become():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((400, 20))
+    x[:, :5] *= 3
+    h = (x.T @ x / 400)[None]
+    w = rng.standard_normal((16, 20)) * 0.1
+    err = OutputError(h, 16)
+    pts = mp.greedy_points(w, 3, 3, err)
+    fit = mp.refit_coefficients(w, pts, err)
+    assert np.all(fit.errors <= pts.errors + 1e-12)
+    assert fit.errors[2].sum() < 0.8 * pts.errors[2].sum()  # three 3-bit points: the joint fit matters (0.72 measured)
+    assert np.all(fit.coef > 0)
+    counts = np.array([1, 2, 3] * 5 + [3])
+    wq = mp.build(fit, counts, w.shape)
+    assert err(w - wq.dequantized()) == pytest.approx(mp.channel_errors(fit, counts), rel=1e-3, abs=1e-9)
+
+
+def test_extra_points_on_a_narrower_grid_cost_less():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((12, 30))
+    err = OutputError(None, 12)
+    pts = mp.greedy_points(w, 4, 3, err, extra_bits=2)
+    assert list(pts.bits) == [4, 2, 2]
+    assert np.abs(pts.q[0]).max() == 7 and np.abs(pts.q[1:]).max() == 1
+    assert np.all(np.diff(pts.errors, axis=0) <= 1e-9) and np.all(pts.errors[1] < pts.errors[0])
+    counts = np.array([1] * 6 + [2] * 4 + [3] * 2)
+    wq = mp.build(pts, counts, w.shape)
+    assert wq.scheme["point_bits"] == [4, 2, 2]
+    assert wq.bits == pytest.approx(4 + 2 * 6 / 12 + 2 * 2 / 12)
+    plan = mp.LayerPlan("l", pts, 4, 3, 1.0, 30, None)
+    got = mp.allocate([plan], 1.25, "global", "error", 0.0, 0)["l"]
+    # a 2-bit point costs half a 4-bit one: the 0.25 budget buys extra points for half the channels
+    assert (got - 1).sum() == 6
+
+
 @pytest.fixture(scope="module")
 def digits_plans(digits):
     from calib.collect import collect_statistics
@@ -127,7 +162,9 @@ def test_multipoint_manifest_fields_and_scheme_check(digits_multipoint, tmp_path
         w = op["weight"]
         n = m.tensor(w["extra"]["points_per_channel"])
         assert len(w["terms"]) == w["points"] == n.max()
-        assert w["bits_per_weight"] == pytest.approx(w["bits"] * n.mean())
+        pb = w["point_bits"]
+        assert pb[0] == w["bits"] and len(pb) == w["points"]
+        assert w["bits_per_weight"] == pytest.approx(sum(b * np.mean(n > j) for j, b in enumerate(pb)))
         assert w["mean_points"] == pytest.approx(n.mean())
     saved = ptq.load(qm.save(tmp_path / "mp"))
     x = torch.zeros(2, 1, 8, 8)
@@ -145,6 +182,17 @@ def test_multipoint_manifest_fields_and_scheme_check(digits_multipoint, tmp_path
     finally:
         q.reshape(q.shape[0], -1)[c, 0] = old
     validate(m)
+    # point widths that do not describe the terms are refused
+    pb = op["weight"]["point_bits"]
+    op["weight"]["point_bits"] = [pb[0]] + [2] * (len(pb) - 1)
+    try:
+        with pytest.raises(ManifestError, match="terms\\[1\\].q|bits_per_weight"):
+            validate(m)
+    finally:
+        op["weight"]["point_bits"] = pb
+    validate(m)
+    card = (tmp_path / "mp" / "card.md").read_text()
+    assert "mean points per channel" in card and "channels by number of points" in card
 
 
 def test_w3_recipe_and_layer_scope_run(digits):

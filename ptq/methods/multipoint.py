@@ -1,11 +1,18 @@
 """Multipoint: each output channel as a sum of low-bit vectors (Liu et al., AAAI 2021).
 
-    ŵ_c = Σ_i a_ci · v_ci,   v_ci on the symmetric narrow b-bit grid, a_ci > 0.
+    ŵ_c = Σ_i a_ci · v_ci,   v_ci on the symmetric narrow grid of point i, a_ci > 0.
 
 Greedy construction per channel (vectorised over channels and the coefficient grid): residual
 r₀ = w; for each point search a on a 1-D grid, v = clip(round(r/a)), keep the a with the least
 output error (w − ŵ)ᵀH(w − ŵ) (weight MSE without H), r ← r − a·v. Every channel's whole greedy
 sequence up to `max_points` is computed once, so allocation is pure bookkeeping on error tables.
+
+Two additions of ours. `coefficients = "refit"`: once a channel's integer vectors are fixed, its
+coefficients are refitted jointly by least squares on the output error, for every number of points
+it may keep (the greedy a_i was fitted to a residual before the later points existed).
+`extra_bits`: points after the first may sit on a narrower grid (e.g. 4-bit first point, 2-bit
+corrections), which makes an extra point cheaper and the bit budget finer-grained; a point costs
+its bits over the first point's bits of the budget.
 
 Allocation: every channel starts with one point; the point with the largest priority is added next
 until the channel's relative error e/wᵀHw ≤ ε or the budget is spent. Priority (ours, default
@@ -15,21 +22,21 @@ the point saves, F_c · (e_n − e_{n+1}), per weight it costs, with F_c the cha
 (`calib.sensitivity`). Measured on EfficientNet-Lite0 at 4.94 bits (128 held-out crops): energy 80.5%
 top-1 / KL 0.098, fisher 71.1% / KL 0.084 — better KL and SQNR, worse top-1, so energy stays the
 default. Either is multiplied by a per-layer `sensitivity` (1 unless a recipe override says otherwise).
-The budget is the mean number of points per channel, parameter-weighted and global across the
-network by default (so effective bits = bits × budget), or per layer (`budget_scope = "layer"`).
-Because errors never increase with points, the greedy order equals one global sort of all candidate
-increments, and the budget is a prefix of it: no Python loop over channels.
+The budget is in units of a first point per weight, parameter-weighted and global across the
+network by default (effective bits = bits × budget), or per layer (`budget_scope = "layer"`).
+Priorities are kept non-increasing along a channel's points, so the greedy order equals one global
+sort of all candidate increments and the budget is a prefix of it: no Python loop over channels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import RecipeError
 from ..graph import Graph
 from ..recipe import Field, layer_setting, register_section
-from ..validate import fail, need, scheme_check, tensor
+from ..validate import fail, in_range, need, scheme_check, tensor
 from ..weightquant import OutputError, qmax
 from . import register
 from .base import WeightQuant, first_last, layer_error
@@ -39,11 +46,17 @@ GRID_LO = 0.05  # smallest candidate, as a fraction of max|r| / qmax
 CHUNK = 1 << 22  # grid values × weights evaluated at once (float32 elements)
 
 register_section("multipoint", {
-    "bits": Field(4, int, lo=2, hi=8, help="bits of each point (symmetric narrow grid)"),
+    "bits": Field(4, int, lo=2, hi=8, help="bits of a channel's first point (symmetric narrow grid)"),
+    "extra_bits": Field(0, int, lo=0, hi=8, help="bits of every further point (0: the same as `bits`); a point of "
+                        "extra_bits costs extra_bits / bits of the budget"),
+    "coefficients": Field("refit", str, ("greedy", "refit"),
+                          help="keep the greedy coefficients, or refit a channel's coefficients jointly by least "
+                               "squares on the output error once its points are fixed"),
     "epsilon": Field(1e-4, float, lo=0.0, hi=1.0,
                      help="a channel whose relative output error e/wᵀHw is at most this gets no more points"),
     "budget": Field(1.25, float, lo=1.0, hi=16.0,
-                    help="mean points per channel (parameter-weighted); effective bits = bits × budget"),
+                    help="mean bits per weight over `bits` (parameter-weighted): effective bits = bits × budget; "
+                         "with extra_bits = bits, the mean points per channel"),
     "budget_scope": Field("global", str, ("global", "layer"),
                           help="spend the budget across the whole network or within each layer"),
     "channel_choice": Field("error", str, ("error", "random"),
@@ -55,17 +68,21 @@ register_section("multipoint", {
     "objective": Field("output", str, ("output", "mse"), help="coefficient search by output error (H) or weight MSE"),
     "sensitivity": Field(1.0, float, lo=0.0, hi=1e6, help="per-layer weight of its errors in the global ranking"),
     "seed": Field(0, int, lo=0, hi=2**31 - 1, help="seed of the random channel choice"),
-}, override_keys=("bits", "max_points", "sensitivity"))
+}, override_keys=("bits", "extra_bits", "max_points", "sensitivity"))
 
 
 @dataclass
 class Points:
-    """A layer's greedy sequence: point i of channel c is scales[i, c] · q[i, c]."""
+    """A layer's greedy sequence: point i of channel c is q[i, c] on a bits[i] grid, with greedy
+    coefficient scales[i, c]; a channel that keeps n points uses the coefficients coef[n − 1, :n, c]
+    (the greedy ones, or refitted jointly) and has output error errors[n − 1, c]."""
 
     q: np.ndarray  # (P, C, K) int64
     scales: np.ndarray  # (P, C) float64, positive
     errors: np.ndarray  # (P, C): output error with 1..P points
     energy: np.ndarray  # (C,): wᵀHw (or ‖w‖²)
+    bits: np.ndarray  # (P,) bits of each point
+    coef: np.ndarray  # (P, P, C) coefficients by number of points kept
 
 
 def _errors(err: OutputError, d: np.ndarray) -> np.ndarray:
@@ -92,14 +109,15 @@ def _search(r: np.ndarray, ratios: np.ndarray, base: np.ndarray, m: int, err: Ou
 
 
 def greedy_points(w: np.ndarray, bits: int, points: int, err: OutputError,
-                  grid: np.ndarray | None = None) -> Points:
-    """The greedy multipoint sequence of every channel of a (C, K) weight, `points` deep.
+                  grid: np.ndarray | None = None, extra_bits: int = 0) -> Points:
+    """The greedy multipoint sequence of every channel of a (C, K) weight, `points` deep; the first
+    point on the `bits` grid, the others on the `extra_bits` grid (0: the same).
 
     The coefficient of each point is searched on ratios of max|r|/qmax: the explicit `grid` if
     given, else (ours) a geometric grid of 100 values over [0.05, 1] searched coarse to fine — 25
     values, then 16 around each channel's best — as fine as the full grid at 40% of the cost.
     """
-    m = qmax(bits)
+    point_bits = np.array([bits] + [extra_bits or bits] * (points - 1))
     c, k = w.shape
     w = w.astype(np.float64)
     r = w.copy()
@@ -108,11 +126,12 @@ def greedy_points(w: np.ndarray, bits: int, points: int, err: OutputError,
     errors = np.zeros((points, c))
     cur = _errors(err, r)
     energy = cur.copy()
-    fallback = np.abs(w).max(1) / m
+    fallback = np.abs(w).max(1) / qmax(bits)
     fallback = np.where(fallback > 0, fallback, 1.0)
     coarse = np.geomspace(GRID_LO, 1.0, GRID // 4)
     spread = coarse[1] / coarse[0]
     for p in range(points):
+        m = qmax(int(point_bits[p]))
         amax = np.abs(r).max(1)
         base = np.where(amax > 0, amax / m, fallback)
         best_e = np.full(c, np.inf)
@@ -134,7 +153,36 @@ def greedy_points(w: np.ndarray, bits: int, points: int, err: OutputError,
         r = r - best_a[:, None] * v
         cur = e
         fallback = best_a
-    return Points(qs, scales, errors, energy)
+    coef = np.broadcast_to(scales[None], (points, points, c)).copy()
+    return Points(qs, scales, errors, energy, point_bits, coef)
+
+
+def refit_coefficients(w: np.ndarray, pts: Points, err: OutputError) -> Points:
+    """(ours) For every channel and every number n of points kept, the coefficients a minimising
+    the output error of Σ a_i v_i with the greedy integer vectors fixed: (V H Vᵀ) a = V H w. The
+    paper keeps the greedy a_i, each fitted to a residual before the later points existed. Where
+    the solution is not positive (the manifest's coefficients are scales) or not better, the greedy
+    coefficients stay."""
+    p, c, _ = pts.q.shape
+    w = w.astype(np.float64)
+    v = pts.q.astype(np.float64)
+    hv = err.hmul(v).double().numpy()  # (P, C, K)
+    gram = np.einsum("ick,jck->cij", v, hv)
+    rhs = np.einsum("ick,ck->ci", hv, w)
+    coef, errors = pts.coef.copy(), pts.errors.copy()
+    live = np.einsum("cii->ci", gram) > 0  # a point left at zero keeps its (unused) greedy coefficient
+    for n in range(1, p + 1):
+        on = live[:, :n]
+        g = gram[:, :n, :n] * (on[:, :, None] & on[:, None, :]) + np.eye(n) * ~on[:, None, :]
+        a = np.einsum("cij,cj->ci", np.linalg.pinv(g), rhs[:, :n] * on)
+        a = np.where(on, a, pts.scales[:n].T)
+        ok = np.all(a > 0, axis=1) & np.all(np.isfinite(a), axis=1)
+        a = np.where(ok[:, None], a, pts.scales[:n].T)
+        e = err(w - np.einsum("ci,ick->ck", a, v[:n]))
+        better = ok & (e < errors[n - 1])
+        coef[n - 1, :n] = np.where(better[None], a.T, coef[n - 1, :n])
+        errors[n - 1] = np.where(better, e, errors[n - 1])
+    return replace(pts, coef=coef, errors=errors)
 
 
 @dataclass
@@ -144,7 +192,7 @@ class LayerPlan:
     bits: int
     max_points: int
     sensitivity: float
-    k: int  # weights per channel: the cost of one point
+    k: int  # weights per channel: the cost of a channel's first point
     fisher: np.ndarray | None  # (C,) Fisher sensitivity of each output channel, or None
 
 
@@ -174,13 +222,14 @@ def allocate(plans: list[LayerPlan], budget: float, scope: str, choice: str, eps
                 pri = p.sensitivity * np.minimum.accumulate(gain, axis=0)
             else:
                 layer_energy = max(float(p.pts.energy.sum()), 1e-30)
-                pri = p.sensitivity * e / layer_energy
+                pri = p.sensitivity * np.minimum.accumulate(e, axis=0) / layer_energy
             pri = np.where(rel > epsilon, pri, -np.inf)  # done: error small enough
             if choice == "random":
                 n = np.arange(steps, dtype=np.float64)[:, None]
                 pri = np.where(np.isfinite(pri), -(n + rng.random(pri.shape)), -np.inf)
             keys.append(pri.ravel())
-            costs.append(np.full(pri.size, float(p.k)))
+            step_cost = p.k * p.pts.bits[1:steps + 1] / p.pts.bits[0]  # point n+1 on its own grid
+            costs.append(np.repeat(step_cost.astype(np.float64), c))
             owner.append(np.full(pri.size, li))
             chan.append(np.tile(np.arange(c), steps))
             order.append(np.repeat(np.arange(steps), c))
@@ -199,17 +248,22 @@ def allocate(plans: list[LayerPlan], budget: float, scope: str, choice: str, eps
     return out
 
 
-def build(pts: Points, counts: np.ndarray, bits: int, shape: tuple) -> WeightQuant:
-    """The layer's WeightQuant: one term per point index, zeros where a channel has fewer points."""
+def build(pts: Points, counts: np.ndarray, shape: tuple) -> WeightQuant:
+    """The layer's WeightQuant: one term per point index, zeros where a channel has fewer points;
+    each channel's coefficients are those fitted for its number of points."""
     used = int(counts.max())
     terms = []
+    chans = np.arange(len(counts))
     for t in range(used):
-        active = (counts > t)[:, None]
-        q = np.where(active, pts.q[t], 0).reshape(shape)
-        terms.append((q, pts.scales[t].copy()))
-    mean = float(counts.mean())
-    scheme = {"scheme": "multipoint", "bits": bits, "narrow_range": True, "points": used, "mean_points": mean}
-    return WeightQuant(scheme, terms, bits * mean, {"points_per_channel": counts.astype(np.int64)})
+        active = counts > t
+        q = np.where(active[:, None], pts.q[t], 0).reshape(shape)
+        scale = np.where(active, pts.coef[np.maximum(counts, t + 1) - 1, t, chans], pts.scales[t])
+        terms.append((q, scale))
+    point_bits = [int(b) for b in pts.bits[:used]]
+    bpw = float(sum(b * np.mean(counts > t) for t, b in enumerate(point_bits)))
+    scheme = {"scheme": "multipoint", "bits": point_bits[0], "point_bits": point_bits, "narrow_range": True,
+              "points": used, "mean_points": float(counts.mean())}
+    return WeightQuant(scheme, terms, bpw, {"points_per_channel": counts.astype(np.int64)})
 
 
 def channel_errors(pts: Points, counts: np.ndarray) -> np.ndarray:
@@ -223,11 +277,15 @@ def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
     plans = []
     for op in graph.weighted_ops():
         bits = layer_setting(recipe, "multipoint.bits", op.name, first, last)
+        extra_bits = layer_setting(recipe, "multipoint.extra_bits", op.name, first, last)
         maxp = layer_setting(recipe, "multipoint.max_points", op.name, first, last)
         sens = layer_setting(recipe, "multipoint.sensitivity", op.name, first, last)
         err = layer_error(op, stats, output_error=mp["objective"] == "output")
         c, k = op.weight_matrix_shape
-        pts = greedy_points(op.weight.reshape(c, k), bits, maxp, err)
+        w = op.weight.reshape(c, k)
+        pts = greedy_points(w, bits, maxp, err, extra_bits=min(extra_bits, bits))
+        if mp["coefficients"] == "refit":
+            pts = refit_coefficients(w, pts, err)
         fisher = None
         if mp["priority"] == "fisher":
             if op.name not in getattr(stats, "fisher", {}):
@@ -246,7 +304,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     plans = plan_layers(graph, stats, recipe)
     counts = allocate(plans, mp["budget"], mp["budget_scope"], mp["channel_choice"], mp["epsilon"], mp["seed"])
     ops = {op.name: op for op in graph.weighted_ops()}
-    return {p.name: build(p.pts, counts[p.name], p.bits, ops[p.name].weight.shape) for p in plans}
+    return {p.name: build(p.pts, counts[p.name], ops[p.name].weight.shape) for p in plans}
 
 
 @scheme_check("multipoint")
@@ -263,9 +321,16 @@ def _multipoint(m, w: dict, where: str) -> None:
     mean = need(w, "mean_points", (int, float), where)
     if abs(mean - float(n.mean())) > 1e-6:
         raise fail(f"{where}.mean_points", f"is {mean:g} but points_per_channel averages {float(n.mean()):g}")
+    pb = w.get("point_bits", [w["bits"]] * points)  # absent in manifests written before extra_bits: one width
+    if not isinstance(pb, list) or len(pb) != points or not all(type(b) is int and 2 <= b <= w["bits"] for b in pb) \
+            or (pb and pb[0] != w["bits"]):
+        raise fail(f"{where}.point_bits", f"must list {points} widths in 2..{w['bits']}, the first equal to bits, got {pb!r}")
+    for j, (t, b) in enumerate(zip(terms, pb)):
+        in_range(m.tensor(t["q"]), -qmax(b), qmax(b), f"{where}.terms[{j}].q")
     bpw = need(w, "bits_per_weight", (int, float), where)
-    if abs(bpw - w["bits"] * float(n.mean())) > 1e-6:
-        raise fail(f"{where}.bits_per_weight", f"is {bpw:g}, expected bits × mean points = {w['bits'] * float(n.mean()):g}")
+    want = sum(b * float(np.mean(n > j)) for j, b in enumerate(pb))
+    if abs(bpw - want) > 1e-6:
+        raise fail(f"{where}.bits_per_weight", f"is {bpw:g}, expected Σ point bits × share of channels with that point = {want:g}")
     for j, t in enumerate(terms[1:], start=1):
         q = m.tensor(t["q"]).reshape(c, -1)
         if np.any(q[n <= j] != 0):
