@@ -6,9 +6,11 @@ Rows per model, all through the integer simulator on held-out sample crops, fide
 - uniform 4-bit (the shipped `w4a8`: first and last layer at 8 bits);
 - uniform 4 / 5 bits with the layers the `multipoint` recipe keeps at 8 bits kept at 8 bits too, so
   the only difference from multipoint is where the extra bits go;
-- multipoint as shipped (extra points to the channels with the largest output error, network-wide),
-  the same budget spent per layer, and spent on randomly chosen channels (the paper's ablation);
-  and with 16-bit instead of the recipe's 12-bit logits.
+- multipoint as shipped (4-bit first point, 2-bit extra points ranked network-wide by Fisher-weighted
+  output-error reduction, coefficients refitted), at uniform 5-bit's effective bits, without the
+  coefficient refit, with the paper's construction (equal 4-bit points, largest error first, greedy
+  coefficients), the same budget spent per layer, and spent on randomly chosen channels (the
+  paper's ablation).
 resnet18 runs with random weights unless torchvision weights are in the hub cache: its agreement
 figures measure quantization noise against the same random FP32 network, not accuracy. The last
 lines give quantize time over one FP32 pass of the calibration data for resnet50 (random weights).
@@ -34,14 +36,17 @@ def uniform_with_pins(bits: int) -> dict:
 
 
 def variants() -> list[tuple[str, object, dict]]:
+    paper = {"multipoint.extra_bits": 4, "multipoint.priority": "energy", "multipoint.coefficients": "greedy"}
     return [
         ("uniform w4a8 (first/last 8)", "w4a8", {}),
         ("uniform 4 (multipoint pins)", uniform_with_pins(4), {}),
         ("uniform 5 (multipoint pins)", uniform_with_pins(5), {}),
-        ("multipoint (global, by error)", "multipoint", {}),
+        ("multipoint (as shipped)", "multipoint", {}),
+        ("multipoint at uniform 5's bits (budget 1.24)", "multipoint", {"multipoint.budget": 1.24}),
+        ("multipoint, greedy coefficients (no refit)", "multipoint", {"multipoint.coefficients": "greedy"}),
+        ("multipoint, paper's points (4-bit extras, error priority, greedy coefficients)", "multipoint", paper),
         ("multipoint (per-layer budget)", "multipoint", {"multipoint.budget_scope": "layer"}),
         ("multipoint (random channels)", "multipoint", {"multipoint.channel_choice": "random"}),
-        ("multipoint (16-bit logits)", "multipoint", {"activations.output_bits": 16}),
     ]
 
 

@@ -8,6 +8,7 @@ seeded positions, so the cost and memory are bounded however large the feature m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -47,8 +48,18 @@ class Statistics:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     histograms: dict[str, Histogram] = field(default_factory=dict)
     layer_inputs: dict[str, LayerInputStats] = field(default_factory=dict)
-    fisher: dict[str, np.ndarray] = field(default_factory=dict)  # per output channel, see calib.sensitivity
     samples: int = 0
+    measure_fisher: Callable[[], dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    _fisher: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def fisher(self) -> dict[str, np.ndarray]:
+        """Per-channel Fisher sensitivity (calib.sensitivity), measured on first use: only the
+        allocator methods and multipoint's Fisher priority read it, so uniform recipes never pay
+        for its backward pass. Empty when the recipe sets no sensitivity samples."""
+        if self._fisher is None:
+            self._fisher = self.measure_fisher() if self.measure_fisher is not None else {}
+        return self._fisher
 
 
 def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Generator | None) -> torch.Tensor:
@@ -77,8 +88,9 @@ def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
 
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,
                        positions: int = MAX_POSITIONS, sensitivity_samples: int = 0) -> Statistics:
-    """Two passes over `source`: ranges, then histograms and per-layer input moments; then the
-    per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: skipped)."""
+    """Two passes over `source`: ranges, then histograms and per-layer input moments; the
+    per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: none) is measured
+    when a method first asks for it."""
     stats = Statistics(samples=len(source))
     kernels = float_kernels(torch.float32)
     n_batches = (len(source) + batch_size - 1) // batch_size
@@ -117,8 +129,11 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
             advance()
     if sensitivity_samples > 0:
         n = min(sensitivity_samples, len(source))
-        with progress("sensitivity (one backward pass)", (n + batch_size - 1) // batch_size) as advance:
-            stats.fisher = channel_fisher(graph, _head(source.batches(batch_size), n, advance), seed)
+
+        def measure() -> dict[str, np.ndarray]:
+            with progress("sensitivity (one backward pass)", (n + batch_size - 1) // batch_size) as advance:
+                return channel_fisher(graph, _head(source.batches(batch_size), n, advance), seed)
+        stats.measure_fisher = measure
     return stats
 
 
