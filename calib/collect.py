@@ -63,26 +63,34 @@ class Statistics:
 
 
 def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Generator | None) -> torch.Tensor:
-    """Input patches of a conv/linear op as (G, rows, K); conv rows are sampled output positions."""
+    """Input patches of a conv/linear op as (G, rows, K); conv rows are sampled output positions.
+
+    The patches are gathered with one index_select on the flattened feature map (padding reads a
+    zero column appended only when a sampled window crosses the border): far cheaper than padding
+    the map and indexing it in four dimensions."""
     if op.kind == "linear":
         return x.reshape(1, x.shape[0], -1)
     a = op.attrs
     kh, kw = op.weight.shape[2], op.weight.shape[3]
     (sh, sw), (ph, pw), (dh, dw), g = a["stride"], a["padding"], a["dilation"], a["groups"]
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    n, c, h, w = x.shape
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     total = oh * ow
     if positions is not None and total > positions:
         pos = torch.randperm(total, generator=gen)[:positions]
     else:
         pos = torch.arange(total)
     oy, ox = pos // ow, pos % ow
-    iy = (oy * sh)[:, None, None] + (torch.arange(kh) * dh)[None, :, None]
-    ix = (ox * sw)[:, None, None] + (torch.arange(kw) * dw)[None, None, :]
-    patches = xp[:, :, iy, ix]  # (N, C, P, kh, kw)
-    n, c, p = patches.shape[:3]
-    patches = patches.reshape(n, g, c // g, p, kh, kw).permute(1, 0, 3, 2, 4, 5)
+    iy = (oy * sh - ph)[:, None, None] + (torch.arange(kh) * dh)[None, :, None]
+    ix = (ox * sw - pw)[:, None, None] + (torch.arange(kw) * dw)[None, None, :]
+    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    flat = x.reshape(n, c, h * w)
+    if not bool(inside.all()):
+        flat = torch.cat([flat, flat.new_zeros(n, c, 1)], 2)
+    idx = torch.where(inside, iy * w + ix, h * w).reshape(-1)
+    p = pos.numel()
+    patches = flat.index_select(2, idx).reshape(n, g, c // g, p, kh, kw).permute(1, 0, 3, 2, 4, 5)
     return patches.reshape(g, n * p, (c // g) * kh * kw)
 
 

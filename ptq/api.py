@@ -226,6 +226,7 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     qm = QuantizedModel(m, lm.module)
     report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": lm.spec["name"]}
     report.update({k: v for k, v in weight_summary(m).items() if k != "layers"})
+    report.update(getattr(wq, "timings", {}))
     if prep.eval_data is not None or src.kind == "samples":
         ev = prep.eval_data if prep.eval_data is not None else "samples:eval"
         report["fidelity"] = qm.evaluate(ev, prep.eval_size, seed=seed)

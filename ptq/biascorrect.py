@@ -32,60 +32,64 @@ def is_depthwise(op) -> bool:
 def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str) -> dict:
     """Apply bias correction in `mode` (for `auto`, the candidate with the least calibration KL)."""
     if mode != "auto":
-        kept, _, _ = correct_biases(graph, m, x, mode)
+        (kept,), _, _ = correct_biases(graph, [m], x, [mode])
         return {"mode": mode, "corrected": sorted(k for k, v in kept.items() if v)}
-    trials = {}
-    for cand in AUTO_CANDIDATES:
-        trial = Manifest(copy.deepcopy(m.data), dict(m.tensors))
-        kept, fp, fq = correct_biases(graph, trial, x, cand)
-        out = graph.outputs[0]
-        kl = fidelity(fp.numpy(), Codec(trial).dequantize(fq, out).numpy())["kl"]
-        trials[cand] = (kl, trial, kept)
-    best = min(AUTO_CANDIDATES, key=lambda c: trials[c][0])
-    m.data, m.tensors = trials[best][1].data, trials[best][1].tensors
-    return {"mode": "auto", "chosen": best, "calibration_kl": {c: trials[c][0] for c in AUTO_CANDIDATES},
-            "corrected": sorted(k for k, v in trials[best][2].items() if v)}
+    trials = [Manifest(copy.deepcopy(m.data), dict(m.tensors)) for _ in AUTO_CANDIDATES]
+    kept, fp, fqs = correct_biases(graph, trials, x, list(AUTO_CANDIDATES))
+    out = graph.outputs[0]
+    kls = [fidelity(fp.numpy(), Codec(t).dequantize(fq, out).numpy())["kl"] for t, fq in zip(trials, fqs)]
+    best = min(range(len(AUTO_CANDIDATES)), key=lambda i: kls[i])
+    m.data, m.tensors = trials[best].data, trials[best].tensors
+    return {"mode": "auto", "chosen": AUTO_CANDIDATES[best], "calibration_kl": dict(zip(AUTO_CANDIDATES, kls)),
+            "corrected": sorted(k for k, v in kept[best].items() if v)}
 
 
-def correct_biases(graph: Graph, m: Manifest, x: torch.Tensor, mode: str = "layer"):
-    """Update the manifest's biases in place; returns (kept per layer, FP32 output, fake-quant output)."""
+def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: list[str]):
+    """Update each manifest's biases in place, manifest i in modes[i], all in one sweep that shares
+    the FP32 side; returns (kept per layer of each, FP32 output, fake-quant output of each)."""
     dtype = torch.float32
-    fk, rk = float_kernels(dtype), reference_kernels(m, dtype)
-    codec = Codec(m)
-    rec_of = {r["name"]: r for r in m.ops}
+    fk = float_kernels(dtype)
+    runs = [(m, mode, reference_kernels(m, dtype), Codec(m), {r["name"]: r for r in m.ops}) for m, mode in zip(ms, modes)]
     last_use = {}
     for i, op in enumerate(graph.ops):
         for t in op.inputs:
             last_use[t] = i
     fp = {graph.input: x.to(dtype)}
-    fq = {graph.input: codec.quantize(x.to(dtype), graph.input)}
-    kept: dict[str, bool] = {}
+    fqs = [{graph.input: codec.quantize(x.to(dtype), graph.input)} for _, _, _, codec, _ in runs]
+    kept: list[dict[str, bool]] = [{} for _ in runs]
     with torch.no_grad():
         for i, op in enumerate(graph.ops):
             xs_fp = [fp[t] for t in op.inputs]
-            xs_fq = [fq[t] for t in op.inputs]
-            rec = rec_of[op.name]
-            if op.weight is not None and mode != "none" and (mode != "depthwise" or is_depthwise(op)):
-                y_fp, y_fq, kept[op.name] = _correct_layer(op, rec, m, codec, xs_fp[0], xs_fq[0], dtype, mode)
+            pre_fp = None
+            if op.weight is not None:
+                f = conv_float if op.kind == "conv" else linear_float
+                b = torch.from_numpy(op.bias.astype(np.float64)).to(dtype)
+                pre_fp = f(op, xs_fp[0], torch.from_numpy(op.weight).to(dtype), b)
+                y_fp = apply_act(op, pre_fp)
             else:
                 y_fp = fk[op.kind](op, xs_fp)
-                qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=rec)
-                y_fq = rk[op.kind](qop, xs_fq)
-            fp[op.output], fq[op.output] = y_fp, y_fq
+            for (m, mode, rk, codec, rec_of), fq, kp in zip(runs, fqs, kept):
+                rec = rec_of[op.name]
+                xs_fq = [fq[t] for t in op.inputs]
+                if pre_fp is not None and mode != "none" and (mode != "depthwise" or is_depthwise(op)):
+                    fq[op.output], kp[op.name] = _correct_layer(op, rec, m, codec, pre_fp, y_fp, xs_fq[0], dtype, mode)
+                else:
+                    qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=rec)
+                    fq[op.output] = rk[op.kind](qop, xs_fq)
+            fp[op.output] = y_fp
             for t in set(op.inputs):
                 if last_use.get(t) == i and t not in graph.outputs:
                     fp.pop(t, None)
-                    fq.pop(t, None)
+                    for fq in fqs:
+                        fq.pop(t, None)
     out = graph.outputs[0]
-    return kept, fp[out], fq[out]
+    return kept, fp[out], [fq[out] for fq in fqs]
 
 
-def _correct_layer(op, rec, m: Manifest, codec: Codec, x_fp, x_fq, dtype, mode: str):
-    """(FP32 output, fake-quant output after the decision, whether the correction was kept)."""
+def _correct_layer(op, rec, m: Manifest, codec: Codec, pre_fp, y_fp, x_fq, dtype, mode: str):
+    """(fake-quant output after the decision, whether the correction was kept)."""
     f = conv_float if op.kind == "conv" else linear_float
     b = torch.from_numpy(op.bias.astype(np.float64)).to(dtype)
-    pre_fp = f(op, x_fp, torch.from_numpy(op.weight).to(dtype), b)
-    y_fp = apply_act(op, pre_fp)
     pre_q = f(op, codec.dequantize(x_fq, op.inputs[0]), dequantized_weight(m, rec, dtype), b)
     dims = [0, 2, 3] if pre_q.dim() == 4 else [0]
     view = (1, -1, 1, 1) if pre_q.dim() == 4 else (1, -1)
@@ -103,4 +107,4 @@ def _correct_layer(op, rec, m: Manifest, codec: Codec, x_fp, x_fq, dtype, mode: 
         keep = True
     if keep:
         set_bias(m, rec, op.bias.astype(np.float64) + delta.double().numpy(), corrected=True)
-    return y_fp, (y1 if keep else y0), keep
+    return (y1 if keep else y0), keep

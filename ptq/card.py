@@ -77,8 +77,8 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
 def _allocation(info: dict) -> str:
     a = info.get("allocator")
     if isinstance(a, dict):
-        return (f"integer program, solver {a['solver']}, status {a['status']}, objective {a['objective']:.4g}, "
-                f"{a['seconds']:.2f} s" + (f", budgets {a['budgets']}" if a.get("budgets") else ""))
+        return (f"integer program, solver {a['solver']}, status {a['status']}, objective {a['objective']:.4g}"
+                + (f", budgets {a['budgets']}" if a.get("budgets") else "") + " (solve time: report.json)")
     if a == "naive":
         return f"naive: {info['weight_bits']}-bit weights and {info['input_bits']}-bit inputs in every layer"
     return "fixed by the recipe"

@@ -178,4 +178,4 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
             raise BudgetError(f"allocator.bops = {al['bops']:g} cannot be met: the least is {least:.4f} of the 8x8-bit BOPs; "
                               f"set allocator.bops >= {least:.4f}", "allocator.bops", least) from exc
         raise
-    return LayerWeights({name: c.payload for name, c in a.choice.items()}, {"allocator": a.summary()})
+    return LayerWeights({name: c.payload for name, c in a.choice.items()}, {"allocator": a.summary()}, a.timings())

@@ -34,11 +34,14 @@ class WeightQuant:
 
 
 class LayerWeights(dict):
-    """{op name: WeightQuant}, plus `info`: what the method reports (e.g. the allocator's solver and status)."""
+    """{op name: WeightQuant}, plus `info`: what the method records in the manifest (e.g. the
+    allocator's solver and status), and `timings`: wall-clock seconds for the report only, so that
+    the manifest stays byte-identical from run to run."""
 
-    def __init__(self, weights: dict[str, WeightQuant], info: dict[str, Any]):
+    def __init__(self, weights: dict[str, WeightQuant], info: dict[str, Any], timings: dict[str, float] | None = None):
         super().__init__(weights)
         self.info = info
+        self.timings = timings or {}
 
 
 def layer_error(op: Op, stats, output_error: bool = True) -> OutputError:

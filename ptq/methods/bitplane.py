@@ -157,4 +157,4 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     info = {"allocator": a.summary(), "compression": 32.0 * params / max(kept, 1.0),
             "slice2_sparsity": float(sum(wq.scheme["bitplanes"]["slice2_sparsity"] * wq.terms[0][0].size
                                          for wq in chosen.values()) / params)}
-    return LayerWeights(chosen, info)
+    return LayerWeights(chosen, info, a.timings())

@@ -396,7 +396,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     info = {"swis": {"mode": "allocate", **bitserial.totals(cycles),
                      "shared_bits": {k: c.knobs["shared_bits"] for k, c in a.choice.items()}},
             "allocator": a.summary()}
-    return LayerWeights(out, info)
+    return LayerWeights(out, info, a.timings())
 
 
 # ---------------------------------------------------------------- the manifest check

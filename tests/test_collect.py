@@ -1,0 +1,27 @@
+"""Calibration statistics (calib/collect.py): the input patches every output error is built on."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calib.collect import layer_patches
+
+
+@pytest.mark.parametrize("c,o,k,s,p,d,g", [(8, 16, 3, 1, 1, 1, 1), (8, 8, 3, 2, 1, 1, 8), (6, 12, 1, 1, 0, 1, 1),
+                                           (4, 8, 5, 2, 2, 2, 2), (4, 4, 3, 1, 0, 1, 1)])
+def test_patches_are_the_unfolded_input_of_each_group(c, o, k, s, p, d, g):
+    op = SimpleNamespace(kind="conv", weight=np.zeros((o, c // g, k, k)),
+                         attrs={"stride": (s, s), "padding": (p, p), "dilation": (d, d), "groups": g})
+    x = torch.randn(3, c, 11, 12)
+    got = layer_patches(op, x, None, None)  # every output position
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C·k·k, L), channel-major like a group's K
+    want = cols.reshape(3, g, (c // g) * k * k, -1).permute(1, 0, 3, 2).reshape(g, -1, (c // g) * k * k)
+    assert torch.equal(got, want)
+    # sampled positions are a subset of those rows, the same for the same generator
+    a = layer_patches(op, x, 7, torch.Generator().manual_seed(3))
+    b = layer_patches(op, x, 7, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (g, 3 * min(7, want.shape[1] // 3), want.shape[2])
+    rows = {tuple(r.tolist()) for r in want[0]}
+    assert all(tuple(r.tolist()) in rows for r in a[0])
