@@ -15,13 +15,15 @@ corrections), which makes an extra point cheaper and the bit budget finer-graine
 its bits over the first point's bits of the budget.
 
 Allocation: every channel starts with one point; the point with the largest priority is added next
-until the channel's relative error e/wᵀHw ≤ ε or the budget is spent. Priority (ours, default
-`priority = "energy"`): the channel's output error divided by its layer's output energy Σ_c wᵀHw — its
-relative error times its share of the layer output. `priority = "fisher"` ranks by the expected loss
-the point saves, F_c · (e_n − e_{n+1}), per weight it costs, with F_c the channel's Fisher sensitivity
-(`calib.sensitivity`). Measured on EfficientNet-Lite0 at 4.94 bits (128 held-out crops): energy 80.5%
-top-1 / KL 0.098, fisher 71.1% / KL 0.084 — better KL and SQNR, worse top-1, so energy stays the
-default. Either is multiplied by a per-layer `sensitivity` (1 unless a recipe override says otherwise).
+until the channel's relative error e/wᵀHw ≤ ε or the budget is spent. `priority = "energy"` (the
+field's default, closest to the paper's "worst channel first"): the channel's output error divided by
+its layer's output energy Σ_c wᵀHw. `priority = "fisher"` (ours, what the shipped recipes use) ranks
+by the expected loss the point saves, F_c · (e_n − e_{n+1}), per weight it costs, with F_c the
+channel's Fisher sensitivity (`calib.sensitivity`). On EfficientNet-Lite0 (256 held-out crops,
+4.94 bits, 2-bit extra points, refitted coefficients) energy gave 81.6% top-1 / KL 0.083 and fisher
+80.9% / KL 0.063 (81.8% / 0.063 on 512 crops, benchmarks.multipoint); on the digits CNN, whose
+Fisher is tiny and noisy (confident predictions), energy is better. Either is multiplied by a per-layer
+`sensitivity` (1 unless a recipe override says otherwise).
 The budget is in units of a first point per weight, parameter-weighted and global across the
 network by default (effective bits = bits × budget), or per layer (`budget_scope = "layer"`).
 Priorities are kept non-increasing along a channel's points, so the greedy order equals one global
