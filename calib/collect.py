@@ -12,7 +12,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ptq.graph import Graph, Op, execute, float_kernels
 from .observers import Histogram
