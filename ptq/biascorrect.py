@@ -72,7 +72,7 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                 rec = rec_of[op.name]
                 xs_fq = [fq[t] for t in op.inputs]
                 if pre_fp is not None and mode != "none" and (mode != "depthwise" or is_depthwise(op)):
-                    fq[op.output], kp[op.name] = _correct_layer(op, rec, m, codec, pre_fp, y_fp, xs_fq[0], dtype, mode)
+                    fq[op.output], kp[op.name] = _correct_layer(op, rec, m, codec, b, pre_fp, y_fp, xs_fq[0], dtype, mode)
                 else:
                     qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=rec)
                     fq[op.output] = rk[op.kind](qop, xs_fq)
@@ -86,10 +86,9 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
     return kept, fp[out], [fq[out] for fq in fqs]
 
 
-def _correct_layer(op, rec, m: Manifest, codec: Codec, pre_fp, y_fp, x_fq, dtype, mode: str):
-    """(fake-quant output after the decision, whether the correction was kept)."""
+def _correct_layer(op, rec, m: Manifest, codec: Codec, b, pre_fp, y_fp, x_fq, dtype, mode: str):
+    """(fake-quant output after the decision, whether the correction was kept); `b` is the FP32 bias."""
     f = conv_float if op.kind == "conv" else linear_float
-    b = torch.from_numpy(op.bias.astype(np.float64)).to(dtype)
     pre_q = f(op, codec.dequantize(x_fq, op.inputs[0]), dequantized_weight(m, rec, dtype), b)
     dims = [0, 2, 3] if pre_q.dim() == 4 else [0]
     view = (1, -1, 1, 1) if pre_q.dim() == 4 else (1, -1)

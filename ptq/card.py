@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import Manifest
+from .methods.multipoint import point_bits
 from .verify import DECISIVE_NOISE
 
 
@@ -115,7 +116,7 @@ def _multipoint(m: Manifest) -> str:
     n = np.concatenate([np.repeat(kk, len(c)) for kk, (_, c) in zip(k, recs)])
     counts = np.concatenate([c for _, c in recs])
     bits = sum(op["weight"]["bits_per_weight"] * kk * len(c) for kk, (op, c) in zip(k, recs)) / n.sum()
-    widths = sorted({tuple(op["weight"].get("point_bits", [op["weight"]["bits"]])) for op, _ in recs if len(op["weight"]["terms"]) > 1})
+    widths = sorted({tuple(point_bits(op["weight"])) for op, _ in recs if len(op["weight"]["terms"]) > 1})
     hist = ", ".join(f"{p} point{'s' if p > 1 else ''} {100 * np.mean(counts == p):.1f}%" for p in range(1, int(counts.max()) + 1))
     return (f"{float((counts * n).sum() / n.sum()):.3f} mean points per channel (parameter-weighted), {bits:.3f} effective "
             f"bits per weight over {len(recs)} layers; channels: {hist}"
@@ -132,7 +133,7 @@ def _points_table(m: Manifest) -> list[str]:
              "|---|---|---|---|" + "---|" * most]
     for op, c in recs:
         w = op["weight"]
-        lines.append(f"| {op['name']} | {'+'.join(map(str, w.get('point_bits', [w['bits']] * w['points'])))} | "
+        lines.append(f"| {op['name']} | {'+'.join(map(str, point_bits(w)))} | "
                      f"{w['mean_points']:.3f} | {w['bits_per_weight']:.3f} | "
                      + " | ".join(str(int((c == p).sum())) for p in range(1, most + 1)) + " |")
     return lines

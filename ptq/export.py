@@ -42,6 +42,7 @@ import numpy as np
 
 from .errors import ManifestError, OutputError
 from .manifest import Manifest
+from .methods.multipoint import point_bits
 from .reference import dequantized_bias
 
 OPSET = 21
@@ -211,7 +212,7 @@ class _Builder:
         name, kind = rec["name"], rec["kind"]
         parts = []
         terms = rec["weight"]["terms"]
-        widths = rec["weight"].get("point_bits") or [rec["weight"].get("bits", 8)] * len(terms)  # multipoint: per point
+        widths = point_bits(rec["weight"])
         for i, (term, bits) in enumerate(zip(terms, widths)):
             q = self.m.tensor(term["q"])
             s = np.asarray(self.m.tensor(term["scale"]), np.float64).reshape(-1)

@@ -31,9 +31,9 @@ class OutputError:
         self.groups = 1 if hessian is None else hessian.shape[0]
         self.channels = channels
 
-    def hmul(self, a: np.ndarray) -> torch.Tensor:
+    def hmul(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
         """H a for every channel of (..., C, K) (a itself when no H is known), float32."""
-        d = torch.from_numpy(np.ascontiguousarray(a, np.float32))
+        d = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, np.float32))
         if self.h is None:
             return d
         lead, k, g = d.shape[:-2], d.shape[-1], self.groups
@@ -44,7 +44,7 @@ class OutputError:
     def __call__(self, diff: np.ndarray) -> np.ndarray:
         """diff: (..., C, K) → (..., C); plain squared error when no H is known."""
         d = torch.from_numpy(np.ascontiguousarray(diff, np.float32))
-        return (self.hmul(diff) * d).sum(-1).double().numpy()
+        return (self.hmul(d) * d).sum(-1).double().numpy()
 
     def energy(self, w: np.ndarray) -> np.ndarray:
         """wᵀ H w per channel: the channel's output energy, for relative errors."""

@@ -309,6 +309,12 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     return {p.name: build(p.pts, counts[p.name], ops[p.name].weight.shape) for p in plans}
 
 
+def point_bits(w: dict) -> list[int]:
+    """Each term's width of a manifest weight record: multipoint's `point_bits`, else (other schemes,
+    and multipoint manifests written before extra_bits) `bits` for every term."""
+    return w.get("point_bits") or [w["bits"]] * len(w["terms"])
+
+
 @scheme_check("multipoint")
 def _multipoint(m, w: dict, where: str) -> None:
     terms = w["terms"]
@@ -323,7 +329,7 @@ def _multipoint(m, w: dict, where: str) -> None:
     mean = need(w, "mean_points", (int, float), where)
     if abs(mean - float(n.mean())) > 1e-6:
         raise fail(f"{where}.mean_points", f"is {mean:g} but points_per_channel averages {float(n.mean()):g}")
-    pb = w.get("point_bits", [w["bits"]] * points)  # absent in manifests written before extra_bits: one width
+    pb = point_bits(w)
     if not isinstance(pb, list) or len(pb) != points or not all(type(b) is int and 2 <= b <= w["bits"] for b in pb) \
             or (pb and pb[0] != w["bits"]):
         raise fail(f"{where}.point_bits", f"must list {points} widths in 2..{w['bits']}, the first equal to bits, got {pb!r}")
