@@ -64,9 +64,11 @@ class Statistics:
 def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Generator | None) -> torch.Tensor:
     """Input patches of a conv/linear op as (G, rows, K); conv rows are sampled output positions.
 
-    The patches are gathered with one index_select on the flattened feature map (padding reads a
-    zero column appended only when a sampled window crosses the border): far cheaper than padding
-    the map and indexing it in four dimensions."""
+    The patches are gathered with one indexing op (padding reads a zero pixel appended only when a
+    sampled window crosses the border). Ungrouped convolutions gather from the channels-last map, so
+    every gathered row is a contiguous run of channels; grouped (depthwise) ones gather along the
+    pixels of each channel, which keeps each group's rows together. Both are an order of magnitude
+    cheaper than index_select along the last axis or padding the map and indexing it in 4-D."""
     if op.kind == "linear":
         return x.reshape(1, x.shape[0], -1)
     a = op.attrs
@@ -84,12 +86,19 @@ def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
     iy = (oy * sh - ph)[:, None, None] + (torch.arange(kh) * dh)[None, :, None]
     ix = (ox * sw - pw)[:, None, None] + (torch.arange(kw) * dw)[None, None, :]
     inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
-    flat = x.reshape(n, c, h * w)
-    if not bool(inside.all()):
-        flat = torch.cat([flat, flat.new_zeros(n, c, 1)], 2)
+    pad = not bool(inside.all())
     idx = torch.where(inside, iy * w + ix, h * w).reshape(-1)
     p = pos.numel()
-    patches = flat.index_select(2, idx).reshape(n, g, c // g, p, kh, kw).permute(1, 0, 3, 2, 4, 5)
+    if g == 1:
+        flat = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(n, 1, c)], 1)
+        patches = flat.index_select(1, idx).reshape(n * p, kh, kw, c).permute(0, 3, 1, 2)
+        return patches.reshape(1, n * p, c * kh * kw)
+    flat = x.reshape(n, c, h * w)
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(n, c, 1)], 2)
+    patches = flat[:, :, idx].reshape(n, g, c // g, p, kh, kw).permute(1, 0, 3, 2, 4, 5)
     return patches.reshape(g, n * p, (c // g) * kh * kw)
 
 

@@ -212,17 +212,30 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     graph, stats, src, lm, seed = prep.graph, prep.stats, prep.source, prep.model, prep.seed
     torch.manual_seed(seed)
     cal = r["calibration"]
+    stages = {"load_and_capture": prep.seconds - prep.calibration_seconds, "statistics": prep.calibration_seconds}
+    tick = time.perf_counter()
+
+    def stage(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        stages[name] = now - tick
+        tick = now
+
     wq = METHODS[r["method"]](graph, stats, r)
+    stage("method")
     header = {"created_by": f"ptq {__version__}", "model": lm.spec,
               "calibration": {**src.to_dict(), "seed": seed, "batch_size": cal["batch_size"]}}
     m = build_manifest(graph, stats, r, wq, header)
     if getattr(wq, "info", None):
         m.data["method_info"] = wq.info
+    stage("manifest")
     bc = choose_and_correct(graph, m, _head(src, r["bias_correction"]["samples"]), r["bias_correction"]["mode"])
+    stage("bias_correction")
     vx = _head(src, cal["verify_size"])
     m.data["bias_correction"] = bc
     m.data["verification"] = {"structural": verify.structural(m),
                               "numeric": _summary(verify.numeric(m, list(vx.split(8))))}
+    stage("verification")
     qm = QuantizedModel(m, lm.module)
     report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": lm.spec["name"]}
     report.update({k: v for k, v in weight_summary(m).items() if k != "layers"})
@@ -233,8 +246,10 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     else:
         report["fidelity"] = qm.evaluate(src, None, seed=seed)
         report["fidelity"]["data"] += " (calibration data, not held out)"
+    stage("evaluation")
     report["verification"] = m.data["verification"]
     report["seconds"] = time.perf_counter() - t0 + prep.seconds
+    report["stage_seconds"] = stages
     report["calibration_seconds"] = prep.calibration_seconds
     m.data["card"] = {k: v for k, v in report.items() if k in ("mean_weight_bits", "model_bytes", "recipe", "method")}
     qm.report = report

@@ -20,3 +20,13 @@ def test_w4a8_is_worse_than_w8a8_but_runs(digits):
     q8 = ptq.quantize(model, xtr[:256], "w8a8", eval_data=xte[:128])
     assert q4.report["fidelity"]["kl"] >= q8.report["fidelity"]["kl"]
     assert q4.report["mean_weight_bits"] < 8
+
+
+def test_report_times_every_stage(digits_quantized):
+    """report.json's stage_seconds names each stage and adds up to the whole quantize (no stage is missed)."""
+    qm, _ = digits_quantized
+    st = qm.report["stage_seconds"]
+    assert list(st) == ["load_and_capture", "statistics", "method", "manifest", "bias_correction", "verification",
+                        "evaluation"]
+    assert all(v >= 0 for v in st.values())
+    assert abs(sum(st.values()) - qm.report["seconds"]) < 0.05 * qm.report["seconds"] + 0.01
