@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import copy
 import datetime
+import importlib.metadata
 import importlib.util
 import json
 import multiprocessing as mp
@@ -173,6 +175,107 @@ def task_ort(which: str, method: str, weight_type: str, per_channel: bool, workd
     return row
 
 
+BREVITAS_SETTINGS = {  # Brevitas's ImageNet PTQ flow (brevitas_examples ... ptq_common) with the settings of its best
+    # published mobilenet_v2 results with float scales and per-channel weights (RESULTS_TORCHVISION.csv)
+    "backend": "layerwise (its fx backend, which also quantizes adds and activations, gives < 35% top-1 on "
+               "efficientnet_lite0 even at W8A8: the 'fx' row)",
+    "scale_factor_type": "float_scale", "weight_quant_granularity": "per_channel", "weight_quant_type": "sym",
+    "bias_bit_width": 32, "act_bit_width": 8, "act_quant_type": "asym", "act_quant_percentile": 99.99,
+    "layerwise_first_last_bit_width": 8, "graph_eq_iterations": 20, "graph_eq_merge_bias": True,
+    "bias_correction": True, "merge_bn": True, "gptq": "W4A8 rows only",
+    "relu6_to_relu": "False (the default True rewrites ReLU6 as ReLU; the 'relu6_to_relu default' row keeps it)",
+    "functional convolutions": "turned into nn.Conv2d modules before preprocessing, so merge_bn folds BatchNorm",
+}
+BREVITAS_CONFIGS = {  # row name -> (weight bits, backend, GPTQ, relu6_to_relu)
+    "W8A8": (8, "layerwise", False, False), "W4A8 GPTQ": (4, "layerwise", True, False),
+    "W8A8 fx backend": (8, "fx", False, False), "W8A8 relu6_to_relu default": (8, "layerwise", False, True),
+}
+
+
+def _conv_modules(gm):
+    """Replace torch.conv2d calls on get_attr weights with nn.Conv2d modules in an fx graph.
+
+    efficientnet-lite-pytorch convolves with F.conv2d inside its modules; Brevitas's MergeBatchNorm and
+    graph equalisation only see nn.Conv2d, so without this BatchNorm would stay unfolded in float."""
+    import torch
+    from torch import nn
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.conv2d, nn.functional.conv2d):
+            continue
+        x, w, b, stride, padding, dilation, groups = (list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:])[:7]
+        if w.op != "get_attr" or (b is not None and b.op != "get_attr") or isinstance(padding, str):
+            continue
+        weight = gm.get_parameter(w.target)
+        conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
+                         padding=padding, dilation=dilation, groups=groups, bias=b is not None)
+        conv.weight = weight
+        if b is not None:
+            conv.bias = gm.get_parameter(b.target)
+        name = f"{w.target.replace('.', '_')}_conv"
+        gm.add_submodule(name, conv)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (x,))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def task_brevitas(which: str, config: str, workdir: str) -> dict:
+    """Brevitas PTQ as its ImageNet example recommends (BREVITAS_SETTINGS), evaluated in Brevitas (fake quant)."""
+    os.environ["TQDM_DISABLE"] = "1"
+    import torch
+    from torch.fx import symbolic_trace
+    from brevitas.graph.quantize import preprocess_for_quantize
+    from brevitas_examples.imagenet_classification.ptq.ptq_common import (apply_bias_correction, apply_gptq,
+                                                                          calibrate, quantize_model)
+    torch.set_num_threads(1)
+    model, name, _ = _load(which, workdir)
+    calib, ev, labels = _arrays(which, workdir)
+    _, t_cal = _fp32(model, calib)
+    bits, backend, gptq, relu6_to_relu = BREVITAS_CONFIGS[config]
+    st = BREVITAS_SETTINGS
+    loader = [(xb, None) for xb in torch.from_numpy(calib).split(SPEED_BATCH)]
+    t0 = time.perf_counter()
+    pm = preprocess_for_quantize(_conv_modules(symbolic_trace(copy.deepcopy(model))), relu6_to_relu=relu6_to_relu,
+                                 equalize_iters=st["graph_eq_iterations"], equalize_merge_bias=st["graph_eq_merge_bias"],
+                                 merge_bn=st["merge_bn"])
+    qm = quantize_model(pm.eval(), backend=backend, weight_bit_width=bits, act_bit_width=st["act_bit_width"],
+                        bias_bit_width=st["bias_bit_width"], weight_quant_granularity=st["weight_quant_granularity"],
+                        act_quant_percentile=st["act_quant_percentile"], act_quant_type=st["act_quant_type"],
+                        layerwise_first_last_bit_width=st["layerwise_first_last_bit_width"],
+                        scale_factor_type=st["scale_factor_type"], quant_format="int")
+    with torch.no_grad():
+        qm(loader[0][0])
+    calibrate(loader, qm)
+    if gptq:
+        apply_gptq(loader, qm)
+    apply_bias_correction(loader, qm)
+    t_q = time.perf_counter() - t0
+    qm.eval()
+    batch = torch.from_numpy(ev[:SPEED_BATCH])
+    with torch.no_grad():
+        qm(batch[:2]), model(batch[:2])
+        _, t_qrun = _timed(qm, batch)
+        _, t_frun = _timed(model, batch)
+        q = np.concatenate([qm(xb).numpy() for xb in torch.from_numpy(ev).split(SPEED_BATCH)])
+    fp, _ = _fp32(model, ev)
+    n = nbits = nbytes = 0
+    for m in qm.modules():
+        if getattr(m, "weight_quant", None) is not None and getattr(m, "weight", None) is not None and m.weight.dim() >= 2:
+            b = int(m.weight_quant.bit_width())
+            n, nbits = n + m.weight.numel(), nbits + m.weight.numel() * b
+            nbytes += int(np.ceil(m.weight.numel() * b / 8)) + 8 * m.weight.shape[0]  # + scale and bias per channel
+    if n == 0:
+        raise RuntimeError("Brevitas quantized no layer")
+    row = {"model": name, "tool": "brevitas", "config": config, "mean_weight_bits": nbits / n, "model_bytes": nbytes,
+           "quantize_ratio": t_q / t_cal, "sim_ratio": t_qrun / t_frun, **_fid(fp, q, labels)}
+    row["peak_rss_mb"] = _peak_rss_mb()
+    return row
+
+
 def _materialise(workdir: Path, calib_n: int, eval_n: int, digits_calib: int) -> None:
     """The shared tensors: sample crops (calib / held-out eval) and digits (train subset / test + labels)."""
     import torch
@@ -208,7 +311,9 @@ def header() -> dict:
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, {platform.system()} "
                        f"{platform.release()}".replace("  ", " "),
             "versions": {"python": platform.python_version(), "ptq": ptq.__version__, "torch": torch.__version__,
-                         "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+                         "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+                         **({"brevitas": importlib.metadata.version("brevitas")}
+                            if importlib.util.find_spec("brevitas") else {})},
             "threads": 1}
 
 
@@ -225,8 +330,11 @@ def markdown(res: dict) -> str:
     lines = ["## Peer benchmark (issue 9)", "",
              f"Generated by `python -m benchmarks.run{''.join(' ' + a for a in res.get('argv', []))}` on {h['date']}; {h['machine']}; "
              + ", ".join(f"{k} {v}" for k, v in h["versions"].items()) + "; one thread per process.", "",
-             f"Data: {res['data']}", "", "onnxruntime settings: " + json.dumps(ORT_SETTINGS), "",
-             "| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             f"Data: {res['data']}", "", "onnxruntime settings: " + json.dumps(ORT_SETTINGS), ""]
+    if res.get("brevitas_settings"):
+        lines += ["Brevitas settings (evaluated in Brevitas's own fake-quantized float model, not integer "
+                  "arithmetic): " + json.dumps(res["brevitas_settings"]), ""]
+    lines += ["| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['tool']} | {r['config']} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 4))
@@ -279,6 +387,18 @@ def _notes(rows: list[dict], skipped: list[str]) -> list[str]:
         notes.append(f"onnxruntime's default per_channel=False (per-tensor weights) on this depthwise + ReLU6 network: "
                      f"{default['top1_agreement']:.1f}% top-1 / KL {default['kl']:.3f} vs {perch['top1_agreement']:.1f}% / "
                      f"KL {perch['kl']:.3f} per-channel — the default loses fidelity without any warning.")
+    brev = {r["config"]: r for r in ok if r["tool"] == "brevitas"}
+    if ptq8 and "W8A8" in brev:
+        b = brev["W8A8"]
+        notes.append(f"Against Brevitas W8A8 ({b['top1_agreement']:.1f}% / KL {b['kl']:.4f}, fake-quantized float), ptq "
+                     f"W8A8 in integer arithmetic: {ptq8['top1_agreement']:.1f}% / KL {ptq8['kl']:.4f}.")
+        for cfg, what in (("W8A8 relu6_to_relu default", "Brevitas's default relu6_to_relu=True (ReLU6 rewritten as "
+                                                            "unbounded ReLU before quantizing)"),
+                          ("W8A8 fx backend", "Brevitas's default fx backend (adds and activations quantized too)")):
+            if cfg in brev:
+                notes.append(f"{what} on this depthwise + ReLU6 network: {brev[cfg]['top1_agreement']:.1f}% top-1 / KL "
+                             f"{brev[cfg]['kl']:.3f} vs {b['top1_agreement']:.1f}% / KL {b['kl']:.3f} without it, "
+                             f"and no warning.")
     for r in rows:
         if r.get("tool") == "ptq" and "error" not in r:
             limit = 3 if r["config"].startswith("w") else 10
@@ -317,11 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PTQ_NO_PROGRESS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     recipes = ptq.recipe.builtin_names()
-    skipped = []
-    if importlib.util.find_spec("brevitas") is None:
-        skipped.append("Brevitas PTQ skipped: brevitas is not installed (optional extra; `pip install brevitas`).")
-    else:
-        skipped.append("Brevitas PTQ skipped: installed, but no Brevitas runner is implemented in this benchmark yet.")
+    skipped, brevitas = [], [c for c in BREVITAS_CONFIGS if not args.quick or c == "W8A8"]
+    if importlib.util.find_spec("brevitas") is None or importlib.util.find_spec("tqdm") is None:
+        skipped.append("Brevitas PTQ skipped: brevitas is not installed (optional extra: `pip install -e .[peers]`).")
+        brevitas = []
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
         _materialise(Path(wd), calib_n, eval_n, min(256, calib_n * 2))
@@ -334,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
             for cfg in ort_cfgs if which == "efficientnet_lite0" else ort_cfgs[:1]:
                 rows.append(_run(task_ort, which, *cfg, wd))
                 print(json.dumps(rows[-1]), flush=True)
+            for cfg in brevitas if which == "efficientnet_lite0" else brevitas[:1]:
+                rows.append(_run(task_brevitas, which, cfg, wd))
+                print(json.dumps(rows[-1]), flush=True)
             for r in recipes if which == "efficientnet_lite0" or not args.quick else ["w8a8", "w4a8"]:
                 rows.append(_run(task_ptq, which, r, wd, True))
                 print(json.dumps(rows[-1]), flush=True)
@@ -341,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_run(task_ptq, which, "w8a8", wd, False))
             print(json.dumps(rows[-1]), flush=True)
         res = {"header": header(), "quick": args.quick, "argv": _settings(argv if argv is not None else sys.argv[1:]), "rows": rows, "onnxruntime_settings": ORT_SETTINGS,
+               "brevitas_settings": BREVITAS_SETTINGS if brevitas else None,
                "data": f"{calib_n} calibration / {eval_n} held-out sample crops (bundled photos, 224×224) for the "
                        f"image models, identical arrays for every tool; digits: {min(256, calib_n * 2)} training images "
                        f"to calibrate, the 397 test images with labels to evaluate. resnet rows use random weights "
