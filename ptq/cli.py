@@ -257,6 +257,11 @@ def cmd_sweep(args) -> int:
     res = sweep(args.model, args.recipe or ["w4a8"], budgets, calib=args.calib, calib_size=args.calib_size,
                 eval_size=args.eval_size, eval_data=args.data, seed=args.seed, weights=args.weights,
                 input_shape=_shape(args.input_shape))
+    if peers:
+        peers = load_peers(args.peers, res["model"])
+        if not peers:
+            from calib.progress import console
+            console.print(f"[yellow]warning:[/] {args.peers} has no peer rows for model {res['model']}; none overlaid")
     res["peers"] = peers or []
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(_json_safe(res), sort_keys=True, indent=1) + "\n")

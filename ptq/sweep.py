@@ -105,19 +105,23 @@ def sweep(model: Any, recipes: list[str], budgets: list[float], *, calib: Any = 
             "eval_size": eval_size, "seed": seed}
 
 
-def load_peers(path: str | Path) -> list[dict]:
-    """Peer points from a JSON file: a list of rows, or {"rows": [...]} as `benchmarks.run` writes;
-    rows need name (or recipe), mean_weight_bits and top1_agreement."""
+def load_peers(path: str | Path, model: str | None = None) -> list[dict]:
+    """Peer points from a JSON file: a list of rows, or {"rows": [...]} as `benchmarks.run --out-json`
+    writes. Rows need mean_weight_bits and top1_agreement; ptq's own rows are dropped (the sweep
+    measures those), and with `model` so are rows of other models. Each row gets a `name` (its own,
+    else "tool config")."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise PtqError(f"cannot read peer points from {p}: {exc}") from None
     rows = data.get("rows", []) if isinstance(data, dict) else data
-    out = [r for r in rows if isinstance(r, dict) and "mean_weight_bits" in r and "top1_agreement" in r]
+    out = [{**r, "name": r.get("name") or " ".join(str(r[k]) for k in ("tool", "config") if r.get(k)) or "peer"}
+           for r in rows if isinstance(r, dict) and "mean_weight_bits" in r and "top1_agreement" in r
+           and r.get("tool") != "ptq"]
     if not out:
-        raise PtqError(f"{p} holds no rows with mean_weight_bits and top1_agreement")
-    return out
+        raise PtqError(f"{p} holds no peer rows with mean_weight_bits and top1_agreement")
+    return [r for r in out if model is None or r.get("model", model) == model]
 
 
 def plot(result: dict, path: str | Path, peers: list[dict] | None = None) -> Path:
@@ -135,8 +139,7 @@ def plot(result: dict, path: str | Path, peers: list[dict] | None = None) -> Pat
         axes[0].plot(x, [p["top1_agreement"] for p in pts], marker="o", label=label, **style)
         axes[1].plot(x, [max(p["kl"], 1e-6) for p in pts], marker="o", label=label, **style)
     for peer in peers or []:
-        name = peer.get("name") or peer.get("recipe", "peer")
-        axes[0].scatter(peer["mean_weight_bits"], peer["top1_agreement"], marker="x", s=50, label=name)
+        axes[0].scatter(peer["mean_weight_bits"], peer["top1_agreement"], marker="x", s=50, label=peer["name"])
         if peer.get("kl") is not None:
             axes[1].scatter(peer["mean_weight_bits"], max(peer["kl"], 1e-6), marker="x", s=50)
     axes[0].set_ylabel("top-1 agreement with FP32 (%)")
