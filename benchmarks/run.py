@@ -178,8 +178,8 @@ def task_ort(which: str, method: str, weight_type: str, per_channel: bool, workd
 
 BREVITAS_SETTINGS = {  # Brevitas's ImageNet PTQ flow (brevitas_examples ... ptq_common) with the settings of its best
     # published mobilenet_v2 results with float scales and per-channel weights (RESULTS_TORCHVISION.csv)
-    "backend": "layerwise (its fx backend, which also quantizes adds and activations, gives < 35% top-1 on "
-               "efficientnet_lite0 even at W8A8: the 'fx' row)",
+    "backend": "layerwise (the default fx backend, which also quantizes adds and activations, is the "
+               "'W8A8 fx backend' row)",
     "scale_factor_type": "float_scale", "weight_quant_granularity": "per_channel", "weight_quant_type": "sym",
     "bias_bit_width": 32, "act_bit_width": 8, "act_quant_type": "asym", "act_quant_percentile": 99.99,
     "layerwise_first_last_bit_width": 8, "graph_eq_iterations": 20, "graph_eq_merge_bias": True,
@@ -201,7 +201,7 @@ def _conv_modules(gm):
     import torch
     from torch import nn
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (torch.conv2d, nn.functional.conv2d):
+        if node.op != "call_function" or node.target not in (torch.conv2d, nn.functional.conv2d) or node.kwargs:
             continue
         x, w, b, stride, padding, dilation, groups = (list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:])[:7]
         if w.op != "get_attr" or (b is not None and b.op != "get_attr") or isinstance(padding, str):
