@@ -138,10 +138,12 @@ def plot(result: dict, path: str | Path, peers: list[dict] | None = None) -> Pat
         style = dict(ls="--", color="gray") if label == "uniform" else {}
         axes[0].plot(x, [p["top1_agreement"] for p in pts], marker="o", label=label, **style)
         axes[1].plot(x, [max(p["kl"], 1e-6) for p in pts], marker="o", label=label, **style)
-    for peer in peers or []:
-        axes[0].scatter(peer["mean_weight_bits"], peer["top1_agreement"], marker="x", s=50, label=peer["name"])
+    markers = "xP^vDs*"  # peers: own markers and darker colours, so none is taken for a recipe's line
+    for i, peer in enumerate(peers or []):
+        style = dict(marker=markers[i % len(markers)], s=55, color=plt.cm.Dark2(i % 8), label=peer["name"])
+        axes[0].scatter(peer["mean_weight_bits"], peer["top1_agreement"], **style)
         if peer.get("kl") is not None:
-            axes[1].scatter(peer["mean_weight_bits"], max(peer["kl"], 1e-6), marker="x", s=50)
+            axes[1].scatter(peer["mean_weight_bits"], max(peer["kl"], 1e-6), **style)
     axes[0].set_ylabel("top-1 agreement with FP32 (%)")
     axes[1].set_ylabel("KL(FP32 ‖ quantized)")
     axes[1].set_yscale("log")
