@@ -84,6 +84,31 @@ def _fid(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> dict:
     return {k: f[k] for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy") if k in f}
 
 
+def _torch_fn(model):
+    """numpy in, numpy out, without autograd: a torch model as the run functions below take it."""
+    import torch
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+    return run
+
+
+def _against_fp32(run_q, run_fp, model, ev: np.ndarray, labels: np.ndarray | None, fidelity: bool = True) -> dict:
+    """The columns every row shares: the quantized run's time over the FP32 run's on one batch of 16
+    (both warmed up first), and the quantized outputs' fidelity over `ev` against the torch FP32 model."""
+    batch = ev[:SPEED_BATCH]
+    run_q(batch[:2]), run_fp(batch[:2])
+    _, t_q = _timed(run_q, batch)
+    _, t_fp = _timed(run_fp, batch)
+    out = {"sim_ratio": t_q / t_fp}
+    if fidelity:
+        fp, _ = _fp32(model, ev)
+        q = np.concatenate([run_q(xb) for xb in np.array_split(ev, max(1, len(ev) // SPEED_BATCH))])
+        out.update(_fid(fp, q, labels))
+    return out
+
+
 def task_ptq(which: str, recipe: str, workdir: str, fidelity_rows: bool) -> dict:
     """One ptq recipe: quantize (timed, no evaluation inside), then evaluate in the integer simulator."""
     import torch
@@ -97,16 +122,7 @@ def task_ptq(which: str, recipe: str, workdir: str, fidelity_rows: bool) -> dict
            "model_bytes": qm.report["model_bytes"], "quantize_ratio": t_q / t_cal,
            "verified": bool(qm.report["verification"]["numeric"]["ok"]),
            "quantize_stages": {k: v / t_cal for k, v in qm.report["stage_seconds"].items()}}
-    batch = ev[:SPEED_BATCH]
-    qm.simulate(batch[:2])  # warm-up
-    _, t_sim = _timed(qm.simulate, batch)
-    with torch.no_grad():
-        _, t_fwd = _timed(model, torch.from_numpy(batch))
-    row["sim_ratio"] = t_sim / t_fwd
-    if fidelity_rows:
-        fp, _ = _fp32(model, ev)
-        q = np.concatenate([qm.simulate(xb) for xb in np.array_split(ev, max(1, len(ev) // SPEED_BATCH))])
-        row.update(_fid(fp, q, labels))
+    row.update(_against_fp32(qm.simulate, _torch_fn(model), model, ev, labels, fidelity_rows))
     row["peak_rss_mb"] = _peak_rss_mb()
     return row
 
@@ -162,16 +178,12 @@ def task_ort(which: str, method: str, weight_type: str, per_channel: bool, workd
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     qs = ort.InferenceSession(str(q_path), opts, providers=["CPUExecutionProvider"])
     fs = ort.InferenceSession(str(fp_path), opts, providers=["CPUExecutionProvider"])
-    batch = ev[:SPEED_BATCH]
-    qs.run(None, {"input": batch[:2]}), fs.run(None, {"input": batch[:2]})
-    _, t_qrun = _timed(qs.run, None, {"input": batch})
-    _, t_frun = _timed(fs.run, None, {"input": batch})
-    fp, _ = _fp32(model, ev)
-    q = np.concatenate([qs.run(None, {"input": xb})[0] for xb in np.array_split(ev, max(1, len(ev) // SPEED_BATCH))])
     mean_bits, nbytes = _weight_bits(q_path)
     row = {"model": name, "tool": "onnxruntime", "mean_weight_bits": mean_bits, "model_bytes": nbytes,
            "config": f"{method} W{ {'QInt8': 8, 'QInt4': 4}[weight_type]}A8{'' if per_channel else ' per-tensor (default)'}",
-           "quantize_ratio": t_q / t_cal, "sim_ratio": t_qrun / t_frun, **_fid(fp, q, labels)}
+           "quantize_ratio": t_q / t_cal,
+           **_against_fp32(lambda x: qs.run(None, {"input": x})[0], lambda x: fs.run(None, {"input": x})[0],
+                           model, ev, labels)}
     row["peak_rss_mb"] = _peak_rss_mb()
     return row
 
@@ -256,13 +268,6 @@ def task_brevitas(which: str, config: str, workdir: str) -> dict:
     apply_bias_correction(loader, qm)
     t_q = time.perf_counter() - t0
     qm.eval()
-    batch = torch.from_numpy(ev[:SPEED_BATCH])
-    with torch.no_grad():
-        qm(batch[:2]), model(batch[:2])
-        _, t_qrun = _timed(qm, batch)
-        _, t_frun = _timed(model, batch)
-        q = np.concatenate([qm(xb).numpy() for xb in torch.from_numpy(ev).split(SPEED_BATCH)])
-    fp, _ = _fp32(model, ev)
     n = nbits = nbytes = 0
     for m in qm.modules():
         if getattr(m, "weight_quant", None) is not None and getattr(m, "weight", None) is not None and m.weight.dim() >= 2:
@@ -272,7 +277,7 @@ def task_brevitas(which: str, config: str, workdir: str) -> dict:
     if n == 0:
         raise RuntimeError("Brevitas quantized no layer")
     row = {"model": name, "tool": "brevitas", "config": config, "mean_weight_bits": nbits / n, "model_bytes": nbytes,
-           "quantize_ratio": t_q / t_cal, "sim_ratio": t_qrun / t_frun, **_fid(fp, q, labels)}
+           "quantize_ratio": t_q / t_cal, **_against_fp32(_torch_fn(qm), _torch_fn(model), model, ev, labels)}
     row["peak_rss_mb"] = _peak_rss_mb()
     return row
 

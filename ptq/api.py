@@ -250,7 +250,6 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     report["verification"] = m.data["verification"]
     report["seconds"] = time.perf_counter() - t0 + prep.seconds
     report["stage_seconds"] = stages
-    report["calibration_seconds"] = prep.calibration_seconds
     m.data["card"] = {k: v for k, v in report.items() if k in ("mean_weight_bits", "model_bytes", "recipe", "method")}
     qm.report = report
     return qm
