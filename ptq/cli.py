@@ -249,7 +249,7 @@ def cmd_card(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import load_peers, parse_budgets, plot, sweep
+    from .sweep import load_peers, parse_budgets, peers_for, plot, sweep
     budgets = parse_budgets(args.budgets)
     peers = load_peers(args.peers) if args.peers else None
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-sweep")
@@ -258,7 +258,7 @@ def cmd_sweep(args) -> int:
                 eval_size=args.eval_size, eval_data=args.data, seed=args.seed, weights=args.weights,
                 input_shape=_shape(args.input_shape))
     if peers:
-        peers = load_peers(args.peers, res["model"])
+        peers = peers_for(peers, res["model"])
         if not peers:
             from calib.progress import console
             console.print(f"[yellow]warning:[/] {args.peers} has no peer rows for model {res['model']}; none overlaid")

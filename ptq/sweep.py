@@ -105,11 +105,10 @@ def sweep(model: Any, recipes: list[str], budgets: list[float], *, calib: Any = 
             "eval_size": eval_size, "seed": seed}
 
 
-def load_peers(path: str | Path, model: str | None = None) -> list[dict]:
+def load_peers(path: str | Path) -> list[dict]:
     """Peer points from a JSON file: a list of rows, or {"rows": [...]} as `benchmarks.run --out-json`
     writes. Rows need mean_weight_bits and top1_agreement; ptq's own rows are dropped (the sweep
-    measures those), and with `model` so are rows of other models. Each row gets a `name` (its own,
-    else "tool config")."""
+    measures those). Each row gets a `name` (its own, else "tool config")."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -121,7 +120,12 @@ def load_peers(path: str | Path, model: str | None = None) -> list[dict]:
            and r.get("tool") != "ptq"]
     if not out:
         raise PtqError(f"{p} holds no peer rows with mean_weight_bits and top1_agreement")
-    return [r for r in out if model is None or r.get("model", model) == model]
+    return out
+
+
+def peers_for(peers: list[dict], model: str) -> list[dict]:
+    """The peer rows of `model` (rows that name no model are kept)."""
+    return [r for r in peers if r.get("model", model) == model]
 
 
 def plot(result: dict, path: str | Path, peers: list[dict] | None = None) -> Path:

@@ -85,16 +85,16 @@ def test_peers_from_the_benchmark_json_are_named_and_filtered(tmp_path):
     """`benchmarks.run --out-json` output can be overlaid as is: ptq's rows, rows of other models and
     failed rows are left out, the rest are named by tool and configuration."""
     from ptq.errors import PtqError
-    from ptq.sweep import load_peers
+    from ptq.sweep import load_peers, peers_for
     rows = [{"model": "m1", "tool": "onnxruntime", "config": "MinMax W8A8", "mean_weight_bits": 8.0, "top1_agreement": 88.0},
             {"model": "m1", "tool": "ptq", "config": "w8a8", "mean_weight_bits": 8.0, "top1_agreement": 94.0},
             {"model": "m2", "tool": "brevitas", "config": "W8A8", "mean_weight_bits": 8.0, "top1_agreement": 99.0},
             {"model": "m1", "tool": "brevitas", "config": "W4A8 GPTQ", "error": "RuntimeError: x"}]
     p = tmp_path / "peer.json"
     p.write_text(json.dumps({"rows": rows}))
-    assert [r["name"] for r in load_peers(p, "m1")] == ["onnxruntime MinMax W8A8"]
+    assert [r["name"] for r in peers_for(load_peers(p), "m1")] == ["onnxruntime MinMax W8A8"]
     assert [r["name"] for r in load_peers(p)] == ["onnxruntime MinMax W8A8", "brevitas W8A8"]
-    assert load_peers(p, "m3") == []
+    assert peers_for(load_peers(p), "m3") == []
     p.write_text(json.dumps({"rows": rows[1:2]}))
     with pytest.raises(PtqError, match="no peer rows"):
         load_peers(p)
