@@ -22,20 +22,13 @@ import torch
 
 import ptq
 from ptq.api import as_source
-from ptq.simulator import Simulator
 
 from .variants import fidelity_row, prepare_model
 
 
-def overflows(m, xs: list[torch.Tensor], p: int) -> dict[str, int]:
-    out = {}
-    for mode in ("wrap", "saturate"):
-        s = Simulator(m, mode, p)
-        for x in xs:
-            for xb in x.split(16):
-                s(xb)
-        out[mode] = int(sum(st.overflows for st in s.layers.values()))
-    return out
+def overflows(qm, x: torch.Tensor, p: int) -> dict[str, int]:
+    """Overflow counts per accumulator mode at width p, as `ptq simulate` counts them."""
+    return {mode: qm.verify(x, None, accumulator=mode, accumulator_bits=p)["overflows"] for mode in ("wrap", "saturate")}
 
 
 def row(prep, p: int, naive: bool, calib: int, evals: int) -> dict:
@@ -47,8 +40,8 @@ def row(prep, p: int, naive: bool, calib: int, evals: int) -> dict:
     def accumulators(qm) -> dict:
         m = qm.manifest
         spec = m.data["model"]
-        xs = [as_source("samples", spec, calib, 0, "calib").tensor(), as_source("samples:eval", spec, evals, 0, "eval").tensor()]
-        ov = overflows(m, xs, p)
+        xs = torch.cat([as_source("samples", spec, calib, 0, "calib").tensor(), as_source("samples:eval", spec, evals, 0, "eval").tensor()])
+        ov = overflows(qm, xs, p)
         ops = m.weighted_ops()
         info = m.data.get("method_info", {})
         alloc = info.get("allocator") if isinstance(info.get("allocator"), dict) else None

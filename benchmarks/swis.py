@@ -20,7 +20,7 @@ hub cache: their figures measure quantization noise, not accuracy.
 """
 from __future__ import annotations
 
-from ptq.biascorrect import is_depthwise
+from ptq.ir import is_depthwise
 
 from .variants import FIDELITY, table_main
 

@@ -1,4 +1,5 @@
-"""Calibration data and statistics: data sources, preprocessing, streaming observers, collection."""
+"""Calibration data and statistics (installed as `ptq.calib`): data sources, preprocessing,
+streaming observers, collection over a captured graph. Imports only the foundation modules and `ptq.ir`."""
 from .observers import Encoding, Histogram, choose_encoding
 from .preprocess import PRESETS, Preprocess
 from .sources import DataSource, open_source

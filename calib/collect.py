@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ptq.graph import Graph, Op, execute, float_kernels
+from ..ir import Graph, Op, execute
+from ..ir.floatops import float_kernels
 from .observers import Histogram
 from .progress import progress
 from .sensitivity import channel_fisher

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ptq.graph import Graph, Op, apply_act, conv_float, execute, float_kernels, linear_float
+from ..ir import Graph, Op, execute
+from ..ir.floatops import apply_act, conv_float, float_kernels, linear_float
 
 
 def channel_fisher(graph: Graph, batches, seed: int = 0) -> dict[str, np.ndarray]:

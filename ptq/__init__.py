@@ -1,11 +1,13 @@
 """ptq: post-training quantization with a verified integer manifest.
 
-The API is imported lazily so that `calib` (which raises ptq's errors) and `ptq` can import each
-other's leaf modules without a cycle.
+The API is imported lazily: `import ptq.manifest` (a tool that only reads manifests) or
+`import ptq.calib` does not pay for torch.export, cvxpy or onnx. The layers and what each may
+import are in docs/ARCHITECTURE.md.
 """
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["PtqError", "QuantizedModel", "load", "quantize", "__version__"]
 
 

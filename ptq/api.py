@@ -15,24 +15,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from calib.collect import collect_statistics
-from calib.preprocess import Preprocess
-from calib.sources import DataSource, open_source
-
-from . import __version__
 from .biascorrect import choose_and_correct
-from .capture import capture
-from .card import bits_png, planes_png, render_card, weight_summary
+from .calib.collect import Statistics, collect_statistics
+from .calib.preprocess import Preprocess
+from .calib.sources import DataSource, open_source
+from .card import bits_png, planes_png, render_card
 from .errors import DataError, ModelError, RecipeError
-from .manifest import Manifest, load as load_manifest
+from .ir import Graph, LayerWeights
+from .ir.capture import capture
+from .manifest import Manifest, load as load_manifest, save as save_manifest, weight_summary
+from .manifest.build import build_manifest
 from .methods import METHODS
 from .metrics import fidelity
 from .models import LoadedModel, check_finite, load_model, rebuild
-from .pipeline import build_manifest
 from .recipe import resolve
-from .reference import Codec, run_reference
-from .simulator import Simulator
-from . import verify
+from .runtime import Codec, Simulator, run_reference, run_verification
+from .runtime.verify import numeric, structural
+from .version import __version__
 
 
 def _preprocess(spec: dict) -> Preprocess | None:
@@ -120,6 +119,29 @@ class QuantizedModel:
         res.update({k: v for k, v in weight_summary(self.manifest).items() if k in ("mean_weight_bits", "model_bytes")})
         return res
 
+    def verify(self, data: Any = "samples:eval", n: int | None = 32, seed: int = 0, accumulator: str | None = None,
+               accumulator_bits: int | None = None) -> dict:
+        """Verification levels 1-2 on `data` and each layer's accumulator behaviour (max |acc|,
+        overflows, bit-serial cycles); `accumulator`/`accumulator_bits` override every layer's
+        accumulator mode and width. The result's `verified` is the verdict `ptq simulate` exits on."""
+        src = as_source(data, self.manifest.data["model"], n, seed, split="eval")
+        res = run_verification(self.manifest, src.batches(8), accumulator, accumulator_bits)
+        res["data"] = src.description
+        return res
+
+    def summary(self) -> dict:
+        """What `ptq inspect` shows: provenance, mean bits and bytes, and one row per weighted layer."""
+        m = self.manifest
+        ws = weight_summary(m)
+        layers = [{"name": op["name"], "kind": op["kind"], "scheme": op["weight"]["scheme"],
+                   "bits": op["weight"]["bits"], "bits_per_weight": op["weight"]["bits_per_weight"],
+                   "shape": op["weight"]["shape"], "input_bits": m.encoding(op["inputs"][0])["bits"],
+                   "accumulator_bits": op["accumulator"]["bits"], "data_free_bits": op["accumulator"]["data_free_bits"],
+                   "bias_corrected": op["bias"]["corrected"]} for op in m.weighted_ops()]
+        return {"model": m.data["model"]["name"], "recipe": m.data["recipe"]["name"], "version": m.data["version"],
+                "created_by": m.data["created_by"], "ops": len(m.ops), "mean_weight_bits": ws["mean_weight_bits"],
+                "model_bytes": ws["model_bytes"], "layers": layers, "verification": m.data.get("verification")}
+
     def export_onnx(self, path: str | Path, format: str = "qdq") -> Path:
         """Write the QDQ (onnxruntime), QONNX or integer (`int`, bit-exact in onnxruntime) twin atomically."""
         from .export import export, save_onnx
@@ -137,7 +159,7 @@ class QuantizedModel:
         planes = planes_png(self.manifest)
         if planes is not None:
             extra["planes.png"] = planes
-        self.directory = self.manifest.save(directory, extra_files=extra, force=force)
+        self.directory = save_manifest(self.manifest, directory, extra_files=extra, force=force)
         return self.directory
 
 
@@ -174,7 +196,6 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
     """Load and capture `model` and collect its calibration statistics (the recipe's [calibration])."""
     t0 = time.perf_counter()
     r = _resolve(recipe, overrides, kw_overrides, calib_size)
-    torch.manual_seed(seed)
     if isinstance(model, torch.nn.Module):
         shape = input_shape or (tuple(calib.shape[1:]) if hasattr(calib, "shape") else None)
         if shape is None:
@@ -187,7 +208,7 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
     cal = r["calibration"]
     src = as_source(calib, lm.spec, cal["size"], seed, split="calib")
     if len(src) < 16:
-        from calib.progress import console
+        from .calib.progress import console
         console.print(f"[yellow]warning:[/] only {len(src)} calibration samples; statistics will be noisy (use 64 or more)")
     graph = capture(lm.module, lm.input_shape)
     t_cal = time.perf_counter()
@@ -196,11 +217,25 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
     return Prepared(lm, graph, stats, src, r, seed, eval_data, eval_size, t_stats, time.perf_counter() - t0)
 
 
+class _StageClock:
+    """Wall seconds of each named stage, for report.json (never the manifest: it stays byte-identical)."""
+
+    def __init__(self, before: dict[str, float]):
+        self.seconds = dict(before)
+        self._tick = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._tick
+        self._tick = now
+
+
 def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
                       overrides: dict[str, Any] | None = None) -> QuantizedModel:
     """Quantize a prepared model with `recipe` (default: the one it was prepared with) + overrides.
 
-    The recipe's [calibration] must match the prepared one: statistics are not recollected."""
+    The stages, in order: method → manifest → bias correction → verification → evaluation. The
+    recipe's [calibration] must match the prepared one: statistics are not recollected."""
     t0 = time.perf_counter()
     if recipe is None:
         r = resolve({k: v for k, v in prep.recipe.items() if k != "name"}, overrides)
@@ -209,50 +244,68 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
         r = resolve(recipe, overrides)
     if r["calibration"] != prep.recipe["calibration"]:
         raise RecipeError("the recipe's [calibration] differs from the prepared statistics; prepare again with it")
-    graph, stats, src, lm, seed = prep.graph, prep.stats, prep.source, prep.model, prep.seed
-    torch.manual_seed(seed)
-    cal = r["calibration"]
-    stages = {"load_and_capture": prep.seconds - prep.calibration_seconds, "statistics": prep.calibration_seconds}
-    tick = time.perf_counter()
-
-    def stage(name: str) -> None:
-        nonlocal tick
-        now = time.perf_counter()
-        stages[name] = now - tick
-        tick = now
-
-    wq = METHODS[r["method"]](graph, stats, r)
-    stage("method")
-    header = {"created_by": f"ptq {__version__}", "model": lm.spec,
-              "calibration": {**src.to_dict(), "seed": seed, "batch_size": cal["batch_size"]}}
-    m = build_manifest(graph, stats, r, wq, header)
-    if getattr(wq, "info", None):
-        m.data["method_info"] = wq.info
-    stage("manifest")
-    bc = choose_and_correct(graph, m, _head(src, r["bias_correction"]["samples"]), r["bias_correction"]["mode"])
-    stage("bias_correction")
-    vx = _head(src, cal["verify_size"])
-    m.data["bias_correction"] = bc
-    m.data["verification"] = {"structural": verify.structural(m),
-                              "numeric": _summary(verify.numeric(m, list(vx.split(8))))}
-    stage("verification")
-    qm = QuantizedModel(m, lm.module)
-    report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": lm.spec["name"]}
+    clock = _StageClock({"load_and_capture": prep.seconds - prep.calibration_seconds,
+                         "statistics": prep.calibration_seconds})
+    weights = stage_method(prep.graph, prep.stats, r)
+    clock.done("method")
+    m = stage_manifest(prep, r, weights)
+    clock.done("manifest")
+    m.data["bias_correction"] = stage_bias_correction(prep.graph, m, prep.source, r)
+    clock.done("bias_correction")
+    m.data["verification"] = stage_verification(m, prep.source, r)
+    clock.done("verification")
+    qm = QuantizedModel(m, prep.model.module)
+    report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": prep.model.spec["name"]}
     report.update({k: v for k, v in weight_summary(m).items() if k != "layers"})
-    report.update(getattr(wq, "timings", {}))
-    if prep.eval_data is not None or src.kind == "samples":
-        ev = prep.eval_data if prep.eval_data is not None else "samples:eval"
-        report["fidelity"] = qm.evaluate(ev, prep.eval_size, seed=seed)
-    else:
-        report["fidelity"] = qm.evaluate(src, None, seed=seed)
-        report["fidelity"]["data"] += " (calibration data, not held out)"
-    stage("evaluation")
+    report.update(weights.timings)
+    report["fidelity"] = stage_evaluation(qm, prep)
+    clock.done("evaluation")
     report["verification"] = m.data["verification"]
     report["seconds"] = time.perf_counter() - t0 + prep.seconds
-    report["stage_seconds"] = stages
+    report["stage_seconds"] = clock.seconds
     m.data["card"] = {k: v for k, v in report.items() if k in ("mean_weight_bits", "model_bytes", "recipe", "method")}
     qm.report = report
     return qm
+
+
+def stage_method(graph: Graph, stats: Statistics, recipe: dict) -> LayerWeights:
+    """The recipe's method: integer weights per layer (plus what it records about itself)."""
+    out = METHODS[recipe["method"]].quantize(graph, stats, recipe)
+    return out if isinstance(out, LayerWeights) else LayerWeights(out, {})
+
+
+def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manifest:
+    """Activation encodings, integer biases, requantizers and bounds around the method's weights."""
+    cal = recipe["calibration"]
+    header = {"created_by": f"ptq {__version__}", "model": prep.model.spec,
+              "calibration": {**prep.source.to_dict(), "seed": prep.seed, "batch_size": cal["batch_size"]}}
+    m = build_manifest(prep.graph, prep.stats, recipe, weights, header)
+    if weights.info:
+        m.data["method_info"] = weights.info
+    return m
+
+
+def stage_bias_correction(graph: Graph, m: Manifest, src: DataSource, recipe: dict) -> dict:
+    """Empirical bias correction in the recipe's mode, measured on calibration samples."""
+    bc = recipe["bias_correction"]
+    return choose_and_correct(graph, m, _head(src, bc["samples"]), bc["mode"])
+
+
+def stage_verification(m: Manifest, src: DataSource, recipe: dict) -> dict:
+    """Levels 1 (structural) and 2 (simulator vs reference) on the first calibration samples."""
+    vx = _head(src, recipe["calibration"]["verify_size"])
+    return {"structural": structural(m), "numeric": _summary(numeric(m, list(vx.split(8))))}
+
+
+def stage_evaluation(qm: QuantizedModel, prep: Prepared) -> dict:
+    """Fidelity against the FP32 model: on held-out data when there is some, else on the
+    calibration data (and the report says so)."""
+    if prep.eval_data is not None or prep.source.kind == "samples":
+        ev = prep.eval_data if prep.eval_data is not None else "samples:eval"
+        return qm.evaluate(ev, prep.eval_size, seed=prep.seed)
+    res = qm.evaluate(prep.source, None, seed=prep.seed)
+    res["data"] += " (calibration data, not held out)"
+    return res
 
 
 def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | dict = "w8a8", *,

@@ -4,7 +4,7 @@ Layers are visited in order with the FP32 graph and the fake-quant model running
 calibration data, so the shift measured at a layer includes everything upstream (activation
 quantization and earlier corrections). (Averaging the shift only where a fused clamp does not bind
 was measured too: better for `all`, catastrophic for depthwise layers at 4 bits, so not used.)
-Correcting every layer blindly hurts (ALGORITHMS.md); `layer` keeps a layer's correction only where
+Correcting every layer blindly hurts (docs/ALGORITHMS.md); `layer` keeps a layer's correction only where
 it lowers the error of its own quantized output, and the recipe default `auto` tries none,
 depthwise-only and all, and keeps whichever gives the lowest end-to-end KL on calibration data.
 """
@@ -15,18 +15,15 @@ import copy
 import numpy as np
 import torch
 
-from .graph import Graph, apply_act, conv_float, float_kernels, linear_float
+from .ir import Graph, is_depthwise
+from .ir.floatops import apply_act, conv_float, float_kernels, linear_float
 from .manifest import Manifest
+from .manifest.build import set_bias
 from .metrics import fidelity
-from .pipeline import set_bias
-from .reference import Codec, dequantized_weight, reference_kernels
+from .runtime.reference import Codec, dequantized_weight, reference_kernels
 
 MODES = ("auto", "layer", "all", "depthwise", "none")
 AUTO_CANDIDATES = ("none", "depthwise", "all", "layer")
-
-
-def is_depthwise(op) -> bool:
-    return op.kind == "conv" and op.attrs["groups"] > 1 and op.weight.shape[1] == 1
 
 
 def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str) -> dict:

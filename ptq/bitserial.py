@@ -3,7 +3,7 @@
 Pure numpy on integer weights, no torch: the method (ptq/methods/swis.py), the manifest validator
 and the simulator report all count cycles with these functions, so they agree by construction.
 
-The machine (ours; the paper's exact scheme is unavailable, ALGORITHMS.md "swis"):
+The machine (ours; the paper's exact scheme is unavailable, docs/ALGORITHMS.md "swis"):
 - A **group** is G consecutive weights of one output channel along the reduction axis K (the last
   group of a channel is padded with zeros). Its G multipliers share control: per cycle they all
   add (or subtract, by each weight's sign) their input shifted by the same bit position.

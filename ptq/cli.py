@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from calib.progress import console
-
-from . import __version__
+from .calib.progress import console
 from .errors import PtqError
+from .version import __version__
 
 
 def _json_safe(v: Any) -> Any:
@@ -100,28 +99,16 @@ def cmd_quantize(args) -> int:
 
 def cmd_simulate(args) -> int:
     import ptq
-    from .api import as_source
-    from .simulator import Simulator
-    from . import verify
     qm = ptq.load(args.dir)
-    m = qm.manifest
-    src = as_source(args.data, m.data["model"], args.size, args.seed, split="eval")
-    sim = Simulator(m, args.accumulator, args.accumulator_bits)
-    structural = verify.structural(m)
-    num = verify.numeric(m, src.batches(8), sim)
-    layers = {name: st.to_dict() for name, st in sim.layers.items()}
-    overflows = sum(l["overflows"] for l in layers.values())
-    mode = args.accumulator or "manifest"
-    counted = args.accumulator in ("wrap", "saturate") or any(
-        op["accumulator"]["mode"] != "exact" for op in m.weighted_ops())
-    verified = structural["ok"] and num["ok"] and (overflows == 0 or not counted)
-    res = {"verified": verified, "overflows": overflows, "max_lsb_error": num["max_lsb_error"],
+    v = qm.verify(args.data, args.size, args.seed, args.accumulator, args.accumulator_bits)
+    num, layers, overflows = v["numeric"], v["layers"], v["overflows"]
+    res = {"verified": v["verified"], "overflows": overflows, "max_lsb_error": num["max_lsb_error"],
            "min_share_within_1lsb": num["min_share_within_1lsb"],
            "top1_agreement_vs_reference": num["top1_agreement_sim_vs_reference"],
-           "accumulator_mode": mode, "samples": num["samples"], "layers": layers, "data": src.description}
+           "accumulator_mode": v["accumulator_mode"], "samples": num["samples"], "layers": layers, "data": v["data"]}
     if not args.json:
         from rich.table import Table
-        t = Table(title=f"integer simulation of {args.dir} ({num['samples']} samples, {src.description})")
+        t = Table(title=f"integer simulation of {args.dir} ({num['samples']} samples, {v['data']})")
         for c in ("layer", "acc bits", "max |acc|", "bits needed", "data-free bits", "overflows"):
             t.add_column(c, justify="right" if c != "layer" else "left")
         for name, l in layers.items():
@@ -131,11 +118,11 @@ def cmd_simulate(args) -> int:
         console.print(t)
         if overflows:
             console.print(f"[bold red]OVERFLOW:[/] {overflows} accumulator values exceeded their declared width")
-        console.print(("[green]verified[/]" if verified else "[red]NOT verified[/]") +
+        console.print(("[green]verified[/]" if v["verified"] else "[red]NOT verified[/]") +
                       f": share within 1 LSB ≥ {num['min_share_within_1lsb']:.5f} (worst {num['worst_tensor']}), "
                       f"top-1 sim vs reference {num['top1_agreement_sim_vs_reference']:.2f}%")
     _emit(args, res)
-    return 0 if verified else 3
+    return 0 if v["verified"] else 3
 
 
 def cmd_eval(args) -> int:
@@ -149,13 +136,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_recipes(args) -> int:
-    from .recipe import SCHEMA, builtin_names, resolve
+    from .recipe import builtin_names, resolve, schema
     rows = []
     for name in builtin_names():
         r = resolve(name)
         rows.append({"name": name, "method": r["method"], "description": r["description"]})
     keys = {(f"{s}.{k}" if s else k): {"default": f.default, "help": f.help, "choices": list(f.choices) if f.choices else None}
-            for s, fs in SCHEMA.items() for k, f in fs.items()}
+            for s, fs in schema().items() for k, f in fs.items()}
     if not args.json:
         from rich.table import Table
         t = Table(title="built-in recipes")
@@ -179,26 +166,13 @@ def cmd_inspect(args) -> int:
     if str(args.dir).endswith(".onnx"):
         return _inspect_onnx(args)
     import ptq
-    from .card import weight_summary
-    qm = ptq.load(args.dir)
-    m = qm.manifest
-    ws = weight_summary(m)
-    layers = []
-    for op in m.weighted_ops():
-        layers.append({"name": op["name"], "kind": op["kind"], "scheme": op["weight"]["scheme"],
-                       "bits": op["weight"]["bits"], "bits_per_weight": op["weight"]["bits_per_weight"],
-                       "shape": op["weight"]["shape"], "input_bits": m.encoding(op["inputs"][0])["bits"],
-                       "accumulator_bits": op["accumulator"]["bits"], "data_free_bits": op["accumulator"]["data_free_bits"],
-                       "bias_corrected": op["bias"]["corrected"]})
-    res = {"model": m.data["model"]["name"], "recipe": m.data["recipe"]["name"], "version": m.data["version"],
-           "created_by": m.data["created_by"], "ops": len(m.ops), "mean_weight_bits": ws["mean_weight_bits"],
-           "model_bytes": ws["model_bytes"], "layers": layers, "verification": m.data.get("verification")}
+    res = ptq.load(args.dir).summary()
     if not args.json:
         from rich.table import Table
-        t = Table(title=f"{args.dir}: {res['model']} · {res['recipe']} · {len(m.ops)} ops · mean {ws['mean_weight_bits']:.2f} bits")
+        t = Table(title=f"{args.dir}: {res['model']} · {res['recipe']} · {res['ops']} ops · mean {res['mean_weight_bits']:.2f} bits")
         for c in ("layer", "scheme", "bits", "shape", "in bits", "acc", "data-free", "bias corr."):
             t.add_column(c)
-        for l in layers:
+        for l in res["layers"]:
             t.add_row(l["name"], l["scheme"], f"{l['bits_per_weight']:.3g}", "×".join(map(str, l["shape"])),
                       str(l["input_bits"]), str(l["accumulator_bits"]), str(l["data_free_bits"]), "yes" if l["bias_corrected"] else "")
         console.print(t)
@@ -260,7 +234,6 @@ def cmd_sweep(args) -> int:
     if peers:
         peers = peers_for(peers, res["model"])
         if not peers:
-            from calib.progress import console
             console.print(f"[yellow]warning:[/] {args.peers} has no peer rows for model {res['model']}; none overlaid")
     res["peers"] = peers or []
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,12 @@ import torch
 MANTISSA_BITS = 31  # multipliers m satisfy 2^30 <= m < 2^31
 
 
+def qmax(bits: int) -> int:
+    """Largest magnitude of a signed `bits`-bit integer on the narrow symmetric grid
+    [−(2^(b−1)−1), 2^(b−1)−1]: weights, and the limit of a signed accumulator."""
+    return (1 << (bits - 1)) - 1
+
+
 def round_half_up(v: torch.Tensor | np.ndarray):
     """floor(v + 0.5) for float tensors or arrays."""
     if isinstance(v, torch.Tensor):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from calib.preprocess import PRESETS
+from .calib.preprocess import PRESETS
 from .errors import ModelError, WeightsMissingError
 from .manifest import sha256_file as file_sha256
 
@@ -83,10 +83,18 @@ def _lite0() -> torch.nn.Module:
 
 def load_model(name: str, weights: str | None = None, seed: int = 0,
                input_shape: tuple[int, ...] | None = None) -> LoadedModel:
-    """Build a model from a CLI-style spec. `weights`: a path, 'random', or None for the default."""
-    spec: dict[str, Any] = {"name": name, "weights": weights, "seed": seed}
-    if weights == "random":
+    """Build a model from a CLI-style spec. `weights`: a path, 'random', or None for the default.
+
+    Construction runs under torch's RNG seeded with `seed` (random weights, and a factory's own
+    initialisation, are reproducible, so `ptq eval` rebuilds the same model); the caller's global
+    RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        return _build_model(name, weights, seed, input_shape)
+
+
+def _build_model(name: str, weights: str | None, seed: int, input_shape: tuple[int, ...] | None) -> LoadedModel:
+    spec: dict[str, Any] = {"name": name, "weights": weights, "seed": seed}
     if name == LITE0:
         module = _lite0()
         if weights is None:

@@ -1,48 +1,25 @@
 """Recipes: TOML files naming a method and its parameters, validated against one schema.
 
-Every default is written out in the resolved recipe (it goes into the manifest), unknown keys are
-errors naming the closest valid key, and `--set key=value` overrides any leaf.
+The schema is the base sections below plus the sections each registered method declares
+(`ptq.methods.register`). Every default is written out in the resolved recipe (it goes into the
+manifest), unknown keys are errors naming the closest valid key, and `--set key=value` overrides
+any leaf. A recipe is data: reading one never imports or runs code it names.
 """
 from __future__ import annotations
 
 import copy
 import difflib
-import fnmatch
 import tomllib
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
+from .methods import METHODS
+from .methods.fields import Field, layer_setting  # noqa: F401  (layer_setting: part of the recipe API)
 
 
-@dataclass(frozen=True)
-class Field:
-    """One recipe leaf: its default, type and allowed values or range."""
-
-    default: Any
-    kind: type | tuple[type, ...]
-    choices: tuple | None = None
-    lo: float | None = None
-    hi: float | None = None
-    help: str = ""
-
-    def check(self, key: str, value: Any) -> Any:
-        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = "/".join(k.__name__ for k in kinds)
-            raise RecipeError(f"recipe key '{key}' must be {names}, got {value!r}")
-        if self.choices is not None and value not in self.choices:
-            raise RecipeError(f"recipe key '{key}' must be one of {', '.join(map(str, self.choices))}; got {value!r}")
-        if self.lo is not None and value < self.lo or self.hi is not None and value > self.hi:
-            raise RecipeError(f"recipe key '{key}' must be between {self.lo:g} and {self.hi:g}; got {value!r}")
-        return value
-
-
-SCHEMA: dict[str, dict[str, Field]] = {
+BASE_SCHEMA: dict[str, dict[str, Field]] = {
     "": {
         "method": Field("uniform", str, help="weight method (see `ptq recipes`)"),
         "description": Field("", str),
@@ -80,18 +57,26 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
 }
 
-OVERRIDE_KEYS = {"weights.bits": SCHEMA["weights"]["bits"]}
+BASE_OVERRIDE_KEYS = ("weights.bits",)
 
 
-def register_section(name: str, fields: dict[str, Field], override_keys: tuple[str, ...] = ()) -> None:
-    """Methods add their own recipe section (e.g. [multipoint]) and per-layer override keys."""
-    SCHEMA[name] = fields
-    for k in override_keys:
-        OVERRIDE_KEYS[f"{name}.{k}"] = fields[k]
+def schema() -> dict[str, dict[str, Field]]:
+    """Every recipe section: the base ones, then each registered method's."""
+    out = dict(BASE_SCHEMA)
+    for m in METHODS.values():
+        out.update(m.sections)
+    return out
+
+
+def override_keys() -> dict[str, Field]:
+    """The 'section.key' settings that [[overrides]] may set per layer, with their fields."""
+    full = schema()
+    keys = list(BASE_OVERRIDE_KEYS) + [k for m in METHODS.values() for k in m.override_keys]
+    return {k: full[k.split(".")[0]][k.split(".")[1]] for k in keys}
 
 
 def _all_keys() -> list[str]:
-    return [f"{s}.{k}" if s else k for s, fs in SCHEMA.items() for k in fs] + ["overrides"]
+    return [f"{s}.{k}" if s else k for s, fs in schema().items() for k in fs] + ["overrides"]
 
 
 def _unknown(key: str) -> RecipeError:
@@ -102,7 +87,7 @@ def _unknown(key: str) -> RecipeError:
 
 def defaults() -> dict:
     out: dict[str, Any] = {}
-    for section, fields in SCHEMA.items():
+    for section, fields in schema().items():
         target = out if not section else out.setdefault(section, {})
         for k, f in fields.items():
             target[k] = copy.deepcopy(f.default)
@@ -118,12 +103,12 @@ def _merge(base: dict, new: dict, prefix: str = "") -> None:
                 raise RecipeError("recipe key 'overrides' must be a list of [[overrides]] tables")
             base["overrides"] = [_check_override(o, i) for i, o in enumerate(v)]
         elif not prefix and isinstance(v, dict):
-            if k not in SCHEMA or not k:
+            if k not in schema() or not k:
                 raise _unknown(k)
             _merge(base.setdefault(k, {}), v, f"{k}.")
         else:
             section = prefix[:-1]
-            fields = SCHEMA.get(section, {})
+            fields = schema().get(section, {})
             if k not in fields:
                 raise _unknown(key)
             base[k] = fields[k].check(key, v)
@@ -145,17 +130,18 @@ def _check_override(o: Any, i: int) -> dict:
             flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
         else:
             flat[k] = v
+    per_layer = override_keys()
     for k, v in flat.items():
-        if k not in OVERRIDE_KEYS:
-            close = difflib.get_close_matches(k, list(OVERRIDE_KEYS), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; per-layer keys are {', '.join(OVERRIDE_KEYS)}"
+        if k not in per_layer:
+            close = difflib.get_close_matches(k, list(per_layer), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; per-layer keys are {', '.join(per_layer)}"
             raise RecipeError(f"unknown per-layer key '{k}' in overrides[{i}]{hint}")
-        out[k] = OVERRIDE_KEYS[k].check(f"overrides[{i}].{k}", v)
+        out[k] = per_layer[k].check(f"overrides[{i}].{k}", v)
     return out
 
 
 def builtin_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("recipes").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in resources.files("ptq.recipes").iterdir() if p.name.endswith(".toml"))
 
 
 def _read(name_or_path: str) -> tuple[str, dict]:
@@ -165,7 +151,7 @@ def _read(name_or_path: str) -> tuple[str, dict]:
             raise RecipeError(f"recipe file {name_or_path} does not exist")
         text, label = path.read_text(), str(path)
     else:
-        res = resources.files("recipes") / f"{name_or_path}.toml"
+        res = resources.files("ptq.recipes") / f"{name_or_path}.toml"
         if not res.is_file():
             close = difflib.get_close_matches(name_or_path, builtin_names(), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -187,8 +173,6 @@ def parse_value(text: str) -> Any:
 
 def resolve(recipe: str | dict = "w8a8", overrides: dict[str, Any] | None = None) -> dict:
     """Defaults ← recipe file ← overrides ('section.key' → value); validated and complete."""
-    from .methods import METHODS  # noqa: F401  (methods register their sections on import)
-
     out = defaults()
     if isinstance(recipe, dict):
         label, data = "<dict>", recipe
@@ -225,27 +209,9 @@ def budget_keys(recipe: dict) -> tuple[str, str | None]:
         raise RecipeError(f"recipe key 'budget_key' must be 'section.key' or 'section.key / section.key2'; got {text!r}")
     for key in parts:
         section, _, k = key.partition(".")
-        f = SCHEMA.get(section, {}).get(k) if section else None
+        f = schema().get(section, {}).get(k) if section else None
         if f is None:
             raise RecipeError(f"budget_key names '{key}', which is not a recipe key; e.g. weights.bits")
         if f.kind not in (int, float):
             raise RecipeError(f"budget_key names '{key}', which is not numeric")
     return parts[0], parts[1] if len(parts) == 2 else None
-
-
-def layer_setting(recipe: dict, key: str, layer: str, first: str, last: str) -> Any:
-    """A per-layer value: the last matching override wins, else the recipe's section value."""
-    section, k = key.split(".")
-    value = recipe[section][k]
-    for o in recipe["overrides"]:
-        if key in o and any(_matches(pat, layer, first, last) for pat in o["layers"]):
-            value = o[key]
-    return value
-
-
-def _matches(pattern: str, layer: str, first: str, last: str) -> bool:
-    if pattern == "first":
-        return layer == first
-    if pattern == "last":
-        return layer == last
-    return fnmatch.fnmatchcase(layer, pattern)

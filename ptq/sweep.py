@@ -15,7 +15,7 @@ from typing import Any
 
 from .api import Prepared, prepare, quantize_prepared
 from .errors import BudgetError, PtqError, RecipeError
-from .recipe import SCHEMA, budget_keys, resolve
+from .recipe import budget_keys, resolve, schema
 
 BASELINE = "w8a8"  # the uniform curve overlaid at integer bits
 METRICS = ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy")
@@ -39,7 +39,7 @@ def budget_overrides(recipe: dict, budget: float) -> dict[str, Any]:
         raise RecipeError(f"recipe {recipe['name']} declares no budget_key; add e.g. budget_key = \"weights.bits\"")
     section, k = key.split(".")
     value = budget / _get(recipe, divisor) if divisor else budget
-    field = SCHEMA[section][k]
+    field = schema()[section][k]
     if field.kind is int:
         if abs(value - round(value)) > 1e-9:
             raise RecipeError(f"{key} = {value:g} is not a whole number")

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import ptq
-from ptq.accumulator import datatype_bound, fit_l1, l1_radius, limit, project_l1, weight_level_bound
-from ptq.simulator import Simulator
+from ptq.accbound import datatype_bound, fit_l1, l1_radius, limit, project_l1, weight_level_bound
+from ptq.runtime.simulator import Simulator
 
 
 def test_projection_is_the_euclidean_projection_onto_the_l1_ball():
@@ -102,7 +102,7 @@ def test_saturate_mode_runs_convolutions_and_matches_exact_without_overflow(digi
     tight(x)
     assert sum(st.overflows for st in tight.layers.values()) > 0
     # within the bound the simulator skips the MAC loop; the loop itself still equals the exact sum there
-    from ptq.simulator import _saturating_conv, integer_gemm
+    from ptq.runtime.simulator import _saturating_conv, integer_gemm
     m = qm.manifest
     g = m.to_graph()
     codes = Simulator(m).run(x, keep=[op.inputs[0] for op in g.ops if op.kind == "conv"])

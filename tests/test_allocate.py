@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ptq.allocate import Candidate, LayerChoices, allocate
+from ptq.methods.allocator import Candidate, LayerChoices, solve_allocation as allocate
 from ptq.errors import BudgetError
 
 

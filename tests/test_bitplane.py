@@ -9,11 +9,11 @@ import pytest
 import ptq
 from ptq.errors import BudgetError, ManifestError
 from ptq.export import export_qdq, read_ptq_metadata, save_onnx
-from ptq.graph import Op
+from ptq.ir import Op
 from ptq.manifest import load
 from ptq.methods.bitplane import layer_candidates, plane_density, slice_sparsity, top_plane, window
 from ptq.recipe import resolve
-from ptq.weightquant import quantize_symmetric
+from ptq.methods.errormodel import quantize_symmetric
 
 
 def _small_op(scale_down: float) -> Op:

@@ -3,9 +3,9 @@ import torch
 import torchvision
 from torch import nn
 
-from ptq.capture import capture
+from ptq.ir.capture import capture
 from ptq.errors import UnsupportedOpError
-from ptq.graph import run_float
+from ptq.ir.floatops import run_float
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calib.collect import layer_patches
+from ptq.calib.collect import layer_patches
 
 
 @pytest.mark.parametrize("c,o,k,s,p,d,g", [(8, 16, 3, 1, 1, 1, 1), (8, 8, 3, 2, 1, 1, 8), (6, 12, 1, 1, 0, 1, 1),

@@ -144,7 +144,7 @@ def test_metadata_round_trip(digits_quantized, tmp_path):
     assert meta["model"]["ptq.manifest_sha256"] == m.hash() == sha256_file(out / MANIFEST_FILE)
     assert meta["model"]["ptq.version"] == ptq.__version__
     assert meta["model"]["ptq.recipe"] == "w8a8"
-    from ptq.card import weight_summary
+    from ptq.manifest import weight_summary
     assert meta["model"]["ptq.mean_weight_bits"] == weight_summary(m)["mean_weight_bits"]
     assert set(meta["layers"]) == {r["name"] for r in m.weighted_ops()}
     for rec in m.weighted_ops():

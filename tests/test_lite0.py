@@ -20,13 +20,13 @@ def test_lite0_w8a8_fidelity_through_the_integer_simulator(lite0_w8a8):
 
 
 def test_lite0_simulator_matches_fake_quant(lite0_w8a8):
-    from ptq import verify
+    from ptq.runtime.verify import numeric
     from ptq.api import as_source
     v = lite0_w8a8.manifest.data["verification"]
     assert v["structural"]["ok"]
     assert v["numeric"]["min_share_within_1lsb"] >= 0.999
     src = as_source("samples:eval", lite0_w8a8.manifest.data["model"], 64, 0, "eval")
-    num = verify.numeric(lite0_w8a8.manifest, src.batches(16))
+    num = numeric(lite0_w8a8.manifest, src.batches(16))
     assert num["min_share_within_1lsb"] >= 0.999 and num["max_lsb_error"] <= 1
     # independent end-to-end runs (reference in float64): measured 100% on 256 crops (BENCHMARKS.md)
     assert num["top1_agreement_sim_vs_reference"] >= 99.5

@@ -9,13 +9,13 @@ import ptq
 import ptq.methods.multipoint as mp
 from benchmarks.multipoint import uniform_with_pins  # registers the method until ptq/methods/__init__.py imports it
 from ptq.errors import ManifestError
-from ptq.weightquant import OutputError
+from ptq.methods.errormodel import ErrorModel
 
 
 def test_greedy_matches_brute_force_on_a_tiny_grid():
     w = np.array([[0.9, -0.35, 0.12]])
     grid = np.linspace(0.05, 1.0, 20)
-    pts = mp.greedy_points(w, 2, 3, OutputError(None, 1), grid=grid)
+    pts = mp.greedy_points(w, 2, 3, ErrorModel(None, 1), grid=grid)
     r = w[0].copy()
     for p in range(3):
         base = np.abs(r).max()  # 2 bits: qmax = 1
@@ -36,7 +36,7 @@ def test_greedy_error_decreases_with_points_under_h():
     x[:, :6] *= 4  # an uneven input: the H-weighted and the plain error differ
     h = (x.T @ x / 500)[None]
     w = rng.standard_normal((8, 24)) * 0.1
-    err = OutputError(h, 8)
+    err = ErrorModel(h, 8)
     pts = mp.greedy_points(w, 4, 4, err)
     assert np.all(np.diff(pts.errors, axis=0) <= 1e-9)
     assert np.all(pts.errors[-1] < 0.01 * pts.errors[0])
@@ -55,7 +55,7 @@ def test_refit_is_never_worse_and_is_what_the_weights_become():
     x[:, :5] *= 3
     h = (x.T @ x / 400)[None]
     w = rng.standard_normal((16, 20)) * 0.1
-    err = OutputError(h, 16)
+    err = ErrorModel(h, 16)
     pts = mp.greedy_points(w, 3, 3, err)
     fit = mp.refit_coefficients(w, pts, err)
     assert np.all(fit.errors <= pts.errors + 1e-12)
@@ -69,7 +69,7 @@ def test_refit_is_never_worse_and_is_what_the_weights_become():
 def test_extra_points_on_a_narrower_grid_cost_less():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((12, 30))
-    err = OutputError(None, 12)
+    err = ErrorModel(None, 12)
     pts = mp.greedy_points(w, 4, 3, err, extra_bits=2)
     assert list(pts.bits) == [4, 2, 2]
     assert np.abs(pts.q[0]).max() == 7 and np.abs(pts.q[1:]).max() == 1
@@ -79,15 +79,15 @@ def test_extra_points_on_a_narrower_grid_cost_less():
     assert wq.scheme["point_bits"] == [4, 2, 2]
     assert wq.bits == pytest.approx(4 + 2 * 6 / 12 + 2 * 2 / 12)
     plan = mp.LayerPlan("l", pts, 4, 3, 1.0, 30, None)
-    got = mp.allocate([plan], 1.25, "global", "error", 0.0, 0)["l"]
+    got = mp.allocate_points([plan], 1.25, "global", "error", 0.0, 0)["l"]
     # a 2-bit point costs half a 4-bit one: the 0.25 budget buys extra points for half the channels
     assert (got - 1).sum() == 6
 
 
 @pytest.fixture(scope="module")
 def digits_plans(digits):
-    from calib.collect import collect_statistics
-    from ptq.capture import capture
+    from ptq.calib.collect import collect_statistics
+    from ptq.ir.capture import capture
     from ptq.recipe import resolve
     model, xtr, *_ = digits
     graph = capture(model, (1, 8, 8))
@@ -106,10 +106,10 @@ def _mean_points(plans, counts):
 @pytest.mark.parametrize("budget", [1.0, 1.25, 2.0])
 def test_budget_is_respected(digits_plans, budget):
     *_, plans = digits_plans
-    g = mp.allocate(plans, budget, "global", "error", 0.0, 0)
+    g = mp.allocate_points(plans, budget, "global", "error", 0.0, 0)
     assert _mean_points(plans, g) <= budget + 1e-9
     assert _mean_points(plans, g) >= budget - 0.1  # and spent
-    lay = mp.allocate(plans, budget, "layer", "error", 0.0, 0)
+    lay = mp.allocate_points(plans, budget, "layer", "error", 0.0, 0)
     for p in plans:
         assert lay[p.name].mean() <= budget + 1e-9
         assert 1 <= lay[p.name].min() and lay[p.name].max() <= p.max_points
@@ -118,8 +118,8 @@ def test_budget_is_respected(digits_plans, budget):
 def test_error_choice_beats_random_at_the_same_budget(digits_plans):
     *_, plans = digits_plans
     for scope in ("layer", "global"):
-        err = mp.allocate(plans, 1.25, scope, "error", 0.0, 0)
-        rnd = mp.allocate(plans, 1.25, scope, "random", 0.0, 0)
+        err = mp.allocate_points(plans, 1.25, scope, "error", 0.0, 0)
+        rnd = mp.allocate_points(plans, 1.25, scope, "random", 0.0, 0)
         assert abs(_mean_points(plans, err) - _mean_points(plans, rnd)) < 0.05
         # summed output error, each layer relative to its output energy (what the global ranking spends on)
         e_err = sum(mp.channel_errors(p.pts, err[p.name]).sum() / p.pts.energy.sum() for p in plans)
@@ -132,7 +132,7 @@ def test_error_choice_beats_random_at_the_same_budget(digits_plans):
 
 def test_epsilon_stops_extra_points(digits_plans):
     *_, plans = digits_plans
-    g = mp.allocate(plans, 4.0, "global", "error", 1e9, 0)
+    g = mp.allocate_points(plans, 4.0, "global", "error", 1e9, 0)
     assert all(np.all(c == 1) for c in g.values())
 
 
@@ -157,7 +157,7 @@ def test_multipoint_digits_verifies_and_beats_uniform_4bit(digits, digits_multip
 
 
 def test_multipoint_manifest_fields_and_scheme_check(digits_multipoint, tmp_path):
-    from ptq.validate import validate
+    from ptq.manifest import validate
     qm = digits_multipoint
     m = qm.manifest
     for op in m.weighted_ops():

@@ -227,7 +227,7 @@ def test_named_corruptions(pristine, tmp_path, mutation, message):
 KILL_CHILD = r"""
 import os, pathlib, shutil, signal, sys
 import ptq
-from ptq import manifest as M
+from ptq.manifest import store as M
 src, out, point = sys.argv[1:4]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if point == "tensors":
@@ -322,7 +322,7 @@ def test_cli_killed_at_random_times_keeps_previous_output(tmp_path):
 def test_same_seed_and_any_thread_count_give_identical_bytes(digits, tmp_path):
     """Runs with the same seed, with 1 and 2 torch threads: manifest.json, tensors and model.onnx are
     byte-identical, and the integer simulator's codes are identical."""
-    from ptq.simulator import Simulator
+    from ptq.runtime.simulator import Simulator
     model, xtr, _, xte, _ = digits
     threads = torch.get_num_threads()
     arts, codes = [], []

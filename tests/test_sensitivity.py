@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from calib.sensitivity import channel_fisher
-from ptq.capture import capture
+from ptq.calib.sensitivity import channel_fisher
+from ptq.ir.capture import capture
 
 
 class TwoLayer(nn.Module):

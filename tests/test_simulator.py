@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from ptq.graph import Op
-from ptq.simulator import integer_gemm
+from ptq.ir import Op
+from ptq.runtime.simulator import integer_gemm
 
 
 @pytest.mark.parametrize("groups,cin,k,stride", [(1, 64, 3, 1), (32, 32, 3, 2), (1, 1152, 1, 1), (1, 2048, 1, 1)])
@@ -44,7 +44,7 @@ def test_simulate_returns_dequantized_numpy(digits, digits_quantized):
 
 
 def test_wrap_mode_counts_overflow_of_a_narrow_accumulator(digits_quantized):
-    from ptq.simulator import Simulator
+    from ptq.runtime.simulator import Simulator
     qm, _ = digits_quantized
     sim = Simulator(qm.manifest, "wrap", bits=12)
     x = torch.randn(8, 1, 8, 8)
@@ -56,7 +56,7 @@ def test_wrap_mode_counts_overflow_of_a_narrow_accumulator(digits_quantized):
 
 
 def test_end_to_end_counts_flips_only_on_decisive_samples():
-    from ptq.verify import DECISIVE_NOISE, end_to_end
+    from ptq.runtime.verify import DECISIVE_NOISE, end_to_end
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(40, 10)) * 3
     ref[0, :2] = [5.0, 4.999]  # a near tie

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from calib.preprocess import PRESETS
-from calib.sources import SAMPLE_PHOTOS, open_source
+from ptq.calib.preprocess import PRESETS
+from ptq.calib.sources import SAMPLE_PHOTOS, open_source
 from ptq.errors import DataError
 
 PRE = PRESETS["imagenet"]

@@ -140,7 +140,7 @@ def test_corrupted_swis_manifest_is_refused(digits_swis, tmp_path):
     old = flat[0, 0].copy()
     flat[0, 0] = outside  # a power of two whose position is not in group (0, 0)'s set
     try:
-        from ptq.verify import structural
+        from ptq.runtime.verify import structural
         s = structural(m)  # level 1 on the in-memory manifest, before any save
         assert not s["ok"] and "not representable" in s["problem"]
         with pytest.raises(ManifestError, match=r"terms\[0\]\.q.*not representable.*extra\.shifts\[0, 0\]"):
@@ -164,7 +164,7 @@ def test_corrupted_swis_manifest_is_refused(digits_swis, tmp_path):
 
 def test_simulator_counts_cycles_and_onnx_carries_the_scheme(digits, digits_swis):
     from ptq.export import onnxruntime_runner, read_ptq_metadata, export_qdq
-    from ptq.simulator import Simulator
+    from ptq.runtime.simulator import Simulator
     x = digits[3][:64]
     sim = Simulator(digits_swis.manifest)
     sim(torch.from_numpy(x))
@@ -208,16 +208,16 @@ def test_bad_settings_are_one_line_recipe_errors(digits_prepared):
     from ptq.recipe import resolve
     g, stats = digits_prepared.graph, digits_prepared.stats
     with pytest.raises(RecipeError, match=r"swis.shared_bits = 8 .* must be below swis.bits = 8"):
-        METHODS["swis"](g, stats, resolve("swis", {"swis.shared_bits": 8, "swis.mode": "fixed"}))
+        METHODS["swis"].quantize(g, stats, resolve("swis", {"swis.shared_bits": 8, "swis.mode": "fixed"}))
     with pytest.raises(RecipeError, match=r"swis.shared_bits = 8 must be below swis.bits = 8 \(it sets the default budgets\)"):
-        METHODS["swis"](g, stats, resolve("swis", {"swis.shared_bits": 8}))
+        METHODS["swis"].quantize(g, stats, resolve("swis", {"swis.shared_bits": 8}))
     with pytest.raises(RecipeError, match=r"swis.min_shared_bits = 5 exceeds swis.max_shared_bits = 4"):
-        METHODS["swis"](g, stats, resolve("swis", {"swis.mode": "allocate", "swis.cycles": 0.5, "overrides": [],
+        METHODS["swis"].quantize(g, stats, resolve("swis", {"swis.mode": "allocate", "swis.cycles": 0.5, "overrides": [],
                                                    "swis.min_shared_bits": 5, "swis.max_shared_bits": 4}))
     with pytest.raises(BudgetError, match=r"swis.cycles = 0.01 cannot be met"):
-        METHODS["swis"](g, stats, resolve("swis", {"swis.cycles": 0.01, "swis.scale_grid": 0}))
+        METHODS["swis"].quantize(g, stats, resolve("swis", {"swis.cycles": 0.01, "swis.scale_grid": 0}))
     pinned = [{"layers": ["*"], "swis": {"min_shared_bits": 7}}]  # every layer at 8 bits: N = 1's budget is out of reach
     with pytest.raises(BudgetError, match=r"swis.cycles = 0.125 \(from swis.shared_bits = 1\) cannot be met .* set swis.cycles >= 0.8"):
-        METHODS["swis"](g, stats, resolve("swis", {"swis.shared_bits": 1, "swis.scale_grid": 0, "overrides": pinned}))
+        METHODS["swis"].quantize(g, stats, resolve("swis", {"swis.shared_bits": 1, "swis.scale_grid": 0, "overrides": pinned}))
     with pytest.raises(RecipeError, match="must be one of search, truncate"):
         resolve("swis", {"swis.positions": "msb"})

@@ -3,7 +3,7 @@
 Every conv/linear must fit the recipe's P-bit accumulator (`accumulator.bits`) for any input. For
 each layer and each pair (weight bits M, input activation bits N) we build a candidate: weights
 clipped by output error at M bits, then made to meet the weight-level bound ‖q_c‖₁·X_N + |q_b| ≤
-2^(P−1) − 1 by L1 projection and toward-zero rounding (`ptq.accumulator.fit_l1`), with X_N and the
+2^(P−1) − 1 by L1 projection and toward-zero rounding (`ptq.accbound.fit_l1`), with X_N and the
 input scale taken from the encoding the pipeline will choose at N bits. With 8-bit inputs after a
 ReLU (X = 255) and P = 16 that leaves ‖q_c‖₁ ≤ 128 per channel, so wide layers must trade input bits
 for weight mass; that trade is what the allocator decides.
@@ -22,21 +22,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from calib.observers import choose_encoding
+from ..calib.observers import choose_encoding
 
-from ..accumulator import bits_for, fit_l1, l1_radius, limit, weight_level_bound
-from ..allocate import Candidate, LayerChoices, allocate
+from ..accbound import bits_for, fit_l1, l1_radius, limit, weight_level_bound
+from .allocator import Candidate, LayerChoices, solve_allocation
 from ..errors import BudgetError, RecipeError
-from ..graph import Graph, Op
+from ..ir import Graph, Op
 from ..intmath import round_half_up
-from ..recipe import Field, layer_setting, register_section
-from ..weightquant import clip_search, qmax, quantize_symmetric
-from . import register
-from .base import LayerWeights, WeightQuant, error_weights, first_last, layer_error
+from .fields import Field, layer_setting
+from ..intmath import qmax
+from .errormodel import clip_search, quantize_symmetric
+from .registry import register
+from ..ir import LayerWeights, WeightQuant
+from .base import error_weights, first_last, layer_error
 
 BIAS_SHARE = 0.5  # most of a P-bit accumulator the int bias may take; the weights get the rest
 
-register_section("allocator", {
+ALLOCATOR_SECTION = {
     "mode": Field("milp", str, ("milp", "greedy", "naive"),
                   help="milp: the integer program; greedy: its Lagrangian fallback; naive: one width pair for all layers"),
     "min_weight_bits": Field(2, int, lo=2, hi=8),
@@ -47,7 +49,7 @@ register_section("allocator", {
     "bops": Field(0.0, float, lo=0.0, hi=1.0, help="budget: bit operations as a fraction of 8×8-bit (0: none)"),
     "weight_bits": Field(0, int, lo=0, hi=8, help="per-layer pin of the weight bits (0: free)"),
     "input_bits": Field(0, int, lo=0, hi=8, help="per-layer pin of the input activation bits (0: free)"),
-}, override_keys=("weight_bits", "input_bits"))
+}
 
 
 def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_act, p: int,
@@ -136,7 +138,7 @@ def _naive(layers: list[LayerChoices], p: int) -> dict[str, Candidate]:
     raise BudgetError(f"no single (weight bits, input bits) pair fits a {p}-bit accumulator in every layer without projection")
 
 
-@register("accumulator")
+@register("accumulator", sections={"allocator": ALLOCATOR_SECTION}, override_keys=("allocator.weight_bits", "allocator.input_bits"))
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     al, p = recipe["allocator"], recipe["accumulator"]["bits"]
     if al["min_weight_bits"] > al["max_weight_bits"] or al["min_input_bits"] > al["max_input_bits"]:
@@ -166,7 +168,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     if al["bops"] > 0:
         budgets["bops"] = al["bops"] * sum(64.0 * float(op.attrs.get("macs", op.weight.size)) for op in graph.weighted_ops())
     try:
-        a = allocate(layers, budgets, p, "greedy" if al["mode"] == "greedy" else "auto")
+        a = solve_allocation(layers, budgets, p, "greedy" if al["mode"] == "greedy" else "auto")
     except BudgetError as exc:
         if exc.key == "weight_bits":
             least = exc.least / params

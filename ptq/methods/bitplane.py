@@ -8,7 +8,7 @@ layer are dropped for free (this changes no weight). A layer kept at b bits keep
 consecutive magnitude planes of that grid: the LSB planes below it are removed by re-quantizing with
 the doubled step (not truncating), the MSB planes above it — if any are not empty — by clipping. The
 window with the least output error is the layer's b-bit candidate; its cost is params·b. The shared
-allocator (`ptq.allocate`) then picks one b per layer under the mean-bits budget (and the accumulator
+allocator (`ptq.methods.allocator`) then picks one b per layer under the mean-bits budget (and the accumulator
 limit, when the recipe sets one): cheapest planes first, by output error added per weight bit saved,
 solved exactly as an integer program rather than one plane at a time.
 
@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from calib.observers import choose_encoding
+from ..calib.observers import choose_encoding
 
-from ..accumulator import bits_for, weight_level_bound
-from ..allocate import Candidate, LayerChoices, allocate
+from ..accbound import bits_for, weight_level_bound
+from .allocator import Candidate, LayerChoices, solve_allocation
 from ..errors import BudgetError, RecipeError
-from ..graph import Graph, Op
+from ..ir import Graph, Op
 from ..intmath import round_half_up
-from ..recipe import Field, layer_setting, register_section
-from ..weightquant import OutputError, clip_search, quantize_symmetric
-from . import register
-from .base import LayerWeights, WeightQuant, error_weights, first_last, layer_error
+from .fields import Field, layer_setting
+from .errormodel import ErrorModel, clip_search, quantize_symmetric
+from .registry import register
+from ..ir import LayerWeights, WeightQuant
+from .base import error_weights, first_last, layer_error
 
-register_section("bitplane", {
+BITPLANE_SECTION = {
     "bits": Field(8, int, lo=3, hi=8, help="b₀: the grid every layer starts from"),
     "mean_bits": Field(4.0, float, lo=2.0, hi=8.0, help="budget: parameter-weighted mean weight bits"),
     "min_bits": Field(2, int, lo=2, hi=8, help="fewest bits (sign + planes) any layer may keep"),
@@ -42,7 +43,7 @@ register_section("bitplane", {
     "msb_clip": Field(2, int, lo=0, hi=4, help="non-empty MSB planes a window may drop (clipping by 2, 4, ...)"),
     "reclip": Field(True, bool, help="also try a b-bit grid clipped by output error; keep whichever window errs less"),
     "layer_bits": Field(0, int, lo=0, hi=8, help="per-layer pin of the kept bits (0: free)"),
-}, override_keys=("layer_bits",))
+}
 
 
 def plane_density(q: np.ndarray, bits: int) -> np.ndarray:
@@ -78,7 +79,7 @@ def layer_candidates(op: Op, stats, recipe: dict, input_max: int | None, input_s
         err = layer_error(op, stats)
         weight = error_weights(op, stats, err, w)
     else:
-        err = OutputError(None, c)
+        err = ErrorModel(None, c)
         weight = 1.0 / max(float((w * w).sum()), 1e-30)
     step = clip_search(w, b0, err)
     q0 = quantize_symmetric(w, step, b0)
@@ -118,7 +119,7 @@ def layer_candidates(op: Op, stats, recipe: dict, input_max: int | None, input_s
     return out
 
 
-@register("bitplane")
+@register("bitplane", sections={"bitplane": BITPLANE_SECTION}, override_keys=("bitplane.layer_bits",))
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     bp, act = recipe["bitplane"], recipe["activations"]
     if bp["min_bits"] > bp["bits"]:
@@ -143,7 +144,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
         layers.append(lc)
         params += float(op.weight.size)
     try:
-        a = allocate(layers, {"weight_bits": bp["mean_bits"] * params}, p if p < 32 else None)
+        a = solve_allocation(layers, {"weight_bits": bp["mean_bits"] * params}, p if p < 32 else None)
     except BudgetError as exc:
         if exc.key == "weight_bits":
             least = exc.least / params

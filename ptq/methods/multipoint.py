@@ -19,10 +19,8 @@ until the channel's relative error e/wᵀHw ≤ ε or the budget is spent. `prio
 field's default, closest to the paper's "worst channel first"): the channel's output error divided by
 its layer's output energy Σ_c wᵀHw. `priority = "fisher"` (ours, what the shipped recipes use) ranks
 by the expected loss the point saves, F_c · (e_n − e_{n+1}), per weight it costs, with F_c the
-channel's Fisher sensitivity (`calib.sensitivity`). On EfficientNet-Lite0 (256 held-out crops,
-4.94 bits, 2-bit extra points, refitted coefficients) energy gave 81.6% top-1 / KL 0.083 and fisher
-80.9% / KL 0.063 (81.8% / 0.063 on 512 crops, benchmarks.multipoint); on the digits CNN, whose
-Fisher is tiny and noisy (confident predictions), energy is better. Either is multiplied by a per-layer
+channel's Fisher sensitivity (`calib.sensitivity`). Fisher measures better on EfficientNet-Lite0,
+energy on the digits CNN, whose Fisher is tiny and noisy (BENCHMARKS.md, multipoint). Either is multiplied by a per-layer
 `sensitivity` (1 unless a recipe override says otherwise).
 The budget is in units of a first point per weight, parameter-weighted and global across the
 network by default (effective bits = bits × budget), or per layer (`budget_scope = "layer"`).
@@ -36,18 +34,19 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import RecipeError
-from ..graph import Graph
-from ..recipe import Field, layer_setting, register_section
-from ..validate import fail, in_range, need, scheme_check, tensor
-from ..weightquant import OutputError, qmax
-from . import register
-from .base import WeightQuant, first_last, layer_error
+from ..ir import Graph
+from .fields import Field, layer_setting
+from ..intmath import qmax
+from .errormodel import ErrorModel
+from .registry import register
+from ..ir import WeightQuant
+from .base import first_last, layer_error
 
 GRID = 100  # coefficient candidates per point
 GRID_LO = 0.05  # smallest candidate, as a fraction of max|r| / qmax
 CHUNK = 1 << 22  # grid values × weights evaluated at once (float32 elements)
 
-register_section("multipoint", {
+MULTIPOINT_SECTION = {
     "bits": Field(4, int, lo=2, hi=8, help="bits of a channel's first point (symmetric narrow grid)"),
     "extra_bits": Field(0, int, lo=0, hi=8, help="bits of every further point (0: the same as `bits`); a point of "
                         "extra_bits costs extra_bits / bits of the budget"),
@@ -70,7 +69,7 @@ register_section("multipoint", {
     "objective": Field("output", str, ("output", "mse"), help="coefficient search by output error (H) or weight MSE"),
     "sensitivity": Field(1.0, float, lo=0.0, hi=1e6, help="per-layer weight of its errors in the global ranking"),
     "seed": Field(0, int, lo=0, hi=2**31 - 1, help="seed of the random channel choice"),
-}, override_keys=("bits", "extra_bits", "max_points", "sensitivity"))
+}
 
 
 @dataclass
@@ -87,11 +86,11 @@ class Points:
     coef: np.ndarray  # (P, P, C) coefficients by number of points kept
 
 
-def _errors(err: OutputError, d: np.ndarray) -> np.ndarray:
+def _errors(err: ErrorModel, d: np.ndarray) -> np.ndarray:
     return err(np.ascontiguousarray(d, dtype=np.float32))
 
 
-def _search(r: np.ndarray, ratios: np.ndarray, base: np.ndarray, m: int, err: OutputError,
+def _search(r: np.ndarray, ratios: np.ndarray, base: np.ndarray, m: int, err: ErrorModel,
             best_e: np.ndarray, best_a: np.ndarray) -> None:
     """Try a = ratios[t, c] · base[c] (ratios (T, C) or (T,)); keep the best a per channel in place."""
     c, k = r.shape
@@ -110,14 +109,14 @@ def _search(r: np.ndarray, ratios: np.ndarray, base: np.ndarray, m: int, err: Ou
         best_a[better] = a[i, cols][better]
 
 
-def greedy_points(w: np.ndarray, bits: int, points: int, err: OutputError,
+def greedy_points(w: np.ndarray, bits: int, points: int, err: ErrorModel,
                   grid: np.ndarray | None = None, extra_bits: int = 0) -> Points:
     """The greedy multipoint sequence of every channel of a (C, K) weight, `points` deep; the first
     point on the `bits` grid, the others on the `extra_bits` grid (0: the same).
 
     The coefficient of each point is searched on ratios of max|r|/qmax: the explicit `grid` if
     given, else (ours) a geometric grid of 100 values over [0.05, 1] searched coarse to fine — 25
-    values, then 16 around each channel's best — as fine as the full grid at 40% of the cost.
+    values, then 16 around each channel's best (BENCHMARKS.md, multipoint: as fine as the full grid, cheaper).
     """
     point_bits = np.array([bits] + [extra_bits or bits] * (points - 1))
     c, k = w.shape
@@ -159,7 +158,7 @@ def greedy_points(w: np.ndarray, bits: int, points: int, err: OutputError,
     return Points(qs, scales, errors, energy, point_bits, coef)
 
 
-def refit_coefficients(w: np.ndarray, pts: Points, err: OutputError) -> Points:
+def refit_coefficients(w: np.ndarray, pts: Points, err: ErrorModel) -> Points:
     """(ours) For every channel and every number n of points kept, the coefficients a minimising
     the output error of Σ a_i v_i with the greedy integer vectors fixed: (V H Vᵀ) a = V H w. The
     paper keeps the greedy a_i, each fitted to a residual before the later points existed. Where
@@ -198,7 +197,7 @@ class LayerPlan:
     fisher: np.ndarray | None  # (C,) Fisher sensitivity of each output channel, or None
 
 
-def allocate(plans: list[LayerPlan], budget: float, scope: str, choice: str, epsilon: float,
+def allocate_points(plans: list[LayerPlan], budget: float, scope: str, choice: str, epsilon: float,
              seed: int) -> dict[str, np.ndarray]:
     """Points per channel of every layer (ints ≥ 1) under the budget (see the module docstring)."""
     groups = [plans] if scope == "global" else [[p] for p in plans]
@@ -298,48 +297,12 @@ def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
     return plans
 
 
-@register("multipoint")
+@register("multipoint", sections={"multipoint": MULTIPOINT_SECTION}, override_keys=("multipoint.bits", "multipoint.extra_bits", "multipoint.max_points", "multipoint.sensitivity"))
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     mp = recipe["multipoint"]
     if mp["budget"] > max(1, mp["max_points"]) and mp["budget_scope"] == "layer":
         raise RecipeError(f"multipoint.budget {mp['budget']:g} exceeds multipoint.max_points {mp['max_points']}")
     plans = plan_layers(graph, stats, recipe)
-    counts = allocate(plans, mp["budget"], mp["budget_scope"], mp["channel_choice"], mp["epsilon"], mp["seed"])
+    counts = allocate_points(plans, mp["budget"], mp["budget_scope"], mp["channel_choice"], mp["epsilon"], mp["seed"])
     ops = {op.name: op for op in graph.weighted_ops()}
     return {p.name: build(p.pts, counts[p.name], ops[p.name].weight.shape) for p in plans}
-
-
-def point_bits(w: dict) -> list[int]:
-    """Each term's width of a manifest weight record: multipoint's `point_bits`, else (other schemes,
-    and multipoint manifests written before extra_bits) `bits` for every term."""
-    return w.get("point_bits") or [w["bits"]] * len(w["terms"])
-
-
-@scheme_check("multipoint")
-def _multipoint(m, w: dict, where: str) -> None:
-    terms = w["terms"]
-    points = need(w, "points", int, where)
-    if points != len(terms):
-        raise fail(f"{where}.points", f"is {points} but the weight has {len(terms)} terms (one per point)")
-    c = w["shape"][0]
-    extra = need(w, "extra", dict, where)
-    n = tensor(m, extra.get("points_per_channel"), f"{where}.extra.points_per_channel", "int", (c,))
-    if n.size and (n.min() < 1 or n.max() > points):
-        raise fail(f"{where}.extra.points_per_channel", f"values {int(n.min())}..{int(n.max())} fall outside [1, {points}]")
-    mean = need(w, "mean_points", (int, float), where)
-    if abs(mean - float(n.mean())) > 1e-6:
-        raise fail(f"{where}.mean_points", f"is {mean:g} but points_per_channel averages {float(n.mean()):g}")
-    pb = point_bits(w)
-    if not isinstance(pb, list) or len(pb) != points or not all(type(b) is int and 2 <= b <= w["bits"] for b in pb) \
-            or (pb and pb[0] != w["bits"]):
-        raise fail(f"{where}.point_bits", f"must list {points} widths in 2..{w['bits']}, the first equal to bits, got {pb!r}")
-    for j, (t, b) in enumerate(zip(terms, pb)):
-        in_range(m.tensor(t["q"]), -qmax(b), qmax(b), f"{where}.terms[{j}].q")
-    bpw = need(w, "bits_per_weight", (int, float), where)
-    want = sum(b * float(np.mean(n > j)) for j, b in enumerate(pb))
-    if abs(bpw - want) > 1e-6:
-        raise fail(f"{where}.bits_per_weight", f"is {bpw:g}, expected Σ point bits × share of channels with that point = {want:g}")
-    for j, t in enumerate(terms[1:], start=1):
-        q = m.tensor(t["q"]).reshape(c, -1)
-        if np.any(q[n <= j] != 0):
-            raise fail(f"{where}.terms[{j}].q", f"is non-zero on channels with at most {j} points")

@@ -24,11 +24,11 @@ positions (a fixed consecutive set), mapped to nearest like the search.
 
 N per layer: `mode = "fixed"` uses `shared_bits` everywhere (per-layer overrides allowed);
 `mode = "allocate"` (the shipped recipes) measures every N in [min_shared_bits, max_shared_bits] per
-layer and lets the shared allocator (`ptq.allocate`) choose under budgets on total cycles (a fraction
+layer and lets the shared allocator (`ptq.methods.allocator`) choose under budgets on total cycles (a fraction
 of the b₀-cycle bit-serial baseline) and mean storage bits; a budget left at 0 is that of N =
 shared_bits in every layer, so `swis` (N = 3) spends no more cycles or bits than N = 3 everywhere,
-only where the output error is (measured on EfficientNet-Lite0: 80% top-1 agreement against 58% for
-N = 3 in every layer with the stem and depthwise convs at 8 bits, at the same cycles and storage). A budget set on a fixed-mode recipe (which is what
+only where the output error is (BENCHMARKS.md, SWIS: allocated N against N = 3 in every layer at the
+same cycles and storage). A budget set on a fixed-mode recipe (which is what
 `ptq sweep` does through the recipe's budget_key) allocates too: the budget, not N, then decides. Error currency as in the accumulator method:
 Σ_c F_c·e_c with the Fisher sensitivity F_c, or Σ_c e_c / layer output energy without it.
 """
@@ -42,18 +42,19 @@ import numpy as np
 import torch
 
 from .. import bitserial
-from ..allocate import Candidate, LayerChoices, allocate
+from .allocator import Candidate, LayerChoices, solve_allocation
 from ..errors import BudgetError, RecipeError
-from ..graph import Graph, Op
-from ..recipe import Field, layer_setting, register_section
-from ..validate import fail, need, scheme_check, tensor
-from ..weightquant import OutputError, clip_search, qmax
-from . import register
-from .base import LayerWeights, WeightQuant, error_weights, first_last, layer_error
+from ..ir import Graph, Op
+from .fields import Field, layer_setting
+from ..intmath import qmax
+from .errormodel import ErrorModel, clip_search
+from .registry import register
+from ..ir import LayerWeights, WeightQuant
+from .base import error_weights, first_last, layer_error
 
 CHUNK = 1 << 22  # sets × groups × G table values gathered at once (float32: 16 MB)
 
-register_section("swis", {
+SWIS_SECTION = {
     "bits": Field(8, int, lo=3, hi=8, help="b₀: bits of the sign-magnitude integers the groups are cut from"),
     "group": Field(8, int, lo=1, hi=4096, help="G: consecutive weights along K sharing one set of bit positions"),
     "shared_bits": Field(3, int, lo=1, hi=8, help="N: magnitude bit positions each group keeps (< swis.bits)"),
@@ -78,7 +79,7 @@ register_section("swis", {
     "mean_weight_bits": Field(0.0, float, lo=0.0, hi=16.0,
                               help="allocate: budget on parameter-weighted mean storage bits "
                                    "(0: 1 + N + N·⌈log2(b₀−1)⌉/G, the storage of N = shared_bits everywhere)"),
-}, override_keys=("shared_bits", "min_shared_bits", "max_shared_bits"))
+}
 
 
 # ---------------------------------------------------------------- the position-set search
@@ -238,12 +239,12 @@ class _Best:
         self.e = np.full(c, np.inf)
         self.q = self.s = self.shifts = None
 
-    def offer(self, w: np.ndarray, s: np.ndarray, err: OutputError, h: np.ndarray, tables: np.ndarray,
+    def offer(self, w: np.ndarray, s: np.ndarray, err: ErrorModel, h: np.ndarray, tables: np.ndarray,
               masks: np.ndarray, m: int, group: int) -> None:
         q, shifts = _decompose(w, s, h, tables, masks, m, group)
         self.consider(w, q, s, shifts, err)
 
-    def consider(self, w: np.ndarray, q: np.ndarray, s: np.ndarray, shifts: np.ndarray, err: OutputError) -> None:
+    def consider(self, w: np.ndarray, q: np.ndarray, s: np.ndarray, shifts: np.ndarray, err: ErrorModel) -> None:
         e = err((w - q * s[:, None]).astype(np.float32))
         if self.q is None:
             self.q, self.s, self.shifts, self.e = q, s.copy(), shifts, e
@@ -254,7 +255,7 @@ class _Best:
         self.shifts = np.where(better[:, None], shifts, self.shifts)
         self.e = np.where(better, e, self.e)
 
-    def refit(self, w: np.ndarray, err: OutputError, h: np.ndarray, tables: np.ndarray, masks: np.ndarray,
+    def refit(self, w: np.ndarray, err: ErrorModel, h: np.ndarray, tables: np.ndarray, masks: np.ndarray,
               m: int, group: int, decompose: bool = True) -> None:
         """Least-squares scale for the current integers, (wᵀHq)/(qᵀHq) (kept where it is positive and
         lowers the error, which it does unless rounding says otherwise), then decompose again there."""
@@ -274,7 +275,7 @@ def swis_layer(op: Op, stats, bits: int, group: int, shared_bits: int, lanes: in
     c, k = op.weight_matrix_shape
     w = op.weight.reshape(c, k).astype(np.float64)
     m = qmax(bits)
-    err: OutputError = layer_error(op, stats, output_error=objective == "output")
+    err: ErrorModel = layer_error(op, stats, output_error=objective == "output")
     masks = position_sets(bits - 1, shared_bits, truncate)
     tables = nearest_tables(masks, bits - 1)
     h = _input_weights(op, stats, c, k, objective)
@@ -321,7 +322,7 @@ def _check_n(n: int, bits: int, key: str, layer: str) -> None:
                           f"(a group keeps N of the {bits - 1} magnitude positions)")
 
 
-@register("swis")
+@register("swis", sections={"swis": SWIS_SECTION}, override_keys=("swis.shared_bits", "swis.min_shared_bits", "swis.max_shared_bits"))
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     sw = recipe["swis"]
     bits, group, lanes = sw["bits"], sw["group"], sw["lanes"]
@@ -375,7 +376,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     budgets["cycles"], budgets["weight_bits"] = cyc * base_cycles, mwb * params
 
     try:
-        a = allocate(layers, budgets)
+        a = solve_allocation(layers, budgets)
     except BudgetError as exc:
         if exc.key == "cycles":
             least = exc.least / base_cycles
@@ -397,57 +398,3 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
                      "shared_bits": {k: c.knobs["shared_bits"] for k, c in a.choice.items()}},
             "allocator": a.summary()}
     return LayerWeights(out, info, a.timings())
-
-
-# ---------------------------------------------------------------- the manifest check
-
-SCHEDULE_KEYS = ("cycles", "cycles_unsorted", "dense_cycles", "baseline_cycles")
-
-
-@scheme_check("swis")
-def _swis(m, w: dict, where: str) -> None:
-    """Shapes of the group tensors, every weight representable by its group's set, the schedule's cycles."""
-    bits = w["bits"]
-    if len(w["terms"]) != 1:
-        raise fail(f"{where}.terms", "a swis weight has exactly one term")
-    g = need(w, "group", int, where)
-    if g < 1:
-        raise fail(f"{where}.group", f"must be positive, got {g}")
-    n = need(w, "shared_bits", int, where)
-    if not 1 <= n <= bits - 1:
-        raise fail(f"{where}.shared_bits", f"must be 1..{bits - 1} (bits − 1), got {n}")
-    lanes = need(w, "lanes", int, where)
-    if lanes < 1:
-        raise fail(f"{where}.lanes", f"must be positive, got {lanes}")
-    shape = w["shape"]
-    c, k = shape[0], int(np.prod(shape[1:]))
-    ng = -(-k // g)
-    extra = need(w, "extra", dict, where)
-    shifts = tensor(m, extra.get("shifts"), f"{where}.extra.shifts", "int", (c, ng)).astype(np.int64)
-    if shifts.size and (shifts.min() < 0 or shifts.max() >= 1 << (bits - 1)):
-        raise fail(f"{where}.extra.shifts", f"bitmasks must lie in [0, 2^{bits - 1}), got {int(shifts.min())}..{int(shifts.max())}")
-    pc = bitserial.popcount(shifts)
-    if pc.size and pc.max() > n:
-        ci, gi = np.unravel_index(int(pc.argmax()), pc.shape)
-        raise fail(f"{where}.extra.shifts", f"group ({ci}, {gi}) has {int(pc.max())} positions, more than shared_bits = {n}")
-    q = m.tensor(w["terms"][0]["q"]).reshape(c, -1)
-    bad = bitserial.unrepresentable(q, shifts, g)
-    if bad.any():
-        ci, gi, j = (int(v) for v in np.argwhere(bad)[0])
-        kk = gi * g + j
-        raise fail(f"{where}.terms[0].q", f"weight [{ci}, {kk}] = {int(q[ci, kk])} is not representable by its group's "
-                                          f"shift set {int(shifts[ci, gi]):#b} (extra.shifts[{ci}, {gi}]); "
-                                          f"{int(bad.sum())} weight(s) are not")
-    order = tensor(m, extra.get("order"), f"{where}.extra.order", "int", (c * ng,)).astype(np.int64)
-    if not np.array_equal(np.sort(order), np.arange(c * ng)):
-        raise fail(f"{where}.extra.order", f"must be a permutation of the {c * ng} groups")
-    pos = need(w, "out_positions", int, where)
-    summary, _ = bitserial.layer_schedule(q, g, lanes, n, bits, pos, order)
-    for key in SCHEDULE_KEYS:
-        got = need(w, key, int, where)
-        if got != summary[key]:
-            raise fail(f"{where}.{key}", f"is {got} but the weights and schedule give {summary[key]}")
-    bpw = need(w, "bits_per_weight", (int, float), where)
-    want = bitserial.storage_bits(bits, n, g)
-    if abs(bpw - want) > 1e-9:
-        raise fail(f"{where}.bits_per_weight", f"is {bpw:g}, expected 1 + N + N·⌈log2(bits−1)⌉/group = {want:g}")

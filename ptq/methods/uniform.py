@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import Graph
-from ..recipe import layer_setting
-from ..weightquant import clip_search, quantize_symmetric
-from . import register
-from .base import WeightQuant, first_last, layer_error
+from ..ir import Graph
+from .fields import layer_setting
+from .errormodel import clip_search, quantize_symmetric
+from .registry import register
+from ..ir import WeightQuant
+from .base import first_last, layer_error
 
 
 @register("uniform")

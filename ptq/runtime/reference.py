@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .graph import Kernel, Op, conv_float, execute, linear_float, maxpool, pad, pool_sum, reshape
-from .manifest import Manifest
+from ..ir import Kernel, Op, execute, require_all
+from ..ir.floatops import conv_float, linear_float, lut_function, maxpool, pad, pool_sum, reshape
+from ..manifest import Manifest
 
 
 class Codec:
@@ -77,17 +78,16 @@ def reference_kernels(m: Manifest, dtype: torch.dtype = torch.float64) -> dict[s
         return codec.quantize(s / count, op.output, op.record["clamp"])
 
     def lut(op, xs):
-        from .graph import lut_function
         y = lut_function(op.attrs["function"])(codec.dequantize(xs[0], op.inputs[0]))
         return codec.quantize(y, op.output)
 
-    return {
+    return require_all("reference", {
         "conv": weighted, "linear": weighted, "add": add, "concat": concat, "avgpool": avgpool, "lut": lut,
         "clamp": lambda op, xs: torch.clamp(xs[0], *op.record["clamp"]),
         "maxpool": lambda op, xs: maxpool(op, xs[0], float(op.record["pad_value"])),
         "reshape": lambda op, xs: reshape(op, xs[0]),
         "pad": lambda op, xs: pad(op, xs[0], float(op.record["pad_value"])),
-    }
+    })
 
 
 def run_reference(m: Manifest, x: torch.Tensor, keep=(), dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:

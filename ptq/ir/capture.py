@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ModelError, UnsupportedOpError
-from .graph import LUT_FUNCTIONS, REQUANT_KINDS, Graph, Op
+from ..errors import ModelError, UnsupportedOpError
+from .graph import Graph, Op
+from .ops import LUT_FUNCTIONS, REQUANT_KINDS
 
 aten = torch.ops.aten
 
@@ -47,7 +48,7 @@ def _pair(v: Any, n: int = 2) -> list[int]:
     return v * n if len(v) == 1 else v
 
 
-class _Builder:
+class _Capture:
     """Walks the exported graph once, turning nodes into IR ops."""
 
     def __init__(self, ep: torch.export.ExportedProgram):
@@ -284,7 +285,7 @@ def capture(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
     except Exception as exc:  # torch raises many types; all mean "this model cannot be captured"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"torch.export could not capture the model: {first}") from exc
-    b = _Builder(ep)
+    b = _Capture(ep)
     user_inputs = list(ep.graph_signature.user_inputs)
     if len(user_inputs) != 1:
         raise ModelError(f"the model must take exactly one tensor input, it takes {len(user_inputs)}")

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ManifestError
-from .graph import Kernel, Op, execute, maxpool, pad, pool_sum, reshape
-from .intmath import dyadic_sum
-from .manifest import Manifest
+from ..errors import ManifestError
+from .. import bitserial
+from ..ir import Kernel, Op, execute, require_all
+from ..ir.floatops import maxpool, pad, pool_sum, reshape
+from ..intmath import dyadic_sum, qmax
+from ..manifest import Manifest
 
 EXACT_LIMIT = 2**52
 CODE = torch.float32  # carrier of activation codes (exact: codes have <= 16 bits)
@@ -63,9 +65,8 @@ def _bitserial_cycles(m: Manifest, rec: dict) -> tuple[int, int] | tuple[None, N
     w = rec["weight"]
     if w["scheme"] != "swis":
         return None, None
-    from .bitserial import layer_schedule
     q = m.tensor(w["terms"][0]["q"])
-    s, _ = layer_schedule(q, w["group"], w["lanes"], w["shared_bits"], w["bits"], w["out_positions"],
+    s, _ = bitserial.layer_schedule(q, w["group"], w["lanes"], w["shared_bits"], w["bits"], w["out_positions"],
                           m.tensor(w["extra"]["order"]))
     return s["cycles"], s["baseline_cycles"]
 
@@ -85,7 +86,7 @@ def _may_saturate(u: torch.Tensor, q: torch.Tensor, bias: torch.Tensor, lim: int
 
 def _saturating_conv(x: torch.Tensor, q: torch.Tensor, bias: torch.Tensor, op: Op, bits: int) -> torch.Tensor:
     """Sequential MACs with saturation after each one (bias first, then (c, kh, kw) order)."""
-    lim = (1 << (bits - 1)) - 1
+    lim = qmax(bits)
     if op.kind == "linear":
         cols = x[:, None, :]  # (N, 1, K)
         groups, out_shape = 1, None
@@ -193,7 +194,7 @@ class Simulator:
         view = (1, -1, 1, 1) if op.kind == "conv" else (1, -1)
         st = self.layers[op.name]
         st.samples += xs[0].shape[0]
-        lim = (1 << (bits - 1)) - 1
+        lim = qmax(bits)
         accs, bounds = [], []
         for t, q in enumerate(terms):
             b = bias if t == 0 else torch.zeros_like(bias)
@@ -255,14 +256,14 @@ class Simulator:
         return table[xs[0].to(torch.int64)]
 
     def kernels(self) -> dict[str, Kernel]:
-        return {
+        return require_all("simulator", {
             "conv": self._weighted, "linear": self._weighted, "add": self._add, "concat": self._concat,
             "avgpool": self._avgpool, "lut": self._lut,
             "clamp": lambda op, xs: torch.clamp(xs[0], *op.record["clamp"]),
             "maxpool": lambda op, xs: maxpool(op, xs[0], float(op.record["pad_value"])),
             "reshape": lambda op, xs: reshape(op, xs[0]),
             "pad": lambda op, xs: pad(op, xs[0], int(op.record["pad_value"])),
-        }
+        })
 
     def run(self, x: torch.Tensor, keep=()) -> dict[str, torch.Tensor]:
         """Integer codes of the outputs (and `keep` tensors) for float inputs x (N, C, H, W)."""

@@ -12,15 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from calib.collect import Statistics
-from calib.observers import Encoding, choose_encoding
-
-from . import accumulator
-from .errors import RecipeError
-from .graph import Graph, Op, lut_function
-from .intmath import dyadic_shared, round_half_up
-from .manifest import FORMAT, VERSION, Manifest
-from .methods.base import WeightQuant
+from .. import accbound
+from ..calib.collect import Statistics
+from ..calib.observers import Encoding, choose_encoding
+from ..errors import RecipeError
+from ..intmath import dyadic_shared, qmax, round_half_up
+from ..ir import Graph, Op, WeightQuant, require_all
+from ..ir.floatops import lut_function
+from .format import FORMAT, VERSION, Manifest
 
 INT32_MAX = 2**31 - 1
 
@@ -76,7 +75,7 @@ def set_bias(m: Manifest, rec: dict, bias: np.ndarray, corrected: bool | None = 
     room = np.full(q.shape, float(INT32_MAX))
     p = rec.get("accumulator", {}).get("bits", 32)
     if p < 32:  # keep the declared accumulator overflow-free: the bias gets what the weights leave
-        room = np.maximum(accumulator.limit(p) - weight_l1(m, rec) * input_max(m, rec), 0.0)
+        room = np.maximum(accbound.limit(p) - weight_l1(m, rec) * input_max(m, rec), 0.0)
     saturated = int(np.sum(np.abs(q) > room))
     q = np.clip(q, -room, room).astype(np.int32)
     rec["bias"] = {"q": m.put(f"{name}/bias.q", q), "float": m.put(f"{name}/bias.float", bias.astype(np.float64)),
@@ -111,8 +110,8 @@ def data_free_bound(m: Manifest, rec: dict) -> dict:
     p = prev.get("bits", 32)
     w = rec["weight"]
     k = int(np.prod(w["shape"][1:]))
-    by_type = len(w["terms"]) * accumulator.datatype_bound(k, xmax, int(w.get("bits", 8)), float(bias.max(initial=0)))
-    bound = "data-type" if by_type <= accumulator.limit(p) else "weight-level" if worst <= accumulator.limit(p) else "none"
+    by_type = len(w["terms"]) * accbound.datatype_bound(k, xmax, int(w.get("bits", 8)), float(bias.max(initial=0)))
+    bound = "data-type" if by_type <= accbound.limit(p) else "weight-level" if worst <= accbound.limit(p) else "none"
     return {"bits": p, "mode": prev.get("mode", "exact"), "bound": bound,
             "data_free_max": worst, "data_free_bits": int(math.ceil(math.log2(worst + 1))) + 1}
 
@@ -132,13 +131,15 @@ def fit_bias_scale(wq: WeightQuant, bias: np.ndarray, s_x: float) -> None:
     if np.any(low):
         s = s.copy()
         new = np.where(low, floor, s)
-        lim = (1 << (wq.scheme.get("bits", 8) - 1)) - 1
+        lim = qmax(wq.scheme.get("bits", 8))
         ratio = (s / new).reshape(-1, *([1] * (q.ndim - 1)))
         q = np.where(low.reshape(ratio.shape), np.clip(round_half_up(q * ratio), -lim, lim), q).astype(np.int64)
         wq.terms[0] = (q, new)
 
 
-def weighted_record(m: Manifest, op: Op, wq: WeightQuant, enc: dict[str, Encoding], acc: dict) -> dict:
+def _weighted(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
+    """conv / linear: integer terms, int32 bias, per-channel dyadic requantizers, fused clamp, accumulator."""
+    wq: WeightQuant = ctx["weights"][op.name]
     name = op.name
     x, y = enc[op.inputs[0]], enc[op.output]
     fit_bias_scale(wq, op.bias.astype(np.float64), x.scale)
@@ -153,8 +154,8 @@ def weighted_record(m: Manifest, op: Op, wq: WeightQuant, enc: dict[str, Encodin
         weight["extra"] = {k: m.put(f"{name}/{k}", v) for k, v in sorted(wq.extra.items())}
     M = np.stack([x.scale * np.asarray(s, np.float64) / y.scale for _, s in wq.terms])
     mult, shift = dyadic_shared(M)
-    rec = {"name": name, "kind": op.kind, "inputs": list(op.inputs), "output": op.output,
-           "attrs": dict(op.attrs), "weight": weight,
+    acc = ctx["accumulator"]
+    rec = {**_head(op), "attrs": dict(op.attrs), "weight": weight,
            "requant": {"multiplier": m.put(f"{name}/requant.m", mult), "shift": m.put(f"{name}/requant.n", shift)},
            "clamp": clamp_bounds(op.attrs.get("act"), y),
            "accumulator": {"bits": acc["bits"], "mode": acc["mode"]}}
@@ -162,34 +163,43 @@ def weighted_record(m: Manifest, op: Op, wq: WeightQuant, enc: dict[str, Encodin
     return rec
 
 
-def plain_record(m: Manifest, op: Op, enc: dict[str, Encoding]) -> dict:
-    rec: dict[str, Any] = {"name": op.name, "kind": op.kind, "inputs": list(op.inputs), "output": op.output,
-                           "attrs": dict(op.attrs)}
+def _add_or_concat(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
     y = enc[op.output]
-    xs = [enc[t] for t in op.inputs]
-    if op.kind in ("add", "concat"):
-        mult, shift = dyadic_shared(np.array([[e.scale / y.scale] for e in xs]))
-        rec["requant"] = {"multiplier": [int(v) for v in mult[:, 0]], "shift": int(shift[0])}
-        rec["clamp"] = clamp_bounds(op.attrs.get("act"), y)
-    elif op.kind == "avgpool":
-        in_shape = op.attrs.get("in_shape")
-        count = in_shape[1] * in_shape[2] if op.attrs.get("global") else op.attrs["kernel"][0] * op.attrs["kernel"][1]
-        mult, shift = dyadic_shared(np.array([[xs[0].scale / (y.scale * count)]]))
-        rec["requant"] = {"multiplier": [int(mult[0, 0])], "shift": int(shift[0]), "count": int(count)}
-        rec["clamp"] = clamp_bounds(op.attrs.get("act"), y)
-    elif op.kind == "lut":
-        x = xs[0]
-        q = torch.arange(x.qmin, x.qmax + 1, dtype=torch.float64)
-        v = lut_function(op.attrs["function"])(x.scale * (q - x.zero_point)).numpy()
-        table = np.clip(np.floor(v / y.scale + 0.5) + y.zero_point, y.qmin, y.qmax).astype(np.int32)
-        rec["table"] = m.put(f"{op.name}/table", table)
-    elif op.kind == "clamp":
-        rec["clamp"] = clamp_bounds(op.attrs.get("act"), y)
-    elif op.kind == "pad":
-        rec["pad_value"] = quantize_value(op.attrs["value"], y)
-    elif op.kind == "maxpool":
-        rec["pad_value"] = y.qmin
-    return rec
+    mult, shift = dyadic_shared(np.array([[enc[t].scale / y.scale] for t in op.inputs]))
+    return {"requant": {"multiplier": [int(v) for v in mult[:, 0]], "shift": int(shift[0])},
+            "clamp": clamp_bounds(op.attrs.get("act"), y)}
+
+
+def _avgpool(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
+    y, x = enc[op.output], enc[op.inputs[0]]
+    in_shape = ctx["shapes"][op.inputs[0]]
+    count = in_shape[1] * in_shape[2] if op.attrs.get("global") else op.attrs["kernel"][0] * op.attrs["kernel"][1]
+    mult, shift = dyadic_shared(np.array([[x.scale / (y.scale * count)]]))
+    return {"requant": {"multiplier": [int(mult[0, 0])], "shift": int(shift[0]), "count": int(count)},
+            "clamp": clamp_bounds(op.attrs.get("act"), y)}
+
+
+def _lut(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
+    x, y = enc[op.inputs[0]], enc[op.output]
+    q = torch.arange(x.qmin, x.qmax + 1, dtype=torch.float64)
+    v = lut_function(op.attrs["function"])(x.scale * (q - x.zero_point)).numpy()
+    table = np.clip(np.floor(v / y.scale + 0.5) + y.zero_point, y.qmin, y.qmax).astype(np.int32)
+    return {"table": m.put(f"{op.name}/table", table)}
+
+
+# the kind-specific fields of each op's manifest record (the op table lists which fields each kind has)
+RECORDERS = require_all("manifest", {
+    "conv": _weighted, "linear": _weighted, "add": _add_or_concat, "concat": _add_or_concat,
+    "avgpool": _avgpool, "lut": _lut,
+    "clamp": lambda m, op, enc, ctx: {"clamp": clamp_bounds(op.attrs.get("act"), enc[op.output])},
+    "pad": lambda m, op, enc, ctx: {"pad_value": quantize_value(op.attrs["value"], enc[op.output])},
+    "maxpool": lambda m, op, enc, ctx: {"pad_value": enc[op.output].qmin},
+    "reshape": lambda m, op, enc, ctx: {},
+})
+
+
+def _head(op: Op) -> dict[str, Any]:
+    return {"name": op.name, "kind": op.kind, "inputs": list(op.inputs), "output": op.output}
 
 
 def build_manifest(graph: Graph, stats: Statistics, recipe: dict, weights: dict[str, WeightQuant],
@@ -206,11 +216,12 @@ def build_manifest(graph: Graph, stats: Statistics, recipe: dict, weights: dict[
     ops: list[dict] = []
     m.data["graph"] = {"input": graph.input, "input_shape": list(graph.input_shape), "outputs": list(graph.outputs),
                        "encodings": {t: e.to_dict() for t, e in sorted(enc.items())}, "ops": ops}
+    ctx = {"weights": weights, "accumulator": recipe["accumulator"], "shapes": shapes}
     for op in graph.ops:
-        if op.kind == "avgpool":
-            op.attrs["in_shape"] = shapes[op.inputs[0]]
-        ops.append(weighted_record(m, op, weights[op.name], enc, recipe["accumulator"]) if op.weight is not None
-                   else plain_record(m, op, enc))
+        attrs = dict(op.attrs)
+        if op.kind == "avgpool":  # the executors need the pooled input's size; the captured graph is not changed
+            attrs["in_shape"] = shapes[op.inputs[0]]
+        ops.append({**_head(op), "attrs": attrs, **RECORDERS[op.kind](m, op, enc, ctx)})
     return m
 
 

@@ -7,17 +7,18 @@ amplified by large weights downstream, so independent runs are compared only end
 end, the independent simulator and reference runs must agree on top-1.
 
 The reference runs in float64: in float32 its rounding error near the .5 boundaries of requantization
-flips single codes that later layers amplify (EfficientNet-Lite0 W8A8, 256 crops: 98.8% end-to-end top-1
-agreement in float32, 100% in float64, at 1.9x the time).
+flips single codes that later layers amplify (BENCHMARKS.md, verification: float32 against float64).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .graph import execute
-from .metrics import fidelity
-from .manifest import Manifest
+from .. import bitserial
+from ..errors import ManifestError
+from ..ir import execute
+from ..manifest import Manifest, validate
+from ..metrics import fidelity
 from .reference import Codec, reference_kernels
 from .simulator import Simulator
 
@@ -51,8 +52,6 @@ def end_to_end(ya: np.ndarray, yb: np.ndarray) -> dict:
 def structural(m: Manifest) -> dict:
     """Level 1: every check of the loader (ranges, shapes, references, each scheme's own rules such as
     SWIS representability and cycle counts, requantizers against scales) and the data-free bounds."""
-    from .errors import ManifestError
-    from .validate import validate
     try:
         validate(m, stored=False)
         problem = None
@@ -71,12 +70,11 @@ def structural(m: Manifest) -> dict:
 def _bitserial(m: Manifest, layers: dict) -> dict:
     """SWIS layers: bit-serial cycles per sample (ptq.bitserial; checked against the weights by the
     loader's validation) per layer, and their totals against the b₀-cycle baseline."""
-    from .bitserial import totals
     keys = ("cycles", "cycles_unsorted", "dense_cycles", "baseline_cycles")
     sched = {op["name"]: {k: op["weight"][k] for k in keys} for op in m.weighted_ops() if op["weight"]["scheme"] == "swis"}
     for name, s in sched.items():
         layers[name]["bitserial"] = s
-    return {"bitserial": totals(sched)} if sched else {}
+    return {"bitserial": bitserial.totals(sched)} if sched else {}
 
 
 def numeric(m: Manifest, batches, sim: Simulator | None = None, dtype: torch.dtype = torch.float64) -> dict:
@@ -117,3 +115,21 @@ def numeric(m: Manifest, batches, sim: Simulator | None = None, dtype: torch.dty
         "ok": (shares[worst] if worst else 1.0) >= LSB_SHARE_REQUIRED and e2e["top1_agreement_decisive"] >= 100 * TOP1_REQUIRED,
         "tensors": {t: {"share_within_1lsb": s, "max_lsb_error": per_tensor[t][2]} for t, s in sorted(shares.items())},
     }
+
+
+def run_verification(m: Manifest, batches, accumulator: str | None = None, accumulator_bits: int | None = None) -> dict:
+    """Levels 1 and 2 on `batches`, with the simulator's accumulator behaviour per layer.
+
+    `accumulator` / `accumulator_bits` override every layer's mode and width P (what-if runs).
+    Overflows count against the verdict when the run or any layer of the manifest wraps or
+    saturates (the values change the result); in an all-`exact` run they are reported only.
+    """
+    sim = Simulator(m, accumulator, accumulator_bits)
+    level1 = structural(m)
+    level2 = numeric(m, batches, sim)
+    layers = {name: st.to_dict() for name, st in sim.layers.items()}
+    overflows = sum(v["overflows"] for v in layers.values())
+    counted = accumulator in ("wrap", "saturate") or any(op["accumulator"]["mode"] != "exact" for op in m.weighted_ops())
+    return {"verified": bool(level1["ok"] and level2["ok"] and (overflows == 0 or not counted)),
+            "structural": level1, "numeric": level2, "overflows": overflows, "overflows_counted": counted,
+            "accumulator_mode": accumulator or "manifest", "layers": layers}

@@ -1,15 +1,16 @@
 """The integer twin: an ONNX graph in which onnxruntime executes the integer contract bit for bit.
 
-The QDQ twin (`ptq.export`) computes the float fake-quant semantics, so onnxruntime and the
+The QDQ twin (`ptq.export.qdq`) computes the float fake-quant semantics, so onnxruntime and the
 integer simulator differ by float rounding: rare one-code differences that a network with 4- to
-6-bit activations amplifies layer after layer (acc16 on Lite0: 92% top-1 agreement, 16 dB). This
+6-bit activations amplifies layer after layer (BENCHMARKS.md, ONNX table: acc16 on Lite0). This
 format carries the codes themselves and repeats the simulator's arithmetic with exact ONNX ops:
 
 - activation codes are uint8 tensors (int64 above 8 bits); the input is quantized in float64 as
   the simulator does, floor(x / s + 1/2) + z, clipped;
 - conv / linear: ConvInteger / MatMulInteger on the uint8 codes with the input zero point (ONNX
   pads with the zero point, which is the simulator's zero padding of x - z) and int8 weights give
-  the exact int32 accumulator; the int32 bias is added in int64, a `wrap` accumulator is wrapped
+  the exact int32 accumulator (weights beyond ±64 as two digits 16·hi + lo, since CPUs without
+  VNNI saturate u8×s8 pair sums at int16); the int32 bias is added in int64, a `wrap` accumulator is wrapped
   to P bits, and each term is multiplied by its integer mantissa m;
 - requantization is the rounding right shift floor((Σ acc·m + 2^(n-1)) / 2^n) in int64, written
   as (v - Mod(v, 2^n)) / 2^n (ONNX integer Div truncates, Mod with fmod=0 takes the divisor's sign),
@@ -28,16 +29,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ManifestError
-from .export import INPUT_NAME, _Builder, _torch_pads_to_onnx, weight_metadata
-from .simulator import F32_EXACT
+from typing import Callable
+
+from ..errors import ManifestError
+from ..intmath import qmax
+from ..manifest import Manifest
+from ..runtime.simulator import F32_EXACT
+from .onnxgraph import INPUT_NAME, GraphBuilder, torch_pads_to_onnx, weight_metadata
 
 
-class IntBuilder(_Builder):
-    """Builds the `int` format; reuses the QDQ builder's naming, constants, nodes and metadata."""
+PAIR_SAFE = 64  # largest |weight| whose u8×s8 pair sums fit int16 for every uint8 code (2·255·64 ≤ 32767)
 
-    def __init__(self, m, fmt: str = "int"):
-        super().__init__(m, fmt)
+
+class IntegerBuilder(GraphBuilder):
+    """Builds the `int` format on the shared builder's naming, constants, nodes and metadata."""
+
+    fmt = "int"
+
+    def __init__(self, m: Manifest):
+        super().__init__(m)
         self._made: set[str] = set()  # shared int64 views of code tensors
 
     # -- codes --
@@ -140,6 +150,21 @@ class IntBuilder(_Builder):
         return out
 
     # -- weighted layers --
+    def integer_product(self, rec: dict, t: str, q: np.ndarray, out: str, meta: dict | None, wname: str) -> str:
+        """ConvInteger / MatMulInteger of t's uint8 codes (zero point t's) with int8 weights q: int32 `out`."""
+        name, kind, a = rec["name"], rec["kind"], rec["attrs"]
+        node = out[:-len("/acc32")] if out.endswith("/acc32") else out
+        xz = self.const(f"{t}/z.u8", np.array(int(self.m.encoding(t)["zero_point"]), np.uint8))
+        if kind == "conv":
+            ph, pw = a["padding"]
+            self.node("ConvInteger", [self.code(t), self.const(wname, q.astype(np.int8)), xz], [out],
+                      node, name, kind, meta, kernel_shape=list(q.shape[2:]), strides=list(a["stride"]),
+                      pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=int(a["groups"]))
+        else:
+            self.node("MatMulInteger", [self.code(t), self.const(wname + "T", np.ascontiguousarray(q.T.astype(np.int8))), xz],
+                      [out], node, name, kind, meta)
+        return out
+
     def accumulate(self, rec: dict, term: int, q: np.ndarray) -> tuple[str, np.ndarray]:
         """Exact accumulator (int64) of one weight term, bias added to term 0, wrapped if `wrap` and
         the data-free bound allows an overflow; with that bound on |acc| per channel."""
@@ -153,17 +178,20 @@ class IntBuilder(_Builder):
         acc32 = f"{name}/term{term}/acc32"
         bound = np.abs(q.reshape(q.shape[0], -1)).sum(1).astype(np.float64) * self.xmax(t) + np.abs(bias)
         if ex["bits"] <= 8 and bits <= 8 and np.abs(q).max(initial=0) <= 127:
-            xz = self.const(f"{t}/z.u8", np.array(z, np.uint8))
-            if conv:
-                ph, pw = a["padding"]
-                self.node("ConvInteger", [self.code(t), self.const(f"{name}/w{term}.q", q.astype(np.int8)), xz], [acc32],
-                          f"{name}/term{term}", name, kind, meta, kernel_shape=list(q.shape[2:]),
-                          strides=list(a["stride"]), pads=[ph, pw, ph, pw], dilations=list(a["dilation"]),
-                          group=int(a["groups"]))
+            # u8×s8 kernels without VNNI sum adjacent products in saturating int16 (onnxruntime's
+            # MLAS on AVX2): exact only while 2·255·max|q| ≤ 32767. Wider weights run as two digits,
+            # q = 16·hi + lo with lo in [0, 15] and hi in [-8, 7], recombined in int64.
+            if np.abs(q).max(initial=0) <= PAIR_SAFE:
+                acc = self.as_int64(self.integer_product(rec, t, q, acc32, meta, f"{name}/w{term}.q"), name, kind)
             else:
-                self.node("MatMulInteger", [self.code(t), self.const(f"{name}/w{term}.qT", np.ascontiguousarray(q.T.astype(np.int8))), xz],
-                          [acc32], f"{name}/term{term}", name, kind, meta)
-            acc = self.as_int64(acc32, name, kind)
+                lo = np.mod(q, 16)
+                hi = (q - lo) // 16
+                acc_hi = self.as_int64(self.integer_product(rec, t, hi, acc32, meta, f"{name}/w{term}.q.hi"), name, kind)
+                acc_lo = self.as_int64(self.integer_product(rec, t, lo, f"{name}/term{term}/lo/acc32", None, f"{name}/w{term}.q.lo"), name, kind)
+                self.node("Mul", [acc_hi, self.const("digit16.i64", np.array(16, np.int64))], [f"{acc32}/hi16"],
+                          f"{name}/term{term}/hi16", name, kind)
+                acc = f"{name}/term{term}/digits"
+                self.node("Add", [f"{acc32}/hi16", acc_lo], [acc], f"{name}/term{term}/digits", name, kind)
         else:
             if float(bound.max()) >= F32_EXACT:
                 raise ManifestError(f"layer {name}: {ex['bits']}-bit inputs or {bits}-bit weights need a float32 "
@@ -191,7 +219,7 @@ class IntBuilder(_Builder):
         if mode == "saturate" and int(accr.get("data_free_bits", 64)) > p:
             raise ManifestError(f"layer {name}: a saturating {p}-bit accumulator without a data-free guarantee "
                                 "cannot be expressed in ONNX; export --format qdq instead")
-        if mode == "wrap" and p < 63 and float(bound.max()) > (1 << (p - 1)) - 1:
+        if mode == "wrap" and p < 63 and float(bound.max()) > qmax(p):
             half = self.const(f"acc.half{p}", np.array(1 << (p - 1), np.int64))
             self.node("Add", [acc, half], [f"{name}/term{term}/w0"], f"{name}/wrap{term}/add", name, kind)
             self.node("Mod", [f"{name}/term{term}/w0", self.const(f"acc.mod{p}", np.array(1 << p, np.int64))],
@@ -202,82 +230,98 @@ class IntBuilder(_Builder):
             bound = np.minimum(bound, float(1 << (p - 1)))
         return acc, bound
 
-    def emit(self, rec: dict) -> None:
-        name, kind, a = rec["name"], rec["kind"], rec["attrs"]
-        ins, t = rec["inputs"], rec["output"]
-        clamp = rec.get("clamp")
-        r = rec.get("requant")
-        if kind in ("conv", "linear"):
-            view = (-1, 1, 1) if kind == "conv" else (-1,)
-            mult = np.asarray(self.m.tensor(r["multiplier"]), np.int64)
-            terms = rec["weight"]["terms"]
-            parts = [(*self.accumulate(rec, i, np.asarray(self.m.tensor(tm["q"]))), mult[i]) for i, tm in enumerate(terms)]
-            parts = [(acc, m, bound) for acc, bound, m in parts]
-            self.requant(parts, np.asarray(self.m.tensor(r["shift"])), t, name, kind, clamp, view)
-        elif kind == "add":
-            parts = [(self.centred(x, name, kind), np.array(m), np.array(self.xmax(x))) for x, m in zip(ins, r["multiplier"])]
-            self.requant(parts, np.array(r["shift"]), t, name, kind, clamp, ())
-        elif kind == "concat":
-            pieces = []
-            for i, (x, m) in enumerate(zip(ins, r["multiplier"])):
-                pieces.append(self.requant([(self.centred(x, name, kind), np.array(m), np.array(self.xmax(x)))], np.array(r["shift"]), t,
-                                           f"{name}/part{i}", kind, clamp, (), codes=f"t/{t}/part{i}"))
-            self.node("Concat", pieces, [f"t/{t}/q"], name, name, kind, axis=int(a["dim"]))
-            self.codes[t] = f"t/{t}/q"
-        elif kind == "avgpool":
-            x = ins[0]
-            if a.get("global"):
-                s = f"{name}/sum"
-                self.node("ReduceSum", [self.centred(x, name, kind), self.const("axes.hw", np.array([2, 3], np.int64))],
-                          [s], name, name, kind, keepdims=1)
-            else:
-                if self.m.encoding(x)["bits"] > 8:
-                    raise ManifestError(f"layer {name}: average pooling of {self.m.encoding(x)['bits']}-bit codes cannot be exported to the int format")
-                c = int(a["out_shape"][0])
-                kh, kw = a["kernel"]
-                ph, pw = a["padding"]
-                s32 = f"{name}/sum32"
-                self.node("ConvInteger", [self.code(x), self.const(f"{name}/ones", np.ones((c, 1, kh, kw), np.uint8)),
-                                          self.const(f"{x}/z.u8", np.array(int(self.m.encoding(x)["zero_point"]), np.uint8))],
-                          [s32], name, name, kind, kernel_shape=[kh, kw], strides=list(a["stride"]),
-                          pads=[ph, pw, ph, pw], group=c)
-                s = self.as_int64(s32, name, kind)
-            self.requant([(s, np.array(r["multiplier"][0]), np.array(r["count"] * self.xmax(x)))], np.array(r["shift"]),
-                         t, name, kind, clamp, ())
-        elif kind == "maxpool":  # on uint8 codes; wider codes (at most 16 bits) are exact in float32
-            x = self.code(ins[0])
-            wide = self.m.encoding(ins[0])["bits"] > 8
-            if wide:
-                self.node("Cast", [x], [f"{name}/x.f32"], f"{name}/cast:x", name, kind, to=self.onnx.TensorProto.FLOAT)
-                x = f"{name}/x.f32"
-            ph, pw = a["padding"]
-            if ph or pw:
-                x = self.pad_codes(rec, x, [0, 0, ph, pw, 0, 0, ph, pw], f"{name}/pad", np.float32 if wide else None)
-            y = f"{name}/max"
-            self.node("MaxPool", [x], [y], name, name, kind, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-                      dilations=list(a["dilation"]), ceil_mode=int(bool(a["ceil_mode"])))
-            if wide:
-                self.node("Cast", [y], [f"{y}/i64"], f"{name}/cast:y", name, kind, to=self.onnx.TensorProto.INT64)
-                y = f"{y}/i64"
-            self.store(t, y, name, kind, clamp, wide=wide)
-        elif kind == "reshape":
-            y = f"{name}/reshaped"
-            self.node("Reshape", [self.code(ins[0]), self.const(f"{name}/shape", np.array([0, *a["shape"]], np.int64))],
-                      [y], name, name, kind)
-            self.store(t, y, name, kind, clamp, wide=False)
-        elif kind == "pad":
-            y = self.pad_codes(rec, self.code(ins[0]), _torch_pads_to_onnx(a["pads"], 1 + len(a["out_shape"])), name)
-            self.store(t, y, name, kind, clamp, wide=False)
-        elif kind == "clamp":
-            self.store(t, self.code(ins[0]), name, kind, clamp, wide=False)
-        elif kind == "lut":
-            table = np.asarray(self.m.tensor(rec["table"])).astype(self.code_np(t))
-            y = f"{name}/lookup"
-            self.node("Gather", [self.const(f"{name}/table", table), self.as_int64(self.code(ins[0]), name, kind)],
-                      [y], name, name, kind, {"ptq.lut": a["function"]}, axis=0)
-            self.store(t, y, name, kind, clamp, wide=False)
+    def emitters(self) -> dict[str, Callable[[dict], None]]:
+        return {"conv": self._weighted, "linear": self._weighted, "add": self._add, "concat": self._concat,
+                "avgpool": self._avgpool, "maxpool": self._maxpool, "reshape": self._reshape, "pad": self._pad,
+                "clamp": self._clamp, "lut": self._lut}
+
+    def _weighted(self, rec: dict) -> None:
+        r = rec["requant"]
+        view = (-1, 1, 1) if rec["kind"] == "conv" else (-1,)
+        mult = np.asarray(self.m.tensor(r["multiplier"]), np.int64)
+        terms = rec["weight"]["terms"]
+        parts = [(*self.accumulate(rec, i, np.asarray(self.m.tensor(tm["q"]))), mult[i]) for i, tm in enumerate(terms)]
+        parts = [(acc, m, bound) for acc, bound, m in parts]
+        self.requant(parts, np.asarray(self.m.tensor(r["shift"])), rec["output"], rec["name"], rec["kind"],
+                     rec.get("clamp"), view)
+
+    def _add(self, rec: dict) -> None:
+        name, kind, r = rec["name"], rec["kind"], rec["requant"]
+        parts = [(self.centred(x, name, kind), np.array(m), np.array(self.xmax(x))) for x, m in zip(rec["inputs"], r["multiplier"])]
+        self.requant(parts, np.array(r["shift"]), rec["output"], name, kind, rec.get("clamp"), ())
+
+    def _concat(self, rec: dict) -> None:
+        name, kind, r, t = rec["name"], rec["kind"], rec["requant"], rec["output"]
+        pieces = []
+        for i, (x, m) in enumerate(zip(rec["inputs"], r["multiplier"])):
+            pieces.append(self.requant([(self.centred(x, name, kind), np.array(m), np.array(self.xmax(x)))], np.array(r["shift"]), t,
+                                       f"{name}/part{i}", kind, rec.get("clamp"), (), codes=f"t/{t}/part{i}"))
+        self.node("Concat", pieces, [f"t/{t}/q"], name, name, kind, axis=int(rec["attrs"]["dim"]))
+        self.codes[t] = f"t/{t}/q"
+
+    def _avgpool(self, rec: dict) -> None:
+        name, kind, a, r = rec["name"], rec["kind"], rec["attrs"], rec["requant"]
+        x = rec["inputs"][0]
+        if a.get("global"):
+            s = f"{name}/sum"
+            self.node("ReduceSum", [self.centred(x, name, kind), self.const("axes.hw", np.array([2, 3], np.int64))],
+                      [s], name, name, kind, keepdims=1)
         else:
-            raise ManifestError(f"op {name}: kind '{kind}' cannot be exported to ONNX")
+            if self.m.encoding(x)["bits"] > 8:
+                raise ManifestError(f"layer {name}: average pooling of {self.m.encoding(x)['bits']}-bit codes cannot be exported to the int format")
+            c = int(a["out_shape"][0])
+            kh, kw = a["kernel"]
+            ph, pw = a["padding"]
+            s32 = f"{name}/sum32"
+            self.node("ConvInteger", [self.code(x), self.const(f"{name}/ones", np.ones((c, 1, kh, kw), np.uint8)),
+                                      self.const(f"{x}/z.u8", np.array(int(self.m.encoding(x)["zero_point"]), np.uint8))],
+                      [s32], name, name, kind, kernel_shape=[kh, kw], strides=list(a["stride"]),
+                      pads=[ph, pw, ph, pw], group=c)
+            s = self.as_int64(s32, name, kind)
+        self.requant([(s, np.array(r["multiplier"][0]), np.array(r["count"] * self.xmax(x)))], np.array(r["shift"]),
+                     rec["output"], name, kind, rec.get("clamp"), ())
+
+    def _maxpool(self, rec: dict) -> None:
+        """On uint8 codes; wider codes (at most 16 bits) are exact in float32."""
+        name, kind, a, src = rec["name"], rec["kind"], rec["attrs"], rec["inputs"][0]
+        x = self.code(src)
+        wide = self.m.encoding(src)["bits"] > 8
+        if wide:
+            self.node("Cast", [x], [f"{name}/x.f32"], f"{name}/cast:x", name, kind, to=self.onnx.TensorProto.FLOAT)
+            x = f"{name}/x.f32"
+        ph, pw = a["padding"]
+        if ph or pw:
+            x = self.pad_codes(rec, x, [0, 0, ph, pw, 0, 0, ph, pw], f"{name}/pad", np.float32 if wide else None)
+        y = f"{name}/max"
+        self.node("MaxPool", [x], [y], name, name, kind, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+                  dilations=list(a["dilation"]), ceil_mode=int(bool(a["ceil_mode"])))
+        if wide:
+            self.node("Cast", [y], [f"{y}/i64"], f"{name}/cast:y", name, kind, to=self.onnx.TensorProto.INT64)
+            y = f"{y}/i64"
+        self.store(rec["output"], y, name, kind, rec.get("clamp"), wide=wide)
+
+    def _reshape(self, rec: dict) -> None:
+        name, kind = rec["name"], rec["kind"]
+        y = f"{name}/reshaped"
+        self.node("Reshape", [self.code(rec["inputs"][0]), self.const(f"{name}/shape", np.array([0, *rec["attrs"]["shape"]], np.int64))],
+                  [y], name, name, kind)
+        self.store(rec["output"], y, name, kind, rec.get("clamp"), wide=False)
+
+    def _pad(self, rec: dict) -> None:
+        a = rec["attrs"]
+        y = self.pad_codes(rec, self.code(rec["inputs"][0]), torch_pads_to_onnx(a["pads"], 1 + len(a["out_shape"])), rec["name"])
+        self.store(rec["output"], y, rec["name"], rec["kind"], rec.get("clamp"), wide=False)
+
+    def _clamp(self, rec: dict) -> None:
+        self.store(rec["output"], self.code(rec["inputs"][0]), rec["name"], rec["kind"], rec.get("clamp"), wide=False)
+
+    def _lut(self, rec: dict) -> None:
+        name, kind, t = rec["name"], rec["kind"], rec["output"]
+        table = np.asarray(self.m.tensor(rec["table"])).astype(self.code_np(t))
+        y = f"{name}/lookup"
+        self.node("Gather", [self.const(f"{name}/table", table), self.as_int64(self.code(rec["inputs"][0]), name, kind)],
+                  [y], name, name, kind, {"ptq.lut": rec["attrs"]["function"]}, axis=0)
+        self.store(t, y, name, kind, rec.get("clamp"), wide=False)
 
     def pad_codes(self, rec: dict, x: str, pads: list[int], name: str, dtype=None) -> str:
         t = rec["inputs"][0]

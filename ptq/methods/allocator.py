@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BudgetError
+from ..errors import BudgetError
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _check_budgets(layers: list[LayerChoices], keep: list[list[int]], budgets: d
                               f"(with the accumulator limit and pins); raise the budget to at least that", key, least)
 
 
-def allocate(layers: list[LayerChoices], budgets: dict[str, float], accumulator_bits: int | None = None,
+def solve_allocation(layers: list[LayerChoices], budgets: dict[str, float], accumulator_bits: int | None = None,
              solver: str = "auto") -> Allocation:
     """One candidate per layer minimising total error within `budgets` (upper bounds on Σ costs[key])."""
     t0 = time.perf_counter()

@@ -1,20 +1,15 @@
-"""Per-channel symmetric weight quantization and the output error every method minimises.
+"""Per-channel symmetric weight quantization and the output-error model every method minimises.
 
 A channel's output error for an approximation ŵ is (w − ŵ)ᵀ H (w − ŵ), with H = E[x xᵀ] of the
 layer's input patches (one H per conv group). Clipping by this error instead of weight MSE is what
-keeps low-bit layers usable (ALGORITHMS.md, uniform).
+keeps low-bit layers usable (docs/ALGORITHMS.md, uniform).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .intmath import round_half_up
-
-
-def qmax(bits: int) -> int:
-    """Largest magnitude on the narrow symmetric grid [−(2^(b−1)−1), 2^(b−1)−1]."""
-    return (1 << (bits - 1)) - 1
+from ..intmath import qmax, round_half_up
 
 
 def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
@@ -23,7 +18,7 @@ def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarra
     return np.clip(round_half_up(w / scale[:, None]), -m, m).astype(np.int64)
 
 
-class OutputError:
+class ErrorModel:
     """Evaluates (w − ŵ)ᵀ H (w − ŵ) per output channel for one layer, batched over candidates."""
 
     def __init__(self, hessian: np.ndarray | None, channels: int):
@@ -68,7 +63,7 @@ def ratio_grid(bits: int) -> np.ndarray:
     return np.linspace(lo, 1.0, 40)
 
 
-def clip_search(w: np.ndarray, bits: int, err: OutputError | None) -> np.ndarray:
+def clip_search(w: np.ndarray, bits: int, err: ErrorModel | None) -> np.ndarray:
     """Per-channel scale: the clip ratio of max|w| with the least error (output error if `err`)."""
     m = qmax(bits)
     amax = np.abs(w).max(axis=1)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .intmath import qmax
+
 
 def limit(bits: int) -> int:
-    """Largest magnitude a signed `bits`-bit accumulator holds."""
-    return (1 << (bits - 1)) - 1
+    """Largest magnitude a signed `bits`-bit accumulator holds (the symmetric limit, as for weights)."""
+    return qmax(bits)
 
 
 def bits_for(magnitude: float | np.ndarray) -> np.ndarray:
@@ -32,7 +34,7 @@ def bits_for(magnitude: float | np.ndarray) -> np.ndarray:
 
 def datatype_bound(k: int, input_max: int, weight_bits: int, bias_max: float = 0.0) -> int:
     """Worst |acc| from the widths alone (de Bruin): K · X · (2^(M−1) − 1) + max|q_b|."""
-    return int(k * input_max * ((1 << (weight_bits - 1)) - 1) + bias_max)
+    return int(k * input_max * qmax(weight_bits) + bias_max)
 
 
 def weight_level_bound(q: np.ndarray, input_max: int, bias_q: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,40 @@
+"""The registry of weight methods. Every method has one entry signature,
+
+    quantize(graph, stats, recipe) -> LayerWeights (op name -> WeightQuant)
+
+returns integer weights only, and never touches the manifest, the simulator or an exporter. It
+declares its recipe sections here; `ptq.recipe` builds the schema from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .fields import Field
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its entry point, the recipe sections it owns, and the keys of those
+    sections that `[[overrides]]` may set per layer ('section.key')."""
+
+    name: str
+    quantize: Callable
+    sections: dict[str, dict[str, Field]] = field(default_factory=dict)
+    override_keys: tuple[str, ...] = ()
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, sections: dict[str, dict[str, Field]] | None = None,
+             override_keys: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` as method `name` with its recipe sections."""
+    def deco(fn: Callable) -> Callable:
+        for key in override_keys:
+            section, _, k = key.partition(".")
+            if k not in (sections or {}).get(section, {}):
+                raise KeyError(f"method {name}: override key {key} is not one of its recipe keys")
+        METHODS[name] = Method(name, fn, dict(sections or {}), tuple(override_keys))
+        return fn
+    return deco
