@@ -118,6 +118,8 @@ def load(directory: str | Path) -> Manifest:
         data = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{mpath} is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ManifestError(f"{mpath} nests deeper than any manifest does (corrupt or hostile)") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{mpath} must hold a JSON object")
     if data.get("format") != FORMAT:

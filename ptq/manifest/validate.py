@@ -15,6 +15,7 @@ from ..intmath import qmax
 from ..ir import OP_TABLE, require_all
 from .fields import fail, in_range, need, tensor
 from .format import Manifest
+from .header import check_header, check_layer_records
 from .schemes import SCHEMES
 
 def validate(m: Manifest, stored: bool = True) -> None:
@@ -81,6 +82,7 @@ def validate(m: Manifest, stored: bool = True) -> None:
     shape = g["input_shape"]
     if not shape or not all(type(v) is int and 1 <= v <= 1 << 16 for v in shape) or math.prod(shape) > 1 << 26:
         raise fail("graph.input_shape", f"must be positive integers (at most 2^26 values), got {shape}")
+    check_header(d)
     dry_run(m)
 
 
@@ -216,6 +218,7 @@ def _check_weighted(m: Manifest, op: dict, w: str) -> None:
     p = need(acc, "bits", int, f"{w}.accumulator")
     if not 8 <= p <= 32:
         raise fail(f"{w}.accumulator.bits", f"must be 8..32, got {p}")
+    check_layer_records(op, w)
 
 
 def _check_requantizing(m: Manifest, op: dict, w: str) -> None:
