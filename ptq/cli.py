@@ -72,15 +72,16 @@ def _fidelity_table(title: str, f: dict) -> None:
 
 def cmd_quantize(args) -> int:
     import ptq
+    from .api import check_output
     overrides = _parse_sets(args.set)
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-{Path(args.recipe).stem}")
-    if out.exists() and not args.force:
-        raise ptq.errors.OutputError(f"output directory {out} already exists; pass --force to replace it or choose another --out")
+    inputs = [p for p in (args.model, args.calib, args.data, args.weights) if p]
+    check_output(out, args.force, inputs)  # fail before the run; the save decides again, atomically
     t0 = time.perf_counter()
     qm = ptq.quantize(args.model, args.calib, args.recipe, weights=args.weights, calib_size=args.calib_size,
                       seed=args.seed, eval_data=args.data, eval_size=args.eval_size,
                       input_shape=_shape(args.input_shape), overrides=overrides)
-    qm.save(out, force=args.force)
+    qm.save(out, force=args.force, protect=inputs)
     r = qm.report
     v = r["verification"]
     verified = v["structural"]["ok"] and v["numeric"]["ok"]
