@@ -166,7 +166,7 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    if str(args.dir).endswith(".onnx"):
+    if str(args.dir).lower().endswith(".onnx") or Path(args.dir).is_file():
         return _inspect_onnx(args)
     import ptq
     res = ptq.load(args.dir).summary()
