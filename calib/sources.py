@@ -136,8 +136,10 @@ def folder_source(path: Path, n: int | None, pre: Preprocess, seed: int) -> Data
     if not good:
         raise DataError(f"none of the {len(files)} image files in {path} could be decoded")
     if skipped:
+        from rich.markup import escape
+
         from .progress import console
-        console.print(f"[yellow]warning:[/] skipped {skipped} of {len(files)} image files in {path} that could not be decoded")
+        console.print(f"[yellow]warning:[/] skipped {skipped} of {len(files)} image files in {escape(str(path))} that could not be decoded")
     def get(start: int, stop: int) -> np.ndarray:
         return np.stack([pre.apply(_center_crop(_load_rgb(f), pre)) for f in good[start:stop]])
 

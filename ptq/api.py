@@ -3,6 +3,8 @@
     qm = ptq.quantize("efficientnet_lite0", "samples", recipe="w8a8")
     qm.save("out/")
     y = ptq.load("out/").simulate(x)      # float inputs (N,C,H,W) -> dequantized integer outputs
+
+`check_output(dir, force)` refuses an output place up front, before a long run.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from .ir import Graph, LayerWeights
 from .ir.capture import capture
 from .manifest import Manifest, load as load_manifest, save as save_manifest, weight_summary
 from .manifest.build import build_manifest
+from .manifest.publish import check_output  # noqa: F401  (API: refuse an output place before a long run)
 from .methods import METHODS
 from .metrics import fidelity
 from .models import LoadedModel, check_finite, load_model, rebuild
@@ -151,7 +154,10 @@ class QuantizedModel:
     def card(self) -> str:
         return render_card(self.manifest, self.report.get("fidelity"), self.manifest.data.get("verification"))
 
-    def save(self, directory: str | Path, force: bool = False) -> Path:
+    def save(self, directory: str | Path, force: bool = False, protect: Iterable[str | Path] = ()) -> Path:
+        """Write the output directory atomically: refused if it exists (unless `force` and it is a
+        ptq output), is a file or a foreign directory, or contains the current directory or a
+        path in `protect` (the run's inputs)."""
         from .export import export_qdq
         extra = {"card.md": self.card().encode(), "report.json": (json.dumps(self.report, sort_keys=True, indent=1) + "\n").encode(),
                  "bits.png": bits_png(self.manifest),
@@ -159,7 +165,7 @@ class QuantizedModel:
         planes = planes_png(self.manifest)
         if planes is not None:
             extra["planes.png"] = planes
-        self.directory = save_manifest(self.manifest, directory, extra_files=extra, force=force)
+        self.directory = save_manifest(self.manifest, directory, extra_files=extra, force=force, protect=protect)
         return self.directory
 
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from .calib.progress import console
 from .errors import PtqError
 from .version import __version__
@@ -72,20 +74,21 @@ def _fidelity_table(title: str, f: dict) -> None:
 
 def cmd_quantize(args) -> int:
     import ptq
+    from .api import check_output
     overrides = _parse_sets(args.set)
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-{Path(args.recipe).stem}")
-    if out.exists() and not args.force:
-        raise ptq.errors.OutputError(f"output directory {out} already exists; pass --force to replace it or choose another --out")
+    inputs = [p for p in (args.model, args.calib, args.data, args.weights) if p]
+    check_output(out, args.force, inputs)  # fail before the run; the save decides again, atomically
     t0 = time.perf_counter()
     qm = ptq.quantize(args.model, args.calib, args.recipe, weights=args.weights, calib_size=args.calib_size,
                       seed=args.seed, eval_data=args.data, eval_size=args.eval_size,
                       input_shape=_shape(args.input_shape), overrides=overrides)
-    qm.save(out, force=args.force)
+    qm.save(out, force=args.force, protect=inputs)
     r = qm.report
     v = r["verification"]
     verified = v["structural"]["ok"] and v["numeric"]["ok"]
     if not args.json:
-        _fidelity_table(f"{r['model']} · {r['recipe']} → {out}", {**r["fidelity"], "mean_weight_bits": r["mean_weight_bits"],
+        _fidelity_table(escape(f"{r['model']} · {r['recipe']} → {out}"), {**r["fidelity"], "mean_weight_bits": r["mean_weight_bits"],
                                                                      "model_bytes": r["model_bytes"]})
         status = "[green]verified[/]" if verified else "[red]NOT verified[/]"
         console.print(f"integer simulator {status}: max share off by >1 LSB {1 - v['numeric']['min_share_within_1lsb']:.2e}, "
@@ -108,18 +111,18 @@ def cmd_simulate(args) -> int:
            "accumulator_mode": v["accumulator_mode"], "samples": num["samples"], "layers": layers, "data": v["data"]}
     if not args.json:
         from rich.table import Table
-        t = Table(title=f"integer simulation of {args.dir} ({num['samples']} samples, {v['data']})")
+        t = Table(title=escape(f"integer simulation of {args.dir} ({num['samples']} samples, {v['data']})"))
         for c in ("layer", "acc bits", "max |acc|", "bits needed", "data-free bits", "overflows"):
             t.add_column(c, justify="right" if c != "layer" else "left")
         for name, l in layers.items():
             style = "red" if l["overflows"] else None
-            t.add_row(name, str(l["accumulator_bits"]), str(l["max_abs_acc"]), str(l["bits_needed"]),
+            t.add_row(escape(name), str(l["accumulator_bits"]), str(l["max_abs_acc"]), str(l["bits_needed"]),
                       str(l["data_free_bits"]), str(l["overflows"]), style=style)
         console.print(t)
         if overflows:
             console.print(f"[bold red]OVERFLOW:[/] {overflows} accumulator values exceeded their declared width")
         console.print(("[green]verified[/]" if v["verified"] else "[red]NOT verified[/]") +
-                      f": share within 1 LSB ≥ {num['min_share_within_1lsb']:.5f} (worst {num['worst_tensor']}), "
+                      f": share within 1 LSB ≥ {num['min_share_within_1lsb']:.5f} (worst {escape(str(num['worst_tensor']))}), "
                       f"top-1 sim vs reference {num['top1_agreement_sim_vs_reference']:.2f}%")
     _emit(args, res)
     return 0 if v["verified"] else 3
@@ -130,7 +133,7 @@ def cmd_eval(args) -> int:
     qm = ptq.load(args.dir)
     res = qm.evaluate(args.data, args.size, args.backend, args.seed)
     if not args.json:
-        _fidelity_table(f"fidelity of {args.dir} vs FP32 ({args.backend}, {res['data']})", res)
+        _fidelity_table(escape(f"fidelity of {args.dir} vs FP32 ({args.backend}, {res['data']})"), res)
     _emit(args, res)
     return 0
 
@@ -149,31 +152,31 @@ def cmd_recipes(args) -> int:
         for c in ("name", "method", "description"):
             t.add_column(c)
         for r in rows:
-            t.add_row(r["name"], r["method"], r["description"])
+            t.add_row(escape(r["name"]), escape(r["method"]), escape(r["description"]))
         console.print(t)
         if args.keys:
             kt = Table(title="recipe keys (override with --set key=value)")
             for c in ("key", "default", "choices / help"):
                 kt.add_column(c)
             for k, v in keys.items():
-                kt.add_row(k, repr(v["default"]), ", ".join(v["choices"]) if v["choices"] else v["help"])
+                kt.add_row(k, escape(repr(v["default"])), escape(", ".join(v["choices"]) if v["choices"] else v["help"]))
             console.print(kt)
     _emit(args, {"recipes": rows, "keys": keys})
     return 0
 
 
 def cmd_inspect(args) -> int:
-    if str(args.dir).endswith(".onnx"):
+    if str(args.dir).lower().endswith(".onnx") or Path(args.dir).is_file():
         return _inspect_onnx(args)
     import ptq
     res = ptq.load(args.dir).summary()
     if not args.json:
         from rich.table import Table
-        t = Table(title=f"{args.dir}: {res['model']} · {res['recipe']} · {res['ops']} ops · mean {res['mean_weight_bits']:.2f} bits")
+        t = Table(title=escape(f"{args.dir}: {res['model']} · {res['recipe']} · {res['ops']} ops · mean {res['mean_weight_bits']:.2f} bits"))
         for c in ("layer", "scheme", "bits", "shape", "in bits", "acc", "data-free", "bias corr."):
             t.add_column(c)
         for l in res["layers"]:
-            t.add_row(l["name"], l["scheme"], f"{l['bits_per_weight']:.3g}", "×".join(map(str, l["shape"])),
+            t.add_row(escape(l["name"]), l["scheme"], f"{l['bits_per_weight']:.3g}", "×".join(map(str, l["shape"])),
                       str(l["input_bits"]), str(l["accumulator_bits"]), str(l["data_free_bits"]), "yes" if l["bias_corrected"] else "")
         console.print(t)
     _emit(args, res)
@@ -190,7 +193,7 @@ def cmd_export(args) -> int:
     res = {"path": str(out), "format": args.format, "bytes": out.stat().st_size,
            "manifest_sha256": read_ptq_metadata(out)["model"]["ptq.manifest_sha256"]}
     if not args.json:
-        console.print(f"wrote {out} ({args.format}, {res['bytes']} bytes)")
+        console.print(escape(f"wrote {out} ({args.format}, {res['bytes']} bytes)"))
     _emit(args, res)
     return 0
 
@@ -200,14 +203,14 @@ def _inspect_onnx(args) -> int:
     res = read_ptq_metadata(args.dir)
     if not args.json:
         from rich.table import Table
-        t = Table(title=f"{args.dir}: IR {res['ir_version']} · {res['model'].get('ptq.recipe')} · "
-                        f"manifest {res['model'].get('ptq.manifest_sha256', '')[:12]}")
+        t = Table(title=escape(f"{args.dir}: IR {res['ir_version']} · {res['model'].get('ptq.recipe')} · "
+                               f"manifest {res['model'].get('ptq.manifest_sha256', '')[:12]}"))
         for c in ("layer", "op", "scheme", "bits", "terms", "acc", "mode", "data-free", "bias corr."):
             t.add_column(c)
         for name, l in res["layers"].items():
-            t.add_row(name, l["op_type"], str(l.get("scheme")), str(l.get("bits_per_weight")), str(l.get("terms")),
-                      str(l.get("accumulator_bits")), str(l.get("accumulator_mode")), str(l.get("data_free_bits")),
-                      "yes" if l.get("bias_corrected") else "")
+            cells = (name, l["op_type"], l.get("scheme"), l.get("bits_per_weight"), l.get("terms"), l.get("accumulator_bits"),
+                     l.get("accumulator_mode"), l.get("data_free_bits"), "yes" if l.get("bias_corrected") else "")
+            t.add_row(*(escape(str(c)) for c in cells))  # read from a file: any string may hold markup
         console.print(t)
     _emit(args, {k: v for k, v in res.items() if k != "nodes"})
     return 0
@@ -234,23 +237,23 @@ def cmd_sweep(args) -> int:
     if peers:
         peers = peers_for(peers, res["model"])
         if not peers:
-            console.print(f"[yellow]warning:[/] {args.peers} has no peer rows for model {res['model']}; none overlaid")
+            console.print("[yellow]warning:[/] " + escape(f"{args.peers} has no peer rows for model {res['model']}; none overlaid"))
     res["peers"] = peers or []
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(_json_safe(res), sort_keys=True, indent=1) + "\n")
     png = plot(res, out / "sweep.png", peers)
     if not args.json:
         from rich.table import Table
-        t = Table(title=f"{res['model']} sweep → {out} ({time.perf_counter() - t0:.0f}s, "
-                        f"{res['calibration_passes']} calibration pass(es))")
+        t = Table(title=escape(f"{res['model']} sweep → {out} ({time.perf_counter() - t0:.0f}s, "
+                               f"{res['calibration_passes']} calibration pass(es))"))
         for c in ("recipe", "budget", "mean bits", "top-1 %", "top-5 %", "KL", "SQNR dB"):
             t.add_column(c, justify="left" if c == "recipe" else "right")
         for q in res["points"]:
-            t.add_row(q["recipe"], f"{q['budget']:g}", f"{q['mean_weight_bits']:.2f}", f"{q['top1_agreement']:.1f}",
+            t.add_row(escape(q["recipe"]), f"{q['budget']:g}", f"{q['mean_weight_bits']:.2f}", f"{q['top1_agreement']:.1f}",
                       f"{q['top5_agreement']:.1f}", f"{q['kl']:.4f}", f"{q['sqnr_db']:.1f}")
         console.print(t)
         for s in res["skipped"]:
-            console.print(f"[dim]skipped {s['recipe']} @ {s['budget']:g}: {s['reason']}[/]")
+            console.print("[dim]" + escape(f"skipped {s['recipe']} @ {s['budget']:g}: {s['reason']}") + "[/]")
     _emit(args, {**res, "json": str(out / "sweep.json"), "png": str(png)})
     return 0
 
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except PtqError as exc:
-        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]; no output was written")
@@ -349,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an internal error: a bug in ptq
         if args.debug:
             raise
-        console.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)", soft_wrap=True)
+        console.print(f"[red]internal error:[/] {escape(f'{type(exc).__name__}: {exc}')} (run with --debug for the traceback)",
+                      soft_wrap=True)
         return 1
 
 

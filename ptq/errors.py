@@ -41,4 +41,4 @@ class BudgetError(PtqError):
 
 
 class OutputError(PtqError):
-    """The output location cannot be written safely."""
+    """An output location cannot be written safely, or an exported file cannot be read."""

@@ -227,7 +227,7 @@ def test_named_corruptions(pristine, tmp_path, mutation, message):
 KILL_CHILD = r"""
 import os, pathlib, shutil, signal, sys
 import ptq
-from ptq.manifest import store as M
+from ptq.manifest import publish as P, store as M
 src, out, point = sys.argv[1:4]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if point == "tensors":
@@ -239,8 +239,8 @@ if point == "extra":
     orig_b = pathlib.Path.write_bytes
     pathlib.Path.write_bytes = lambda self, b: (orig_b(self, b[: len(b) // 2]), die())
 if point in ("before_swap", "after_swap"):
-    ex = M._exchange
-    M._exchange = lambda a, b: die() if point == "before_swap" else (ex(a, b), die())
+    ex = P._exchange
+    P._exchange = lambda a, b: die() if point == "before_swap" else (ex(a, b), die())
 ptq.load(src).save(out, force=True)
 """
 

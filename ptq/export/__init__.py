@@ -3,8 +3,6 @@ onnxruntime), `qonnx` (QONNX Quant nodes) and `int` (the integer program, bit fo
 onnxruntime). Built from the manifest alone; imports the manifest and runtime, never a method."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +10,7 @@ import numpy as np
 
 from ..errors import OutputError
 from ..manifest import Manifest
+from ..manifest.publish import write_file
 from .integer import IntegerBuilder
 from .onnxgraph import (FORMATS, INPUT_NAME, IR_VERSION, OPSET, QONNX_DOMAIN, onnx_module, read_ptq_metadata,
                         weight_metadata)
@@ -43,24 +42,9 @@ def export_qonnx(manifest: Manifest, check: bool = True):
 
 
 def save_onnx(model, path: str | Path) -> Path:
-    """Write the model atomically (temporary file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = model.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    """Write the model atomically (temporary file in the same directory, then rename); a failed
+    write is one OutputError naming `path`, and the previous file stays as it was."""
+    return write_file(path, model.SerializeToString())
 
 
 LEVELS = ("disable", "basic", "extended", "all")

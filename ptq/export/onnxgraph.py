@@ -180,6 +180,25 @@ class GraphBuilder(ABC):
         return model
 
 
+def load_onnx(path: Any):
+    """The ONNX model in file `path` (external data not loaded); one OutputError naming `path` when
+    it is missing, unreadable or not an ONNX model."""
+    from google.protobuf.message import DecodeError
+    onnx = onnx_module()
+    fix = "give a model.onnx written by `ptq export` or a manifest directory"
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise OutputError(f"{path} does not exist; {fix}") from None
+    except OSError as exc:
+        raise OutputError(f"cannot read {path}: {(exc.strerror or str(exc)).lower()}; {fix}") from exc
+    except DecodeError:
+        model = None
+    if model is None or not model.HasField("graph"):
+        raise OutputError(f"{path} is not an ONNX model; {fix}")
+    return model
+
+
 def read_ptq_metadata(model_or_path: Any) -> dict[str, Any]:
     """ptq.* metadata of an exported model: {'model': {...}, 'nodes': [...], 'layers': {op: {...}}}.
 
@@ -187,7 +206,7 @@ def read_ptq_metadata(model_or_path: Any) -> dict[str, Any]:
     the manifest (ints, floats, booleans, strings).
     """
     onnx = onnx_module()
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path), load_external_data=False)
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_onnx(model_or_path)
     out: dict[str, Any] = {"model": {p.key: parse_meta(p.key, p.value) for p in model.metadata_props if p.key.startswith("ptq.")},
                            "ir_version": model.ir_version,
                            "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},

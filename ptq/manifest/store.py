@@ -2,18 +2,14 @@
 and loaded only after every check passed. Never pickle: loading a manifest runs no code it names."""
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from ..errors import ManifestError, OutputError
+from ..errors import ManifestError
 from .format import FORMAT, MANIFEST_FILE, TENSOR_FILE, VERSION, Manifest, dumps
+from .publish import staged_directory
 from .validate import validate
 
 
@@ -25,23 +21,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(m: Manifest, directory: str | Path, extra_files: dict[str, Any] | None = None, force: bool = False) -> Path:
+def save(m: Manifest, directory: str | Path, extra_files: dict[str, Any] | None = None, force: bool = False,
+         protect: Iterable[str | Path] = ()) -> Path:
     """Write the manifest (and extra artefacts) to a temporary directory, then move it into place.
 
-    An existing directory is refused unless `force`; with `force` it is replaced only after the
-    new one is complete, so an interrupted run never leaves a half-written result.
+    The place must be absent, empty, or (with `force`) a previous ptq output, and must not contain
+    a path in `protect` (the run's inputs) nor the current directory; concurrent writers never
+    mix (see `publish`). An interrupted or failed run leaves the previous output as it was.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as serialize
 
     directory = Path(directory)
-    if directory.exists() and not force:
-        raise OutputError(f"output directory {directory} already exists; pass --force to replace it or choose another --out")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{os.getpid()}-", dir=directory.parent))
-    try:
+    with staged_directory(directory, force, protect) as tmp:
         ordered = {k: m.tensors[k] for k in sorted(m.tensors)}
-        save_file(ordered, str(tmp / TENSOR_FILE))
+        # written by Python, not safetensors.save_file: a full disk is then an OSError (named as
+        # such) rather than an opaque SafetensorError
+        with open(tmp / TENSOR_FILE, "wb") as f:
+            f.write(serialize(ordered))
         m.data["tensors"] = {
             "file": TENSOR_FILE,
             "sha256": sha256_file(tmp / TENSOR_FILE),
@@ -51,55 +47,7 @@ def save(m: Manifest, directory: str | Path, extra_files: dict[str, Any] | None 
         for name, blob in (extra_files or {}).items():
             # callables are rendered after the tensor hash is known (the ONNX twin embeds it)
             (tmp / name).write_bytes(blob() if callable(blob) else blob)
-        if directory.exists() and _exchange(tmp, directory):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous output
-        elif directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(directory: Path) -> None:
-    """Tidy what a killed save of `directory` left: its temporary directory is removed; a previous
-    output it had moved aside (non-Linux fallback, killed between the two renames) is restored."""
-    pat = re.compile(rf"\.{re.escape(directory.name)}\.(tmp|old)-(\d+)(-.*)?")
-    for p in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*-*")):
-        m = pat.fullmatch(p.name)
-        if not m or _alive(int(m.group(2))):
-            continue
-        if m.group(1) == "old" and not directory.exists():
-            os.replace(p, directory)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE): `b` is never missing.
-    False where unsupported, and the caller falls back to two renames."""
-    import ctypes
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
 def load(directory: str | Path) -> Manifest:
