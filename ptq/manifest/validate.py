@@ -6,7 +6,7 @@ refused before any back end runs it.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,6 +29,7 @@ def validate(m: Manifest, stored: bool = True) -> None:
     g = need(d, "graph", dict, "")
     need(g, "input", str, "graph")
     need(g, "input_shape", list, "graph")
+    check_model(d)
     need(g, "outputs", list, "graph")
     encs = need(g, "encodings", dict, "graph")
     ops = need(g, "ops", list, "graph")
@@ -82,6 +83,52 @@ def validate(m: Manifest, stored: bool = True) -> None:
     if not shape or not all(type(v) is int and 1 <= v <= 1 << 16 for v in shape) or math.prod(shape) > 1 << 26:
         raise fail("graph.input_shape", f"must be positive integers (at most 2^26 values), got {shape}")
     dry_run(m)
+
+
+MODEL_KINDS = ("torchvision", "efficientnet_lite", "factory", "file", "module")
+
+
+def _number(v: Any, positive: bool = False) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and (v > 0 or not positive)
+
+
+def check_model(d: dict) -> None:
+    """The `model` field (how the FP32 model was made) is data: nothing it names is imported or
+    loaded here. Its types are checked so that evaluating the manifest never trips over it."""
+    md = d.get("model")
+    if not isinstance(md, dict):
+        raise fail("model", f"must be an object, got {type(md).__name__}")
+    need(md, "name", str, "model")
+    kind = need(md, "kind", str, "model")
+    if kind not in MODEL_KINDS:
+        raise fail("model.kind", f"must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+    if not isinstance(md.get("weights"), (str, type(None))):
+        raise fail("model.weights", f"must be a string or null, got {type(md.get('weights')).__name__}")
+    seed = need(md, "seed", int, "model")
+    if not 0 <= seed < 1 << 63:
+        raise fail("model.seed", f"must be in [0, 2^63), got {seed}")
+    if need(md, "input_shape", list, "model") != d["graph"]["input_shape"]:
+        raise fail("model.input_shape", f"must equal graph.input_shape, got {md['input_shape']!r}")
+    for key in ("weights_sha256", "model_sha256"):
+        h = md.get(key)
+        if h is not None and not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)):
+            raise fail(f"model.{key}", f"must be 64 lowercase hex digits, got {h!r}")
+    p = md.get("preprocess")
+    if p is None:
+        return
+    w = "model.preprocess"
+    if not isinstance(p, dict):
+        raise fail(w, f"must be an object or null, got {type(p).__name__}")
+    need(p, "name", str, w)
+    for key in ("size", "resize"):
+        if not 1 <= need(p, key, int, w) <= 4096:
+            raise fail(f"{w}.{key}", f"must be 1..4096, got {p[key]}")
+    for key in ("mean", "std"):
+        v = need(p, key, list, w)
+        if len(v) != 3 or not all(_number(x, positive=key == "std") for x in v):
+            raise fail(f"{w}.{key}", f"must be 3 finite numbers{' > 0' if key == 'std' else ''}, got {v!r}")
+    if not _number(need(p, "pixel_scale", (int, float), w), positive=True):
+        raise fail(f"{w}.pixel_scale", f"must be positive and finite, got {p['pixel_scale']!r}")
 
 
 SPATIAL = ("kernel", "stride", "padding", "dilation", "pads")
