@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY = "benchmarks.reliability:tiny"  # the tiny model by factory: naming it on the command line is consent to run it
 
 
 class Tiny(nn.Module):
@@ -90,7 +91,7 @@ def make_fixtures(d: Path) -> dict[str, Path]:
     from benchmarks.reliability import tiny  # not __main__.Tiny: the CLI must unpickle it by module path
     warnings.filterwarnings("ignore", category=FutureWarning)
     rng = np.random.default_rng(0)
-    f = {"tiny": d / "tiny.pt", "nan_model": d / "nan.pt", "script": d / "scripted.pt", "calib": d / "calib.npy",
+    f = {"tiny": d / "tiny.pt", "nan_weights": d / "nan_state.pt", "script": d / "scripted.pt", "calib": d / "calib.npy",
          "nan_calib": d / "nan_calib.npy", "inf_calib": d / "inf_calib.npy", "empty_calib": d / "empty.npy",
          "few_calib": d / "few.npy", "shape_calib": d / "shape.npy", "rgb_calib": d / "rgb.npy", "int_calib": d / "int.npy",
          "imgs": d / "imgs", "bad_imgs": d / "bad_imgs", "empty_dir": d / "empty_dir", "good": d / "good",
@@ -99,7 +100,7 @@ def make_fixtures(d: Path) -> dict[str, Path]:
     m = tiny()
     with torch.no_grad():
         m.conv.weight[0, 0, 1, 1] = float("nan")
-    torch.save(m, f["nan_model"])
+    torch.save(m.state_dict(), f["nan_weights"])
     torch.jit.save(torch.jit.script(tiny()), f["script"])
     x = rng.normal(size=(32, 1, 8, 8)).astype(np.float32)
     np.save(f["calib"], x)
@@ -125,16 +126,16 @@ def make_fixtures(d: Path) -> dict[str, Path]:
 
 def cases(f: dict[str, Path]) -> list[dict]:
     """(class, argv, expected exit code); quantize commands overwrite GOOD with --force."""
-    tiny_args = [str(f["tiny"]), "--input-shape", "1,8,8"]
+    tiny_args = [TINY, "--input-shape", "1,8,8"]
     good = ["--out", str(f["good"]), "--force"]
     q = ["quantize"]
     return [
-        {"class": "NaN in weights (saved module)", "argv": q + [str(f["nan_model"]), "--input-shape", "1,8,8", "--calib", str(f["calib"])] + good, "code": 2},
+        {"class": "NaN in weights (state dict)", "argv": q + tiny_args + ["--weights", str(f["nan_weights"]), "--calib", str(f["calib"])] + good, "code": 2},
         {"class": "NaN in calibration data", "argv": q + tiny_args + ["--calib", str(f["nan_calib"])] + good, "code": 2},
         {"class": "Inf in calibration data", "argv": q + tiny_args + ["--calib", str(f["inf_calib"])] + good, "code": 2},
         {"class": "wrong calibration shape", "argv": q + tiny_args + ["--calib", str(f["shape_calib"])] + good, "code": 2},
         {"class": "wrong calibration dtype", "argv": q + tiny_args + ["--calib", str(f["int_calib"])] + good, "code": 2},
-        {"class": "input shape the model cannot take", "argv": q + [str(f["tiny"]), "--input-shape", "3,8,8", "--calib", str(f["rgb_calib"])] + good, "code": 2},
+        {"class": "input shape the model cannot take", "argv": q + [TINY, "--input-shape", "3,8,8", "--calib", str(f["rgb_calib"])] + good, "code": 2},
         {"class": "empty calibration set (tensor)", "argv": q + tiny_args + ["--calib", str(f["empty_calib"])] + good, "code": 2},
         {"class": "empty calibration set (folder)", "argv": q + ["benchmarks.reliability:tiny_rgb", "--calib", str(f["empty_dir"])] + good, "code": 2},
         {"class": "calibration set below warn threshold (8 < 16)", "argv": q + tiny_args + ["--calib", str(f["few_calib"]), "--out", str(f["good"].with_name("few")), "--eval-size", "8", "--json"], "code": 0},
@@ -153,11 +154,13 @@ def cases(f: dict[str, Path]) -> list[dict]:
         {"class": "missing weights file", "argv": q + ["resnet18", "--weights", str(f["good"].with_name("nope.pth"))] + good, "code": 2},
         {"class": "missing torchvision weights", "argv": q + ["resnet18"] + good, "code": 2,
          "env": {"TORCH_HOME": str(f["good"].with_name("empty_torch_home"))}},
+        {"class": "pickled model file without --trust-model-file", "argv": q + [str(f["tiny"]), "--input-shape", "1,8,8", "--calib", str(f["calib"])] + good, "code": 2},
         {"class": "TorchScript model file", "argv": q + [str(f["script"]), "--input-shape", "1,8,8", "--calib", str(f["calib"])] + good, "code": 2},
         {"class": "missing calibration file", "argv": q + tiny_args + ["--calib", str(f["good"].with_name("nope.npy"))] + good, "code": 2},
         {"class": "output directory exists (no --force)", "argv": q + tiny_args + ["--calib", str(f["calib"]), "--out", str(f["good"])], "code": 2},
         {"class": "corrupt manifest (tensor hash)", "argv": ["simulate", str(f["corrupt"]), "--data", str(f["calib"])], "code": 2},
         {"class": "not a manifest directory", "argv": ["simulate", str(f["empty_dir"])], "code": 2},
+        {"class": "eval of a manifest whose FP32 model is code", "argv": ["eval", str(f["good"]), "--data", str(f["calib"])], "code": 2},
     ]
 
 
@@ -166,7 +169,7 @@ def table(out: Path | None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="ptq-rel-") as tmp:
         d = Path(tmp)
         f = make_fixtures(d)
-        r = run_cli(["quantize", str(f["tiny"]), "--input-shape", "1,8,8", "--calib", str(f["calib"]), "--out", str(f["good"])], d)
+        r = run_cli(["quantize", TINY, "--input-shape", "1,8,8", "--calib", str(f["calib"]), "--out", str(f["good"])], d)
         if r.returncode != 0:
             raise SystemExit(f"could not write the good output: {r.stderr}")
         import shutil

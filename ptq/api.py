@@ -30,7 +30,7 @@ from .manifest.build import build_manifest
 from .manifest.publish import check_output  # noqa: F401  (API: refuse an output place before a long run)
 from .methods import METHODS
 from .metrics import fidelity
-from .models import LoadedModel, check_finite, load_model, rebuild
+from .models import LoadedModel, check_finite, load_model, rebuild, supplied
 from .recipe import resolve
 from .runtime import Codec, Simulator, run_reference, run_verification
 from .runtime.verify import numeric, structural
@@ -95,17 +95,29 @@ class QuantizedModel:
         q = run_reference(self.manifest, x.float())[out]
         return Codec(self.manifest).dequantize(q, out).numpy()
 
-    def fp32_model(self) -> torch.nn.Module:
-        if self.model is None:
-            self.model = rebuild(self.manifest.data["model"])
+    def fp32_model(self, model: str | torch.nn.Module | None = None, *, weights: str | None = None,
+                   trust_model_file: bool = False) -> torch.nn.Module:
+        """The FP32 model the manifest is compared against. Without `model`, rebuilt from the
+        manifest only where that runs no code (a torchvision name, the bundled EfficientNet-Lite0);
+        a factory, a model file or an in-memory model must be supplied: `model` as a spec like
+        `ptq quantize` takes (checked against the manifest's hashes; `weights` and
+        `trust_model_file` as there) or an nn.Module (used as given: a module has no file hash)."""
+        spec = self.manifest.data["model"]
+        if isinstance(model, torch.nn.Module):
+            self.model = model.eval()
+        elif model is not None:
+            self.model = supplied(spec, model, weights, trust_model_file)
+        elif self.model is None:
+            self.model = rebuild(spec)
         return self.model
 
     def evaluate(self, data: Any = "samples", n: int | None = 64, backend: str = "sim", seed: int = 0,
-                 batch_size: int = 16) -> dict:
-        """Fidelity vs the FP32 model on `data` (held-out sample crops by default)."""
-        spec = self.manifest.data["model"]
-        src = as_source(data, spec, n, seed, split="eval")
-        model = self.fp32_model()
+                 batch_size: int = 16, model: str | torch.nn.Module | None = None, weights: str | None = None,
+                 trust_model_file: bool = False) -> dict:
+        """Fidelity vs the FP32 model on `data` (held-out sample crops by default); `model`,
+        `weights` and `trust_model_file` supply that model as in `fp32_model`."""
+        model = self.fp32_model(model, weights=weights, trust_model_file=trust_model_file)
+        src = as_source(data, self.manifest.data["model"], n, seed, split="eval")
         run = {"sim": self.simulate, "fakequant": self.fakequant}.get(backend)
         if backend in ("onnxruntime", "onnxruntime-int"):
             from .export import onnxruntime_runner
@@ -198,8 +210,9 @@ def _resolve(recipe: str | dict, overrides: dict[str, Any] | None, kw_overrides:
 def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | dict = "w8a8", *,
             weights: str | None = None, calib_size: int | None = None, seed: int = 0,
             eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
-            overrides: dict[str, Any] | None = None, **kw_overrides: Any) -> Prepared:
-    """Load and capture `model` and collect its calibration statistics (the recipe's [calibration])."""
+            trust_model_file: bool = False, overrides: dict[str, Any] | None = None, **kw_overrides: Any) -> Prepared:
+    """Load and capture `model` and collect its calibration statistics (the recipe's [calibration]).
+    `trust_model_file` allows unpickling a saved module file (it runs code stored in the file)."""
     t0 = time.perf_counter()
     r = _resolve(recipe, overrides, kw_overrides, calib_size)
     if isinstance(model, torch.nn.Module):
@@ -210,7 +223,7 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
         lm = LoadedModel(model.eval(), {"name": type(model).__name__, "kind": "module", "weights": None,
                                          "seed": seed, "input_shape": list(shape), "preprocess": None})
     else:
-        lm = load_model(model, weights, seed, input_shape)
+        lm = load_model(model, weights, seed, input_shape, trust_model_file)
     cal = r["calibration"]
     src = as_source(calib, lm.spec, cal["size"], seed, split="calib")
     if len(src) < 16:
@@ -317,13 +330,16 @@ def stage_evaluation(qm: QuantizedModel, prep: Prepared) -> dict:
 def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | dict = "w8a8", *,
              weights: str | None = None, calib_size: int | None = None, seed: int = 0,
              eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
-             overrides: dict[str, Any] | None = None, **kw_overrides: Any) -> QuantizedModel:
+             trust_model_file: bool = False, overrides: dict[str, Any] | None = None,
+             **kw_overrides: Any) -> QuantizedModel:
     """Quantize `model` with `recipe` on calibration data; verify it; measure its fidelity.
 
     Overrides are recipe keys, as a dict ({"weights.bits": 4}) or keywords (weights__bits=4).
+    A pickled module file is loaded only with `trust_model_file=True` (unpickling runs its code).
     """
     prep = prepare(model, calib, recipe, weights=weights, calib_size=calib_size, seed=seed, eval_data=eval_data,
-                   eval_size=eval_size, input_shape=input_shape, overrides=overrides, **kw_overrides)
+                   eval_size=eval_size, input_shape=input_shape, trust_model_file=trust_model_file,
+                   overrides=overrides, **kw_overrides)
     return quantize_prepared(prep)
 
 

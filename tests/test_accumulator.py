@@ -148,13 +148,11 @@ def test_naive_mode_picks_one_width_pair_for_every_layer(digits):
 
 def test_infeasible_size_budget_says_the_least_that_works(digits, tmp_path, capsys):
     from ptq.cli import main
-    from benchmarks.reliability import tiny as tiny_model
     model, xtr, *_ = digits
     with pytest.raises(ptq.errors.BudgetError, match=r"allocator.mean_weight_bits = 1.5 cannot be met with 16-bit accumulators .*the least is 2.000"):
         ptq.quantize(model, xtr[:64], "acc16", overrides={"allocator.mean_weight_bits": 1.5}, eval_data=np.asarray(xtr[:16]))
-    torch.save(tiny_model(), tmp_path / "tiny.pt")
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(32, 1, 8, 8)).astype(np.float32))
-    code = main(["quantize", str(tmp_path / "tiny.pt"), "--recipe", "acc16", "--calib", str(tmp_path / "x.npy"),
+    code = main(["quantize", "benchmarks.reliability:tiny", "--recipe", "acc16", "--calib", str(tmp_path / "x.npy"),
                  "--input-shape", "1,8,8", "--set", "allocator.mean_weight_bits=1.5", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "the least is 2.000" in err and len(err.strip().splitlines()) == 1

@@ -51,7 +51,7 @@ def test_empty_calibration_folder(capsys, tmp_path):
 
 
 def test_unknown_recipe_key_names_closest(capsys, tmp_path, saved_model):
-    code, _, err = run(capsys, "quantize", str(saved_model / "tiny.pt"), "--calib", str(saved_model / "calib.npy"),
+    code, _, err = run(capsys, "quantize", str(saved_model / "tiny.pt"), "--trust-model-file", "--calib", str(saved_model / "calib.npy"),
                        "--input-shape", "1,8,8", "--set", "weights.bitz=4", "--out", str(tmp_path / "o"))
     assert code == 2 and "weights.bitz" in err and "weights.bits" in err
 
@@ -66,7 +66,7 @@ def test_corrupt_manifest(capsys, tmp_path):
 
 def test_quantize_json_and_simulate_json(capsys, tmp_path, saved_model):
     out = tmp_path / "q"
-    code, stdout, err = run(capsys, "quantize", str(saved_model / "tiny.pt"), "--calib", str(saved_model / "calib.npy"),
+    code, stdout, err = run(capsys, "quantize", str(saved_model / "tiny.pt"), "--trust-model-file", "--calib", str(saved_model / "calib.npy"),
                             "--input-shape", "1,8,8", "--out", str(out), "--json")
     assert code == 0, err
     res = json.loads(stdout)
@@ -75,7 +75,7 @@ def test_quantize_json_and_simulate_json(capsys, tmp_path, saved_model):
     res = json.loads(stdout)
     assert code == 0 and res["verified"] is True and res["overflows"] == 0
     assert res["max_lsb_error"] <= 1 and res["layers"]
-    code, stdout, _ = run(capsys, "quantize", str(saved_model / "tiny.pt"), "--calib", str(saved_model / "calib.npy"),
+    code, stdout, _ = run(capsys, "quantize", str(saved_model / "tiny.pt"), "--trust-model-file", "--calib", str(saved_model / "calib.npy"),
                           "--input-shape", "1,8,8", "--out", str(out))
     assert code == 2  # refuses to overwrite without --force
 

@@ -54,7 +54,7 @@ def files(tmp_path_factory):
 
 
 def quantize_argv(files: Path, out: Path | str, *extra: str) -> list[str]:
-    return ["quantize", str(files / "tiny.pt"), "--input-shape", "1,8,8", "--calib", str(files / "calib.npy"),
+    return ["quantize", "benchmarks.reliability:tiny", "--input-shape", "1,8,8", "--calib", str(files / "calib.npy"),
             "--out", str(out), *extra]
 
 
@@ -118,7 +118,7 @@ def test_out_refuses_a_ptq_output_that_holds_an_input(files, tmp_path):
     shutil.copytree(files / "src", out)
     shutil.copy(files / "calib.npy", out / "calib.npy")
     before = tree_digest(out)
-    code, msg = cli("quantize", str(files / "tiny.pt"), "--input-shape", "1,8,8", "--calib", str(out / "calib.npy"),
+    code, msg = cli("quantize", "benchmarks.reliability:tiny", "--input-shape", "1,8,8", "--calib", str(out / "calib.npy"),
                     "--out", str(out), "--force")
     assert code == 2 and f"output directory {out} is or contains the input {out / 'calib.npy'}" in msg
     assert tree_digest(out) == before
@@ -187,7 +187,7 @@ def test_concurrent_forced_saves_each_leave_a_complete_directory(files, tmp_path
 @pytest.mark.parametrize("name", ["x[/].npy", "[bold]x[/bold].npy", "a[/]b[bold].npy"])
 def test_markup_in_a_path_is_printed_literally(files, tmp_path, name):
     calib = tmp_path / "data" / name
-    code, msg = cli("quantize", str(files / "tiny.pt"), "--input-shape", "1,8,8", "--calib", str(calib),
+    code, msg = cli("quantize", "benchmarks.reliability:tiny", "--input-shape", "1,8,8", "--calib", str(calib),
                     "--out", str(tmp_path / "o"))
     assert code == 2 and f"'{calib}' does not exist" in msg
     target = tmp_path / f"out{name}"

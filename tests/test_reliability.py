@@ -29,7 +29,7 @@ from ptq.manifest import MANIFEST_FILE, TENSOR_FILE, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.reliability import cases, make_fixtures, tree_digest  # noqa: E402  (needs ROOT on the path)
+from benchmarks.reliability import TINY, cases, make_fixtures, tree_digest  # noqa: E402  (needs ROOT on the path)
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
@@ -295,7 +295,7 @@ def test_killed_save_never_exposes_a_half_directory(two_outputs, tmp_path):
 def test_cli_killed_at_random_times_keeps_previous_output(tmp_path):
     """The real CLI, SIGKILLed mid-run at several times: the previous output stays loadable and intact."""
     f = make_fixtures(tmp_path)
-    argv = [sys.executable, "-m", "ptq", "quantize", str(f["tiny"]), "--input-shape", "1,8,8", "--calib", str(f["calib"])]
+    argv = [sys.executable, "-m", "ptq", "quantize", TINY, "--input-shape", "1,8,8", "--calib", str(f["calib"])]
     assert subprocess.run(argv + ["--out", str(f["good"])], env=_child_env(), cwd=tmp_path, timeout=300).returncode == 0
     old = _artefacts(f["good"])  # report.json and card.md carry timings; these three are deterministic
     t0 = time.perf_counter()
@@ -343,7 +343,7 @@ def test_same_seed_and_any_thread_count_give_identical_bytes(digits, tmp_path):
 # ---------------------------------------------------------------- bad input through the CLI
 
 EXPECTED = {
-    "NaN in weights (saved module)": "contains NaN or Inf values (first in 'conv.weight')",
+    "NaN in weights (state dict)": "contains NaN or Inf values (first in 'conv.weight')",
     "NaN in calibration data": "nan_calib.npy contains NaN or Inf",
     "Inf in calibration data": "inf_calib.npy contains NaN or Inf",
     "wrong calibration shape": "has shape (32, 1, 9, 9); the model expects (N, 1, 8, 8)",
@@ -362,11 +362,13 @@ EXPECTED = {
     "unknown model name": "did you mean resnet50",
     "missing weights file": "nope.pth does not exist",
     "missing torchvision weights": "pass --weights PATH",
+    "pickled model file without --trust-model-file": "pass --trust-model-file if you trust it",
     "TorchScript model file": "is a TorchScript file",
     "missing calibration file": "nope.npy' does not exist",
     "output directory exists (no --force)": "pass --force",
     "corrupt manifest (tensor hash)": "does not match the sha256",
     "not a manifest directory": "is not a ptq output directory",
+    "eval of a manifest whose FP32 model is code": "ptq never runs because a manifest names it; supply it yourself: ptq eval DIR --model",
 }
 
 
@@ -374,7 +376,7 @@ EXPECTED = {
 def bad_input_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     f = make_fixtures(d)
-    code, _, err = cli("quantize", str(f["tiny"]), "--input-shape", "1,8,8", "--calib", str(f["calib"]), "--out", str(f["good"]))
+    code, _, err = cli("quantize", TINY, "--input-shape", "1,8,8", "--calib", str(f["calib"]), "--out", str(f["good"]))
     assert code == 0, err
     shutil.copytree(f["good"], f["corrupt"])
     blob = (f["corrupt"] / TENSOR_FILE).read_bytes()

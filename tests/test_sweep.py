@@ -61,7 +61,7 @@ def test_cli_sweep_writes_json_and_png(digits, tmp_path, capsys):
     out = tmp_path / "sw"
     code = main(["sweep", str(tmp_path / "digits.pt"), "--recipe", "w4a8", "--budgets", "4,8", "--calib",
                  str(tmp_path / "calib.npy"), "--data", str(tmp_path / "eval.npy"), "--eval-size", "64", "--input-shape", "1,8,8",
-                 "--peers", str(peers), "--out", str(out), "--json"])
+                 "--trust-model-file", "--peers", str(peers), "--out", str(out), "--json"])
     cap = capsys.readouterr()
     assert code == 0, cap.err
     res = json.loads(cap.out)

@@ -13,12 +13,20 @@ def fail(where: str, msg: str) -> ManifestError:
     return ManifestError(f"manifest field '{where}': {msg}")
 
 
+JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+              bool: "true or false", type(None): "null"}
+
+
 def need(obj: Any, key: str, kind: type | tuple, where: str) -> Any:
+    """obj[key], which must exist and be of `kind` (bool is never taken for an int)."""
+    path = f"{where}.{key}" if where else key
     if not isinstance(obj, dict) or key not in obj:
-        raise fail(f"{where}.{key}", "is missing")
+        raise fail(path, "is missing")
     v = obj[key]
-    if not isinstance(v, kind) or (isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
-        raise fail(f"{where}.{key}", f"must be {kind}, got {type(v).__name__}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        want = " or ".join(JSON_NAMES.get(k, k.__name__) for k in kinds)
+        raise fail(path, f"must be {want}, got {JSON_NAMES.get(type(v), type(v).__name__)}")
     return v
 
 

@@ -36,9 +36,9 @@ def check_model(d: dict, input_shape: list) -> None:
     if shape != input_shape:
         raise fail("model.input_shape", f"is {shape!r} but the graph's input shape is {input_shape!r}")
     _optional(m, "weights", str, "model")
-    seed = _optional(m, "seed", int, "model")
-    if seed is not None and not 0 <= seed < 2**32:
-        raise fail("model.seed", f"must be in [0, 2^32), got {seed}")
+    seed = need(m, "seed", int, "model")
+    if not 0 <= seed < 2**63:
+        raise fail("model.seed", f"must be in [0, 2^63), got {seed}")
     for key in ("weights_sha256", "model_sha256"):
         h = _optional(m, key, str, "model")
         if h is not None and (len(h) != 64 or any(c not in "0123456789abcdef" for c in h)):
@@ -47,12 +47,12 @@ def check_model(d: dict, input_shape: list) -> None:
     if pre is not None:
         need(pre, "name", str, "model.preprocess")
         for key in ("size", "resize"):
-            if need(pre, key, int, "model.preprocess") < 1:
-                raise fail(f"model.preprocess.{key}", "must be positive")
+            if not 1 <= need(pre, key, int, "model.preprocess") <= 4096:
+                raise fail(f"model.preprocess.{key}", f"must be 1..4096, got {pre[key]}")
         for key in ("mean", "std"):
             v = need(pre, key, list, "model.preprocess")
-            if len(v) != shape[0] or not all(_number(x) for x in v) or (key == "std" and not all(x > 0 for x in v)):
-                raise fail(f"model.preprocess.{key}", f"must be {shape[0]} finite numbers{' > 0' if key == 'std' else ''}, got {v!r}")
+            if len(v) != 3 or not all(_number(x) for x in v) or (key == "std" and not all(x > 0 for x in v)):
+                raise fail(f"model.preprocess.{key}", f"must be 3 finite numbers (RGB){' > 0' if key == 'std' else ''}, got {v!r}")
         ps = need(pre, "pixel_scale", (int, float), "model.preprocess")
         if not (_number(ps) and ps > 0):
             raise fail("model.preprocess.pixel_scale", f"must be a positive number, got {ps!r}")
