@@ -7,14 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 from .preprocess import Preprocess
 
+F32_MAX = float(np.finfo(np.float32).max)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 # Photos shipped inside installed packages; split so calibration and evaluation never share a photo
@@ -54,6 +55,57 @@ class DataSource:
 
     def to_dict(self) -> dict:
         return {"source": self.description, "kind": self.kind, "size": self.count, "skipped": self.skipped}
+
+    def check_label_range(self, classes: int) -> None:
+        """Refuse labels that no output of a `classes`-way model can match (accuracy would read 0)."""
+        if self.labels is not None and self.labels.size and int(self.labels.max()) >= classes:
+            raise DataError(f"labels of {self.description} go up to {int(self.labels.max())} but the model has {classes} "
+                            f"outputs; give class indices 0..{classes - 1}")
+
+
+def float_samples(x: np.ndarray, what: str, where: str = "") -> np.ndarray:
+    """`x` as float32, refusing NaN/Inf and values beyond float32's range (the cast would make them Inf)."""
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{what} contains NaN or Inf values{where}; remove or fix those samples")
+    if x.dtype.itemsize > 4 and x.size:
+        peak = float(np.abs(x).max())
+        if peak > F32_MAX:
+            raise DataError(f"{what} holds values up to {peak:.3g}{where}, beyond float32's range (±{F32_MAX:.3g}); "
+                            "give preprocessed (normalised) data")
+    return np.array(x, np.float32)  # a copy: torch.from_numpy needs a writable array, not a read-only memmap view
+
+
+def check_float_dtype(dtype: np.dtype | torch.dtype, what: str) -> None:
+    """Refuse integer, boolean and complex data: it is not preprocessed, and a cast would hide that
+    (raw 0..255 pixels calibrate the wrong range; complex values would lose their imaginary part)."""
+    is_float = dtype.is_floating_point if isinstance(dtype, torch.dtype) else np.dtype(dtype).kind == "f"
+    if not is_float:
+        name = str(dtype).replace("torch.", "")
+        raise DataError(f"{what} has dtype {name}; expected preprocessed float tensors: apply the model's "
+                        "normalisation and convert to float32")
+
+
+def shape_mismatch(what: str, shape: tuple[int, ...], input_shape: tuple[int, ...]) -> DataError:
+    """Data whose per-sample shape is not the model's: name both, and the --input-shape that fits the data."""
+    msg = f"{what} has shape {tuple(shape)}; the model expects (N, {', '.join(map(str, input_shape))})"
+    if len(shape) >= 2 and all(d > 0 for d in shape[1:]):
+        msg += f"; give data of that shape, or quantize with --input-shape {','.join(map(str, shape[1:]))} if the model takes such inputs"
+    return DataError(msg)
+
+
+def check_labels(labels: Any, samples: int, what: str) -> np.ndarray:
+    """One integer class index ≥ 0 per sample; anything else would make accuracy meaningless."""
+    lab = np.asarray(labels)
+    if lab.ndim != 1:
+        hint = " (one-hot? store labels.argmax(1))" if lab.ndim == 2 else ""
+        raise DataError(f"labels in {what} must be one class index per sample, shape ({samples},); got shape {lab.shape}{hint}")
+    if lab.dtype.kind not in "iu":
+        raise DataError(f"labels in {what} have dtype {lab.dtype}; expected integer class indices (0, 1, ...)")
+    if lab.shape[0] != samples:
+        raise DataError(f"{what} has {lab.shape[0]} labels for {samples} samples; give one label per sample")
+    if lab.size and int(lab.min()) < 0:
+        raise DataError(f"labels in {what} include {int(lab.min())}; class indices start at 0")
+    return lab
 
 
 def _photo_path(ref: str) -> Path:
@@ -115,6 +167,27 @@ def samples_source(split: str, n: int, pre: Preprocess, seed: int) -> DataSource
     return DataSource(f"samples:{split}", "samples", len(plan), get)
 
 
+def _undecodable(f: Path) -> str:
+    """Why `f` cannot be decoded ('' if it can). A full decode, not PIL's verify(), which passes
+    truncated JPEGs; JPEGs decode at 1/8 scale (draft), which still reads every byte."""
+    from PIL import Image
+    try:
+        with Image.open(f) as im:
+            im.draft(im.mode, (1, 1))
+            im.load()
+    except Exception as exc:  # PIL raises many types for undecodable files
+        return first_line(exc)
+    return ""
+
+
+def _decoded(f: Path) -> np.ndarray:
+    """The image as RGB; a file that changed or broke since the folder was opened is named."""
+    try:
+        return _load_rgb(f)
+    except Exception as exc:  # PIL raises many types for undecodable files
+        raise DataError(f"image {f} cannot be decoded ({first_line(exc)}); remove or replace it") from exc
+
+
 def folder_source(path: Path, n: int | None, pre: Preprocess, seed: int) -> DataSource:
     """Images in a folder (recursively), resized and centre-cropped; undecodable files are skipped."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
@@ -124,26 +197,27 @@ def folder_source(path: Path, n: int | None, pre: Preprocess, seed: int) -> Data
         idx = np.sort(np.random.default_rng(seed).choice(len(files), size=n, replace=False))
         files = [files[i] for i in idx]
     good: list[Path] = []
-    from PIL import Image
+    bad: list[tuple[Path, str]] = []
     for f in files:
-        try:
-            with Image.open(f) as im:
-                im.verify()
+        problem = _undecodable(f)
+        if problem:
+            bad.append((f, problem))
+        else:
             good.append(f)
-        except Exception:  # PIL raises many types for undecodable files
-            continue
-    skipped = len(files) - len(good)
     if not good:
-        raise DataError(f"none of the {len(files)} image files in {path} could be decoded")
-    if skipped:
+        raise DataError(f"none of the {len(files)} image files in {path} could be decoded (first: {bad[0][0].name}: "
+                        f"{bad[0][1]}); point --calib/--data at a folder of photos")
+    if bad:
         from rich.markup import escape
 
         from .progress import console
-        console.print(f"[yellow]warning:[/] skipped {skipped} of {len(files)} image files in {escape(str(path))} that could not be decoded")
-    def get(start: int, stop: int) -> np.ndarray:
-        return np.stack([pre.apply(_center_crop(_load_rgb(f), pre)) for f in good[start:stop]])
+        console.print("[yellow]warning:[/] " + escape(f"skipped {len(bad)} of {len(files)} image files in {path} that could not be "
+                             f"decoded (first: {bad[0][0].name}: {bad[0][1]})"), soft_wrap=True)
 
-    src = DataSource(f"folder:{path}", "folder", len(good), get, skipped=skipped)
+    def get(start: int, stop: int) -> np.ndarray:
+        return np.stack([pre.apply(_center_crop(_decoded(f), pre)) for f in good[start:stop]])
+
+    src = DataSource(f"folder:{path}", "folder", len(good), get, skipped=len(bad))
     src.labels = None  # folder names are not model class indices; labels come from tensor files
     return src
 
@@ -167,27 +241,26 @@ def tensor_source(path: Path, n: int | None, input_shape: tuple[int, ...]) -> Da
                 obj = obj.get("x")
             if not isinstance(obj, torch.Tensor):
                 raise DataError(f"{path} must hold a tensor (or a dict with 'x' and optional 'labels')")
-            arr = obj.float().numpy()
+            check_float_dtype(obj.dtype, str(path))
+            arr = (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()
             labels = labels.numpy() if isinstance(labels, torch.Tensor) else labels
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot read tensor file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise DataError(f"cannot read tensor file {path}: {first_line(exc)}") from exc
     if arr.ndim != 1 + len(input_shape) or tuple(arr.shape[1:]) != tuple(input_shape):
-        raise DataError(f"{path} has shape {tuple(arr.shape)}; the model expects (N, {', '.join(map(str, input_shape))})")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(f"{path} has dtype {arr.dtype}; expected preprocessed float tensors")
+        raise shape_mismatch(str(path), arr.shape, input_shape)
+    check_float_dtype(arr.dtype, str(path))
     if arr.shape[0] == 0:
         raise DataError(f"{path} holds no samples")
+    if labels is not None:
+        labels = check_labels(labels, arr.shape[0], str(path))
     count = arr.shape[0] if n is None else min(n, arr.shape[0])
 
     def get(start: int, stop: int) -> np.ndarray:
-        x = np.array(arr[start:stop], dtype=np.float32)
-        if not np.all(np.isfinite(x)):
-            raise DataError(f"{path} contains NaN or Inf values (samples {start}..{stop - 1})")
-        return x
+        return float_samples(np.asarray(arr[start:stop]), str(path), f" (samples {start}..{stop - 1})")
 
-    lab = None if labels is None else np.asarray(labels)[:count]
+    lab = None if labels is None else labels[:count]
     return DataSource(f"tensor:{path}", "tensor", count, get, labels=lab)
 
 
@@ -198,8 +271,7 @@ def open_source(spec: str, n: int | None, pre: Preprocess, input_shape: tuple[in
         part = spec.split(":", 1)[1] if ":" in spec else split
         if part not in SAMPLE_PHOTOS:
             raise DataError(f"unknown sample split {part!r}; use samples:calib or samples:eval")
-        if tuple(input_shape[:1]) != (3,):
-            raise DataError(f"bundled photos are RGB; the model takes input shape {tuple(input_shape)}: pass --calib FILE.npy")
+        _check_image_shape("bundled photos", pre, input_shape)
         if n is not None and n < 1:
             raise DataError("the sample count must be at least 1")
         return samples_source(part, n or 128, pre, seed)
@@ -207,7 +279,16 @@ def open_source(spec: str, n: int | None, pre: Preprocess, input_shape: tuple[in
     if not path.exists():
         raise DataError(f"data source {spec!r} does not exist; give an image folder, a .npy/.npz/.pt file or 'samples'")
     if path.is_dir():
+        _check_image_shape(f"images in {path}", pre, input_shape)
         return folder_source(path, n, pre, seed)
     if path.suffix in (".npy", ".npz", ".pt", ".pth"):
         return tensor_source(path, n, input_shape)
     raise DataError(f"cannot use {spec!r} as data: expected a folder, .npy/.npz/.pt file or 'samples'")
+
+
+def _check_image_shape(what: str, pre: Preprocess, input_shape: tuple[int, ...]) -> None:
+    """Images become (3, size, size) tensors; refuse a model input shape they cannot fill."""
+    shape = (3, pre.size, pre.size)
+    if tuple(input_shape) != shape:
+        raise DataError(f"{what} are preprocessed to {shape} ({pre.name}) but the model takes {tuple(input_shape)}: "
+                        f"give a .npy/.pt tensor of that shape, or --input-shape {','.join(map(str, shape))} if the model takes such images")

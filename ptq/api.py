@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from dataclasses import dataclass
@@ -20,19 +21,22 @@ import torch
 from .biascorrect import choose_and_correct
 from .calib.collect import Statistics, collect_statistics
 from .calib.preprocess import Preprocess
-from .calib.sources import DataSource, open_source
+from .calib.progress import console
+from .calib.sources import DataSource, check_float_dtype, float_samples, open_source, shape_mismatch
 from .card import bits_png, planes_png, render_card
-from .errors import DataError, ModelError, RecipeError
+from .errors import DataError, ModelError, PtqError, RecipeError
 from .ir import Graph, LayerWeights
 from .ir.capture import capture
 from .manifest import Manifest, load as load_manifest, save as save_manifest, weight_summary
 from .manifest.build import build_manifest
 from .manifest.publish import check_output  # noqa: F401  (API: refuse an output place before a long run)
 from .methods import METHODS
+from .methods.base import first_last
+from .methods.fields import unmatched_patterns
 from .metrics import fidelity
 from .models import LoadedModel, check_finite, load_model, rebuild, supplied
-from .recipe import resolve
-from .runtime import Codec, Simulator, run_reference, run_verification
+from .recipe import BASE_SCHEMA, resolve
+from .runtime import ACC_MODES, Codec, Simulator, run_reference, run_verification
 from .runtime.verify import numeric, structural
 from .version import __version__
 
@@ -52,15 +56,59 @@ def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> Da
         if pre is None and Path(data).suffix not in (".npy", ".npz", ".pt", ".pth"):
             raise DataError("this model has no image preprocessing; give calibration data as a .npy/.pt tensor file")
         return open_source(str(data), n, pre, shape, seed, split)
-    arr = data.detach().cpu().float().numpy() if isinstance(data, torch.Tensor) else np.asarray(data, np.float32)
+    if isinstance(data, torch.Tensor):
+        check_float_dtype(data.dtype, "the data")
+        data = data.detach().cpu()
+        arr = (data.float() if data.dtype == torch.bfloat16 else data).numpy()
+    else:
+        arr = np.asarray(data)
+        check_float_dtype(arr.dtype, "the data")
     if arr.ndim != 1 + len(shape) or tuple(arr.shape[1:]) != shape:
-        raise DataError(f"data has shape {arr.shape}; the model expects (N, {', '.join(map(str, shape))})")
+        raise shape_mismatch("the data", arr.shape, shape)
     if arr.shape[0] == 0:
         raise DataError("the data holds no samples")
-    if not np.all(np.isfinite(arr)):
-        raise DataError("the data contains NaN or Inf values")
-    arr = arr[:n] if n else arr
+    arr = float_samples(arr[:n] if n else arr, "the data")
     return DataSource("in-memory array", "tensor", arr.shape[0], lambda a, b: arr[a:b])
+
+
+MAX_SEED = 2 ** 32 - 1  # numpy's Generator seeds and torch's generators agree on this range
+MAX_INPUT_VALUES = 1 << 26  # per sample (256 MB of float32): beyond it the example alone exhausts memory
+
+
+def check_count(value: Any, name: str, optional: bool = False) -> None:
+    """A sample count or batch size: a positive integer (or None where the default is meant)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise PtqError(f"{name} must be a positive integer; got {value!r}")
+
+
+def check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise PtqError(f"seed (--seed) must be an integer from 0 to {MAX_SEED}; got {seed!r}")
+
+
+def check_input_shape(shape: Any) -> tuple[int, ...] | None:
+    """A per-sample input shape such as (3, 224, 224): positive integers of a size one sample can have."""
+    if shape is None:
+        return None
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
+    if not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in dims):
+        raise PtqError(f"input shape (--input-shape / input_shape=) must be positive integers like 3,224,224; got {shape!r}")
+    values = int(np.prod(dims, dtype=np.float64))
+    if values > MAX_INPUT_VALUES:
+        raise PtqError(f"input shape {dims} has {values:.3g} values per sample (more than {MAX_INPUT_VALUES:.3g}); "
+                       "give the per-sample shape C,H,W without the batch dimension, e.g. 3,224,224")
+    return tuple(int(d) for d in dims)
+
+
+def check_accumulator(mode: str | None, bits: Any) -> None:
+    """What-if accumulator settings: a known mode and a width the recipe's accumulator.bits allows."""
+    if mode is not None and mode not in ACC_MODES:
+        raise PtqError(f"accumulator mode must be one of {', '.join(ACC_MODES)}; got {mode!r}")
+    f = BASE_SCHEMA["accumulator"]["bits"]
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not f.lo <= bits <= f.hi):
+        raise PtqError(f"accumulator bits (--accumulator-bits) must be an integer from {f.lo:g} to {f.hi:g}; got {bits!r}")
 
 
 def _split_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +164,9 @@ class QuantizedModel:
                  trust_model_file: bool = False) -> dict:
         """Fidelity vs the FP32 model on `data` (held-out sample crops by default); `model`,
         `weights` and `trust_model_file` supply that model as in `fp32_model`."""
+        check_count(n, "sample count (--size)", optional=True)
+        check_count(batch_size, "batch_size")
+        check_seed(seed)
         model = self.fp32_model(model, weights=weights, trust_model_file=trust_model_file)
         src = as_source(data, self.manifest.data["model"], n, seed, split="eval")
         run = {"sim": self.simulate, "fakequant": self.fakequant}.get(backend)
@@ -128,6 +179,8 @@ class QuantizedModel:
         with torch.no_grad():
             for xb in src.batches(batch_size):
                 fps.append(model(xb).numpy())
+                if len(fps) == 1:
+                    src.check_label_range(fps[0].shape[-1])
                 qs.append(run(xb))
         res = fidelity(np.concatenate(fps), np.concatenate(qs), src.labels)
         res.update(data=src.description, backend=backend)
@@ -139,6 +192,9 @@ class QuantizedModel:
         """Verification levels 1-2 on `data` and each layer's accumulator behaviour (max |acc|,
         overflows, bit-serial cycles); `accumulator`/`accumulator_bits` override every layer's
         accumulator mode and width. The result's `verified` is the verdict `ptq simulate` exits on."""
+        check_count(n, "sample count (--size)", optional=True)
+        check_seed(seed)
+        check_accumulator(accumulator, accumulator_bits)
         src = as_source(data, self.manifest.data["model"], n, seed, split="eval")
         res = run_verification(self.manifest, src.batches(8), accumulator, accumulator_bits)
         res["data"] = src.description
@@ -214,6 +270,10 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
     """Load and capture `model` and collect its calibration statistics (the recipe's [calibration]).
     `trust_model_file` allows unpickling a saved module file (it runs code stored in the file)."""
     t0 = time.perf_counter()
+    check_count(calib_size, "calibration size (--calib-size / calib_size=)", optional=True)
+    check_count(eval_size, "evaluation size (--eval-size / eval_size=)")
+    check_seed(seed)
+    input_shape = check_input_shape(input_shape)
     r = _resolve(recipe, overrides, kw_overrides, calib_size)
     if isinstance(model, torch.nn.Module):
         shape = input_shape or (tuple(calib.shape[1:]) if hasattr(calib, "shape") else None)
@@ -227,13 +287,16 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
     cal = r["calibration"]
     src = as_source(calib, lm.spec, cal["size"], seed, split="calib")
     if len(src) < 16:
-        from .calib.progress import console
         console.print(f"[yellow]warning:[/] only {len(src)} calibration samples; statistics will be noisy (use 64 or more)")
+    ev = None if eval_data is None else as_source(eval_data, lm.spec, eval_size, seed, split="eval")
     graph = capture(lm.module, lm.input_shape)
+    logits = graph.producers().get(graph.outputs[0])
+    if ev is not None and logits is not None:  # before calibration, not after the whole run
+        ev.check_label_range(int(np.prod(logits.attrs["out_shape"])))
     t_cal = time.perf_counter()
     stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"])
     t_stats = time.perf_counter() - t_cal
-    return Prepared(lm, graph, stats, src, r, seed, eval_data, eval_size, t_stats, time.perf_counter() - t0)
+    return Prepared(lm, graph, stats, src, r, seed, ev, eval_size, t_stats, time.perf_counter() - t0)
 
 
 class _StageClock:
@@ -250,11 +313,12 @@ class _StageClock:
 
 
 def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
-                      overrides: dict[str, Any] | None = None) -> QuantizedModel:
+                      overrides: dict[str, Any] | None = None, strict: bool = False) -> QuantizedModel:
     """Quantize a prepared model with `recipe` (default: the one it was prepared with) + overrides.
 
     The stages, in order: method → manifest → bias correction → verification → evaluation. The
-    recipe's [calibration] must match the prepared one: statistics are not recollected."""
+    recipe's [calibration] must match the prepared one: statistics are not recollected. `strict`
+    makes an [[overrides]] layer pattern that matches no layer an error (else a warning)."""
     t0 = time.perf_counter()
     if recipe is None:
         r = resolve({k: v for k, v in prep.recipe.items() if k != "name"}, overrides)
@@ -265,7 +329,7 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
         raise RecipeError("the recipe's [calibration] differs from the prepared statistics; prepare again with it")
     clock = _StageClock({"load_and_capture": prep.seconds - prep.calibration_seconds,
                          "statistics": prep.calibration_seconds})
-    weights = stage_method(prep.graph, prep.stats, r)
+    weights = stage_method(prep.graph, prep.stats, r, strict)
     clock.done("method")
     m = stage_manifest(prep, r, weights)
     clock.done("manifest")
@@ -287,10 +351,26 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     return qm
 
 
-def stage_method(graph: Graph, stats: Statistics, recipe: dict) -> LayerWeights:
+def stage_method(graph: Graph, stats: Statistics, recipe: dict, strict: bool = False) -> LayerWeights:
     """The recipe's method: integer weights per layer (plus what it records about itself)."""
+    check_override_patterns(graph, recipe, strict)
     out = METHODS[recipe["method"]].quantize(graph, stats, recipe)
     return out if isinstance(out, LayerWeights) else LayerWeights(out, {})
+
+
+def check_override_patterns(graph: Graph, recipe: dict, strict: bool) -> None:
+    """An [[overrides]] layer pattern that matches no conv/linear layer of this graph changes nothing:
+    a warning naming it (an error when `strict`), with the closest layer name."""
+    layers = [op.name for op in graph.weighted_ops()]
+    first, last = first_last(graph)
+    for i, o in enumerate(recipe["overrides"]):
+        for pat in unmatched_patterns(o["layers"], layers, first, last):
+            close = difflib.get_close_matches(pat, layers, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else f"layers are {', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}"
+            msg = f"overrides[{i}] layer pattern '{pat}' matches no conv/linear layer of this model ({hint})"
+            if strict:
+                raise RecipeError(f"{msg}; fix the pattern or drop it")
+            console.print(f"[yellow]warning:[/] {msg}; it changes nothing (--strict makes this an error)", soft_wrap=True)
 
 
 def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manifest:
@@ -330,17 +410,18 @@ def stage_evaluation(qm: QuantizedModel, prep: Prepared) -> dict:
 def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | dict = "w8a8", *,
              weights: str | None = None, calib_size: int | None = None, seed: int = 0,
              eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
-             trust_model_file: bool = False, overrides: dict[str, Any] | None = None,
+             trust_model_file: bool = False, overrides: dict[str, Any] | None = None, strict: bool = False,
              **kw_overrides: Any) -> QuantizedModel:
     """Quantize `model` with `recipe` on calibration data; verify it; measure its fidelity.
 
     Overrides are recipe keys, as a dict ({"weights.bits": 4}) or keywords (weights__bits=4).
     A pickled module file is loaded only with `trust_model_file=True` (unpickling runs its code).
+    `strict=True` refuses [[overrides]] layer patterns that match no layer (else a warning).
     """
     prep = prepare(model, calib, recipe, weights=weights, calib_size=calib_size, seed=seed, eval_data=eval_data,
                    eval_size=eval_size, input_shape=input_shape, trust_model_file=trust_model_file,
                    overrides=overrides, **kw_overrides)
-    return quantize_prepared(prep)
+    return quantize_prepared(prep, strict=strict)
 
 
 def _head(src: DataSource, n: int) -> torch.Tensor:

@@ -48,15 +48,13 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
-    if not text:
+    """--input-shape text as integers; the API checks their values (ptq.api.check_input_shape)."""
+    if text is None:
         return None
     try:
-        shape = tuple(int(v) for v in text.split(","))
+        return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise PtqError(f"--input-shape must be comma-separated integers like 3,224,224, got {text!r}") from None
-    if not shape or any(v < 1 for v in shape):
-        raise PtqError(f"--input-shape must be positive integers, got {text!r}")
-    return shape
 
 
 def _fidelity_table(title: str, f: dict) -> None:
@@ -82,7 +80,8 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     qm = ptq.quantize(args.model, args.calib, args.recipe, weights=args.weights, calib_size=args.calib_size,
                       seed=args.seed, eval_data=args.data, eval_size=args.eval_size,
-                      input_shape=_shape(args.input_shape), trust_model_file=args.trust_model_file, overrides=overrides)
+                      input_shape=_shape(args.input_shape), trust_model_file=args.trust_model_file, overrides=overrides,
+                      strict=args.strict)
     qm.save(out, force=args.force, protect=inputs)
     r = qm.report
     v = r["verification"]
@@ -284,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input-shape", help="per-sample input shape for models without a known one, e.g. 1,8,8")
     q.add_argument("--force", action="store_true", help="replace an existing output directory (atomically)")
     q.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
+    q.add_argument("--strict", action="store_true", help="refuse [[overrides]] layer patterns that match no layer (default: warn)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
 

@@ -42,3 +42,10 @@ class BudgetError(PtqError):
 
 class OutputError(PtqError):
     """An output location cannot be written safely, or an exported file cannot be read."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name: third-party errors
+    (torch, PIL, numpy) often run to many lines, and a PtqError message is one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from .calib.preprocess import PRESETS
 from .calib.progress import console
-from .errors import ModelError, WeightsMissingError
+from .errors import ModelError, WeightsMissingError, first_line
 from .manifest import sha256_file as file_sha256
 
 DEFAULT_SHAPE = (3, 224, 224)
@@ -65,9 +65,39 @@ def _load_state(module: torch.nn.Module, path: Path, name: str) -> None:
     try:
         module.load_state_dict(sd)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ModelError(f"weights file {path} does not fit {name}: {first}") from exc
+        raise ModelError(f"weights file {path} does not fit {name}: {_state_mismatch(module.state_dict(), sd, exc)}") from exc
     check_finite(module, f"weights file {path}")
+
+
+def _state_mismatch(own: dict, sd: dict, exc: RuntimeError) -> str:
+    """The first missing, unexpected and mis-shaped key (torch's message puts them on later lines)."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shaped = [k for k in own if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) (first '{missing[0]}')")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) (first '{unexpected[0]}')")
+    if shaped:
+        k = shaped[0]
+        parts.append(f"{len(shaped)} shape mismatch(es) (first '{k}': {list(sd[k].shape)} in the file, {list(own[k].shape)} in the model)")
+    if not parts:  # torch's first line is only a header ("Error(s) in loading state_dict for ..."): skip it
+        lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+        return (lines[1:] or lines or [type(exc).__name__])[0]
+    prefix = _common_prefix(unexpected, missing)
+    hint = f"; strip the '{prefix}' prefix from the file's keys" if prefix else "; give the state dict of this architecture"
+    return ", ".join(parts) + hint
+
+
+def _common_prefix(unexpected: list[str], missing: list[str]) -> str:
+    """A prefix such as 'module.' (DataParallel) that every unexpected key has and removing it fixes."""
+    if not unexpected or not missing or "." not in unexpected[0]:
+        return ""
+    prefix = unexpected[0].split(".", 1)[0] + "."
+    if all(k.startswith(prefix) for k in unexpected) and {k[len(prefix):] for k in unexpected} >= set(missing):
+        return prefix
+    return ""
 
 
 def check_finite(module: torch.nn.Module, what: str) -> None:
@@ -139,15 +169,35 @@ def _lite0_model(weights: str | None) -> tuple[torch.nn.Module, dict]:
 
 def _factory_model(name: str, weights: str | None) -> tuple[torch.nn.Module, dict]:
     """`pkg.module:factory`, named by the user: importing and calling it runs their code."""
+    module = _call_factory(name)
+    if not isinstance(module, torch.nn.Module):
+        raise ModelError(f"factory '{name}' returned {type(module).__name__}, not a torch.nn.Module")
+    return module, {"kind": "factory", "preprocess": PRESETS["imagenet"].to_dict(), **_weights_fields(module, weights, name)}
+
+
+def _call_factory(name: str) -> Any:
+    """Import `pkg.module` and call its `factory`; whatever goes wrong in the user's code (an import
+    error, a SyntaxError, an exception, even sys.exit) becomes one ModelError naming the factory."""
     mod_name, _, attr = name.partition(":")
     try:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ModelError(f"cannot import model factory '{name}': {exc}") from exc
-    module = factory()
-    if not isinstance(module, torch.nn.Module):
-        raise ModelError(f"factory '{name}' returned {type(module).__name__}, not a torch.nn.Module")
-    return module, {"kind": "factory", "preprocess": PRESETS["imagenet"].to_dict(), **_weights_fields(module, weights, name)}
+        raise ModelError(f"cannot import model factory '{name}': {_raised(exc)}; check the module path and name") from exc
+    except (Exception, SystemExit) as exc:  # the module's own code failed while importing
+        raise ModelError(f"importing the module of model factory '{name}' failed: {_raised(exc)}; fix {mod_name}") from exc
+    if not callable(factory):
+        raise ModelError(f"model factory '{name}' is a {type(factory).__name__}, not a function; give pkg.module:function")
+    try:
+        return factory()
+    except (Exception, SystemExit) as exc:  # a factory can fail any way; SystemExit must not end ptq with its code
+        raise ModelError(f"model factory '{name}' failed: {_raised(exc)}; fix the factory (it must build the model with no arguments)") from exc
+
+
+def _raised(exc: BaseException) -> str:
+    """`Type: first line of the message`; SystemExit as `sys.exit(code)`."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
 
 
 def _file_model(path: Path, weights: str | None, trust: bool) -> tuple[torch.nn.Module, dict]:

@@ -57,9 +57,6 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
     },
 }
 
-BASE_OVERRIDE_KEYS = ("weights.bits",)
-
-
 def schema() -> dict[str, dict[str, Field]]:
     """Every recipe section: the base ones, then each registered method's."""
     out = dict(BASE_SCHEMA)
@@ -69,10 +66,23 @@ def schema() -> dict[str, dict[str, Field]]:
 
 
 def override_keys() -> dict[str, Field]:
-    """The 'section.key' settings that [[overrides]] may set per layer, with their fields."""
+    """The 'section.key' settings that [[overrides]] may set per layer (those some method reads per
+    layer), with their fields."""
     full = schema()
-    keys = list(BASE_OVERRIDE_KEYS) + [k for m in METHODS.values() for k in m.override_keys]
+    keys = [k for m in METHODS.values() for k in m.override_keys]
     return {k: full[k.split(".")[0]][k.split(".")[1]] for k in keys}
+
+
+def _check_override_methods(recipe: dict) -> None:
+    """Refuse a per-layer key the recipe's method does not read (another method's): it would be ignored."""
+    method = METHODS[recipe["method"]]
+    for i, o in enumerate(recipe["overrides"]):
+        for key in o:
+            if key != "layers" and key not in method.override_keys:
+                owner = next(m.name for m in METHODS.values() if key in m.override_keys)
+                own = ", ".join(method.override_keys) or "none"
+                raise RecipeError(f"overrides[{i}] sets '{key}', which only method '{owner}' reads, but this recipe's "
+                                  f"method is '{method.name}' (its per-layer keys: {own}); drop it or change the method")
 
 
 def _all_keys() -> list[str]:
@@ -149,7 +159,7 @@ def _read(name_or_path: str) -> tuple[str, dict]:
     if name_or_path.endswith(".toml") or path.is_file():  # a directory named like a recipe (an --out) is not one
         if not path.is_file():
             raise RecipeError(f"recipe file {name_or_path} does not exist")
-        text, label = path.read_text(), str(path)
+        text, label = _read_text(path), str(path)
     else:
         res = resources.files("ptq.recipes") / f"{name_or_path}.toml"
         if not res.is_file():
@@ -161,6 +171,19 @@ def _read(name_or_path: str) -> tuple[str, dict]:
         return label, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"recipe {label} is not valid TOML: {exc}") from exc
+
+
+def _read_text(path: Path) -> str:
+    """A recipe file's text; unreadable or non-UTF-8 files (TOML is UTF-8) are named."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file {path}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                          "save it as UTF-8") from exc
 
 
 def parse_value(text: str) -> Any:
@@ -194,6 +217,7 @@ def resolve(recipe: str | dict = "w8a8", overrides: dict[str, Any] | None = None
         close = difflib.get_close_matches(out["method"], list(METHODS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise RecipeError(f"unknown method '{out['method']}'{hint} (available: {', '.join(sorted(METHODS))})")
+    _check_override_methods(out)
     budget_keys(out)
     out["name"] = label
     return out

@@ -82,3 +82,11 @@ def test_infeasible_budget_names_the_constraint_and_the_least_budget():
         allocate(layers, {"weight_bits": 10}, accumulator_bits=18)
     with pytest.raises(BudgetError, match="no candidate of layer l0 fits a 9-bit accumulator"):
         allocate(layers, {}, accumulator_bits=9)
+
+
+def test_milp_solver_prints_nothing(capfd):
+    """HiGHS writes a banner from C on file descriptor 1; it must reach neither stdout (--json) nor
+    stderr (one-line messages)."""
+    layers = instance(0)
+    allocate(layers, {"weight_bits": 4.0 * sum(lc.candidates[0].costs["weight_bits"] / 2 for lc in layers)}, accumulator_bits=20)
+    assert capfd.readouterr() == ("", "")

@@ -5,14 +5,18 @@ An op outside the integer op set is refused with an error naming the op and its 
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import operator
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from ..errors import ModelError, UnsupportedOpError
+from ..errors import ModelError, UnsupportedOpError, first_line
 from .graph import Graph, Op
 from .ops import LUT_FUNCTIONS, REQUANT_KINDS
 
@@ -278,13 +282,17 @@ class _Capture:
 def capture(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
     """Export `model` on one example of shape (1, *input_shape) and convert it to the IR."""
     model = model.eval()
+    name = type(model).__name__
     example = torch.zeros(1, *input_shape)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_torch():
             ep = torch.export.export(model, (example,))
     except Exception as exc:  # torch raises many types; all mean "this model cannot be captured"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"torch.export could not capture the model: {first}") from exc
+        raise _capture_error(model, tuple(input_shape), exc) from exc
+    out_spec = ep.call_spec.out_spec
+    if out_spec is not None and not out_spec.is_leaf():
+        raise ModelError(f"model {name} returns {_describe_output(out_spec)}, not one tensor; ptq quantizes "
+                         "single-output models: make forward return the logits tensor (e.g. wrap the model)")
     b = _Capture(ep)
     user_inputs = list(ep.graph_signature.user_inputs)
     if len(user_inputs) != 1:
@@ -305,6 +313,9 @@ def capture(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
     # n_consumers counts ATen users, identities (dropout, aliases) included, so a clamp or
     # BatchNorm is fused only into a producer it is the sole user of.
     graph = Graph(input=user_inputs[0], input_shape=tuple(input_shape), ops=b.ops, outputs=outputs)
+    if not graph.weighted_ops():
+        raise ModelError(f"model {name} has no conv or linear layer, so there are no weights to quantize; "
+                         "give the model that holds them")
     for op in graph.ops:
         if op.weight is not None:
             op.weight = op.weight.astype(np.float32)
@@ -314,3 +325,72 @@ def capture(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
             op.attrs["act"] = [None if lo is None or math.isinf(lo) else lo,
                                None if hi is None or math.isinf(hi) else hi]
     return graph
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Keep what torch.export writes to stderr (its log records, and the partial graph it prints on
+    data-dependent control flow) off the terminal: a failure is reported as one line by
+    `_capture_error`."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _capture_error(model: torch.nn.Module, input_shape: tuple[int, ...], exc: Exception) -> ModelError:
+    """One line: the exception's first line, the submodule and source line it came from, and a fix."""
+    module, source = _failing_module(model, exc)
+    where = f" in module '{module[0]}' ({type(module[1]).__name__})" if module else ""
+    where += f" at {source}" if source else ""
+    if "data-dependent" in str(exc):
+        fix = "forward branches on tensor values, which torch.export cannot trace: replace the Python if/while on a tensor with torch.where or remove it"
+    elif module and isinstance(module[1], (torch.nn.Conv2d, torch.nn.Linear)) and _is_first_layer(model, module[1]):
+        fix = _input_shape_hint(module[1], input_shape)
+    else:
+        fix = "check --input-shape (input_shape=) and that forward runs on one tensor of that shape"
+    return ModelError(f"torch.export could not capture the model {type(model).__name__} on input shape "
+                      f"{tuple(input_shape)}{where}: {first_line(exc)}; {fix}")
+
+
+def _failing_module(model: torch.nn.Module, exc: BaseException) -> tuple[tuple[str, torch.nn.Module] | None, str]:
+    """The innermost submodule of `model` whose forward was running when `exc` was raised, and the
+    innermost source line outside torch (the user's code)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    torch_dir = str(Path(torch.__file__).parent)
+    module, source = None, ""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module) and id(owner) in names:
+            module = (names[id(owner)] or "<top>", owner)
+        if not frame.f_code.co_filename.startswith(torch_dir):
+            source = f"{Path(frame.f_code.co_filename).name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return module, source
+
+
+def _is_first_layer(model: torch.nn.Module, layer: torch.nn.Module) -> bool:
+    return next((m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))), None) is layer
+
+
+def _input_shape_hint(layer: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
+    """What input the model's first layer takes, as an --input-shape to pass."""
+    if isinstance(layer, torch.nn.Conv2d) and len(input_shape) == 3 and layer.in_channels != input_shape[0]:
+        c, h, w = layer.in_channels, input_shape[1], input_shape[2]
+        return f"its first layer takes {c} input channels: pass --input-shape {c},{h},{w} (input_shape=) with data of that shape"
+    if isinstance(layer, torch.nn.Linear) and math.prod(input_shape) != layer.in_features:
+        return (f"its first layer takes {layer.in_features} input features but the input has {math.prod(input_shape)}: "
+                "pass a matching --input-shape (input_shape=) with data of that shape")
+    return "check --input-shape (input_shape=) against the model's first layer"
+
+
+def _describe_output(spec: Any) -> str:
+    """A pytree output spec in words: 'a tuple of 2 tensors', "a dict with keys 'logits', 'aux'"."""
+    if spec.type is dict:
+        return f"a dict with keys {', '.join(repr(k) for k in spec.context)}"
+    return f"a {getattr(spec.type, '__name__', 'structure')} of {spec.num_leaves} tensors"

@@ -170,7 +170,7 @@ def _milp(layers: list[LayerChoices], keep: list[list[int]], budgets: dict[str, 
             cons.append(x[vs] <= y[yi])
     prob = cp.Problem(cp.Minimize((err / scale) @ x), cons)
     try:
-        with _stdout_to_stderr():  # HiGHS prints a banner from C; stdout belongs to --json
+        with _solver_output_discarded():
             prob.solve(solver=solver)
     except cp.error.SolverError as exc:
         raise BudgetError(f"the MILP solver {solver} failed: {exc}; retry with solver='greedy'") from exc
@@ -186,16 +186,21 @@ def _milp(layers: list[LayerChoices], keep: list[list[int]], budgets: dict[str, 
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr():
+def _solver_output_discarded():
+    """HiGHS prints a copyright banner from C on file descriptor 1 whatever cvxpy's `verbose`: send it
+    to /dev/null (stdout belongs to --json, stderr to one-line messages); the solver's status is
+    what ptq reports."""
     sys.stdout.flush()
     saved = os.dup(1)
+    sink = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(2, 1)
+        os.dup2(sink, 1)
         yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+        os.close(sink)
 
 
 def _greedy(layers: list[LayerChoices], keep: list[list[int]], budgets: dict[str, float]):

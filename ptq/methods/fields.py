@@ -6,6 +6,7 @@ assembles the full schema from the registry, so recipe parsing never reaches int
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ class Field:
             raise RecipeError(f"recipe key '{key}' must be {names}, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise RecipeError(f"recipe key '{key}' must be one of {', '.join(map(str, self.choices))}; got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"recipe key '{key}' must be a finite number; got {value!r}")
         if self.lo is not None and value < self.lo or self.hi is not None and value > self.hi:
             raise RecipeError(f"recipe key '{key}' must be between {self.lo:g} and {self.hi:g}; got {value!r}")
         return value
@@ -53,3 +56,9 @@ def matches(pattern: str, layer: str, first: str, last: str) -> bool:
     if pattern == "last":
         return layer == last
     return fnmatch.fnmatchcase(layer, pattern)
+
+
+def unmatched_patterns(patterns: list[str], layers: list[str], first: str, last: str) -> list[str]:
+    """The layer patterns of one [[overrides]] entry that select none of `layers` (a setting they
+    carry would be ignored silently)."""
+    return [p for p in patterns if not any(matches(p, layer, first, last) for layer in layers)]

@@ -15,8 +15,9 @@ from .fields import Field
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its entry point, the recipe sections it owns, and the keys of those
-    sections that `[[overrides]]` may set per layer ('section.key')."""
+    """A registered method: its entry point, the recipe sections it owns, and the keys it reads per
+    layer, which `[[overrides]]` may set ('section.key': of its own sections or a base one such as
+    weights.bits; `ptq.recipe` refuses other methods' keys, which this method would ignore)."""
 
     name: str
     quantize: Callable
@@ -31,9 +32,9 @@ def register(name: str, sections: dict[str, dict[str, Field]] | None = None,
              override_keys: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` as method `name` with its recipe sections."""
     def deco(fn: Callable) -> Callable:
-        for key in override_keys:
+        for key in override_keys:  # keys of base sections are checked against the schema by ptq.recipe
             section, _, k = key.partition(".")
-            if k not in (sections or {}).get(section, {}):
+            if section in (sections or {}) and k not in sections[section]:
                 raise KeyError(f"method {name}: override key {key} is not one of its recipe keys")
         METHODS[name] = Method(name, fn, dict(sections or {}), tuple(override_keys))
         return fn

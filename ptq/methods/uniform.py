@@ -11,7 +11,7 @@ from ..ir import WeightQuant
 from .base import first_last, layer_error
 
 
-@register("uniform")
+@register("uniform", override_keys=("weights.bits",))
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     first, last = first_last(graph)
     out = {}

@@ -178,7 +178,7 @@ class Simulator:
             shift = torch.from_numpy(self.m.tensor(rec["requant"]["shift"]).astype(np.int64))
             bias = torch.from_numpy(self.m.tensor(rec["bias"]["q"]).astype(np.int64))
             acc = rec.get("accumulator", {})
-            bits = self.bits or acc.get("bits", 32)
+            bits = self.bits if self.bits is not None else acc.get("bits", 32)
             mode = self.mode or acc.get("mode", "exact")
             self._w[op.name] = [terms, mult, shift, bias, bits, mode]
             self.layers[op.name] = LayerAccStats(bits, acc.get("data_free_bits", 0))
