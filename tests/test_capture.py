@@ -57,3 +57,21 @@ def test_unsupported_op_names_op_and_module():
 
     with pytest.raises(UnsupportedOpError, match=r"mul"):
         capture(Gate().eval(), (3, 8, 8))
+
+
+@pytest.mark.parametrize("wrap,what", [(lambda y: (y, y), "a tuple of 2 tensors"),
+                                       (lambda y: {"logits": y}, "a dict with keys 'logits'")])
+def test_structured_outputs_are_refused_at_capture(wrap, what):
+    """Found right after export, naming the type, not after the whole pipeline ran."""
+    from ptq.errors import ModelError
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return wrap(self.fc(x.flatten(1)))
+
+    with pytest.raises(ModelError, match=rf"model Heads returns {what}, not one tensor"):
+        capture(Heads().eval(), (3, 4))
