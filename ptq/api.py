@@ -37,7 +37,6 @@ from .metrics import fidelity
 from .models import LoadedModel, check_finite, load_model, rebuild, supplied
 from .recipe import BASE_SCHEMA, resolve
 from .runtime import ACC_MODES, Codec, Simulator, run_reference, run_verification
-from .runtime.verify import numeric, structural
 from .version import __version__
 
 
@@ -335,7 +334,8 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     clock.done("manifest")
     m.data["bias_correction"] = stage_bias_correction(prep.graph, m, prep.source, r)
     clock.done("bias_correction")
-    m.data["verification"] = stage_verification(m, prep.source, r)
+    verdict = stage_verification(m, prep.source, r)
+    m.data["verification"] = {k: verdict[k] for k in ("structural", "numeric")}
     clock.done("verification")
     qm = QuantizedModel(m, prep.model.module)
     report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": prep.model.spec["name"]}
@@ -343,7 +343,7 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     report.update(weights.timings)
     report["fidelity"] = stage_evaluation(qm, prep)
     clock.done("evaluation")
-    report["verification"] = m.data["verification"]
+    report["verification"] = verdict
     report["seconds"] = time.perf_counter() - t0 + prep.seconds
     report["stage_seconds"] = clock.seconds
     m.data["card"] = {k: v for k, v in report.items() if k in ("mean_weight_bits", "model_bytes", "recipe", "method")}
@@ -391,9 +391,14 @@ def stage_bias_correction(graph: Graph, m: Manifest, src: DataSource, recipe: di
 
 
 def stage_verification(m: Manifest, src: DataSource, recipe: dict) -> dict:
-    """Levels 1 (structural) and 2 (simulator vs reference) on the first calibration samples."""
+    """Levels 1 (the loader's every check and the data-free bounds) and 2 (simulator vs reference)
+    on the first calibration samples, with overflows counted where a layer wraps or saturates:
+    `verified`, the `reason` naming each failing check, `overflows`, `structural` and `numeric`
+    (the manifest keeps the last two)."""
     vx = _head(src, recipe["calibration"]["verify_size"])
-    return {"structural": structural(m), "numeric": _summary(numeric(m, list(vx.split(8))))}
+    v = run_verification(m, list(vx.split(8)))
+    return {"verified": v["verified"], "reason": v["reason"], "overflows": v["overflows"],
+            "structural": v["structural"], "numeric": _summary(v["numeric"])}
 
 
 def stage_evaluation(qm: QuantizedModel, prep: Prepared) -> dict:

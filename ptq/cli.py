@@ -1,7 +1,8 @@
 """The `ptq` command: a thin shell over the Python API.
 
 Human output goes to stderr through rich; `--json` prints one JSON object on stdout. Exit codes:
-0 success, 2 user error (one line), 1 internal error (traceback only with --debug).
+0 success, 2 user error (one line), 3 not verified (`quantize` keeps its output for inspection),
+1 internal error (traceback only with --debug).
 """
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ from rich.markup import escape
 from .calib.progress import console
 from .errors import PtqError
 from .version import __version__
+
+NOT_VERIFIED = 3  # exit code of quantize and simulate when the manifest does not verify
+QUANTIZE_EXIT_CODES = """exit codes: 0 written and verified; 2 user error (one line naming the culprit and the fix);
+3 written but NOT verified: the output is kept for inspection and one line names the failing check
+(level 1: a validation problem or a data-free accumulator bound; level 2: simulator vs reference;
+accumulator overflows) and the directory; 1 internal error (traceback with --debug)"""
 
 
 def _json_safe(v: Any) -> Any:
@@ -85,18 +92,19 @@ def cmd_quantize(args) -> int:
     qm.save(out, force=args.force, protect=inputs)
     r = qm.report
     v = r["verification"]
-    verified = v["structural"]["ok"] and v["numeric"]["ok"]
     if not args.json:
         _fidelity_table(escape(f"{r['model']} · {r['recipe']} → {out}"), {**r["fidelity"], "mean_weight_bits": r["mean_weight_bits"],
                                                                      "model_bytes": r["model_bytes"]})
-        status = "[green]verified[/]" if verified else "[red]NOT verified[/]"
-        console.print(f"integer simulator {status}: max share off by >1 LSB {1 - v['numeric']['min_share_within_1lsb']:.2e}, "
+    if v["verified"] and not args.json:
+        console.print(f"integer simulator [green]verified[/]: max share off by >1 LSB {1 - v['numeric']['min_share_within_1lsb']:.2e}, "
                       f"top-1 sim vs reference {v['numeric']['top1_agreement_sim_vs_reference']:.1f}%; "
                       f"{time.perf_counter() - t0:.1f}s")
+    elif not v["verified"]:  # a pipeline must not take this output for a good one; it stays for inspection
+        console.print(f"[red]NOT verified[/]: {escape(str(v['reason']))}; the output is kept for inspection in {escape(str(out))}", soft_wrap=True)
     _emit(args, {"out": str(out), "mean_weight_bits": r["mean_weight_bits"], "model_bytes": r["model_bytes"],
                  "recipe": r["recipe"], "method": r["method"], "seconds": time.perf_counter() - t0,
-                 "verified": verified, "fidelity": r["fidelity"]})
-    return 0
+                 "verified": v["verified"], "reason": v["reason"], "fidelity": r["fidelity"]})
+    return 0 if v["verified"] else NOT_VERIFIED
 
 
 def cmd_simulate(args) -> int:
@@ -104,7 +112,7 @@ def cmd_simulate(args) -> int:
     qm = ptq.load(args.dir)
     v = qm.verify(args.data, args.size, args.seed, args.accumulator, args.accumulator_bits)
     num, layers, overflows = v["numeric"], v["layers"], v["overflows"]
-    res = {"verified": v["verified"], "overflows": overflows, "max_lsb_error": num["max_lsb_error"],
+    res = {"verified": v["verified"], "reason": v["reason"], "overflows": overflows, "max_lsb_error": num["max_lsb_error"],
            "min_share_within_1lsb": num["min_share_within_1lsb"],
            "top1_agreement_vs_reference": num["top1_agreement_sim_vs_reference"],
            "accumulator_mode": v["accumulator_mode"], "samples": num["samples"], "layers": layers, "data": v["data"]}
@@ -120,11 +128,11 @@ def cmd_simulate(args) -> int:
         console.print(t)
         if overflows:
             console.print(f"[bold red]OVERFLOW:[/] {overflows} accumulator values exceeded their declared width")
-        console.print(("[green]verified[/]" if v["verified"] else "[red]NOT verified[/]") +
+        console.print(("[green]verified[/]" if v["verified"] else f"[red]NOT verified[/] ({escape(str(v['reason']))})") +
                       f": share within 1 LSB ≥ {num['min_share_within_1lsb']:.5f} (worst {escape(str(num['worst_tensor']))}), "
-                      f"top-1 sim vs reference {num['top1_agreement_sim_vs_reference']:.2f}%")
+                      f"top-1 sim vs reference {num['top1_agreement_sim_vs_reference']:.2f}%", soft_wrap=True)
     _emit(args, res)
-    return 0 if v["verified"] else 3
+    return 0 if v["verified"] else NOT_VERIFIED
 
 
 def cmd_eval(args) -> int:
@@ -269,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model and write a verified manifest directory")
+    q = sub.add_parser("quantize", help="quantize a model and write a verified manifest directory",
+                       epilog=QUANTIZE_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("model", help="torchvision name, efficientnet_lite0, a saved .pt module, or pkg.module:factory")
     q.add_argument("--recipe", default="w8a8", help="built-in recipe name or a .toml file (see `ptq recipes`)")
     q.add_argument("--calib", default="samples", help="image folder, .npy/.npz/.pt tensor file, or 'samples' (bundled photos)")

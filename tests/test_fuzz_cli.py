@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from ptq.cli import main
 
 ALLOWED = (0, 2, 3)
-FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -95,7 +95,7 @@ NUMBERS = st.one_of(st.integers(min_value=-2**40, max_value=2**40).map(str),
                     st.sampled_from(["nan", "inf", "-inf", "1e400", "0.5", "-0", "", "x", "0x10", "1_000"]))
 
 
-@settings(max_examples=12, deadline=None, derandomize=True,
+@settings(max_examples=12, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(option=st.sampled_from(["--size", "--seed", "--accumulator-bits"]), value=NUMBERS)
 def test_simulate_numeric_options(base, capsys, option, value):
@@ -105,7 +105,7 @@ def test_simulate_numeric_options(base, capsys, option, value):
     assert "Traceback" not in text and "internal error" not in text
 
 
-@settings(max_examples=12, deadline=None, derandomize=True,
+@settings(max_examples=12, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(option=st.sampled_from(["--calib-size", "--eval-size", "--seed", "--set accumulator.bits=",
                                "--set calibration.batch_size=", "--set activations.percentile=",

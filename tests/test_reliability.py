@@ -340,6 +340,44 @@ def test_same_seed_and_any_thread_count_give_identical_bytes(digits, tmp_path):
     assert codes[0].dtype == np.int64 and np.array_equal(codes[0], codes[1]) and np.array_equal(codes[0], codes[2])
 
 
+THREADS_CHILD = r"""
+import hashlib, json, sys, tempfile
+import numpy as np, torch
+from ptq.api import prepare, quantize_prepared
+from ptq.manifest import save
+from ptq.recipe import builtin_names
+model, calib, data = sys.argv[1:4]
+prep = prepare(torch.load(model, weights_only=False), np.load(calib), "w8a8", seed=5, eval_data=np.load(data), eval_size=16)
+out = {}
+with tempfile.TemporaryDirectory() as d:
+    for name in builtin_names():
+        p = save(quantize_prepared(prep, name).manifest, f"{d}/{name}")
+        out[name] = [hashlib.sha256((p / f).read_bytes()).hexdigest() for f in ("manifest.json", "tensors.safetensors")]
+print(json.dumps(out))
+"""
+
+
+def test_every_recipe_gives_identical_bytes_at_1_and_2_threads(digits, tmp_path):
+    """Every shipped recipe on the digits CNN, in processes started with OMP_NUM_THREADS=1 and 2
+    (statistics, method, manifest, bias correction and verification each time): manifest.json and
+    tensors.safetensors are byte-identical."""
+    from ptq.recipe import builtin_names
+    model, xtr, _, xte, _ = digits
+    torch.save(model, tmp_path / "digits.pt")
+    np.save(tmp_path / "calib.npy", xtr[:96])
+    np.save(tmp_path / "eval.npy", xte[:16])
+    argv = [sys.executable, "-c", THREADS_CHILD] + [str(tmp_path / f) for f in ("digits.pt", "calib.npy", "eval.npy")]
+    procs = {n: subprocess.Popen(argv, env={**_child_env(), "OMP_NUM_THREADS": str(n)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for n in (1, 2)}
+    digests = {}
+    for n, p in procs.items():
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err
+        digests[n] = json.loads(out.splitlines()[-1])
+    assert sorted(digests[1]) == builtin_names() == sorted(f.stem for f in (ROOT / "recipes").glob("*.toml"))
+    assert [r for r in digests[1] if digests[1][r] != digests[2][r]] == []
+
+
 # ---------------------------------------------------------------- bad input through the CLI
 
 EXPECTED = {

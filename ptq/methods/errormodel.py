@@ -3,13 +3,34 @@
 A channel's output error for an approximation ŵ is (w − ŵ)ᵀ H (w − ŵ), with H = E[x xᵀ] of the
 layer's input patches (one H per conv group). Clipping by this error instead of weight MSE is what
 keeps low-bit layers usable (docs/ALGORITHMS.md, uniform).
+
+These sums decide clip ratios, SWIS sets, refitted scales and the allocator's choices, and some
+are written into the manifest; they run under `fixed_order` so that they are the same bytes at any
+thread count.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from ..intmath import qmax, round_half_up
+
+
+@contextlib.contextmanager
+def fixed_order() -> Iterator[None]:
+    """Run torch's reductions single-threaded inside: its BLAS picks a kernel, and so a summation
+    order, by the number of threads (float32 and float64 GEMMs of a few rows differ in the last
+    bits between 1 and 2 threads), and a last-bit difference here flips a near-tied choice or a
+    recorded scale. Single-threaded, the same inputs give the same bytes at any thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
@@ -33,7 +54,8 @@ class ErrorModel:
             return d
         lead, k, g = d.shape[:-2], d.shape[-1], self.groups
         dg = d.reshape(-1, g, self.channels // g, k).permute(1, 0, 2, 3).reshape(g, -1, k)
-        hd = torch.bmm(dg, self.h)  # H is symmetric: rows of dg·H are H·d
+        with fixed_order():
+            hd = torch.bmm(dg, self.h)  # H is symmetric: rows of dg·H are H·d
         return hd.reshape(g, -1, self.channels // g, k).permute(1, 0, 2, 3).reshape(*lead, self.channels, k)
 
     def __call__(self, diff: np.ndarray) -> np.ndarray:

@@ -47,7 +47,7 @@ from ..errors import BudgetError, RecipeError
 from ..ir import Graph, Op
 from .fields import Field, layer_setting
 from ..intmath import qmax
-from .errormodel import ErrorModel, clip_search
+from .errormodel import ErrorModel, clip_search, fixed_order
 from .registry import register
 from ..ir import LayerWeights, WeightQuant
 from .base import error_weights, first_last, layer_error
@@ -122,7 +122,8 @@ def best_sets(x: np.ndarray, h: np.ndarray, tables: np.ndarray) -> tuple[np.ndar
         for lo in range(0, m, step):
             v = tab.index_select(1, cell[lo:lo + step].reshape(-1)).view(s, -1, g)  # (S, m, G)
             d = v - xt[lo:lo + step]
-            e = torch.einsum("smg,mg->sm", d * d, ht[lo:lo + step])
+            with fixed_order():
+                e = torch.einsum("smg,mg->sm", d * d, ht[lo:lo + step])
             best[lo:lo + step] = e.argmin(0)
     idx = best.numpy()
     mags = tables[idx[:, None], cell.numpy()]  # (M, G)
@@ -188,7 +189,8 @@ def feedback_decompose(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, ta
     dead = diag <= 0
     x.masked_fill_(dead[:, None, :], 0.0)  # an input never seen on calibration data: its weight is free
     h = h + torch.diag_embed(dead.double() + DAMP * diag.mean(1, keepdim=True).clamp_min(1e-12).expand_as(diag))
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (g, K, K)
+    with fixed_order():
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (g, K, K)
     ud = torch.diagonal(u, dim1=1, dim2=2)  # (g, K)
     tab = torch.from_numpy(tables)
     q = torch.zeros_like(x)

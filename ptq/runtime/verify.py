@@ -130,6 +130,35 @@ def run_verification(m: Manifest, batches, accumulator: str | None = None, accum
     layers = {name: st.to_dict() for name, st in sim.layers.items()}
     overflows = sum(v["overflows"] for v in layers.values())
     counted = accumulator in ("wrap", "saturate") or any(op["accumulator"]["mode"] != "exact" for op in m.weighted_ops())
-    return {"verified": bool(level1["ok"] and level2["ok"] and (overflows == 0 or not counted)),
+    verified = bool(level1["ok"] and level2["ok"] and (overflows == 0 or not counted))
+    return {"verified": verified, "reason": None if verified else failure_reason(level1, level2, layers if counted else {}),
             "structural": level1, "numeric": level2, "overflows": overflows, "overflows_counted": counted,
             "accumulator_mode": accumulator or "manifest", "layers": layers}
+
+
+def failure_reason(level1: dict, level2: dict, layers: dict | None = None) -> str:
+    """One line naming every failing check: level 1's validation problem or the layers whose
+    data-free bound exceeds their accumulator, level 2's numbers against their thresholds, and the
+    layers that overflowed (`layers`: per-layer accumulator records, where overflows count)."""
+    reasons = []
+    if level1["problem"]:
+        reasons.append(f"level 1: {level1['problem']}")
+    over = [f"{name} ({l['data_free_bits']} > {l['accumulator_bits']} bits)"
+            for name, l in level1["layers"].items() if not l["data_free_ok"]]
+    if over:
+        more = f" and {len(over) - 3} more" if len(over) > 3 else ""
+        reasons.append(f"level 1: the data-free accumulator bound exceeds the declared width in {', '.join(over[:3])}{more}")
+    share = level2["min_share_within_1lsb"]
+    if share < LSB_SHARE_REQUIRED:
+        reasons.append(f"level 2: {100 * share:.2f}% of tensor {level2['worst_tensor']} is within 1 LSB of the "
+                       f"reference (needs {100 * LSB_SHARE_REQUIRED:g}%)")
+    top1 = level2["top1_agreement_decisive"]
+    if top1 < 100 * TOP1_REQUIRED:
+        reasons.append(f"level 2: top-1 agreement with the reference on the {level2['decisive_samples']} decisive "
+                       f"samples is {top1:.1f}% (needs {100 * TOP1_REQUIRED:g}%)")
+    flows = {name: l["overflows"] for name, l in (layers or {}).items() if l["overflows"]}
+    if flows:
+        reasons.append(f"{sum(flows.values())} accumulator overflow(s) in "
+                       + ", ".join(f"{name} ({n})" for name, n in list(flows.items())[:3])
+                       + (f" and {len(flows) - 3} more layers" if len(flows) > 3 else ""))
+    return "; ".join(reasons)
