@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from . import bitserial
 from .biascorrect import choose_and_correct
 from .calib.collect import Statistics, collect_statistics
 from .calib.preprocess import Preprocess
@@ -381,6 +382,9 @@ def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manif
     m = build_manifest(prep.graph, prep.stats, recipe, weights, header)
     if weights.info:
         m.data["method_info"] = weights.info
+    if "swis" in weights.info:  # the builder's bias fit may have lowered a layer's cycles: totals follow the records
+        weights.info["swis"].update(bitserial.totals({op["name"]: op["weight"] for op in m.weighted_ops()
+                                                      if op["weight"]["scheme"] == "swis"}))
     return m
 
 

@@ -1,7 +1,8 @@
 """Bit-serial cycle model of SWIS weights: shared bit positions, zero skipping, lock-stepped lanes.
 
 Pure numpy on integer weights, no torch: the method (ptq/methods/swis.py), the manifest validator
-and the simulator report all count cycles with these functions, so they agree by construction.
+and the simulator report all count cycles with these functions, and the method and the manifest
+builder map values onto a group's shift set with the same tables, so they agree by construction.
 
 The machine (ours; the paper's exact scheme is unavailable, docs/ALGORITHMS.md "swis"):
 - A **group** is G consecutive weights of one output channel along the reduction axis K (the last
@@ -68,6 +69,32 @@ def unrepresentable(q: np.ndarray, shifts: np.ndarray, group: int) -> np.ndarray
     return (grouped(q, group) & ~np.asarray(shifts, np.int64)[..., None]) != 0
 
 
+def nearest_tables(masks: np.ndarray, magnitude_bits: int) -> np.ndarray:
+    """(S, 2^(mb+1)) table: for the half-unit cell t = ⌊2x⌋ of a magnitude x, the nearest value set S represents.
+
+    The midpoints between integers are integers or half-integers, so every x in a cell has the same
+    nearest representable value, that of the cell's centre (t + ½)/2; exact ties go up (round half up).
+    """
+    values = np.arange(1 << magnitude_bits, dtype=np.int64)
+    ok = (values[None, :] & ~masks[:, None]) == 0  # (S, V)
+    centres = (np.arange(2 << magnitude_bits) + 0.5) / 2.0
+    dist = np.abs(centres[None, None, :] - values[None, :, None]) + np.where(ok, 0.0, np.inf)[:, :, None]
+    return values[dist.argmin(axis=1)]  # (S, T)
+
+
+def nearest_representable(x: np.ndarray, shifts: np.ndarray, group: int, bits: int) -> np.ndarray:
+    """Signed integers (C, K): each real x (C, K) mapped to the nearest value its group's shift set
+    (C, ⌈K/G⌉ bitmasks) represents — zero always is — by the tables of `nearest_tables`."""
+    c, k = x.shape
+    mb = bits - 1
+    masks, which = np.unique(np.asarray(shifts, np.int64), return_inverse=True)
+    tables = nearest_tables(masks, mb)
+    per_weight = np.repeat(which.reshape(c, -1), group, axis=1)[:, :k]
+    mag = np.clip(np.abs(x), 0, (1 << mb) - 1)
+    cell = np.clip(np.floor(2 * mag).astype(np.int64), 0, tables.shape[1] - 1)
+    return (np.sign(x) * tables[per_weight, cell]).astype(np.int64)
+
+
 def lockstep_cycles(cycles: np.ndarray, lanes: int) -> int:
     """Cycles of groups issued in the given order to `lanes` lock-stepped lanes (steps of `lanes`)."""
     c = np.asarray(cycles, np.int64).ravel()
@@ -129,5 +156,5 @@ def totals(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["grouped", "group_cycles", "layer_schedule", "lockstep_cycles", "popcount", "schedule_order",
-           "storage_bits", "totals", "unrepresentable", "used_positions"]
+__all__ = ["grouped", "group_cycles", "layer_schedule", "lockstep_cycles", "nearest_representable", "nearest_tables",
+           "popcount", "schedule_order", "storage_bits", "totals", "unrepresentable", "used_positions"]

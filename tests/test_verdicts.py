@@ -1,7 +1,7 @@
 """Verdicts: `ptq quantize` calls done only a manifest that verifies and that its own loader accepts.
 
 A manifest that does not verify is still written (for inspection), but the run exits 3 and names
-the failing check.
+the failing check; no shared step of the builder may leave a weight its scheme cannot represent.
 """
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import ptq
+from ptq import bitserial
 from ptq.cli import main
+from ptq.manifest.build import BIAS_HEADROOM, INT32_MAX, fit_bias_scale
 from ptq.runtime.verify import failure_reason
 
 
@@ -89,3 +92,106 @@ def test_failure_reason_names_every_failing_check_with_its_numbers():
         "4 accumulator overflow(s) in a (4)"]
     ok2 = {**LEVEL2, "min_share_within_1lsb": 1.0, "top1_agreement_decisive": 100.0}
     assert failure_reason(LEVEL1, ok2) == "level 1: the data-free accumulator bound exceeds the declared width in a (17 > 16 bits)"
+
+
+# ---------------------------------------------------------------- near-dead channels (int32 bias fit)
+
+DEAD = 3
+
+
+class NearDead(nn.Module):
+    """Digits-sized convs whose middle layer has one channel with weights ~1e-6 and a bias of 1: its
+    bias does not fit int32 at the method's scale, so the builder must raise that channel's scale."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.c2.weight[DEAD] = torch.randn_like(self.c2.weight[DEAD]) * 1e-6
+            self.c2.bias[DEAD] = 1.0
+
+    def forward(self, x):
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def digit_images():
+    from benchmarks.digits import digits_data
+    xtr, _, xte, _ = digits_data()
+    return xtr, xte
+
+
+@pytest.mark.parametrize("recipe", ["w4a8", "multipoint", "swis", "bitplane", "acc16"])
+def test_a_near_dead_channel_stays_on_its_schemes_grid(recipe, digit_images, tmp_path):
+    xtr, xte = digit_images
+    qm = ptq.quantize(NearDead().eval(), xtr[:32], recipe, eval_data=xte[:8], eval_size=8)
+    v = qm.report["verification"]
+    assert v["verified"] is True and v["reason"] is None, v["reason"]
+    loaded = ptq.load(qm.save(tmp_path / recipe)).manifest  # the loader's every check, each scheme's rules included
+    op = next(o for o in loaded.weighted_ops() if o["name"] == "c2")
+    scale = loaded.tensor(op["weight"]["terms"][0]["scale"])[DEAD]
+    if recipe == "acc16":  # the method fits the channel to its 16-bit bound itself, with a step the bias fits
+        s_x = loaded.encoding(op["inputs"][0])["scale"]
+        assert op["bias"]["saturated"] == 0
+        assert int(loaded.tensor(op["bias"]["q"])[DEAD]) * s_x * scale == pytest.approx(1.0, abs=s_x * scale)
+        return
+    floor = 1.0 * BIAS_HEADROOM / (loaded.encoding(op["inputs"][0])["scale"] * INT32_MAX)
+    assert scale == pytest.approx(floor, rel=1e-12)  # raised so that the bias fits int32
+    q = loaded.tensor(op["weight"]["terms"][0]["q"])
+    w = op["weight"]
+    if w["scheme"] != "swis":
+        assert np.abs(q[DEAD]).max() > 0  # re-rounded on the scheme's grid, not dropped
+    else:  # the nearest values of sets without low positions are zeros here
+        shifts = loaded.tensor(w["extra"]["shifts"])
+        assert not bitserial.unrepresentable(q, shifts, w["group"]).any()
+        assert loaded.data["method_info"]["swis"]["cycles"] == sum(o["weight"]["cycles"] for o in loaded.weighted_ops())
+
+
+def test_a_weight_its_scheme_cannot_represent_is_not_verified_and_named(digit_images, tmp_path, monkeypatch):
+    """Were a shared step to round a SWIS channel plainly (the rule before), quantize runs the
+    loader's validation on what it built, exits 3 and names the weight and its group's set."""
+    from ptq.manifest import schemes
+    monkeypatch.setitem(schemes.ONTO_GRID, "swis", schemes.ONTO_GRID["uniform"])
+    xtr, xte = digit_images
+    torch.save(NearDead().eval(), tmp_path / "near_dead.pt")
+    np.save(tmp_path / "calib.npy", xtr[:32])
+    np.save(tmp_path / "eval.npy", xte[:8])
+    out = tmp_path / "out"
+    code, stdout, err = cli("quantize", str(tmp_path / "near_dead.pt"), "--input-shape", "1,8,8", "--recipe", "swis",
+                            "--calib", str(tmp_path / "calib.npy"), "--data", str(tmp_path / "eval.npy"),
+                            "--eval-size", "8", "--out", str(out), "--json")
+    res = json.loads(stdout)
+    assert code == 3 and res["verified"] is False, err
+    assert res["reason"].startswith(f"level 1: manifest field 'graph.ops[1].weight.terms[0].q': weight [{DEAD}, ")
+    assert "is not representable by its group's shift set" in res["reason"]
+    with pytest.raises(ptq.errors.ManifestError, match="is not representable by its group's shift set"):
+        ptq.load(out)  # the kept output is what the loader refuses, and the verdict said so
+
+
+def test_bias_fit_maps_a_swis_channel_onto_its_groups_shift_sets():
+    """The scale rise re-rounds channel 0 to q·ratio ≈ (12.9, 5.4, 1.1, ...); plain rounding (13, 5, 1)
+    is not on the set {8, 32, 64} of its group, the nearest values (8, 8, 0) are."""
+    from ptq.ir import WeightQuant
+    mask = 0b1101000
+    q = np.zeros((2, 1, 1, 8), np.int64)
+    q[0, 0, 0, :3] = (96, 40, 8)
+    q[1, 0, 0, :2] = (64, 32)
+    shifts = np.full((2, 1), mask, np.int32)
+    summary, order = bitserial.layer_schedule(q, 8, 16, 3, 8)
+    wq = WeightQuant({"scheme": "swis", "bits": 8, "group": 8, "shared_bits": 3, **summary},
+                     [(q, np.array([1e-9, 1.0]))], 5.125, {"shifts": shifts, "order": order.astype(np.int32)})
+    fit_bias_scale(wq, np.array([1.0, 0.0]), 1.0)
+    q2, s2 = wq.terms[0]
+    ratio = 1e-9 / (16 / INT32_MAX)
+    assert s2[0] == 16 / INT32_MAX and s2[1] == 1.0
+    assert np.allclose(q[0, 0, 0, :3] * ratio, [12.9, 5.37, 1.07], atol=0.02)
+    assert q2[0, 0, 0].tolist() == [8, 8, 0, 0, 0, 0, 0, 0] and np.array_equal(q2[1], q[1])
+    assert not bitserial.unrepresentable(q2, shifts, 8).any()
+    recount, new_order = bitserial.layer_schedule(q2, 8, 16, 3, 8)
+    assert {k: wq.scheme[k] for k in recount} == recount and np.array_equal(wq.extra["order"], new_order)
+    assert wq.scheme["mean_group_cycles"] == 1.5  # channel 0's group now uses one position (8), channel 1's two

@@ -16,10 +16,11 @@ from .. import accbound
 from ..calib.collect import Statistics
 from ..calib.observers import Encoding, choose_encoding
 from ..errors import RecipeError
-from ..intmath import dyadic_shared, qmax, round_half_up
+from ..intmath import dyadic_shared, round_half_up
 from ..ir import Graph, Op, WeightQuant, require_all
 from ..ir.floatops import lut_function
 from .format import FORMAT, VERSION, Manifest
+from .schemes import ONTO_GRID
 
 INT32_MAX = 2**31 - 1
 
@@ -122,19 +123,18 @@ BIAS_HEADROOM = 16  # the int32 bias keeps this factor of room for later bias co
 def fit_bias_scale(wq: WeightQuant, bias: np.ndarray, s_x: float) -> None:
     """Raise term-0 scales where the bias would not fit int32 at scale s_x·scale.
 
-    Happens on near-dead channels (BatchNorm folded to weights ~1e-9 with a real bias); their
-    weights are re-rounded on the coarser grid, which leaves them (near) zero as they were.
+    Happens on near-dead channels (BatchNorm folded to weights ~1e-9 with a real bias). Their
+    integers are mapped onto the coarser scale by the scheme's own rule (`schemes.ONTO_GRID`: plain
+    rounding is not on a SWIS group's shift set), which leaves them near zero as they were.
     """
     q, s = wq.terms[0]
     floor = np.abs(bias) * BIAS_HEADROOM / (s_x * INT32_MAX)
     low = s < floor
     if np.any(low):
-        s = s.copy()
         new = np.where(low, floor, s)
-        lim = qmax(wq.scheme.get("bits", 8))
-        ratio = (s / new).reshape(-1, *([1] * (q.ndim - 1)))
-        q = np.where(low.reshape(ratio.shape), np.clip(round_half_up(q * ratio), -lim, lim), q).astype(np.int64)
+        rows = low.reshape(-1, *([1] * (q.ndim - 1)))
         wq.terms[0] = (q, new)
+        ONTO_GRID[wq.scheme["scheme"]](wq, q * (s / new).reshape(rows.shape), rows)
 
 
 def _weighted(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .. import bitserial
+from ..bitserial import nearest_tables
 from .allocator import Candidate, LayerChoices, solve_allocation
 from ..errors import BudgetError, RecipeError
 from ..ir import Graph, Op
@@ -89,19 +90,6 @@ def position_sets(magnitude_bits: int, n: int, truncate: bool = False) -> np.nda
     if truncate:
         return np.array([sum(1 << k for k in range(magnitude_bits - n, magnitude_bits))], np.int64)
     return np.array([sum(1 << k for k in c) for c in itertools.combinations(range(magnitude_bits), n)], np.int64)
-
-
-def nearest_tables(masks: np.ndarray, magnitude_bits: int) -> np.ndarray:
-    """(S, 2^(mb+1)) table: for the half-unit cell t = ⌊2x⌋ of a magnitude x, the nearest value set S represents.
-
-    The midpoints between integers are integers or half-integers, so every x in a cell has the same
-    nearest representable value, that of the cell's centre (t + ½)/2; exact ties go up (round half up).
-    """
-    values = np.arange(1 << magnitude_bits, dtype=np.int64)
-    ok = (values[None, :] & ~masks[:, None]) == 0  # (S, V)
-    centres = (np.arange(2 << magnitude_bits) + 0.5) / 2.0
-    dist = np.abs(centres[None, None, :] - values[None, :, None]) + np.where(ok, 0.0, np.inf)[:, :, None]
-    return values[dist.argmin(axis=1)]  # (S, T)
 
 
 def best_sets(x: np.ndarray, h: np.ndarray, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
