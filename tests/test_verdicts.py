@@ -162,7 +162,7 @@ def test_a_weight_its_scheme_cannot_represent_is_not_verified_and_named(digit_im
     np.save(tmp_path / "calib.npy", xtr[:32])
     np.save(tmp_path / "eval.npy", xte[:8])
     out = tmp_path / "out"
-    code, stdout, err = cli("quantize", str(tmp_path / "near_dead.pt"), "--input-shape", "1,8,8", "--recipe", "swis",
+    code, stdout, err = cli("quantize", str(tmp_path / "near_dead.pt"), "--trust-model-file", "--input-shape", "1,8,8", "--recipe", "swis",
                             "--calib", str(tmp_path / "calib.npy"), "--data", str(tmp_path / "eval.npy"),
                             "--eval-size", "8", "--out", str(out), "--json")
     res = json.loads(stdout)
