@@ -86,6 +86,33 @@ class Branchy(Tiny):
         return self.fc(self.gate(nn.functional.relu(self.conv(x))).flatten(1))
 
 
+class Payload:
+    """Unpickling this object creates the marker file: stands for any code hidden in a pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+MARKER = "payload-ran"  # created in the temporary directory only if a payload ever executes
+
+
+def hostile_manifest(good: Path, dst: Path, edit) -> Path:
+    """A copy of the good output with `edit(manifest_dict)` applied (the tensor file and its hash stay valid)."""
+    import shutil
+    shutil.copytree(good, dst)
+    data = json.loads((dst / "manifest.json").read_text())
+    edit(data)
+    (dst / "manifest.json").write_text(json.dumps(data))
+    return dst
+
+
+def _first_weighted(data: dict) -> dict:
+    return next(op for op in data["graph"]["ops"] if "weight" in op)
+
+
 def tiny() -> nn.Module:
     torch.manual_seed(0)
     return Tiny().eval()
@@ -154,7 +181,9 @@ def make_fixtures(d: Path) -> dict[str, Path]:
          "int_pt": d / "int.pt", "trunc_imgs": d / "trunc_imgs", "short_labels": d / "short_labels.npz",
          "str_labels": d / "str_labels.npz", "onehot_labels": d / "onehot_labels.npz", "big_labels": d / "big_labels.npz",
          "latin1_recipe": d / "latin1.toml", "foreign_recipe": d / "foreign.toml", "unmatched_recipe": d / "unmatched.toml",
-         "dp_weights": d / "dataparallel.pth", "broken_module": d / "ptq_rel_broken.py"}
+         "dp_weights": d / "dataparallel.pth", "broken_module": d / "ptq_rel_broken.py",
+         "evil_module": d / "ptq_rel_evil.py", "evil_pickle": d / "evil.pt", "users_dir": d / "users_results",
+         "not_onnx": d / "notes.onnx"}
     torch.save(tiny(), f["tiny"])
     m = tiny()
     with torch.no_grad():
@@ -198,6 +227,12 @@ def make_fixtures(d: Path) -> dict[str, Path]:
     f["unmatched_recipe"].write_text('method = "uniform"\n[weights]\nbits = 4\n[[overrides]]\nlayers = ["first", "layer4.*"]\n'
                                      'weights = { bits = 8 }\n')
     torch.save({f"module.{k}": v for k, v in tiny().state_dict().items()}, f["dp_weights"])
+    f["evil_module"].write_text(f"import pathlib\npathlib.Path({str(d / MARKER)!r}).write_text('imported')\n"
+                                "def make():\n    from benchmarks.reliability import tiny\n    return tiny()\n")
+    torch.save(Payload(d / MARKER), f["evil_pickle"])
+    f["users_dir"].mkdir()
+    (f["users_dir"] / "thesis.tex").write_text("not written by ptq\n")
+    f["not_onnx"].write_text("plain text, not a protobuf\n")
     f["broken_module"].write_text("def tiny(:\n    pass\n")  # a SyntaxError when imported (d is on sys.path)
     return f
 
@@ -277,14 +312,46 @@ def cases(f: dict[str, Path]) -> list[dict]:
         {"class": "state dict with a 'module.' prefix", "argv": q + ["benchmarks.reliability:tiny", "--weights", str(f["dp_weights"])] + calib + good, "code": 2},
         {"class": "MILP solver banner (acc16, must print nothing)", "argv": q + tiny_args + calib[2:] + ["--recipe", "acc16", "--out", str(f["good"].with_name("acc16_out")), "--json"], "code": 0,
          "quiet": True},
+        # trust: a payload creates MARKER if it ever runs
+        {"class": "eval of a manifest naming a factory with an import-time payload", "group": "trust",
+         "argv": ["eval", str(f["evil_factory"]), "--data", str(f["calib"])], "code": 2, "markers": True},
+        {"class": "eval of a manifest naming a pickled file with a payload", "group": "trust",
+         "argv": ["eval", str(f["evil_pickled"]), "--data", str(f["calib"])], "code": 2, "markers": True},
+        {"class": "quantize of a pickled file with a payload, no --trust-model-file", "group": "trust",
+         "argv": q + [str(f["evil_pickle"])] + calib + good, "code": 2, "markers": True},
+        # outputs
+        {"class": "--force onto a directory ptq did not write", "group": "outputs",
+         "argv": q + tiny_args + calib[2:] + ["--out", str(f["users_dir"]), "--force"], "code": 2, "keep": f["users_dir"]},
+        {"class": "--out . (the working directory)", "group": "outputs", "argv": q + tiny_args + calib[2:] + ["--out", ".", "--force"], "code": 2},
+        {"class": "export --out an existing directory", "group": "outputs", "argv": ["export", str(f["good"]), "--out", str(f["empty_dir"])], "code": 2},
+        {"class": "inspect a missing file", "group": "outputs", "argv": ["inspect", str(f["good"].with_name("nope.onnx"))], "code": 2},
+        {"class": "inspect a file that is not ONNX", "group": "outputs", "argv": ["inspect", str(f["not_onnx"])], "code": 2},
+        {"class": "rich markup in a path ('x[/].npy')", "group": "outputs", "argv": q + tiny_args + ["--calib", str(f["good"].with_name("x[")) + "/].npy"] + good,
+         "code": 2, "needle": "x[/].npy"},
+        {"class": "rich markup in a path ('[bold]')", "group": "outputs", "argv": q + tiny_args + ["--calib", str(f["good"].with_name("[bold]nope.npy"))] + good,
+         "code": 2, "needle": "[bold]nope.npy"},
+        # verdicts: the output is kept for inspection, the exit code says it did not verify
+        {"class": "manifest that does not verify (8-bit accumulators)", "group": "verdicts",
+         "argv": q + tiny_args + calib[2:] + ["--set", "accumulator.bits=8", "--out", str(f["good"].with_name("acc8_out"))], "code": 3,
+         "needle": "NOT verified: level 1"},
+        # manifests the loader must refuse before any command trusts them
+        {"class": "manifest with an unknown accumulator mode", "group": "manifests", "argv": ["simulate", str(f["bad_mode"]), "--data", str(f["calib"])], "code": 2},
+        {"class": "manifest with a mistyped model field", "group": "manifests", "argv": ["inspect", str(f["bad_model"])], "code": 2},
+        {"class": "manifest with a deleted weight field", "group": "manifests", "argv": ["export", str(f["no_bits"])], "code": 2},
     ]
 
 
-def handled(case: dict, code: int, lines: int, intact: bool) -> bool:
+def handled(case: dict, code: int, lines: list[str], intact: bool) -> bool:
     """The case's outcome is the promised one: its exit code, one stderr line for a user error (none
-    for a quiet success), and the earlier good output untouched."""
+    for a quiet success) containing the case's needle verbatim, and the earlier good output untouched."""
     want_lines = 1 if case["code"] == 2 else 0 if case.get("quiet") else None
-    return code == case["code"] and intact and (want_lines is None or lines == want_lines)
+    return (code == case["code"] and intact and (want_lines is None or len(lines) == want_lines)
+            and case.get("needle", "") in " ".join(lines))
+
+
+def group(case: dict) -> str:
+    """The issue-20 class a case belongs to (the original bad-input table's cases are 'inputs')."""
+    return case.get("group", "inputs")
 
 
 def table(out: Path | None) -> list[dict]:
@@ -297,26 +364,42 @@ def table(out: Path | None) -> list[dict]:
             raise SystemExit(f"could not write the good output: {r.stderr}")
         import shutil
         shutil.copytree(f["good"], f["corrupt"])
+        f["evil_factory"] = hostile_manifest(f["good"], d / "evil_factory", lambda m: m["model"].update(
+            kind="factory", name="ptq_rel_evil:make"))
+        f["evil_pickled"] = hostile_manifest(f["good"], d / "evil_pickled", lambda m: m["model"].update(
+            kind="file", name=str(f["evil_pickle"])))
+        f["bad_mode"] = hostile_manifest(f["good"], d / "bad_mode", lambda m: _first_weighted(m)["accumulator"].update(mode="wrapping"))
+        f["bad_model"] = hostile_manifest(f["good"], d / "bad_model", lambda m: m["model"].update(kind=5))
+        f["no_bits"] = hostile_manifest(f["good"], d / "no_bits", lambda m: _first_weighted(m)["weight"].pop("bits"))
         blob = (f["corrupt"] / "tensors.safetensors").read_bytes()
         (f["corrupt"] / "tensors.safetensors").write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
         before = tree_digest(f["good"])
         for c in cases(f):
+            kept = tree_digest(c["keep"]) if "keep" in c else None
             r = run_cli(c["argv"], d, c.get("env"))
             lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-            intact = tree_digest(f["good"]) == before
+            intact = tree_digest(f["good"]) == before and (kept is None or tree_digest(c["keep"]) == kept)
+            payload_ran = (d / MARKER).exists()
+            intact = intact and not payload_ran
             leftovers = sorted(p.name for p in d.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
             cmd = "ptq " + shlex.join(c["argv"]).replace(tmp, "$TMP")
             rows.append({"class": c["class"], "command": cmd, "message": " / ".join(lines).replace(tmp, "$TMP"),
                          "exit_code": r.returncode, "expected_code": c["code"], "lines": len(lines),
                          "prior_output_intact": intact, "leftovers": leftovers,
-                         "handled": handled(c, r.returncode, len(lines), intact and not leftovers)})
+                         "group": group(c), "payload_ran": payload_ran,
+                         "handled": handled(c, r.returncode, lines, intact and not leftovers)})
             print(f"{r.returncode} {'ok ' if rows[-1]['handled'] else 'BAD'} {c['class']}: {rows[-1]['message'][:160]}", file=sys.stderr)
     md = ["| class | command | message (stderr) | exit | prior output intact |", "|---|---|---|---|---|"]
     for row in rows:
         md.append(f"| {row['class']} | `{row['command']}` | {row['message'].replace('|', '/')} | {row['exit_code']} | "
                   f"{'yes' if row['prior_output_intact'] else 'NO'}{' (leftovers: ' + ', '.join(row['leftovers']) + ')' if row['leftovers'] else ''} |")
     md.append(f"\n{sum(r['handled'] for r in rows)} of {len(rows)} classes handled (expected exit code; one line on "
-              "stderr for exit 2, none when a case must be quiet; prior output intact, nothing left behind).")
+              "stderr for exit 2, none when a case must be quiet; prior output intact, nothing left behind, no payload ran).")
+    md += ["", "| group | cases tried | handled | remaining |", "|---|---|---|---|"]
+    for g in dict.fromkeys(r["group"] for r in rows):
+        mine = [r for r in rows if r["group"] == g]
+        ok = sum(r["handled"] for r in mine)
+        md.append(f"| {g} | {len(mine)} | {ok} | {len(mine) - ok} |")
     text = "\n".join(md) + "\n"
     if out:
         out.write_text(text)

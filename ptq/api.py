@@ -34,6 +34,7 @@ from .manifest.publish import check_output  # noqa: F401  (API: refuse an output
 from .methods import METHODS
 from .methods.base import first_last
 from .methods.fields import unmatched_patterns
+from .methods.rounding import apply_rounding
 from .metrics import fidelity
 from .models import LoadedModel, check_finite, load_model, rebuild, supplied
 from .recipe import BASE_SCHEMA, resolve
@@ -353,10 +354,13 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
 
 
 def stage_method(graph: Graph, stats: Statistics, recipe: dict, strict: bool = False) -> LayerWeights:
-    """The recipe's method: integer weights per layer (plus what it records about itself)."""
+    """The recipe's method: integer weights per layer (plus what it records about itself), with their
+    rounding re-decided by the rounding engine where the recipe asks for it."""
     check_override_patterns(graph, recipe, strict)
     out = METHODS[recipe["method"]].quantize(graph, stats, recipe)
-    return out if isinstance(out, LayerWeights) else LayerWeights(out, {})
+    out = out if isinstance(out, LayerWeights) else LayerWeights(out, {})
+    apply_rounding(graph, stats, recipe, out)
+    return out
 
 
 def check_override_patterns(graph: Graph, recipe: dict, strict: bool) -> None:

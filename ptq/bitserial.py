@@ -82,19 +82,6 @@ def nearest_tables(masks: np.ndarray, magnitude_bits: int) -> np.ndarray:
     return values[dist.argmin(axis=1)]  # (S, T)
 
 
-def nearest_representable(x: np.ndarray, shifts: np.ndarray, group: int, bits: int) -> np.ndarray:
-    """Signed integers (C, K): each real x (C, K) mapped to the nearest value its group's shift set
-    (C, ⌈K/G⌉ bitmasks) represents — zero always is — by the tables of `nearest_tables`."""
-    c, k = x.shape
-    mb = bits - 1
-    masks, which = np.unique(np.asarray(shifts, np.int64), return_inverse=True)
-    tables = nearest_tables(masks, mb)
-    per_weight = np.repeat(which.reshape(c, -1), group, axis=1)[:, :k]
-    mag = np.clip(np.abs(x), 0, (1 << mb) - 1)
-    cell = np.clip(np.floor(2 * mag).astype(np.int64), 0, tables.shape[1] - 1)
-    return (np.sign(x) * tables[per_weight, cell]).astype(np.int64)
-
-
 def lockstep_cycles(cycles: np.ndarray, lanes: int) -> int:
     """Cycles of groups issued in the given order to `lanes` lock-stepped lanes (steps of `lanes`)."""
     c = np.asarray(cycles, np.int64).ravel()
@@ -156,5 +143,5 @@ def totals(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["grouped", "group_cycles", "layer_schedule", "lockstep_cycles", "nearest_representable", "nearest_tables",
+__all__ = ["grouped", "group_cycles", "layer_schedule", "lockstep_cycles", "nearest_tables",
            "popcount", "schedule_order", "storage_bits", "totals", "unrepresentable", "used_positions"]

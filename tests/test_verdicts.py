@@ -155,8 +155,8 @@ def test_a_near_dead_channel_stays_on_its_schemes_grid(recipe, digit_images, tmp
 def test_a_weight_its_scheme_cannot_represent_is_not_verified_and_named(digit_images, tmp_path, monkeypatch):
     """Were a shared step to round a SWIS channel plainly (the rule before), quantize runs the
     loader's validation on what it built, exits 3 and names the weight and its group's set."""
-    from ptq.manifest import schemes
-    monkeypatch.setitem(schemes.ONTO_GRID, "swis", schemes.ONTO_GRID["uniform"])
+    from ptq.ir import grids
+    monkeypatch.setattr(grids.SwisGrid, "project", grids.Grid.project)
     xtr, xte = digit_images
     torch.save(NearDead().eval(), tmp_path / "near_dead.pt")
     np.save(tmp_path / "calib.npy", xtr[:32])

@@ -18,9 +18,9 @@ from ..calib.observers import Encoding, choose_encoding
 from ..errors import RecipeError
 from ..intmath import dyadic_shared, round_half_up
 from ..ir import Graph, Op, WeightQuant, require_all
+from ..ir.grids import onto_grid
 from ..ir.floatops import lut_function
 from .format import FORMAT, VERSION, Manifest
-from .schemes import ONTO_GRID
 
 INT32_MAX = 2**31 - 1
 
@@ -124,7 +124,7 @@ def fit_bias_scale(wq: WeightQuant, bias: np.ndarray, s_x: float) -> None:
     """Raise term-0 scales where the bias would not fit int32 at scale s_x·scale.
 
     Happens on near-dead channels (BatchNorm folded to weights ~1e-9 with a real bias). Their
-    integers are mapped onto the coarser scale by the scheme's own rule (`schemes.ONTO_GRID`: plain
+    integers are mapped onto the coarser scale by the scheme's own grid (`ir.grids.onto_grid`: plain
     rounding is not on a SWIS group's shift set), which leaves them near zero as they were.
     """
     q, s = wq.terms[0]
@@ -134,7 +134,7 @@ def fit_bias_scale(wq: WeightQuant, bias: np.ndarray, s_x: float) -> None:
         new = np.where(low, floor, s)
         rows = low.reshape(-1, *([1] * (q.ndim - 1)))
         wq.terms[0] = (q, new)
-        ONTO_GRID[wq.scheme["scheme"]](wq, q * (s / new).reshape(rows.shape), rows)
+        onto_grid(wq, q * (s / new).reshape(rows.shape), rows)
 
 
 def _weighted(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:

@@ -4,9 +4,8 @@ how a real value is put on the scheme's grid.
 A scheme is a set of representable values per weight (uniform: the narrow symmetric grid, with an
 optional bit-plane window; multipoint: a sum of points, each on its own grid; swis: per group of
 weights, a shared set of bit positions). The checks run on every load, so whether a manifest
-validates never depends on which quantization method is installed or imported. The rounding rules
-(`ONTO_GRID`) serve the builder's shared steps that change a method's integers after it decided
-them (the int32 bias fit), so that no such step can leave a weight the scheme cannot represent.
+validates never depends on which quantization method is installed or imported. How a real value is
+put on a scheme's grid lives in `ptq.ir.grids`, shared with the methods' rounding engine.
 """
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .. import bitserial
-from ..intmath import qmax, round_half_up
-from ..ir import WeightQuant
+from ..intmath import qmax
 from .fields import fail, in_range, need, tensor
 from .format import Manifest
 
@@ -127,33 +125,4 @@ def check_swis(m, w: dict, where: str) -> None:
 
 SCHEMES: dict[str, Callable[[Manifest, dict, str], None]] = {
     "uniform": check_uniform, "multipoint": check_multipoint, "swis": check_swis,
-}
-
-
-def _round_onto_grid(wq: WeightQuant, x: np.ndarray, rows: np.ndarray) -> None:
-    """uniform (a bit-plane window is its b-bit grid) and multipoint (term 0 is the first point, on
-    the `bits` grid): round half up, clipped to the narrow range."""
-    q, s = wq.terms[0]
-    lim = qmax(wq.scheme["bits"])
-    wq.terms[0] = (np.where(rows, np.clip(round_half_up(x), -lim, lim), q).astype(np.int64), s)
-
-
-def _swis_onto_grid(wq: WeightQuant, x: np.ndarray, rows: np.ndarray) -> None:
-    """swis: the nearest value its group's shift set represents (the method's own mapping; the sets
-    are kept), then the layer's schedule and cycles are counted again from the new integers."""
-    q, s = wq.terms[0]
-    w = wq.scheme
-    c = q.shape[0]
-    near = bitserial.nearest_representable(x.reshape(c, -1), wq.extra["shifts"], w["group"], w["bits"])
-    q = np.where(rows, near.reshape(q.shape), q).astype(np.int64)
-    wq.terms[0] = (q, s)
-    summary, order = bitserial.layer_schedule(q, w["group"], w["lanes"], w["shared_bits"], w["bits"], w["out_positions"])
-    w.update(summary)
-    wq.extra["order"] = order.astype(wq.extra["order"].dtype)
-
-
-# term 0's integers for real values x (shaped like the weight) on the rows (channels) marked, in
-# place, with every recorded field that depends on them
-ONTO_GRID: dict[str, Callable[[WeightQuant, np.ndarray, np.ndarray], None]] = {
-    "uniform": _round_onto_grid, "multipoint": _round_onto_grid, "swis": _swis_onto_grid,
 }

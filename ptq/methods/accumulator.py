@@ -87,13 +87,20 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
             e_a = (e.scale ** 2 / 12.0) * (what ** 2).sum(1)
             error = float(np.sum(weight * (e_w + e_a)))
             wq = WeightQuant({"scheme": "uniform", "bits": m, "narrow_range": True},
-                             [(q.reshape(op.weight.shape).astype(np.int64), scale)], float(m), input_bits=n)
+                             [(q.reshape(op.weight.shape).astype(np.int64), scale)], float(m), input_bits=n,
+                             l1_budget=_budget(q, bias, e.scale * scale, p, xmax) if p < 32 else None)
             out.append(Candidate({"weight_bits": m, "input_bits": n, "projected": projected}, error,
                                  {"weight_bits": float(params * m), "bops": macs * m * n}, need, wq))
     return out
 
 
 STEP_GROWTH = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)  # coarser steps tried for channels that must shrink
+
+
+def _budget(q: np.ndarray, bias: np.ndarray, bias_scale: np.ndarray, p: int, xmax: int) -> np.ndarray:
+    """Per channel, the most Σ|q| the rounding engine may spend: the P-bit bound's L1 radius at the
+    final step (never below what the method's own integers spend)."""
+    return np.maximum(l1_radius(p, xmax, round_half_up(bias / bias_scale)), np.abs(q).sum(1))
 
 
 def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scale: float, p: int, xmax: int,

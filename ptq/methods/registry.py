@@ -27,6 +27,8 @@ class Method:
 
 METHODS: dict[str, Method] = {}
 
+ENGINE_KEYS = ("weights.rounding",)  # per-layer keys every method accepts: the rounding engine reads them
+
 
 def register(name: str, sections: dict[str, dict[str, Field]] | None = None,
              override_keys: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
@@ -36,6 +38,6 @@ def register(name: str, sections: dict[str, dict[str, Field]] | None = None,
             section, _, k = key.partition(".")
             if section in (sections or {}) and k not in sections[section]:
                 raise KeyError(f"method {name}: override key {key} is not one of its recipe keys")
-        METHODS[name] = Method(name, fn, dict(sections or {}), tuple(override_keys))
+        METHODS[name] = Method(name, fn, dict(sections or {}), tuple(override_keys) + ENGINE_KEYS)
         return fn
     return deco

@@ -1,0 +1,164 @@
+"""The rounding engine: how a layer's real weights become integers on the grid its method chose.
+
+A method decides a layer's grid (scales, bits, points, planes, a SWIS group's shift set, an
+accumulator budget) and rounds each weight to its nearest grid value. The engine then re-decides the
+integers per layer by `weights.rounding` (per layer through [[overrides]]):
+
+- `nearest`: the method's integers, unchanged.
+- `feedback`: GPTQ/OBQ error feedback (Frantar et al. 2022; docs/ALGORITHMS.md "rounding"). The
+  input columns are decided one at a time; each column's rounding error is pushed onto the columns
+  not yet decided through the upper Cholesky factor of H⁻¹, with lazy block updates, damping, and
+  the order natural or by descending diag(H). Vectorised over channels and over the groups of a
+  grouped or depthwise conv. The scales stay fixed. A channel keeps its feedback integers only where
+  they lower its output error on the calibration H (sampled H can make feedback worse on a channel).
+- `learned`: block-wise AdaRound (`ptq.methods.learned`).
+
+Every scheme reaches the engine through its grid (`ptq.ir.grids`): uniform and bit-plane windows on
+their b-bit grid; SWIS magnitudes on the shift sets the method chose; multipoint on each channel's
+last point, against the residual of its earlier points; the accumulator method's layers with a
+running L1 budget per channel, so its bound holds by construction (AXE, Colbert et al. 2024).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..ir import Graph, LayerWeights, Op, WeightQuant
+from ..ir.grids import Grid, settle, term_grids
+from .base import first_last, layer_error
+from .errormodel import ErrorModel, fixed_order
+from .fields import layer_setting
+
+ROUNDINGS = ("nearest", "feedback", "learned")
+
+
+def _cholesky_inverse_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ per group, λ = damp·mean(diag H); λ grows ten-fold until
+    H + λI is positive definite (sampled H of a layer with few patches can be singular)."""
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    mean = diag.mean(-1).clamp_min(1e-12)
+    eye = torch.eye(h.shape[-1], dtype=h.dtype)
+    lam = max(damp, 1e-6)
+    for _ in range(8):
+        l, info = torch.linalg.cholesky_ex(h + lam * mean[:, None, None] * eye)
+        if not bool(info.any()):
+            return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+        lam *= 10
+    raise RuntimeError("the layer's input second moment stays singular after damping")
+
+
+def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str = "diag", damp: float = 0.01,
+                      block: int = 128, budget: np.ndarray | None = None) -> np.ndarray:
+    """Integers (C, K) for real weights x (C, K) in units of their scale, decided column by column
+    with error feedback through the layer's input second moment `hessian` (G, K, K), one per conv
+    group (channels c·G/C..). `budget` (C,): a running L1 budget per channel, Σ|q| ≤ budget."""
+    c, k = x.shape
+    g = hessian.shape[0]
+    cg = c // g
+    with fixed_order():
+        h = torch.from_numpy(np.array(hessian, np.float64))
+        diag = torch.diagonal(h, dim1=1, dim2=2)
+        dead = diag <= 0
+        diag[dead] = 1.0  # an input that is always zero: nothing flows through it
+        if order == "diag":
+            perm = torch.argsort(-diag, dim=1, stable=True)
+        else:
+            perm = torch.arange(k).expand(g, k)
+        hp = h.gather(1, perm[:, :, None].expand(g, k, k)).gather(2, perm[:, None, :].expand(g, k, k))
+        u = _cholesky_inverse_upper(hp, damp)
+        cols = perm[:, None, :].expand(g, cg, k)
+        xp = torch.from_numpy(np.array(x, np.float64)).reshape(g, cg, k).gather(2, cols).contiguous()
+        q = torch.zeros_like(xp)
+        left = None if budget is None else torch.from_numpy(np.asarray(budget, np.float64)).reshape(g, cg).clone()
+        for i1 in range(0, k, block):
+            i2 = min(i1 + block, k)
+            w1 = xp[:, :, i1:i2].clone()
+            e1 = torch.zeros_like(w1)
+            u1 = u[:, i1:i2, i1:i2]
+            for j in range(i2 - i1):
+                col = w1[:, :, j]
+                qj = grid.project(col.reshape(c, 1), cols[:, :, i1 + j].reshape(c, 1)).reshape(g, cg)
+                if left is not None:  # AXE: never spend more of the channel's L1 budget than is left
+                    mag = torch.minimum(qj.abs(), left)
+                    qj = torch.sign(qj) * mag
+                    left = left - mag
+                q[:, :, i1 + j] = qj
+                e = (col - qj) / u1[:, j, j][:, None]
+                w1[:, :, j:] -= e[:, :, None] * u1[:, None, j, j:]
+                e1[:, :, j] = e
+            if i2 < k:
+                xp[:, :, i2:] -= torch.bmm(e1, u[:, i1:i2, i2:])
+        out = torch.zeros_like(q).scatter_(2, cols, q)
+    return out.reshape(c, k).numpy().astype(np.int64)
+
+
+def _targets(wq: WeightQuant, w: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(term, rows, real target (C, K)) for each term the engine decides: term 0 for single-term
+    schemes; for multipoint each channel's last point, against the residual of its earlier points."""
+    if wq.scheme["scheme"] != "multipoint":
+        return [(0, np.ones(w.shape[0], bool), w)]
+    counts = wq.extra["points_per_channel"]
+    out, partial = [], np.zeros_like(w)
+    for t, (q, s) in enumerate(wq.terms):
+        out.append((t, counts == t + 1, w - partial))
+        partial = partial + q.reshape(w.shape[0], -1) * s[:, None]
+    return [o for o in out if o[1].any()]
+
+
+def feedback_layer(op: Op, stats, wq: WeightQuant, settings: dict) -> dict[str, float]:
+    """Re-decide one layer's integers with error feedback (in place); the output error before and after."""
+    li = stats.layer_inputs.get(op.name) if stats is not None else None
+    c = op.weight.shape[0]
+    w = op.weight.reshape(c, -1).astype(np.float64)
+    err = layer_error(op, stats)
+    before = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
+    if li is None:
+        return _record(before, before, err, w)
+    grids = term_grids(wq)
+    budget = wq.l1_budget
+    for t, rows, target in _targets(wq, w):
+        q, s = wq.terms[t]
+        new = feedback_integers(target / s[:, None], li.hessian, grids[t], settings["order"], settings["damp"],
+                                settings["block"], budget)  # a budget comes only with single-term layers
+        trial = wq.terms[:t] + [(np.where(rows[:, None], new, q.reshape(c, -1)).reshape(q.shape), s)] + wq.terms[t + 1:]
+        cand = WeightQuant(wq.scheme, trial, wq.bits, wq.extra)
+        e_new = err((w - cand.dequantized().reshape(c, -1)).astype(np.float32))
+        e_old = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
+        keep = rows & (e_new < e_old)
+        wq.terms[t] = (np.where(keep.reshape(-1, *([1] * (q.ndim - 1))), trial[t][0], q).astype(np.int64), s)
+    settle(wq)
+    after = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
+    return _record(before, after, err, w)
+
+
+def _record(before: np.ndarray, after: np.ndarray, err: ErrorModel, w: np.ndarray) -> dict[str, float]:
+    """The layer's relative output error (Σ error / Σ output energy) with nearest and with the engine."""
+    energy = max(float(err.energy(w.astype(np.float32)).sum()), 1e-30)
+    return {"error_nearest": round(float(before.sum()) / energy, 9), "error": round(float(after.sum()) / energy, 9)}
+
+
+def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> None:
+    """Re-decide every layer's integers by its `weights.rounding` (in place) and record per layer the
+    rounding and the relative output error it removed in `weights.info["rounding"]`."""
+    first, last = first_last(graph)
+    modes = {op.name: layer_setting(recipe, "weights.rounding", op.name, first, last) for op in graph.weighted_ops()}
+    if all(m == "nearest" for m in modes.values()):
+        return
+    settings = recipe["rounding"]
+    report: dict[str, Any] = {}
+    learned = [name for name, m in modes.items() if m == "learned"]
+    for op in graph.weighted_ops():
+        if modes[op.name] == "feedback":
+            report[op.name] = {"rounding": "feedback", **feedback_layer(op, stats, weights[op.name], settings)}
+    if learned:
+        from .learned import learn_rounding
+        for name, rec in learn_rounding(graph, stats, recipe, weights, learned).items():
+            report[name] = {"rounding": "learned", **rec}
+    for op in graph.weighted_ops():
+        report.setdefault(op.name, {"rounding": "nearest"})
+    weights.info["rounding"] = report
+
+
+__all__ = ["ROUNDINGS", "apply_rounding", "feedback_integers", "feedback_layer"]
