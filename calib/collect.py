@@ -8,6 +8,7 @@ seeded positions, so the cost and memory are bounded however large the feature m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Callable
 
 import numpy as np
@@ -50,6 +51,8 @@ class Statistics:
     layer_inputs: dict[str, LayerInputStats] = field(default_factory=dict)
     samples: int = 0
     measure_fisher: Callable[[], dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    # the first n calibration samples again, in batches of b (what the learned rounding optimises on)
+    replay: Callable[[int, int], Iterator[torch.Tensor]] | None = field(default=None, repr=False)
     _fisher: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
@@ -144,6 +147,7 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
             stats.histograms[graph.input].add(xb)
             execute(graph, xb, kernels, on_output=observe)
             advance()
+    stats.replay = lambda n, b: _head(source.batches(b), min(n, len(source)), lambda: None)
     if sensitivity_samples > 0:
         n = min(sensitivity_samples, len(source))
 
