@@ -383,7 +383,8 @@ def table(out: Path | None) -> list[dict]:
             intact = intact and not payload_ran
             leftovers = sorted(p.name for p in d.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
             cmd = "ptq " + shlex.join(c["argv"]).replace(tmp, "$TMP")
-            rows.append({"class": c["class"], "command": cmd, "message": " / ".join(lines).replace(tmp, "$TMP"),
+            shown = [l for l in lines if c["needle"] in l] if c.get("needle") and c["code"] != 2 else lines  # not a whole report
+            rows.append({"class": c["class"], "command": cmd, "message": " / ".join(shown).replace(tmp, "$TMP"),
                          "exit_code": r.returncode, "expected_code": c["code"], "lines": len(lines),
                          "prior_output_intact": intact, "leftovers": leftovers,
                          "group": group(c), "payload_ran": payload_ran,
