@@ -30,7 +30,8 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
         "weights": f"per-channel symmetric, narrow range, scheme {', '.join(sorted({l['scheme'] for l in layers}))}",
         "weight_clipping": r["weights"]["clip"],
         "activations": f"per-tensor affine (unsigned codes with zero point), {'/'.join(map(str, act_bits))} bits, observer {r['activations']['observer']}",
-        "rounding": "round half up (floor(x + 1/2)) everywhere; dyadic requantization with 31-bit mantissas",
+        "rounding": "round half up (floor(x + 1/2)) for activations and requantization; dyadic requantization with 31-bit mantissas",
+        "weight_rounding": _weight_rounding(m),
         "first_layer_bits": layers[0]["bits"] if layers else None,
         "last_layer_bits": layers[-1]["bits"] if layers else None,
         "quantized_tensors": "weights, activations, biases (int32), residual adds and pools (integer requantization)",
@@ -51,6 +52,36 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
         "fidelity": fidelity,
         "verification": verification,
     }
+
+
+def _weight_rounding(m: Manifest) -> str:
+    """Which rounding decided the weights' integers, on how many layers, and the output error it removed."""
+    rec = m.data.get("method_info", {}).get("rounding")
+    if not rec:
+        return "nearest grid value (no rounding engine)"
+    counts = Counter(r["rounding"] for r in rec.values())
+    done = [r for r in rec.values() if "error" in r]
+    text = ", ".join(f"{k} on {v} layers" for k, v in sorted(counts.items()))
+    if done:
+        near = sum(r["error_nearest"] for r in done)
+        text += (f"; relative output error summed over those layers {near:.4g} with nearest → "
+                 f"{sum(r['error'] for r in done):.4g} (per layer: the table below)")
+    return text
+
+
+def _rounding_table(m: Manifest) -> list[str]:
+    rec = m.data.get("method_info", {}).get("rounding")
+    if not rec:
+        return []
+    lines = ["", "## Weight rounding per layer", "",
+             "relative output error Σ(w−ŵ)ᵀH(w−ŵ) / ΣwᵀHw on the calibration inputs", "",
+             "| layer | rounding | error, nearest | error |", "|---|---|---|---|"]
+    for name, r in rec.items():
+        if "error" in r:
+            lines.append(f"| {name} | {r['rounding']} | {r['error_nearest']:.4g} | {r['error']:.4g} |")
+        else:
+            lines.append(f"| {name} | {r['rounding']} | – | – |")
+    return lines
 
 
 def _allocation(info: dict) -> str:
@@ -152,7 +183,7 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
     f = card_fields(m, fidelity, verification)
     lines = [f"# Quantization card — {m.data['model']['name']} / {f['recipe']}", "",
              "| choice | value |", "|---|---|"]
-    for key in ("model", "method", "recipe", "weights", "weight_clipping", "activations", "rounding",
+    for key in ("model", "method", "recipe", "weights", "weight_clipping", "weight_rounding", "activations", "rounding",
                 "first_layer_bits", "last_layer_bits", "quantized_tensors", "mean_weight_bits", "max_weight_bits",
                 "compression", "multipoint", "bit_planes", "bit_serial", "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
         v = f[key]
@@ -177,6 +208,7 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
                   f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}% "
                   f"({num.get('top1_agreement_decisive', 0):.2f}% on the {num.get('decisive_samples', 0)} samples whose "
                   f"reference margin exceeds {DECISIVE_NOISE:g}× the RMS logit difference, the criterion)"]
+    lines += _rounding_table(m)
     lines += _points_table(m)
     lines += _bitserial_table(m)
     return "\n".join(lines) + "\n"

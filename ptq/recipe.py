@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import RecipeError
 from .methods import METHODS
+from .ir.grids import ROUNDINGS
 from .methods.fields import Field, layer_setting  # noqa: F401  (layer_setting: part of the recipe API)
 
 
@@ -30,7 +31,7 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
         "bits": Field(8, int, lo=2, hi=8, help="weight bits (per-channel symmetric, narrow range)"),
         "clip": Field("output", str, ("output", "mse", "minmax"),
                       help="clipping search: output error (H-weighted), weight MSE, or none"),
-        "rounding": Field("nearest", str, ("nearest", "feedback", "learned"),
+        "rounding": Field("nearest", str, ROUNDINGS,
                           help="how weights reach the grid: nearest, error feedback (GPTQ), or learned (block-wise AdaRound)"),
     },
     "rounding": {

@@ -18,6 +18,8 @@ from .. import bitserial
 from ..intmath import qmax, round_half_up
 from .weights import WeightQuant
 
+ROUNDINGS = ("nearest", "feedback", "learned")  # how the rounding engine puts weights on a grid (weights.rounding)
+
 
 @dataclass
 class Grid:
@@ -86,4 +88,4 @@ def onto_grid(wq: WeightQuant, x: np.ndarray, rows: np.ndarray) -> None:
     settle(wq)
 
 
-__all__ = ["Grid", "SwisGrid", "onto_grid", "settle", "term_grids"]
+__all__ = ["ROUNDINGS", "Grid", "SwisGrid", "onto_grid", "settle", "term_grids"]

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from .fields import fail, need
+from ..ir.grids import ROUNDINGS
 
 MODEL_KINDS = ("torchvision", "efficientnet_lite", "factory", "file", "module")
 ACC_MODES = ("exact", "wrap", "saturate")
@@ -94,6 +95,16 @@ def check_method_info(d: dict) -> None:
         need(info, "input_bits", int, "method_info")
     elif a is not None:
         raise fail("method_info.allocator", f"must be a record or 'naive', got {a!r}")
+    rounding = None if info is None else _optional(info, "rounding", dict, "method_info")
+    for layer, rec in (rounding or {}).items():
+        where = f"method_info.rounding.{layer}"
+        if not isinstance(rec, dict):
+            raise fail(where, "must be a record")
+        if need(rec, "rounding", str, where) not in ROUNDINGS:
+            raise fail(f"{where}.rounding", f"must be one of {', '.join(ROUNDINGS)}, got {rec['rounding']!r}")
+        for key in ("error_nearest", "error"):
+            if key in rec and not _number(rec[key]):
+                raise fail(f"{where}.{key}", "must be a finite number")
 
 
 def check_header(d: dict) -> None:

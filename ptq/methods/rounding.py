@@ -26,13 +26,10 @@ import numpy as np
 import torch
 
 from ..ir import Graph, LayerWeights, Op, WeightQuant
-from ..ir.grids import Grid, settle, term_grids
+from ..ir.grids import ROUNDINGS, Grid, settle, term_grids
 from .base import first_last, layer_error
 from .errormodel import ErrorModel, fixed_order
 from .fields import layer_setting
-
-ROUNDINGS = ("nearest", "feedback", "learned")
-
 
 def _cholesky_inverse_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ per group, λ = damp·mean(diag H); λ grows ten-fold until
