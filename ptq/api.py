@@ -23,7 +23,7 @@ from .biascorrect import choose_and_correct
 from .calib.collect import Statistics, collect_statistics
 from .calib.preprocess import Preprocess
 from .calib.progress import console
-from .calib.sources import DataSource, check_float_dtype, float_samples, open_source, shape_mismatch
+from .calib.sources import DataSource, check_float_dtype, check_labels, float_samples, open_source, shape_mismatch
 from .card import bits_png, planes_png, render_card
 from .errors import DataError, ModelError, PtqError, RecipeError
 from .ir import Graph, LayerWeights
@@ -48,9 +48,18 @@ def _preprocess(spec: dict) -> Preprocess | None:
 
 
 def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> DataSource:
-    """Accept a source spec string, a DataSource, or an in-memory array/tensor (N, C, H, W)."""
+    """Accept a source spec string, a DataSource, an in-memory array/tensor (N, C, H, W), or a pair
+    (samples, labels) of them with one integer class index per sample."""
     if isinstance(data, DataSource):
         return data
+    if isinstance(data, tuple):
+        if len(data) != 2:
+            raise DataError(f"in-memory data as a tuple must be (samples, labels); got a tuple of {len(data)}")
+        x, labels = data
+        src = as_source(x, spec, n, seed, split)
+        labels = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+        src.labels = check_labels(labels, len(x), "the data")[:src.count]
+        return src
     shape = tuple(spec["input_shape"])
     if isinstance(data, (str, Path)):
         pre = _preprocess(spec)

@@ -211,8 +211,9 @@ def parse_value(text: str) -> Any:
 def resolve(recipe: str | dict = "w8a8", overrides: dict[str, Any] | None = None) -> dict:
     """Defaults ← recipe file ← overrides ('section.key' → value); validated and complete."""
     out = defaults()
-    if isinstance(recipe, dict):
-        label, data = "<dict>", recipe
+    if isinstance(recipe, dict):  # a resolved recipe may be given back: its name labels it
+        name = recipe.get("name")
+        label, data = (name if isinstance(name, str) and name else "<dict>"), {k: v for k, v in recipe.items() if k != "name"}
     else:
         label, data = _read(recipe)
     _merge(out, data)

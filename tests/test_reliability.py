@@ -504,6 +504,20 @@ def test_nan_in_an_in_memory_model_is_named(digits):
         ptq.quantize(bad, xtr[:32], "w8a8")
 
 
+def test_in_memory_data_with_labels_is_a_pair(digits):
+    """(samples, labels) in memory gives accuracy like a .npz with labels; a mismatch is one clean error."""
+    from ptq.errors import DataError
+    model, xtr, _, xte, yte = digits
+    qm = ptq.quantize(model, xtr[:64], "w8a8", eval_data=(xte[:100], yte[:100]), eval_size=50)
+    f = qm.report["fidelity"]
+    assert f["samples"] == 50 and f["fp32_accuracy"] == 100.0 * float(np.mean(
+        model(torch.from_numpy(xte[:50])).argmax(1).numpy() == yte[:50]))
+    with pytest.raises(DataError, match="the data has 90 labels for 100 samples"):
+        ptq.quantize(model, xtr[:64], "w8a8", eval_data=(xte[:100], yte[:90]))
+    with pytest.raises(DataError, match=r"must be \(samples, labels\); got a tuple of 3"):
+        ptq.quantize(model, xtr[:64], "w8a8", eval_data=(xte, yte, yte))
+
+
 @pytest.mark.parametrize("dtype,message", [
     (np.int64, "the data has dtype int64; expected preprocessed float tensors"),
     (np.uint8, "the data has dtype uint8; expected preprocessed float tensors"),

@@ -133,7 +133,7 @@ def test_every_scheme_takes_feedback_loads_and_verifies(prepared, recipe, tmp_pa
 
 def test_rounding_is_set_per_layer_by_overrides(prepared):
     from ptq.recipe import resolve
-    r = {k: v for k, v in resolve("w4a8", {"weights.rounding": "feedback"}).items() if k != "name"}
+    r = resolve("w4a8", {"weights.rounding": "feedback"})  # a resolved recipe, given back
     r["overrides"] = r["overrides"] + [{"layers": ["first"], "weights.rounding": "nearest"}]
     qm = quantize_prepared(prepared, r)
     rec = qm.manifest.data["method_info"]["rounding"]
