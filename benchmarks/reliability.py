@@ -237,6 +237,21 @@ def make_fixtures(d: Path) -> dict[str, Path]:
     return f
 
 
+def derived_fixtures(d: Path, f: dict[str, Path]) -> None:
+    """The fixtures made from the good output (written first): a corrupted copy and hostile manifests."""
+    import shutil
+    shutil.copytree(f["good"], f["corrupt"])
+    blob = (f["corrupt"] / "tensors.safetensors").read_bytes()
+    (f["corrupt"] / "tensors.safetensors").write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    f["evil_factory"] = hostile_manifest(f["good"], d / "evil_factory", lambda m: m["model"].update(
+        kind="factory", name="ptq_rel_evil:make"))
+    f["evil_pickled"] = hostile_manifest(f["good"], d / "evil_pickled", lambda m: m["model"].update(
+        kind="file", name=str(f["evil_pickle"])))
+    f["bad_mode"] = hostile_manifest(f["good"], d / "bad_mode", lambda m: _first_weighted(m)["accumulator"].update(mode="wrapping"))
+    f["bad_model"] = hostile_manifest(f["good"], d / "bad_model", lambda m: m["model"].update(kind=5))
+    f["no_bits"] = hostile_manifest(f["good"], d / "no_bits", lambda m: _first_weighted(m)["weight"].pop("bits"))
+
+
 def cases(f: dict[str, Path]) -> list[dict]:
     """(class, argv, expected exit code); quantize commands overwrite GOOD with --force."""
     tiny_args = [TINY, "--input-shape", "1,8,8"]
@@ -362,17 +377,7 @@ def table(out: Path | None) -> list[dict]:
         r = run_cli(["quantize", TINY, "--input-shape", "1,8,8", "--calib", str(f["calib"]), "--out", str(f["good"])], d)
         if r.returncode != 0:
             raise SystemExit(f"could not write the good output: {r.stderr}")
-        import shutil
-        shutil.copytree(f["good"], f["corrupt"])
-        f["evil_factory"] = hostile_manifest(f["good"], d / "evil_factory", lambda m: m["model"].update(
-            kind="factory", name="ptq_rel_evil:make"))
-        f["evil_pickled"] = hostile_manifest(f["good"], d / "evil_pickled", lambda m: m["model"].update(
-            kind="file", name=str(f["evil_pickle"])))
-        f["bad_mode"] = hostile_manifest(f["good"], d / "bad_mode", lambda m: _first_weighted(m)["accumulator"].update(mode="wrapping"))
-        f["bad_model"] = hostile_manifest(f["good"], d / "bad_model", lambda m: m["model"].update(kind=5))
-        f["no_bits"] = hostile_manifest(f["good"], d / "no_bits", lambda m: _first_weighted(m)["weight"].pop("bits"))
-        blob = (f["corrupt"] / "tensors.safetensors").read_bytes()
-        (f["corrupt"] / "tensors.safetensors").write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+        derived_fixtures(d, f)
         before = tree_digest(f["good"])
         for c in cases(f):
             kept = tree_digest(c["keep"]) if "keep" in c else None

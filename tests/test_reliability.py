@@ -29,7 +29,7 @@ from ptq.manifest import MANIFEST_FILE, TENSOR_FILE, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.reliability import TINY, cases, make_fixtures, tree_digest  # noqa: E402  (needs ROOT on the path)
+from benchmarks.reliability import MARKER, TINY, cases, derived_fixtures, make_fixtures, tree_digest  # noqa: E402  (needs ROOT on the path)
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
@@ -450,6 +450,20 @@ EXPECTED = {
                                     "data-dependent expression"),
     "state dict with a 'module.' prefix": "4 missing key(s) (first 'conv.weight'), 4 unexpected key(s) (first "
                                           "'module.conv.weight'); strip the 'module.' prefix",
+    # issue 20: trust, output places, hostile manifests
+    "eval of a manifest naming a factory with an import-time payload": "factory 'ptq_rel_evil:make'), which ptq never runs",
+    "eval of a manifest naming a pickled file with a payload": "which ptq never runs because a manifest names it",
+    "quantize of a pickled file with a payload, no --trust-model-file": "pass --trust-model-file if you trust it",
+    "--force onto a directory ptq did not write": "holds files that are not a ptq output",
+    "--out . (the working directory)": "is or contains the current directory",
+    "export --out an existing directory": "is a directory; give a file name such as",
+    "inspect a missing file": "nope.onnx does not exist",
+    "inspect a file that is not ONNX": "notes.onnx is not an ONNX model",
+    "rich markup in a path ('x[/].npy')": "x[/].npy' does not exist",
+    "rich markup in a path ('[bold]')": "[bold]nope.npy' does not exist",
+    "manifest with an unknown accumulator mode": "'graph.ops[0].accumulator.mode': must be one of exact, wrap, saturate, got 'wrapping'",
+    "manifest with a mistyped model field": "manifest field 'model.kind': must be a string, got an integer",
+    "manifest with a deleted weight field": "manifest field 'graph.ops[0].weight.bits': is missing",
 }
 
 
@@ -459,9 +473,7 @@ def bad_input_dir(tmp_path_factory):
     f = make_fixtures(d)
     code, _, err = cli("quantize", TINY, "--input-shape", "1,8,8", "--calib", str(f["calib"]), "--out", str(f["good"]))
     assert code == 0, err
-    shutil.copytree(f["good"], f["corrupt"])
-    blob = (f["corrupt"] / TENSOR_FILE).read_bytes()
-    (f["corrupt"] / TENSOR_FILE).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    derived_fixtures(d, f)
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(d))  # as for the benchmark's `python -m ptq` run in d: its factory modules import
         yield f, {c["class"]: c for c in cases(f)}
@@ -473,6 +485,7 @@ def test_bad_input_class(bad_input_dir, name, monkeypatch, capfd):
     earlier good output untouched, and nothing written past Python's streams (C-level prints)."""
     f, table = bad_input_dir
     case = table[name]
+    monkeypatch.chdir(f["good"].parent)  # as the benchmark runs: `--out .` names this scratch directory
     for k, v in case.get("env", {}).items():
         monkeypatch.setenv(k, v)
     before = tree_digest(f["good"])
@@ -491,6 +504,7 @@ def test_bad_input_class(bad_input_dir, name, monkeypatch, capfd):
     assert capfd.readouterr() == ("", "")
     assert tree_digest(f["good"]) == before
     assert not [p for p in f["good"].parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert not (f["good"].parent / MARKER).exists(), "a payload ran"
 
 
 def test_nan_in_an_in_memory_model_is_named(digits):
