@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from . import bitserial
 from .biascorrect import choose_and_correct
@@ -32,8 +33,7 @@ from .manifest import Manifest, load as load_manifest, save as save_manifest, we
 from .manifest.build import build_manifest
 from .manifest.publish import check_output  # noqa: F401  (API: refuse an output place before a long run)
 from .methods import METHODS
-from .methods.base import first_last
-from .methods.fields import unmatched_patterns
+from .methods.selectors import is_structural, override_matches, select
 from .methods.rounding import apply_rounding
 from .metrics import fidelity
 from .models import LoadedModel, check_finite, load_model, rebuild, supplied
@@ -364,18 +364,25 @@ def stage_method(graph: Graph, stats: Statistics, recipe: dict, strict: bool = F
 
 
 def check_override_patterns(graph: Graph, recipe: dict, strict: bool) -> None:
-    """An [[overrides]] layer pattern that matches no conv/linear layer of this graph changes nothing:
-    a warning naming it (an error when `strict`), with the closest layer name."""
+    """An [[overrides]] entry that selects no conv/linear layer of this graph changes nothing, and a
+    name glob that matches no layer is likely a typo: a warning naming it (an error when `strict`),
+    with the closest layer name. A structural selector that selects nothing beside others that do is
+    no mistake (`depthwise` on a model without depthwise convs) and stays silent."""
     layers = [op.name for op in graph.weighted_ops()]
-    first, last = first_last(graph)
     for i, o in enumerate(recipe["overrides"]):
-        for pat in unmatched_patterns(o["layers"], layers, first, last):
-            close = difflib.get_close_matches(pat, layers, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else f"layers are {', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}"
-            msg = f"overrides[{i}] layer pattern '{pat}' matches no conv/linear layer of this model ({hint})"
+        found = select(graph, o["layers"])
+        problems = []
+        for pat, names in found.items():
+            if not names and not is_structural(pat):
+                close = difflib.get_close_matches(pat, layers, n=1, cutoff=0.5)
+                hint = f"did you mean '{close[0]}'?" if close else f"layers are {', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}"
+                problems.append(f"overrides[{i}] layer pattern '{pat}' matches no conv/linear layer of this model ({hint})")
+        if not problems and not any(found.values()):
+            problems.append(f"overrides[{i}] (layers {', '.join(o['layers'])}) selects no conv/linear layer of this model")
+        for msg in problems:
             if strict:
                 raise RecipeError(f"{msg}; fix the pattern or drop it")
-            console.print(f"[yellow]warning:[/] {msg}; it changes nothing (--strict makes this an error)", soft_wrap=True)
+            console.print(f"[yellow]warning:[/] {escape(msg)}; it changes nothing (--strict makes this an error)", soft_wrap=True)
 
 
 def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manifest:
@@ -384,6 +391,8 @@ def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manif
     header = {"created_by": f"ptq {__version__}", "model": prep.model.spec,
               "calibration": {**prep.source.to_dict(), "seed": prep.seed, "batch_size": cal["batch_size"]}}
     m = build_manifest(prep.graph, prep.stats, recipe, weights, header)
+    if recipe["overrides"]:  # which layers each override selected, for the card (absent without overrides)
+        m.data["override_matches"] = override_matches(prep.graph, recipe["overrides"])
     if weights.info:
         m.data["method_info"] = weights.info
     if "swis" in weights.info:  # the builder's bias fit may have lowered a layer's cycles: totals follow the records
