@@ -24,7 +24,7 @@ from .biascorrect import choose_and_correct
 from .calib.collect import Statistics, collect_statistics
 from .calib.preprocess import Preprocess
 from .calib.progress import console
-from .calib.sources import DataSource, check_float_dtype, float_samples, open_source, shape_mismatch
+from .calib.sources import DataSource, check_float_dtype, float_samples, open_source, sample_shape, shape_mismatch
 from .card import bits_png, planes_png, render_card
 from .errors import DataError, ModelError, PtqError, RecipeError
 from .ir import Graph, LayerWeights
@@ -36,15 +36,17 @@ from .methods import METHODS
 from .methods.selectors import is_structural, override_matches, select
 from .methods.rounding import apply_rounding
 from .metrics import fidelity
-from .models import LoadedModel, check_finite, load_model, rebuild, supplied
+from .models import LoadedModel, check_finite, load_model, rebuild, spec_kind, supplied
 from .recipe import BASE_SCHEMA, resolve
 from .runtime import ACC_MODES, Codec, Simulator, run_reference, run_verification
 from .version import __version__
 
 
 def _preprocess(spec: dict) -> Preprocess | None:
+    """The model's image preprocessing, cropping to its input size (also for manifests written before
+    the recorded preprocessing followed the input shape)."""
     p = spec.get("preprocess")
-    return None if p is None else Preprocess(p["name"], p["size"], tuple(p["mean"]), tuple(p["std"]), p["pixel_scale"], p["resize"])
+    return None if p is None else Preprocess.from_dict(p).fitted(tuple(spec["input_shape"]))
 
 
 def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> DataSource:
@@ -55,7 +57,8 @@ def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> Da
     if isinstance(data, (str, Path)):
         pre = _preprocess(spec)
         if pre is None and Path(data).suffix not in (".npy", ".npz", ".pt", ".pth"):
-            raise DataError("this model has no image preprocessing; give calibration data as a .npy/.pt tensor file")
+            raise DataError("this model has no image preprocessing (an in-memory model): give "
+                            f"--calib/--data a .npy/.pt tensor of shape (N, {', '.join(map(str, shape))})")
         return open_source(str(data), n, pre, shape, seed, split)
     if isinstance(data, torch.Tensor):
         check_float_dtype(data.dtype, "the data")
@@ -276,8 +279,10 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
     check_seed(seed)
     input_shape = check_input_shape(input_shape)
     r = _resolve(recipe, overrides, kw_overrides, calib_size)
+    if input_shape is None and (isinstance(model, torch.nn.Module) or spec_kind(model) in ("factory", "file")):
+        input_shape = check_input_shape(sample_shape(calib))  # a model of the user's takes what its data holds
     if isinstance(model, torch.nn.Module):
-        shape = input_shape or (tuple(calib.shape[1:]) if hasattr(calib, "shape") else None)
+        shape = input_shape
         if shape is None:
             raise ModelError("give input_shape= (or calibration data as an array) for an in-memory model")
         check_finite(model, f"model {type(model).__name__}")

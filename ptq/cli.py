@@ -77,9 +77,17 @@ def _fidelity_table(title: str, f: dict) -> None:
     console.print(t)
 
 
+def _factory_path(spec: str | None) -> None:
+    """A factory named on this command line may live in the current directory (see models.import_from)."""
+    if spec:
+        from .models import import_from
+        import_from(Path.cwd(), spec)
+
+
 def cmd_quantize(args) -> int:
     import ptq
     from .api import check_output
+    _factory_path(args.model)
     overrides = _parse_sets(args.set)
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-{Path(args.recipe).stem}")
     inputs = [p for p in (args.model, args.calib, args.data, args.weights) if p]
@@ -139,6 +147,7 @@ def cmd_eval(args) -> int:
     import ptq
     if (args.weights or args.trust_model_file) and not args.model:
         raise PtqError("--weights and --trust-model-file describe the FP32 model given with --model; add --model SPEC")
+    _factory_path(args.model)
     qm = ptq.load(args.dir)
     res = qm.evaluate(args.data, args.size, args.backend, args.seed, model=args.model, weights=args.weights,
                       trust_model_file=args.trust_model_file)
@@ -238,6 +247,7 @@ def cmd_card(args) -> int:
 def cmd_sweep(args) -> int:
     from .sweep import load_peers, parse_budgets, peers_for, plot, sweep
     budgets = parse_budgets(args.budgets)
+    _factory_path(args.model)
     peers = load_peers(args.peers) if args.peers else None
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-sweep")
     t0 = time.perf_counter()

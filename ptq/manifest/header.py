@@ -41,7 +41,7 @@ def check_model(d: dict, input_shape: list) -> None:
     seed = need(m, "seed", int, "model")
     if not 0 <= seed < 2**63:
         raise fail("model.seed", f"must be in [0, 2^63), got {seed}")
-    for key in ("weights_sha256", "model_sha256"):
+    for key in ("weights_sha256", "model_sha256", "state_sha256"):
         h = _optional(m, key, str, "model")
         if h is not None and (len(h) != 64 or any(c not in "0123456789abcdef" for c in h)):
             raise fail(f"model.{key}", "must be 64 lowercase hex digits")
