@@ -25,7 +25,7 @@ import ptq
 
 from .variants import FIDELITY, table_main
 
-MP_PINS = ["first", "*_depthwise_conv", "_blocks.[0-5].*"]  # the multipoint recipe's 8-bit layers
+MP_PINS = ["first", "depthwise", "early:0.02"]  # the multipoint recipe's 8-bit layers
 
 
 def uniform_with_pins(bits: int) -> dict:

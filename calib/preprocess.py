@@ -1,7 +1,7 @@
 """Preprocessing presets: how a model expects its RGB 8-bit images turned into tensors."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -22,6 +22,18 @@ class Preprocess:
         x = rgb.astype(np.float32) / self.pixel_scale
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def fitted(self, input_shape: tuple[int, ...]) -> "Preprocess":
+        """The same normalisation for a model that takes square RGB inputs of another size (3, S, S):
+        images are cropped to S, after resizing the shorter side in the preset's proportion."""
+        if len(input_shape) != 3 or input_shape[0] != 3 or input_shape[1] != input_shape[2] or input_shape[1] == self.size:
+            return self
+        size = int(input_shape[1])
+        return replace(self, size=size, resize=max(size, round(size * self.resize / self.size)))
+
+    @classmethod
+    def from_dict(cls, p: dict) -> "Preprocess":
+        return cls(p["name"], p["size"], tuple(p["mean"]), tuple(p["std"]), p["pixel_scale"], p["resize"])
 
     def to_dict(self) -> dict:
         return {"name": self.name, "size": self.size, "mean": list(self.mean), "std": list(self.std),

@@ -89,7 +89,8 @@ def shape_mismatch(what: str, shape: tuple[int, ...], input_shape: tuple[int, ..
     """Data whose per-sample shape is not the model's: name both, and the --input-shape that fits the data."""
     msg = f"{what} has shape {tuple(shape)}; the model expects (N, {', '.join(map(str, input_shape))})"
     if len(shape) >= 2 and all(d > 0 for d in shape[1:]):
-        msg += f"; give data of that shape, or quantize with --input-shape {','.join(map(str, shape[1:]))} if the model takes such inputs"
+        msg += (f"; give --calib/--data a tensor of that shape, or quantize with --input-shape {','.join(map(str, shape[1:]))} "
+                "if the model takes such inputs")
     return DataError(msg)
 
 
@@ -222,8 +223,24 @@ def folder_source(path: Path, n: int | None, pre: Preprocess, seed: int) -> Data
     return src
 
 
-def tensor_source(path: Path, n: int | None, input_shape: tuple[int, ...]) -> DataSource:
-    """A .npy or .pt tensor (N, C, H, W), already preprocessed; a .npz may add `labels`."""
+TENSOR_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
+
+
+def sample_shape(data: Any) -> tuple[int, ...] | None:
+    """The per-sample shape (C, H, W) of tensor data — an array, a tensor, or a .npy/.npz/.pt file
+    (read without unpickling) — or None for anything else (images take the model's shape)."""
+    if isinstance(data, (str, Path)):
+        path = Path(data).expanduser()
+        if path.suffix not in TENSOR_SUFFIXES or not path.is_file():
+            return None
+        data = _read_tensor_file(path)[0]
+    shape = tuple(getattr(data, "shape", ()))
+    return tuple(int(d) for d in shape[1:]) if len(shape) >= 2 and all(d >= 1 for d in shape[1:]) else None
+
+
+def _read_tensor_file(path: Path) -> tuple[Any, Any]:
+    """(samples, labels or None) of a .npy, .npz (`x`, optional `labels`) or .pt file (a tensor, or a
+    dict with `x` and optional `labels`), read without unpickling."""
     labels = None
     try:
         if path.suffix == ".npy":
@@ -248,6 +265,12 @@ def tensor_source(path: Path, n: int | None, input_shape: tuple[int, ...]) -> Da
         raise
     except Exception as exc:
         raise DataError(f"cannot read tensor file {path}: {first_line(exc)}") from exc
+    return arr, labels
+
+
+def tensor_source(path: Path, n: int | None, input_shape: tuple[int, ...]) -> DataSource:
+    """A .npy or .pt tensor (N, C, H, W), already preprocessed; a .npz may add `labels`."""
+    arr, labels = _read_tensor_file(path)
     if arr.ndim != 1 + len(input_shape) or tuple(arr.shape[1:]) != tuple(input_shape):
         raise shape_mismatch(str(path), arr.shape, input_shape)
     check_float_dtype(arr.dtype, str(path))
@@ -281,7 +304,7 @@ def open_source(spec: str, n: int | None, pre: Preprocess, input_shape: tuple[in
     if path.is_dir():
         _check_image_shape(f"images in {path}", pre, input_shape)
         return folder_source(path, n, pre, seed)
-    if path.suffix in (".npy", ".npz", ".pt", ".pth"):
+    if path.suffix in TENSOR_SUFFIXES:
         return tensor_source(path, n, input_shape)
     raise DataError(f"cannot use {spec!r} as data: expected a folder, .npy/.npz/.pt file or 'samples'")
 
@@ -290,5 +313,6 @@ def _check_image_shape(what: str, pre: Preprocess, input_shape: tuple[int, ...])
     """Images become (3, size, size) tensors; refuse a model input shape they cannot fill."""
     shape = (3, pre.size, pre.size)
     if tuple(input_shape) != shape:
-        raise DataError(f"{what} are preprocessed to {shape} ({pre.name}) but the model takes {tuple(input_shape)}: "
-                        f"give a .npy/.pt tensor of that shape, or --input-shape {','.join(map(str, shape))} if the model takes such images")
+        raise DataError(f"{what} are preprocessed to {shape} ({pre.name}) but the model takes {tuple(input_shape)}: give "
+                        f"--calib/--data a .npy/.pt tensor of shape (N, {', '.join(map(str, input_shape))}), or quantize with "
+                        f"--input-shape {','.join(map(str, shape))} if the model takes such images")

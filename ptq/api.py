@@ -17,13 +17,14 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from . import bitserial
 from .biascorrect import choose_and_correct
 from .calib.collect import Statistics, collect_statistics
 from .calib.preprocess import Preprocess
 from .calib.progress import console
-from .calib.sources import DataSource, check_float_dtype, check_labels, float_samples, open_source, shape_mismatch
+from .calib.sources import DataSource, check_float_dtype, check_labels, float_samples, open_source, sample_shape, shape_mismatch
 from .card import bits_png, planes_png, render_card
 from .errors import DataError, ModelError, PtqError, RecipeError
 from .ir import Graph, LayerWeights
@@ -32,19 +33,20 @@ from .manifest import Manifest, load as load_manifest, save as save_manifest, we
 from .manifest.build import build_manifest
 from .manifest.publish import check_output  # noqa: F401  (API: refuse an output place before a long run)
 from .methods import METHODS
-from .methods.base import first_last
-from .methods.fields import unmatched_patterns
+from .methods.selectors import is_structural, override_matches, select
 from .methods.rounding import apply_rounding
 from .metrics import fidelity
-from .models import LoadedModel, check_finite, load_model, rebuild, supplied
+from .models import LoadedModel, check_finite, load_model, rebuild, spec_kind, supplied
 from .recipe import BASE_SCHEMA, resolve
 from .runtime import ACC_MODES, Codec, Simulator, run_reference, run_verification
 from .version import __version__
 
 
 def _preprocess(spec: dict) -> Preprocess | None:
+    """The model's image preprocessing, cropping to its input size (also for manifests written before
+    the recorded preprocessing followed the input shape)."""
     p = spec.get("preprocess")
-    return None if p is None else Preprocess(p["name"], p["size"], tuple(p["mean"]), tuple(p["std"]), p["pixel_scale"], p["resize"])
+    return None if p is None else Preprocess.from_dict(p).fitted(tuple(spec["input_shape"]))
 
 
 def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> DataSource:
@@ -64,7 +66,8 @@ def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> Da
     if isinstance(data, (str, Path)):
         pre = _preprocess(spec)
         if pre is None and Path(data).suffix not in (".npy", ".npz", ".pt", ".pth"):
-            raise DataError("this model has no image preprocessing; give calibration data as a .npy/.pt tensor file")
+            raise DataError("this model has no image preprocessing (an in-memory model): give "
+                            f"--calib/--data a .npy/.pt tensor of shape (N, {', '.join(map(str, shape))})")
         return open_source(str(data), n, pre, shape, seed, split)
     if isinstance(data, torch.Tensor):
         check_float_dtype(data.dtype, "the data")
@@ -285,8 +288,10 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
     check_seed(seed)
     input_shape = check_input_shape(input_shape)
     r = _resolve(recipe, overrides, kw_overrides, calib_size)
+    if input_shape is None and (isinstance(model, torch.nn.Module) or spec_kind(model) in ("factory", "file")):
+        input_shape = check_input_shape(sample_shape(calib))  # a model of the user's takes what its data holds
     if isinstance(model, torch.nn.Module):
-        shape = input_shape or (tuple(calib.shape[1:]) if hasattr(calib, "shape") else None)
+        shape = input_shape
         if shape is None:
             raise ModelError("give input_shape= (or calibration data as an array) for an in-memory model")
         check_finite(model, f"model {type(model).__name__}")
@@ -373,18 +378,25 @@ def stage_method(graph: Graph, stats: Statistics, recipe: dict, strict: bool = F
 
 
 def check_override_patterns(graph: Graph, recipe: dict, strict: bool) -> None:
-    """An [[overrides]] layer pattern that matches no conv/linear layer of this graph changes nothing:
-    a warning naming it (an error when `strict`), with the closest layer name."""
+    """An [[overrides]] entry that selects no conv/linear layer of this graph changes nothing, and a
+    name glob that matches no layer is likely a typo: a warning naming it (an error when `strict`),
+    with the closest layer name. A structural selector that selects nothing beside others that do is
+    no mistake (`depthwise` on a model without depthwise convs) and stays silent."""
     layers = [op.name for op in graph.weighted_ops()]
-    first, last = first_last(graph)
     for i, o in enumerate(recipe["overrides"]):
-        for pat in unmatched_patterns(o["layers"], layers, first, last):
-            close = difflib.get_close_matches(pat, layers, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else f"layers are {', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}"
-            msg = f"overrides[{i}] layer pattern '{pat}' matches no conv/linear layer of this model ({hint})"
+        found = select(graph, o["layers"])
+        problems = []
+        for pat, names in found.items():
+            if not names and not is_structural(pat):
+                close = difflib.get_close_matches(pat, layers, n=1, cutoff=0.5)
+                hint = f"did you mean '{close[0]}'?" if close else f"layers are {', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}"
+                problems.append(f"overrides[{i}] layer pattern '{pat}' matches no conv/linear layer of this model ({hint})")
+        if not problems and not any(found.values()):
+            problems.append(f"overrides[{i}] (layers {', '.join(o['layers'])}) selects no conv/linear layer of this model")
+        for msg in problems:
             if strict:
                 raise RecipeError(f"{msg}; fix the pattern or drop it")
-            console.print(f"[yellow]warning:[/] {msg}; it changes nothing (--strict makes this an error)", soft_wrap=True)
+            console.print(f"[yellow]warning:[/] {escape(msg)}; it changes nothing (--strict makes this an error)", soft_wrap=True)
 
 
 def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manifest:
@@ -393,6 +405,8 @@ def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manif
     header = {"created_by": f"ptq {__version__}", "model": prep.model.spec,
               "calibration": {**prep.source.to_dict(), "seed": prep.seed, "batch_size": cal["batch_size"]}}
     m = build_manifest(prep.graph, prep.stats, recipe, weights, header)
+    if recipe["overrides"]:  # which layers each override selected, for the card (absent without overrides)
+        m.data["override_matches"] = override_matches(prep.graph, recipe["overrides"])
     if weights.info:
         m.data["method_info"] = weights.info
     if "swis" in weights.info:  # the builder's bias fit may have lowered a layer's cycles: totals follow the records

@@ -84,6 +84,20 @@ def _rounding_table(m: Manifest) -> list[str]:
     return lines
 
 
+def _overrides_table(m: Manifest) -> list[str]:
+    """Each [[overrides]] entry of the recipe: its selectors, what it sets, and the layers it selected."""
+    matches = m.data.get("override_matches")
+    if not matches:
+        return []
+    lines = ["", "## Layer overrides (recipe [[overrides]])", "",
+             "| # | selectors | sets | layers selected |", "|---|---|---|---|"]
+    for i, (o, names) in enumerate(zip(m.data["recipe"]["overrides"], matches)):
+        sets = ", ".join(f"{k} = {v}" for k, v in o.items() if k != "layers")
+        chosen = f"{len(names)}: {', '.join(names)}" if names else "none"
+        lines.append(f"| {i} | {', '.join(o['layers'])} | {sets} | {chosen} |")
+    return lines
+
+
 def _allocation(info: dict) -> str:
     a = info.get("allocator")
     if isinstance(a, dict):
@@ -208,6 +222,7 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
                   f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}% "
                   f"({num.get('top1_agreement_decisive', 0):.2f}% on the {num.get('decisive_samples', 0)} samples whose "
                   f"reference margin exceeds {DECISIVE_NOISE:g}× the RMS logit difference, the criterion)"]
+    lines += _overrides_table(m)
     lines += _rounding_table(m)
     lines += _points_table(m)
     lines += _bitserial_table(m)

@@ -64,22 +64,47 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
         raise PtqError(f"--input-shape must be comma-separated integers like 3,224,224, got {text!r}") from None
 
 
-def _fidelity_table(title: str, f: dict) -> None:
+def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()):
+    """A rich table whose first column (layer, recipe or key names) never wraps: where the terminal is
+    narrow the other columns wrap instead (`console.print`), or the table widens (`_show`)."""
     from rich.table import Table
-    t = Table(title=title, show_header=True)
-    t.add_column("metric")
-    t.add_column("value", justify="right")
+    t = Table(title=title)
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="right" if c in right else "left", no_wrap=i == 0)
+    return t
+
+
+def _show(t) -> None:
+    """Print a table of names and numbers at its natural width even where the terminal is narrower
+    (80 columns, a pipe): rich would squeeze its columns and cut layer names short with an ellipsis."""
+    from rich.console import Console
+    from rich.measure import Measurement
+    need = Measurement.get(console, console.options.update(width=1 << 16), t).maximum
+    out = console if need <= console.width else Console(stderr=True, highlight=False, width=need)
+    out.print(t)
+
+
+def _fidelity_table(title: str, f: dict) -> None:
+    t = _table(title, ("metric", "value"), right=("value",))
     for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy",
               "mean_weight_bits", "model_bytes", "samples"):
         if k in f:
             v = f[k]
             t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-    console.print(t)
+    _show(t)
+
+
+def _factory_path(spec: str | None) -> None:
+    """A factory named on this command line may live in the current directory (see models.import_from)."""
+    if spec:
+        from .models import import_from
+        import_from(Path.cwd(), spec)
 
 
 def cmd_quantize(args) -> int:
     import ptq
     from .api import check_output
+    _factory_path(args.model)
     overrides = _parse_sets(args.set)
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-{Path(args.recipe).stem}")
     inputs = [p for p in (args.model, args.calib, args.data, args.weights) if p]
@@ -117,15 +142,14 @@ def cmd_simulate(args) -> int:
            "top1_agreement_vs_reference": num["top1_agreement_sim_vs_reference"],
            "accumulator_mode": v["accumulator_mode"], "samples": num["samples"], "layers": layers, "data": v["data"]}
     if not args.json:
-        from rich.table import Table
-        t = Table(title=escape(f"integer simulation of {args.dir} ({num['samples']} samples, {v['data']})"))
-        for c in ("layer", "acc bits", "max |acc|", "bits needed", "data-free bits", "overflows"):
-            t.add_column(c, justify="right" if c != "layer" else "left")
+        columns = ("layer", "acc bits", "max |acc|", "bits needed", "data-free bits", "overflows")
+        t = _table(escape(f"integer simulation of {args.dir} ({num['samples']} samples, {v['data']})"), columns,
+                   right=columns[1:])
         for name, l in layers.items():
             style = "red" if l["overflows"] else None
             t.add_row(escape(name), str(l["accumulator_bits"]), str(l["max_abs_acc"]), str(l["bits_needed"]),
                       str(l["data_free_bits"]), str(l["overflows"]), style=style)
-        console.print(t)
+        _show(t)
         if overflows:
             console.print(f"[bold red]OVERFLOW:[/] {overflows} accumulator values exceeded their declared width")
         console.print(("[green]verified[/]" if v["verified"] else f"[red]NOT verified[/] ({escape(str(v['reason']))})") +
@@ -139,6 +163,7 @@ def cmd_eval(args) -> int:
     import ptq
     if (args.weights or args.trust_model_file) and not args.model:
         raise PtqError("--weights and --trust-model-file describe the FP32 model given with --model; add --model SPEC")
+    _factory_path(args.model)
     qm = ptq.load(args.dir)
     res = qm.evaluate(args.data, args.size, args.backend, args.seed, model=args.model, weights=args.weights,
                       trust_model_file=args.trust_model_file)
@@ -157,17 +182,12 @@ def cmd_recipes(args) -> int:
     keys = {(f"{s}.{k}" if s else k): {"default": f.default, "help": f.help, "choices": list(f.choices) if f.choices else None}
             for s, fs in schema().items() for k, f in fs.items()}
     if not args.json:
-        from rich.table import Table
-        t = Table(title="built-in recipes")
-        for c in ("name", "method", "description"):
-            t.add_column(c)
+        t = _table("built-in recipes", ("name", "method", "description"))
         for r in rows:
             t.add_row(escape(r["name"]), escape(r["method"]), escape(r["description"]))
-        console.print(t)
+        console.print(t)  # descriptions wrap
         if args.keys:
-            kt = Table(title="recipe keys (override with --set key=value)")
-            for c in ("key", "default", "choices / help"):
-                kt.add_column(c)
+            kt = _table("recipe keys (override with --set key=value)", ("key", "default", "choices / help"))
             for k, v in keys.items():
                 kt.add_row(k, escape(repr(v["default"])), escape(", ".join(v["choices"]) if v["choices"] else v["help"]))
             console.print(kt)
@@ -181,14 +201,12 @@ def cmd_inspect(args) -> int:
     import ptq
     res = ptq.load(args.dir).summary()
     if not args.json:
-        from rich.table import Table
-        t = Table(title=escape(f"{args.dir}: {res['model']} · {res['recipe']} · {res['ops']} ops · mean {res['mean_weight_bits']:.2f} bits"))
-        for c in ("layer", "scheme", "bits", "shape", "in bits", "acc", "data-free", "bias corr."):
-            t.add_column(c)
+        t = _table(escape(f"{args.dir}: {res['model']} · {res['recipe']} · {res['ops']} ops · mean {res['mean_weight_bits']:.2f} bits"),
+                   ("layer", "scheme", "bits", "shape", "in bits", "acc", "data-free", "bias corr."))
         for l in res["layers"]:
             t.add_row(escape(l["name"]), l["scheme"], f"{l['bits_per_weight']:.3g}", "×".join(map(str, l["shape"])),
                       str(l["input_bits"]), str(l["accumulator_bits"]), str(l["data_free_bits"]), "yes" if l["bias_corrected"] else "")
-        console.print(t)
+        _show(t)
     _emit(args, res)
     return 0
 
@@ -212,16 +230,14 @@ def _inspect_onnx(args) -> int:
     from .export import read_ptq_metadata
     res = read_ptq_metadata(args.dir)
     if not args.json:
-        from rich.table import Table
-        t = Table(title=escape(f"{args.dir}: IR {res['ir_version']} · {res['model'].get('ptq.recipe')} · "
-                               f"manifest {res['model'].get('ptq.manifest_sha256', '')[:12]}"))
-        for c in ("layer", "op", "scheme", "bits", "terms", "acc", "mode", "data-free", "bias corr."):
-            t.add_column(c)
+        t = _table(escape(f"{args.dir}: IR {res['ir_version']} · {res['model'].get('ptq.recipe')} · "
+                          f"manifest {res['model'].get('ptq.manifest_sha256', '')[:12]}"),
+                   ("layer", "op", "scheme", "bits", "terms", "acc", "mode", "data-free", "bias corr."))
         for name, l in res["layers"].items():
             cells = (name, l["op_type"], l.get("scheme"), l.get("bits_per_weight"), l.get("terms"), l.get("accumulator_bits"),
                      l.get("accumulator_mode"), l.get("data_free_bits"), "yes" if l.get("bias_corrected") else "")
             t.add_row(*(escape(str(c)) for c in cells))  # read from a file: any string may hold markup
-        console.print(t)
+        _show(t)
     _emit(args, {k: v for k, v in res.items() if k != "nodes"})
     return 0
 
@@ -238,6 +254,7 @@ def cmd_card(args) -> int:
 def cmd_sweep(args) -> int:
     from .sweep import load_peers, parse_budgets, peers_for, plot, sweep
     budgets = parse_budgets(args.budgets)
+    _factory_path(args.model)
     peers = load_peers(args.peers) if args.peers else None
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-sweep")
     t0 = time.perf_counter()
@@ -253,15 +270,13 @@ def cmd_sweep(args) -> int:
     (out / "sweep.json").write_text(json.dumps(_json_safe(res), sort_keys=True, indent=1) + "\n")
     png = plot(res, out / "sweep.png", peers)
     if not args.json:
-        from rich.table import Table
-        t = Table(title=escape(f"{res['model']} sweep → {out} ({time.perf_counter() - t0:.0f}s, "
-                               f"{res['calibration_passes']} calibration pass(es))"))
-        for c in ("recipe", "budget", "mean bits", "top-1 %", "top-5 %", "KL", "SQNR dB"):
-            t.add_column(c, justify="left" if c == "recipe" else "right")
+        columns = ("recipe", "budget", "mean bits", "top-1 %", "top-5 %", "KL", "SQNR dB")
+        t = _table(escape(f"{res['model']} sweep → {out} ({time.perf_counter() - t0:.0f}s, "
+                          f"{res['calibration_passes']} calibration pass(es))"), columns, right=columns[1:])
         for q in res["points"]:
             t.add_row(escape(q["recipe"]), f"{q['budget']:g}", f"{q['mean_weight_bits']:.2f}", f"{q['top1_agreement']:.1f}",
                       f"{q['top5_agreement']:.1f}", f"{q['kl']:.4f}", f"{q['sqnr_db']:.1f}")
-        console.print(t)
+        _show(t)
         for s in res["skipped"]:
             console.print("[dim]" + escape(f"skipped {s['recipe']} @ {s['budget']:g}: {s['reason']}") + "[/]")
     _emit(args, {**res, "json": str(out / "sweep.json"), "png": str(png)})

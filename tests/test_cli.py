@@ -1,4 +1,5 @@
-"""Bad input: one line on stderr naming the culprit, exit code 2, nothing written."""
+"""Bad input: one line on stderr naming the culprit, exit code 2, nothing written; tables that
+print whole layer names."""
 import json
 import subprocess
 import sys
@@ -83,3 +84,33 @@ def test_quantize_json_and_simulate_json(capsys, tmp_path, saved_model):
 def test_console_script_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "ptq", "quantize", "no_such_model_xyz"], capture_output=True, text=True)
     assert p.returncode == 2 and "unknown model" in p.stderr and "Traceback" not in p.stderr
+
+
+class LongNames(torch.nn.Module):
+    """Module paths of 40+ characters, as deep real models have."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder_stage_number_one_block_zero_depthwise = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.classifier_head_fully_connected_projection = torch.nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.classifier_head_fully_connected_projection(
+            torch.relu(self.encoder_stage_number_one_block_zero_depthwise(x)).flatten(1))
+
+
+def test_tables_print_whole_layer_names_at_80_columns(tmp_path, capsys, monkeypatch):
+    """As `COLUMNS=80 ptq inspect DIR | cat` prints them: every layer name whole, nothing cut with '…'."""
+    import ptq
+    from ptq.calib.progress import console
+    x = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ptq.quantize(LongNames().eval(), x, "w8a8", eval_data=x[:8]).save(tmp_path / "m")
+    names = ["encoder_stage_number_one_block_zero_depthwise", "classifier_head_fully_connected_projection"]
+    monkeypatch.setattr(console, "width", 80)
+    assert run(capsys, "export", str(tmp_path / "m"))[0] == 0
+    for argv in (["inspect", str(tmp_path / "m")], ["simulate", str(tmp_path / "m"), "--data", str(tmp_path / "x.npy")],
+                 ["inspect", str(tmp_path / "m" / "model.onnx")]):
+        code, _, err = run(capsys, *argv)
+        assert code == 0 and "…" not in err and all(n in err for n in names), err

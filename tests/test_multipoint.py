@@ -203,9 +203,15 @@ def test_w3_recipe_and_layer_scope_run(digits):
     qm = ptq.quantize(model, xtr[:256], "multipoint-w3", eval_data=xte[:64],
                       overrides={"multipoint.budget_scope": "layer", "multipoint.channel_choice": "random"})
     assert qm.manifest.data["verification"]["numeric"]["ok"]
-    for op in qm.manifest.weighted_ops()[1:]:
-        # the budget is in first-point bits: 1.5 × 3 bits per weight in every layer (2-bit points cost 2/3)
-        assert op["weight"]["bits"] == 3 and op["weight"]["bits_per_weight"] <= 4.5 + 1e-9
+    ops = qm.manifest.weighted_ops()
+    # the recipe pins the first layer and the depthwise conv (no layer lies within the first 2% of the weights)
+    pinned = {ops[0]["name"]} | {op["name"] for op in ops if op["attrs"].get("groups", 1) > 1}
+    assert len(pinned) == 2 and set(qm.manifest.data["override_matches"][0]) == pinned
+    for op in ops:
+        if op["name"] in pinned:
+            assert op["weight"]["bits"] == 8 and op["weight"]["points"] == 1
+        else:  # the budget is in first-point bits: 1.5 × 3 bits per weight in every layer (2-bit points cost 2/3)
+            assert op["weight"]["bits"] == 3 and op["weight"]["bits_per_weight"] <= 4.5 + 1e-9
 
 
 def test_multipoint_onnx_runs_in_onnxruntime_with_point_metadata(digits, digits_multipoint):

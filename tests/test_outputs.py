@@ -258,3 +258,19 @@ def test_inspect_a_missing_or_non_onnx_file(tmp_path, name, content, message):
         path.write_bytes(content)
     code, msg = cli("inspect", str(path))
     assert code == 2 and f"{path} {message}" in msg
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_outputs_get_the_modes_of_the_users_umask(files, tmp_path, umask):
+    """As mkdir and a plain write would make them: not 0700/0600 from a private temporary."""
+    old = os.umask(umask)
+    try:
+        out = ptq.load(files / "src").save(tmp_path / "new" / "out")  # manifest, tensors, card, report, plots, ONNX
+        code, msg = cli("export", str(out), "--format", "int", "--out", str(tmp_path / "int.onnx"))
+    finally:
+        os.umask(old)
+    assert code == 0, msg
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(out.parent.stat().st_mode) == 0o777 & ~umask
+    files_made = sorted(out.iterdir()) + [tmp_path / "int.onnx"]
+    assert {"card.md", "model.onnx", "bits.png", MANIFEST_FILE, TENSOR_FILE} <= {p.name for p in files_made}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files_made} == {p.name: 0o666 & ~umask for p in files_made}

@@ -1,6 +1,9 @@
+import numpy as np
 import pytest
 
 from ptq.errors import RecipeError
+from ptq.ir import Graph, Op
+from ptq.methods.selectors import override_matches
 from ptq.recipe import builtin_names, layer_setting, parse_value, resolve
 
 
@@ -13,13 +16,16 @@ def test_builtin_recipes_load_from_the_package():
 
 
 def test_overrides_and_layer_globs():
+    g = Graph("x", (3, 8, 8), [Op(n, "conv", ["x"], n, {"groups": 1}, np.zeros((4, 3, 1, 1), np.float32))
+                               for n in ("conv1", "layer1.0.conv1", "fc")], ["fc"])
     r = resolve("w4a8", {"weights.bits": 3, "activations.observer": "percentile"})
     assert r["weights"]["bits"] == 3 and r["activations"]["observer"] == "percentile"
-    assert layer_setting(r, "weights.bits", "conv1", "conv1", "fc") == 8
-    assert layer_setting(r, "weights.bits", "fc", "conv1", "fc") == 8
-    assert layer_setting(r, "weights.bits", "layer1.0.conv1", "conv1", "fc") == 3
+    matches = override_matches(g, r["overrides"])
+    assert layer_setting(r, "weights.bits", "conv1", matches) == 8
+    assert layer_setting(r, "weights.bits", "fc", matches) == 8
+    assert layer_setting(r, "weights.bits", "layer1.0.conv1", matches) == 3
     r = resolve({"overrides": [{"layers": "layer1.*", "weights": {"bits": 6}}]})
-    assert layer_setting(r, "weights.bits", "layer1.0.conv1", "conv1", "fc") == 6
+    assert layer_setting(r, "weights.bits", "layer1.0.conv1", override_matches(g, r["overrides"])) == 6
 
 
 @pytest.mark.parametrize("over,msg", [

@@ -8,6 +8,7 @@ from typing import Any
 
 from .fields import fail, need
 from ..ir.grids import ROUNDINGS
+from ..ir.ops import WEIGHTED_KINDS
 
 MODEL_KINDS = ("torchvision", "efficientnet_lite", "factory", "file", "module")
 ACC_MODES = ("exact", "wrap", "saturate")
@@ -40,7 +41,7 @@ def check_model(d: dict, input_shape: list) -> None:
     seed = need(m, "seed", int, "model")
     if not 0 <= seed < 2**63:
         raise fail("model.seed", f"must be in [0, 2^63), got {seed}")
-    for key in ("weights_sha256", "model_sha256"):
+    for key in ("weights_sha256", "model_sha256", "state_sha256"):
         h = _optional(m, key, str, "model")
         if h is not None and (len(h) != 64 or any(c not in "0123456789abcdef" for c in h)):
             raise fail(f"model.{key}", "must be 64 lowercase hex digits")
@@ -107,6 +108,23 @@ def check_method_info(d: dict) -> None:
                 raise fail(f"{where}.{key}", "must be a finite number")
 
 
+def check_override_matches(d: dict) -> None:
+    """`override_matches` (what the card lists): one list per recipe override, of weighted layer names."""
+    matches = _optional(d, "override_matches", list, "")
+    if matches is None:
+        return
+    overrides = need(d["recipe"], "overrides", list, "recipe")
+    if len(matches) != len(overrides):
+        raise fail("override_matches", f"must hold one list per recipe override ({len(overrides)}), got {len(matches)}")
+    weighted = {op["name"] for op in d["graph"]["ops"] if op["kind"] in WEIGHTED_KINDS}
+    for i, (o, names) in enumerate(zip(overrides, matches)):
+        layers = need(o, "layers", list, f"recipe.overrides[{i}]") if isinstance(o, dict) else None
+        if layers is None or not all(isinstance(p, str) for p in layers):
+            raise fail(f"recipe.overrides[{i}].layers", "must be a list of layer selectors (strings)")
+        if not isinstance(names, list) or not all(isinstance(n, str) and n in weighted for n in names):
+            raise fail(f"override_matches[{i}]", "must be a list of the graph's conv/linear layer names")
+
+
 def check_header(d: dict) -> None:
     """Every field outside `graph` and `tensors` that a command reads."""
     need(d, "created_by", str, "")
@@ -114,6 +132,7 @@ def check_header(d: dict) -> None:
     check_recipe(d)
     check_calibration(d)
     check_method_info(d)
+    check_override_matches(d)
     for key in OPTIONAL_RECORDS:
         _optional(d, key, dict, "")
 

@@ -30,11 +30,12 @@ from ..errors import BudgetError, RecipeError
 from ..ir import Graph, Op
 from ..intmath import round_half_up
 from .fields import Field, layer_setting
+from .selectors import override_matches
 from ..intmath import qmax
 from .errormodel import clip_search, quantize_symmetric
 from .registry import register
 from ..ir import LayerWeights, WeightQuant
-from .base import error_weights, first_last, layer_error
+from .base import error_weights, layer_error
 
 BIAS_SHARE = 0.5  # most of a P-bit accumulator the int bias may take; the weights get the rest
 
@@ -152,13 +153,13 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
         raise RecipeError("allocator.min_*_bits must not exceed allocator.max_*_bits")
     wbits = list(range(al["min_weight_bits"], al["max_weight_bits"] + 1))
     ibits = list(range(al["min_input_bits"], al["max_input_bits"] + 1))
-    first, last = first_last(graph)
+    matches = override_matches(graph, recipe["overrides"])
     src, producers = graph.encoding_source(), graph.producers()
     layers = []
     for op in graph.weighted_ops():
         t = src[op.inputs[0]]
-        pin_w = layer_setting(recipe, "allocator.weight_bits", op.name, first, last)
-        pin_i = layer_setting(recipe, "allocator.input_bits", op.name, first, last)
+        pin_w = layer_setting(recipe, "allocator.weight_bits", op.name, matches)
+        pin_i = layer_setting(recipe, "allocator.input_bits", op.name, matches)
         prod = producers.get(t)
         cands = layer_candidates(op, stats, recipe, t, prod.attrs.get("act") if prod is not None else None, p,
                                  [pin_w] if pin_w else wbits, [pin_i] if pin_i else ibits)

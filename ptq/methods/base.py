@@ -1,10 +1,9 @@
-"""Helpers every weight method shares: the layer's error model, the allocator's error weights,
-and the first and last weighted layers."""
+"""Helpers every weight method shares: the layer's error model and the allocator's error weights."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..ir import Graph, Op
+from ..ir import Op
 from .errormodel import ErrorModel
 
 
@@ -22,8 +21,3 @@ def error_weights(op: Op, stats, err: ErrorModel, w: np.ndarray) -> np.ndarray |
     if fisher is not None:
         return fisher
     return 1.0 / max(float(err.energy(w.astype(np.float32)).sum()), 1e-30)
-
-
-def first_last(graph: Graph) -> tuple[str, str]:
-    w = graph.weighted_ops()
-    return w[0].name, w[-1].name

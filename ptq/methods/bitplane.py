@@ -29,10 +29,11 @@ from ..errors import BudgetError, RecipeError
 from ..ir import Graph, Op
 from ..intmath import round_half_up
 from .fields import Field, layer_setting
+from .selectors import override_matches
 from .errormodel import ErrorModel, clip_search, quantize_symmetric
 from .registry import register
 from ..ir import LayerWeights, WeightQuant
-from .base import error_weights, first_last, layer_error
+from .base import error_weights, layer_error
 
 BITPLANE_SECTION = {
     "bits": Field(8, int, lo=3, hi=8, help="b₀: the grid every layer starts from"),
@@ -125,7 +126,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     if bp["min_bits"] > bp["bits"]:
         raise RecipeError(f"bitplane.min_bits = {bp['min_bits']} exceeds bitplane.bits = {bp['bits']}; lower it")
     p = recipe["accumulator"]["bits"]
-    first, last = first_last(graph)
+    matches = override_matches(graph, recipe["overrides"])
     src, producers = graph.encoding_source(), graph.producers()
     layers, params = [], 0.0
     for op in graph.weighted_ops():
@@ -137,7 +138,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
                                 prod.attrs.get("act") if prod is not None else None)
             xmax, xscale = max(e.zero_point - e.qmin, e.qmax - e.zero_point), e.scale
         cands = layer_candidates(op, stats, recipe, xmax, xscale)
-        pin = layer_setting(recipe, "bitplane.layer_bits", op.name, first, last)
+        pin = layer_setting(recipe, "bitplane.layer_bits", op.name, matches)
         lc = LayerChoices(op.name, None, cands)
         if pin:
             lc.pinned = min(range(len(cands)), key=lambda j: abs(cands[j].knobs["weight_bits"] - pin))

@@ -5,7 +5,6 @@ assembles the full schema from the registry, so recipe parsing never reaches int
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,25 +39,12 @@ class Field:
         return value
 
 
-def layer_setting(recipe: dict, key: str, layer: str, first: str, last: str) -> Any:
-    """A per-layer value: the last matching override wins, else the recipe's section value."""
+def layer_setting(recipe: dict, key: str, layer: str, matches: list[list[str]]) -> Any:
+    """A per-layer value: the last override that sets `key` and selects `layer` wins, else the
+    recipe's section value. `matches`: what each override selects (`selectors.override_matches`)."""
     section, k = key.split(".")
     value = recipe[section][k]
-    for o in recipe["overrides"]:
-        if key in o and any(matches(pat, layer, first, last) for pat in o["layers"]):
+    for o, chosen in zip(recipe["overrides"], matches):
+        if key in o and layer in chosen:
             value = o[key]
     return value
-
-
-def matches(pattern: str, layer: str, first: str, last: str) -> bool:
-    if pattern == "first":
-        return layer == first
-    if pattern == "last":
-        return layer == last
-    return fnmatch.fnmatchcase(layer, pattern)
-
-
-def unmatched_patterns(patterns: list[str], layers: list[str], first: str, last: str) -> list[str]:
-    """The layer patterns of one [[overrides]] entry that select none of `layers` (a setting they
-    carry would be ignored silently)."""
-    return [p for p in patterns if not any(matches(p, layer, first, last) for layer in layers)]

@@ -36,11 +36,12 @@ import numpy as np
 from ..errors import RecipeError
 from ..ir import Graph
 from .fields import Field, layer_setting
+from .selectors import override_matches
 from ..intmath import qmax
 from .errormodel import ErrorModel
 from .registry import register
 from ..ir import WeightQuant
-from .base import first_last, layer_error
+from .base import layer_error
 
 GRID = 100  # coefficient candidates per point
 GRID_LO = 0.05  # smallest candidate, as a fraction of max|r| / qmax
@@ -274,13 +275,13 @@ def channel_errors(pts: Points, counts: np.ndarray) -> np.ndarray:
 
 def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
     mp = recipe["multipoint"]
-    first, last = first_last(graph)
+    matches = override_matches(graph, recipe["overrides"])
     plans = []
     for op in graph.weighted_ops():
-        bits = layer_setting(recipe, "multipoint.bits", op.name, first, last)
-        extra_bits = layer_setting(recipe, "multipoint.extra_bits", op.name, first, last)
-        maxp = layer_setting(recipe, "multipoint.max_points", op.name, first, last)
-        sens = layer_setting(recipe, "multipoint.sensitivity", op.name, first, last)
+        bits = layer_setting(recipe, "multipoint.bits", op.name, matches)
+        extra_bits = layer_setting(recipe, "multipoint.extra_bits", op.name, matches)
+        maxp = layer_setting(recipe, "multipoint.max_points", op.name, matches)
+        sens = layer_setting(recipe, "multipoint.sensitivity", op.name, matches)
         err = layer_error(op, stats, output_error=mp["objective"] == "output")
         c, k = op.weight_matrix_shape
         w = op.weight.reshape(c, k)

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from ..ir import Graph, LayerWeights, Op, WeightQuant
-from ..ir.grids import ROUNDINGS, Grid, settle, term_grids
-from .base import first_last, layer_error
+from ..ir.grids import Grid, settle, term_grids
+from .base import layer_error
 from .errormodel import ErrorModel, fixed_order
 from .fields import layer_setting
+from .selectors import override_matches
 
 def _cholesky_inverse_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ per group, λ = damp·mean(diag H); λ grows ten-fold until
@@ -139,8 +140,8 @@ def _record(before: np.ndarray, after: np.ndarray, err: ErrorModel, w: np.ndarra
 def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> None:
     """Re-decide every layer's integers by its `weights.rounding` (in place) and record per layer the
     rounding and the relative output error it removed in `weights.info["rounding"]`."""
-    first, last = first_last(graph)
-    modes = {op.name: layer_setting(recipe, "weights.rounding", op.name, first, last) for op in graph.weighted_ops()}
+    matches = override_matches(graph, recipe["overrides"])
+    modes = {op.name: layer_setting(recipe, "weights.rounding", op.name, matches) for op in graph.weighted_ops()}
     if all(m == "nearest" for m in modes.values()):
         return
     settings = recipe["rounding"]

@@ -47,11 +47,12 @@ from .allocator import Candidate, LayerChoices, solve_allocation
 from ..errors import BudgetError, RecipeError
 from ..ir import Graph, Op
 from .fields import Field, layer_setting
+from .selectors import override_matches
 from ..intmath import qmax
 from .errormodel import ErrorModel, clip_search, fixed_order
 from .registry import register
 from ..ir import LayerWeights, WeightQuant
-from .base import error_weights, first_last, layer_error
+from .base import error_weights, layer_error
 
 CHUNK = 1 << 22  # sets × groups × G table values gathered at once (float32: 16 MB)
 
@@ -317,7 +318,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     sw = recipe["swis"]
     bits, group, lanes = sw["bits"], sw["group"], sw["lanes"]
     truncate = sw["positions"] == "truncate"
-    first, last = first_last(graph)
+    matches = override_matches(graph, recipe["overrides"])
     ops = graph.weighted_ops()
 
     def run(op: Op, n: int, base: np.ndarray | None = None) -> SwisLayer:
@@ -329,7 +330,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
         out = {}
         cycles = {}
         for op in ops:
-            n = layer_setting(recipe, "swis.shared_bits", op.name, first, last)
+            n = layer_setting(recipe, "swis.shared_bits", op.name, matches)
             _check_n(n, bits, "shared_bits", op.name)
             lay = run(op, n)
             out[op.name] = build(lay, op, bits, group, sw["positions"])
@@ -341,8 +342,8 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
         raise RecipeError(f"swis.shared_bits = {n_ref} must be below swis.bits = {bits} (it sets the default budgets)")
     layers = []
     for op in ops:
-        lo = layer_setting(recipe, "swis.min_shared_bits", op.name, first, last)
-        hi = min(layer_setting(recipe, "swis.max_shared_bits", op.name, first, last), bits - 1)
+        lo = layer_setting(recipe, "swis.min_shared_bits", op.name, matches)
+        hi = min(layer_setting(recipe, "swis.max_shared_bits", op.name, matches), bits - 1)
         _check_n(lo, bits, "min_shared_bits", op.name)
         if lo > hi:
             raise RecipeError(f"swis.min_shared_bits = {lo} exceeds swis.max_shared_bits = {hi} for layer {op.name}")

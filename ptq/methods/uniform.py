@@ -5,18 +5,19 @@ import numpy as np
 
 from ..ir import Graph
 from .fields import layer_setting
+from .selectors import override_matches
 from .errormodel import clip_search, quantize_symmetric
 from .registry import register
 from ..ir import WeightQuant
-from .base import first_last, layer_error
+from .base import layer_error
 
 
 @register("uniform", override_keys=("weights.bits",))
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
-    first, last = first_last(graph)
+    matches = override_matches(graph, recipe["overrides"])
     out = {}
     for op in graph.weighted_ops():
-        bits = layer_setting(recipe, "weights.bits", op.name, first, last)
+        bits = layer_setting(recipe, "weights.bits", op.name, matches)
         out[op.name] = uniform_layer(op, stats, bits, recipe["weights"]["clip"])
     return out
 
