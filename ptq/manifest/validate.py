@@ -87,6 +87,7 @@ def validate(m: Manifest, stored: bool = True) -> None:
 
 
 SPATIAL = ("kernel", "stride", "padding", "dilation", "pads")
+PAIRS = ("kernel", "stride", "padding", "dilation")
 
 
 def _shape_kernels(m: Manifest) -> dict[str, Callable]:
@@ -136,6 +137,8 @@ def dry_run(m: Manifest) -> None:
                 v = op.attrs.get(k)
                 if v is not None and (not isinstance(v, list) or not all(type(i) is int and 0 <= i <= size for i in v)):
                     raise fail(f"{where}.{k}", f"must be a list of integers in [0, {size}], got {v!r}")
+                if v is not None and k in PAIRS and len(v) != 2:  # one value per spatial axis (H, W)
+                    raise fail(f"{where}.{k}", f"must hold 2 integers (height, width), got {v!r}")
             try:
                 y = fn(op, xs)
             except PtqError:
