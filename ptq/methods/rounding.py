@@ -27,8 +27,8 @@ import torch
 
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..ir.grids import Grid, settle, term_grids
-from .base import first_last, layer_error
-from .errormodel import ErrorModel, fixed_order
+from .base import error_record, first_last, layer_error, rounding_targets
+from .errormodel import fixed_order
 from .fields import layer_setting
 
 ROUNDINGS = ("nearest", "feedback", "learned")
@@ -94,19 +94,6 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
     return out.reshape(c, k).numpy().astype(np.int64)
 
 
-def _targets(wq: WeightQuant, w: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(term, rows, real target (C, K)) for each term the engine decides: term 0 for single-term
-    schemes; for multipoint each channel's last point, against the residual of its earlier points."""
-    if wq.scheme["scheme"] != "multipoint":
-        return [(0, np.ones(w.shape[0], bool), w)]
-    counts = wq.extra["points_per_channel"]
-    out, partial = [], np.zeros_like(w)
-    for t, (q, s) in enumerate(wq.terms):
-        out.append((t, counts == t + 1, w - partial))
-        partial = partial + q.reshape(w.shape[0], -1) * s[:, None]
-    return [o for o in out if o[1].any()]
-
-
 def feedback_layer(op: Op, stats, wq: WeightQuant, settings: dict) -> dict[str, float]:
     """Re-decide one layer's integers with error feedback (in place); the output error before and after."""
     li = stats.layer_inputs.get(op.name) if stats is not None else None
@@ -115,10 +102,10 @@ def feedback_layer(op: Op, stats, wq: WeightQuant, settings: dict) -> dict[str, 
     err = layer_error(op, stats)
     before = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
     if li is None:
-        return _record(before, before, err, w)
+        return error_record(before, before, err, w)
     grids = term_grids(wq)
     budget = wq.l1_budget
-    for t, rows, target in _targets(wq, w):
+    for t, rows, target in rounding_targets(wq, w):
         q, s = wq.terms[t]
         new = feedback_integers(target / s[:, None], li.hessian, grids[t], settings["order"], settings["damp"],
                                 settings["block"], budget)  # a budget comes only with single-term layers
@@ -130,13 +117,7 @@ def feedback_layer(op: Op, stats, wq: WeightQuant, settings: dict) -> dict[str, 
         wq.terms[t] = (np.where(keep.reshape(-1, *([1] * (q.ndim - 1))), trial[t][0], q).astype(np.int64), s)
     settle(wq)
     after = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
-    return _record(before, after, err, w)
-
-
-def _record(before: np.ndarray, after: np.ndarray, err: ErrorModel, w: np.ndarray) -> dict[str, float]:
-    """The layer's relative output error (Σ error / Σ output energy) with nearest and with the engine."""
-    energy = max(float(err.energy(w.astype(np.float32)).sum()), 1e-30)
-    return {"error_nearest": round(float(before.sum()) / energy, 9), "error": round(float(after.sum()) / energy, 9)}
+    return error_record(before, after, err, w)
 
 
 def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> None:
