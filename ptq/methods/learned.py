@@ -48,7 +48,9 @@ relative output error on the samples, with nearest and with the learned integers
 
 **Determinism.** Everything runs single-threaded (`errormodel.fixed_order`): convolutions and their
 gradients sum in a thread-count-dependent order, and a last-bit difference can flip a weight whose h
-ends near ½, so the integers are the same bytes at any thread count.
+ends near ½, so the integers are the same bytes at any thread count. It costs 1.5× on 2 idle cores
+(0.60 s against 0.41 s per step over EfficientNet-Lite0's 18 blocks); Lite0 `w4a8` learns in about
+3.5 minutes with the defaults.
 """
 from __future__ import annotations
 
