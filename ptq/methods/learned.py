@@ -32,13 +32,11 @@ with maps larger than CROP×CROP runs on a random CROP×CROP window of its outpu
 window is exact, its border is the ops' own padding; a step on a 112×112 map then costs what one on
 an 8×8 map does, what makes the method fit a CPU)**.
 
-**Sequential inputs.** One walk over the graph in op order runs two streams over the first
-`rounding.samples` calibration samples: the FP32 model (the targets) and the model quantized so far
-(dequantized integer weights, every tensor fake-quantized; a learned block's inputs). Only the
-tensors a later op still needs stay alive. Each block is optimised on its quantized-stream input and
-FP32-stream output in mini-batches of `rounding.batch_size` samples drawn by a fixed-seed generator,
-then the quantized stream runs on through it with the new integers. The walk stops after the last
-learned block.
+**Sequential inputs** (`ptq.methods.walk`). Each block is optimised on its input in the model
+quantized so far (earlier layers' integers as decided, every tensor fake-quantized) and its output
+in the FP32 model, over the first `rounding.samples` calibration samples, in mini-batches of
+`rounding.batch_size` drawn by a fixed-seed generator; the quantized model then runs on through the
+block with its new integers.
 
 **Guards (ours).** A block keeps its learned integers only where its output error on the samples is
 no larger than with the method's (nearest) integers; an accumulator layer's channel keeps its
@@ -54,18 +52,17 @@ ends near ½, so the integers are the same bytes at any thread count. It costs 1
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
-from ..calib.observers import choose_encodings
 from ..calib.progress import progress
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..ir.grids import settle, term_grids
 from .base import error_record, layer_error, rounding_targets
-from .blocks import FLOAT, Block, Bounds, bounds, fake_quant, find_blocks, pre_act
-from .errormodel import fixed_order
+from .blocks import Block, Bounds, find_blocks
+from .walk import LayerHook, chunked, walk
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 WARMUP = 0.2  # share of the steps before the regulariser starts
@@ -141,10 +138,6 @@ class Relaxed:
         settle(wq)
 
 
-def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.cat([fn(x[i:i + size]) for i in range(0, x.shape[0], size)])
-
-
 def optimise(block: Block, relaxed: dict[str, Relaxed], x: torch.Tensor, target: torch.Tensor,
              quant: dict[str, Bounds], settings: dict, gen: torch.Generator, advance: Callable, unit: float) -> None:
     """Adam on the block's rounding variables (module docstring); `unit`: the mean squared output
@@ -186,7 +179,7 @@ def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: to
 
     def error(qs: dict[str, np.ndarray]) -> float:
         ws = {n: relaxed[n].weight(q) for n, q in qs.items()}
-        return float((_chunked(lambda xb: block.run(xb, ws, quant), x, size) - target).double().pow(2).sum())
+        return float((chunked(lambda xb: block.run(xb, ws, quant), x, size) - target).double().pow(2).sum())
 
     energy = max(float(target.double().pow(2).sum()), 1e-30)
     before = error({n: r.nearest for n, r in relaxed.items()})
@@ -199,60 +192,21 @@ def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: to
     return {"block_error_nearest": round(before / energy, 9), "block_error": round(min(after, before) / energy, 9)}
 
 
-def _schedule(graph: Graph, blocks: list[Block]) -> list[Op | Block]:
-    """The ops in graph order with each block's ops run together at its last op; up to the last block."""
-    owner = {op.name: b for b in blocks for op in b.ops}
-    steps: list[Op | Block] = []
-    for op in graph.ops:
-        b = owner.get(op.name)
-        if b is None:
-            steps.append(op)
-        elif op is b.ops[-1]:
-            steps.append(b)
-            if b is blocks[-1]:
-                break
-    return steps
-
-
-def _inputs(step: Op | Block) -> list[str]:
-    return [step.input] if isinstance(step, Block) else step.inputs
-
-
-def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, layers: list[str]) -> dict[str, dict]:
+def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, layers: list[str],
+                   visit: Iterable[str] = (), on_layer: LayerHook | None = None) -> dict[str, dict]:
     """Re-decide the named layers' integers by block-wise AdaRound (in place; module docstring);
-    per layer its output error with nearest and learned integers, and its block's."""
+    per layer its output error with nearest and learned integers, and its block's. `on_layer` is
+    called on the walk before each layer of `visit` runs (the sequential feedback rounding)."""
     settings = recipe["rounding"]
-    enc = choose_encodings(graph, stats.histograms, recipe["activations"], weights)
-    producers = graph.producers()
-    quant = {t: bounds(e, producers[t].attrs.get("act") if t in producers else None) for t, e in enc.items()}
     blocks = find_blocks(graph, set(layers))
-    steps = _schedule(graph, blocks)
-    last_use = {t: i for i, s in enumerate(steps) for t in _inputs(s)}
-    size = settings["batch_size"]
     nearest = {name: weights[name].dequantized() for name in layers}
     report: dict[str, dict] = {}
     gen = torch.Generator().manual_seed(SEED)
-    with fixed_order(), torch.no_grad(), \
-            progress("learned rounding (block-wise AdaRound)", len(blocks) * settings["iterations"]) as advance:
-        x = torch.cat(list(stats.replay(settings["samples"], size))).float()
-        fp = {graph.input: x}
-        qx = {graph.input: fake_quant(x, quant[graph.input])}
-        for i, s in enumerate(steps):
-            if isinstance(s, Block):
-                target = _chunked(lambda xb: s.run(xb, {}, None), fp[s.input], size)
-                rec = learn_block(s, weights, qx[s.input], target, quant, settings, gen, advance)
-                ws = {op.name: torch.from_numpy(weights[op.name].dequantized()).float() for op in s.layers}
-                qx[s.output] = fake_quant(_chunked(lambda xb: s.run(xb, ws, quant), qx[s.input], size), quant[s.output])
-                fp[s.output] = target
-                report.update({op.name: rec for op in s.layers})
-            else:
-                w = None if s.weight is None else torch.from_numpy(weights[s.name].dequantized()).float()
-                fp[s.output] = FLOAT[s.kind](s, [fp[t] for t in s.inputs])
-                qx[s.output] = fake_quant(pre_act(s, [qx[t] for t in s.inputs], w), quant[s.output])
-            for t in _inputs(s):
-                if last_use[t] == i:
-                    fp.pop(t, None)
-                    qx.pop(t, None)
+    with progress("learned rounding (block-wise AdaRound)", len(blocks) * settings["iterations"]) as advance:
+        def on_block(block: Block, x: torch.Tensor, target: torch.Tensor, quant: dict[str, Bounds]) -> None:
+            rec = learn_block(block, weights, x, target, quant, settings, gen, advance)
+            report.update({op.name: rec for op in block.layers})
+        walk(graph, stats, recipe, weights, blocks, on_block, visit, on_layer)
     out: dict[str, dict] = {}
     ops = {op.name: op for op in graph.weighted_ops()}
     for name in layers:
