@@ -38,6 +38,8 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
                        help="feedback: decide input columns by descending H diagonal, or in natural order"),
         "damp": Field(0.01, float, lo=0.0, hi=1.0, help="feedback: H + damp·mean(diag H)·I"),
         "block": Field(128, int, lo=1, hi=65536, help="feedback: columns per lazy block update"),
+        "sequential": Field(False, bool,
+                            help="feedback: each layer's H measured on the model quantized so far, not on the FP32 model"),
         "iterations": Field(300, int, lo=1, hi=100_000, help="learned: optimiser steps per block"),
         "samples": Field(64, int, lo=1, hi=100_000, help="learned: calibration samples the block objective runs on"),
         "batch_size": Field(8, int, lo=1, hi=4096, help="learned: samples per optimiser step"),

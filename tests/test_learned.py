@@ -160,3 +160,19 @@ def test_same_seed_same_manifest_bytes_at_any_thread_count(digits_prepared, tmp_
         torch.set_num_threads(threads)
     for f in ("manifest.json", "tensors.safetensors"):
         assert (dirs[0] / f).read_bytes() == (dirs[1] / f).read_bytes(), f
+
+
+def _term0(qm) -> dict[str, np.ndarray]:
+    return {op["name"]: qm.manifest.tensor(op["weight"]["terms"][0]["q"]) for op in qm.manifest.weighted_ops()}
+
+
+def test_sequential_feedback_measures_h_on_the_quantized_model(digits_prepared):
+    over = {"weights.rounding": "feedback", "rounding.samples": 32, "bias_correction.mode": "none"}
+    fp32_h = quantize_prepared(digits_prepared, "w4a8", overrides=over)
+    seq = quantize_prepared(digits_prepared, "w4a8", overrides={**over, "rounding.sequential": True})
+    assert seq.report["verification"]["verified"]
+    a, b = fp32_h.manifest.data["method_info"]["rounding"], seq.manifest.data["method_info"]["rounding"]
+    assert {v["rounding"] for v in b.values()} == {"feedback"}
+    assert all(a[n]["error_nearest"] != b[n]["error_nearest"] for n in a)  # every layer's errors on another H
+    ia, ib = _term0(fp32_h), _term0(seq)
+    assert any(not np.array_equal(ia[n], ib[n]) for n in ia)
