@@ -106,6 +106,12 @@ def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
     return patches.reshape(g, n * p, (c // g) * kh * kw)
 
 
+def patch_moments(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Generator | None) -> LayerInputStats:
+    """The sums of x xᵀ and x over a batch's input patches of a conv/linear layer (`layer_patches`)."""
+    p = layer_patches(op, x, positions, gen)
+    return LayerInputStats(torch.bmm(p.transpose(1, 2), p).double().numpy(), p.sum(1).double().numpy(), p.shape[1])
+
+
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,
                        positions: int = MAX_POSITIONS, sensitivity_samples: int = 0) -> Statistics:
     """Two passes over `source`: ranges, then histograms and per-layer input moments; the
@@ -135,11 +141,8 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     def observe(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
         stats.histograms[op.output].add(y)
         if op.weight is not None:
-            p = layer_patches(op, xs[0], positions, gen)
-            xx = torch.bmm(p.transpose(1, 2), p).double().numpy()
-            s = p.sum(1).double().numpy()
             cur = stats.layer_inputs.get(op.name)
-            new = LayerInputStats(xx, s, p.shape[1])
+            new = patch_moments(op, xs[0], positions, gen)
             stats.layer_inputs[op.name] = new if cur is None else cur.merge(new)
 
     with torch.no_grad(), progress("calibration pass 2/2 (histograms, layer inputs)", n_batches) as advance:

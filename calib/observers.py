@@ -6,9 +6,13 @@ by simple reduction, so calibration can be split over batches or processes in bo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from ..errors import RecipeError
+from ..ir import Graph
 
 HIST_BINS = 2048
 HIST_SAMPLE = 1 << 20  # values per batch and tensor that enter the histogram (strided subsample)
@@ -118,3 +122,25 @@ def choose_encoding(hist: Histogram, bits: int, observer: str = "mse", percentil
     err = _quant_error(values[keep], counts[keep], cand_lo, cand_hi, bits)
     best = int(np.argmin(err))
     return Encoding.from_range(cand_lo[best], cand_hi[best], bits)
+
+
+def choose_encodings(graph: Graph, histograms: Mapping[str, Histogram], act: dict,
+                     weights: Mapping[str, Any] | None = None) -> dict[str, Encoding]:
+    """Every tensor's encoding by the recipe's [activations] `act`: each encoding source gets its
+    own (the output at `output_bits`, a layer's input at the width a method chose for it in
+    `weights[name].input_bits`), a pass-through tensor shares its source's. Shared by the manifest
+    builder and the learned rounding's fake-quant model, so both quantize the same tensors alike."""
+    src = graph.encoding_source()
+    producers = graph.producers()
+    output_sources = {src[o] for o in graph.outputs}
+    widths = {src[op.inputs[0]]: weights[op.name].input_bits for op in graph.weighted_ops()
+              if weights is not None and weights[op.name].input_bits is not None}
+    own: dict[str, Encoding] = {}
+    for t in sorted(set(src.values())):
+        bits = widths.get(t, act["output_bits"] if t in output_sources else act["bits"])
+        fused = producers[t].attrs.get("act") if t in producers else None
+        own[t] = choose_encoding(histograms[t], bits, act["observer"], act["percentile"], fused)
+    for op in graph.ops:
+        if op.kind == "lut" and own[src[op.inputs[0]]].bits > 8:
+            raise RecipeError(f"op {op.name} ({op.attrs['function']}) runs as a lookup table and needs inputs of at most 8 bits; set activations.bits <= 8")
+    return {t: own[s] for t, s in src.items()}

@@ -82,6 +82,21 @@ def nearest_tables(masks: np.ndarray, magnitude_bits: int) -> np.ndarray:
     return values[dist.argmin(axis=1)]  # (S, T)
 
 
+def neighbour_tables(masks: np.ndarray, magnitude_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S, 2^(mb+1)) tables (down, up): for f = ⌊x⌋ in [−2^mb, 2^mb − 1] (index f + 2^mb), the largest
+    signed value set S represents at or below x and the smallest above it; beyond the set's ends
+    both are its end value. Representable values are integers, so ⌊x⌋ decides both."""
+    values = np.arange(1 << magnitude_bits, dtype=np.int64)
+    ok = (values[None, :] & ~masks[:, None]) == 0  # (S, V)
+    signed = np.concatenate([-values[::-1], values])
+    ok = np.concatenate([ok[:, ::-1], ok], axis=1)[:, None, :]  # (S, 1, 2V)
+    f = np.arange(-(1 << magnitude_bits), 1 << magnitude_bits)[None, :, None]
+    below = np.where(ok & (signed <= f), signed, np.iinfo(np.int64).min).max(-1)
+    above = np.where(ok & (signed > f), signed, np.iinfo(np.int64).max).min(-1)
+    none_below, none_above = below == np.iinfo(np.int64).min, above == np.iinfo(np.int64).max
+    return np.where(none_below, above, below), np.where(none_above, below, above)
+
+
 def lockstep_cycles(cycles: np.ndarray, lanes: int) -> int:
     """Cycles of groups issued in the given order to `lanes` lock-stepped lanes (steps of `lanes`)."""
     c = np.asarray(cycles, np.int64).ravel()

@@ -10,6 +10,7 @@ does). It sits in the IR layer beside `WeightQuant`: the methods and the manifes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -33,6 +34,14 @@ class Grid:
         m = qmax(self.bits)
         return torch.clamp(round_half_up(x), -m, m)
 
+    def neighbours(self, x: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up): the grid values just below and above every real x (C, n), down ≤ x < up,
+        both the grid's end beyond it. `project` is always one of the two (the learned rounding's
+        choice)."""
+        m = qmax(self.bits)
+        f = torch.floor(x)
+        return torch.clamp(f, -m, m), torch.clamp(f + 1, -m, m)
+
 
 @dataclass
 class SwisGrid(Grid):
@@ -46,12 +55,31 @@ class SwisGrid(Grid):
         masks, which = np.unique(np.asarray(self.shifts, np.int64), return_inverse=True)
         self._tables = torch.from_numpy(bitserial.nearest_tables(masks, self.bits - 1)).double()
         self._which = torch.from_numpy(which.reshape(np.asarray(self.shifts).shape)).long()
+        self._masks = masks
+
+    def _sets(self, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Index of the shift set of every weight (its row's group of its column)."""
+        rows = torch.arange(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1))).expand_as(cols)
+        return self._which[rows, cols // self.group]
 
     def project(self, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         top = (1 << (self.bits - 1)) - 1
         cell = torch.clamp(torch.floor(2 * torch.clamp(x.abs(), 0, top)), 0, self._tables.shape[1] - 1).long()
-        rows = torch.arange(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1))).expand_as(cols)
-        return torch.sign(x) * self._tables[self._which[rows, cols // self.group], cell]
+        return torch.sign(x) * self._tables[self._sets(x, cols), cell]
+
+    def neighbours(self, x: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) in the group's set: its largest value at or below x and smallest above."""
+        half = 1 << (self.bits - 1)
+        f = (torch.clamp(torch.floor(x), -half, half - 1) + half).long()
+        down, up = self._neighbour_tables
+        sets = self._sets(x, cols)
+        return down[sets, f], up[sets, f]
+
+    @cached_property
+    def _neighbour_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Built on first use: only the learned rounding asks for neighbours."""
+        down, up = bitserial.neighbour_tables(self._masks, self.bits - 1)
+        return torch.from_numpy(down).double(), torch.from_numpy(up).double()
 
 
 def term_grids(wq: WeightQuant) -> list[Grid]:

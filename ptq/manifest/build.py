@@ -14,8 +14,7 @@ import torch
 
 from .. import accbound
 from ..calib.collect import Statistics
-from ..calib.observers import Encoding, choose_encoding
-from ..errors import RecipeError
+from ..calib.observers import Encoding, choose_encodings
 from ..intmath import dyadic_shared, round_half_up
 from ..ir import Graph, Op, WeightQuant, require_all
 from ..ir.grids import onto_grid
@@ -23,25 +22,6 @@ from ..ir.floatops import lut_function
 from .format import FORMAT, VERSION, Manifest
 
 INT32_MAX = 2**31 - 1
-
-
-def choose_encodings(graph: Graph, stats: Statistics, recipe: dict,
-                     widths: dict[str, int] | None = None) -> dict[str, Encoding]:
-    """Every tensor's encoding; `widths` sets the bits of some tensors (by encoding source)."""
-    act = recipe["activations"]
-    src = graph.encoding_source()
-    producers = graph.producers()
-    output_sources = {src[o] for o in graph.outputs}
-    own: dict[str, Encoding] = {}
-    for t in sorted(set(src.values())):
-        bits = act["output_bits"] if t in output_sources else act["bits"]
-        bits = (widths or {}).get(t, bits)
-        fused = producers[t].attrs.get("act") if t in producers else None
-        own[t] = choose_encoding(stats.histograms[t], bits, act["observer"], act["percentile"], fused)
-    for op in graph.ops:
-        if op.kind == "lut" and own[src[op.inputs[0]]].bits > 8:
-            raise RecipeError(f"op {op.name} ({op.attrs['function']}) runs as a lookup table and needs inputs of at most 8 bits; set activations.bits <= 8")
-    return {t: own[s] for t, s in src.items()}
 
 
 def quantize_value(v: float, e: Encoding) -> int:
@@ -205,10 +185,7 @@ def _head(op: Op) -> dict[str, Any]:
 def build_manifest(graph: Graph, stats: Statistics, recipe: dict, weights: dict[str, WeightQuant],
                    header: dict[str, Any]) -> Manifest:
     """Assemble the manifest; `header` carries model, calibration and provenance fields."""
-    src = graph.encoding_source()
-    widths = {src[op.inputs[0]]: weights[op.name].input_bits for op in graph.weighted_ops()
-              if weights[op.name].input_bits is not None}
-    enc = choose_encodings(graph, stats, recipe, widths)
+    enc = choose_encodings(graph, stats.histograms, recipe["activations"], weights)
     m = Manifest({"format": FORMAT, "version": VERSION, **header, "recipe": recipe})
     shapes = {graph.input: list(graph.input_shape)}
     for op in graph.ops:
@@ -225,4 +202,4 @@ def build_manifest(graph: Graph, stats: Statistics, recipe: dict, weights: dict[
     return m
 
 
-__all__ = ["build_manifest", "choose_encodings", "set_bias"]
+__all__ = ["build_manifest", "set_bias"]

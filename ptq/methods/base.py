@@ -1,9 +1,11 @@
-"""Helpers every weight method shares: the layer's error model and the allocator's error weights."""
+"""Helpers every weight method shares: the layer's error model, the allocator's error weights,
+and what the rounding engines (rounding, learned) decide and
+record per layer."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..ir import Op
+from ..ir import Op, WeightQuant
 from .errormodel import ErrorModel
 
 
@@ -21,3 +23,22 @@ def error_weights(op: Op, stats, err: ErrorModel, w: np.ndarray) -> np.ndarray |
     if fisher is not None:
         return fisher
     return 1.0 / max(float(err.energy(w.astype(np.float32)).sum()), 1e-30)
+
+
+def rounding_targets(wq: WeightQuant, w: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(term, rows, real target (C, K)) for each term the engine decides: term 0 for single-term
+    schemes; for multipoint each channel's last point, against the residual of its earlier points."""
+    if wq.scheme["scheme"] != "multipoint":
+        return [(0, np.ones(w.shape[0], bool), w)]
+    counts = wq.extra["points_per_channel"]
+    out, partial = [], np.zeros_like(w)
+    for t, (q, s) in enumerate(wq.terms):
+        out.append((t, counts == t + 1, w - partial))
+        partial = partial + q.reshape(w.shape[0], -1) * s[:, None]
+    return [o for o in out if o[1].any()]
+
+
+def error_record(before: np.ndarray, after: np.ndarray, err: ErrorModel, w: np.ndarray) -> dict[str, float]:
+    """The layer's relative output error (Σ error / Σ output energy) with nearest and with the engine."""
+    energy = max(float(err.energy(w.astype(np.float32)).sum()), 1e-30)
+    return {"error_nearest": round(float(before.sum()) / energy, 9), "error": round(float(after.sum()) / energy, 9)}

@@ -1,0 +1,93 @@
+"""The model quantized so far, run op by op: where the learned rounding's blocks and the sequential
+feedback rounding decide a layer's integers.
+
+One walk in op order runs two streams over the first `rounding.samples` calibration samples: the
+FP32 model (the learned blocks' targets; it runs only when there are blocks) and the model quantized
+so far (every layer's dequantized integers as they stand, every tensor fake-quantized with the
+encodings the manifest will have, `blocks.fake_quant`). A hook sees a block's quantized-stream input
+and FP32 output, or a layer's quantized-stream input, and may change those layers' integers; the
+quantized stream then runs on through them with the new integers. Only the tensors a later step
+still needs stay alive, and the walk stops after its last hook, so its memory is a few feature maps
+of the sample set. It runs single-threaded (`errormodel.fixed_order`), hooks included.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..calib.observers import choose_encodings
+from ..ir import Graph, LayerWeights, Op
+from .blocks import FLOAT, Block, Bounds, bounds, fake_quant, pre_act
+from .errormodel import fixed_order
+
+BlockHook = Callable[[Block, torch.Tensor, torch.Tensor, dict[str, Bounds]], None]
+LayerHook = Callable[[Op, torch.Tensor], None]
+
+
+def chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int) -> torch.Tensor:
+    """fn over x in chunks of `size` samples (bounded memory for the intermediate tensors)."""
+    return torch.cat([fn(x[i:i + size]) for i in range(0, x.shape[0], size)])
+
+
+def _schedule(graph: Graph, blocks: list[Block], layers: set[str]) -> list[Op | Block]:
+    """The ops in graph order with each block's ops run together at its last op, up to the last hook."""
+    owner = {op.name: b for b in blocks for op in b.ops}
+    steps: list[Op | Block] = []
+    for op in graph.ops:
+        b = owner.get(op.name)
+        if b is None:
+            steps.append(op)
+        elif op is b.ops[-1]:
+            steps.append(b)
+    hooked = [i for i, s in enumerate(steps) if isinstance(s, Block) or s.name in layers]
+    return steps[:hooked[-1] + 1] if hooked else []
+
+
+def _inputs(step: Op | Block) -> list[str]:
+    return [step.input] if isinstance(step, Block) else step.inputs
+
+
+def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[Block], on_block: BlockHook | None = None,
+         layers: Iterable[str] = (), on_layer: LayerHook | None = None) -> None:
+    """Run the two streams (module docstring), calling `on_block(block, quantized input, FP32 output,
+    every tensor's code bounds)` for each block and `on_layer(op, quantized input)` before each of
+    `layers` runs."""
+    settings = recipe["rounding"]
+    enc = choose_encodings(graph, stats.histograms, recipe["activations"], weights)
+    producers = graph.producers()
+    quant = {t: bounds(e, producers[t].attrs.get("act") if t in producers else None) for t, e in enc.items()}
+    layers = set(layers)
+    steps = _schedule(graph, blocks, layers)
+    last_use = {t: i for i, s in enumerate(steps) for t in _inputs(s)}
+    size = settings["batch_size"]
+
+    def dequantized(op: Op) -> torch.Tensor:
+        return torch.from_numpy(weights[op.name].dequantized()).float()
+
+    with fixed_order(), torch.no_grad():
+        x = torch.cat(list(stats.replay(settings["samples"], size))).float()
+        fp = {graph.input: x} if blocks else None
+        qx = {graph.input: fake_quant(x, quant[graph.input])}
+        for i, s in enumerate(steps):
+            if isinstance(s, Block):
+                target = chunked(lambda xb: s.run(xb, {}, None), fp[s.input], size)
+                on_block(s, qx[s.input], target, quant)
+                ws = {op.name: dequantized(op) for op in s.layers}
+                qx[s.output] = fake_quant(chunked(lambda xb: s.run(xb, ws, quant), qx[s.input], size), quant[s.output])
+                fp[s.output] = target
+            else:
+                if s.name in layers:
+                    on_layer(s, qx[s.inputs[0]])
+                if fp is not None:
+                    fp[s.output] = FLOAT[s.kind](s, [fp[t] for t in s.inputs])
+                w = None if s.weight is None else dequantized(s)
+                qx[s.output] = fake_quant(pre_act(s, [qx[t] for t in s.inputs], w), quant[s.output])
+            for t in _inputs(s):
+                if last_use[t] == i:
+                    qx.pop(t, None)
+                    if fp is not None:
+                        fp.pop(t, None)
+
+
+__all__ = ["BlockHook", "LayerHook", "chunked", "walk"]

@@ -1,0 +1,178 @@
+"""The learned rounding (weights.rounding = "learned", ptq/methods/learned.py and blocks.py): grid
+neighbours, blocks, what it may change, determinism, and manifests that load and verify."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ptq
+from ptq import bitserial
+from ptq.api import prepare, quantize_prepared
+from ptq.ir import LayerWeights
+from ptq.ir.grids import Grid, SwisGrid
+from ptq.methods.blocks import find_blocks
+from ptq.methods.learned import Relaxed
+from ptq.methods.registry import METHODS
+from ptq.methods.rounding import apply_rounding
+from ptq.recipe import resolve
+
+FAST = {"weights.rounding": "learned", "rounding.iterations": 60, "rounding.samples": 32, "rounding.batch_size": 8,
+        "bias_correction.mode": "none"}
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_uniform_neighbours_bracket_x_and_hold_its_nearest_value(bits):
+    m = (1 << (bits - 1)) - 1
+    x = torch.from_numpy(np.random.default_rng(bits).normal(0, m, (16, 50)))
+    x[0, :4] = torch.tensor([m + 3.0, -m - 3.0, 1.0, -0.5])
+    cols = torch.arange(50).expand(16, 50)
+    down, up = Grid(bits).neighbours(x, cols)
+    inside = (x >= -m) & (x < m)
+    assert torch.all((down <= x) & (x < up) & (up - down == 1) | ~inside)
+    assert torch.all((down == up) | inside) and down.abs().max() <= m and up.abs().max() <= m
+    near = Grid(bits).project(x, cols)
+    assert torch.all((near == down) | (near == up))
+
+
+def test_swis_neighbours_are_the_group_sets_values_next_to_x():
+    rng = np.random.default_rng(0)
+    bits, group = 5, 4
+    shifts = rng.integers(0, 16, (6, 3))
+    x = torch.from_numpy(rng.normal(0, 8, (6, 12)))
+    cols = torch.arange(12).expand(6, 12)
+    g = SwisGrid(bits, shifts, group)
+    down, up = g.neighbours(x, cols)
+    for c in range(6):
+        for k in range(12):
+            reps = sorted({s * v for v in range(16) if v & ~shifts[c, k // group] == 0 for s in (1, -1)})
+            below = [r for r in reps if r <= x[c, k]]
+            above = [r for r in reps if r > x[c, k]]
+            assert down[c, k] == (below[-1] if below else above[0])
+            assert up[c, k] == (above[0] if above else below[-1])
+    near = g.project(x, cols)
+    assert torch.all((near == down) | (near == up))
+
+
+class MBConv(nn.Module):
+    """expand 1×1 → depthwise 3×3 → project 1×1 with a residual add, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6())
+        self.expand = nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU6())
+        self.project = nn.Conv2d(32, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.dw(self.expand(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def mbconv():
+    x = np.random.default_rng(1).normal(0, 1, (48, 3, 12, 12)).astype(np.float32)
+    return prepare(MBConv().eval(), x, "w4a8")
+
+
+def test_a_depthwise_conv_is_learned_with_its_neighbours(mbconv):
+    g = mbconv.graph
+    blocks = find_blocks(g, {op.name for op in g.weighted_ops()})
+    assert [[op.name for op in b.layers] for b in blocks] == [["stem.0"], ["expand.0", "dw.0", "project"], ["head"]]
+    assert blocks[1].output == next(op.output for op in g.ops if op.name == "project")  # the add is not in it
+    without_expand = find_blocks(g, {"dw.0", "project", "head"})
+    assert [[op.name for op in b.layers] for b in without_expand] == [["dw.0", "project"], ["head"]]
+
+
+def _method_and_learned(prep, recipe: str, overrides: dict):
+    r = resolve(recipe, {**FAST, **overrides})
+    out = METHODS[r["method"]].quantize(prep.graph, prep.stats, r)
+    before = out if isinstance(out, LayerWeights) else LayerWeights(out, {})
+    after = copy.deepcopy(before)
+    apply_rounding(prep.graph, prep.stats, r, after)
+    return before, after
+
+
+def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(mbconv):
+    before, after = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3})
+    info = after.info["rounding"]
+    assert info["head"]["rounding"] == "learned"
+    assert info["head"]["block_error"] < 0.5 * info["head"]["block_error_nearest"]
+    for op in mbconv.graph.weighted_ops():
+        rec = info[op.name]
+        assert rec["block_error"] <= rec["block_error_nearest"]
+        r = Relaxed(op, before[op.name])
+        q = after[op.name].terms[0][0].reshape(r.down.shape)
+        assert np.all((q == r.down) | (q == r.up)), op.name
+        assert np.array_equal(after[op.name].terms[0][1], before[op.name].terms[0][1])  # scales unchanged
+        if rec["block_error"] == rec["block_error_nearest"]:  # not better: the block keeps the method's integers
+            assert np.array_equal(q, r.nearest), op.name
+    assert not np.array_equal(after["head"].terms[0][0], before["head"].terms[0][0])
+
+
+@pytest.fixture(scope="module")
+def digits_prepared(digits):
+    model, xtr, _, xte, _ = digits
+    return prepare(model, xtr[:128], "w4a8", eval_data=xte[:32], eval_size=32)
+
+
+def test_swis_learned_integers_stay_on_their_group_sets(digits_prepared):
+    before, after = _method_and_learned(digits_prepared, "swis", {})
+    moved = 0
+    for op in digits_prepared.graph.weighted_ops():
+        wq, rec = after[op.name], after.info["rounding"][op.name]
+        assert not bitserial.unrepresentable(wq.terms[0][0], wq.extra["shifts"], wq.scheme["group"]).any()
+        r = Relaxed(op, before[op.name])
+        q = wq.terms[0][0].reshape(r.down.shape)
+        if rec["block_error"] < rec["block_error_nearest"]:
+            assert np.all((q == r.down) | (q == r.up)), op.name
+            moved += 1
+        else:
+            assert np.array_equal(q, r.nearest), op.name
+    assert moved
+
+
+@pytest.mark.parametrize("recipe", ["w4a8", "swis", "multipoint"])
+def test_learned_manifest_loads_and_verifies(digits, digits_prepared, recipe, tmp_path):
+    xte = digits[3]
+    qm = quantize_prepared(digits_prepared, recipe, overrides=FAST)
+    assert qm.report["verification"]["verified"]
+    rounding = qm.manifest.data["method_info"]["rounding"]
+    assert {v["rounding"] for v in rounding.values()} == {"learned"}
+    loaded = ptq.load(qm.save(tmp_path / recipe))
+    assert loaded.verify(xte[:16], n=16)["verified"]
+
+
+def test_same_seed_same_manifest_bytes_at_any_thread_count(digits_prepared, tmp_path):
+    threads = torch.get_num_threads()
+    dirs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            dirs.append(quantize_prepared(digits_prepared, "w4a8", overrides=FAST).save(tmp_path / f"t{n}"))
+    finally:
+        torch.set_num_threads(threads)
+    for f in ("manifest.json", "tensors.safetensors"):
+        assert (dirs[0] / f).read_bytes() == (dirs[1] / f).read_bytes(), f
+
+
+def _term0(qm) -> dict[str, np.ndarray]:
+    return {op["name"]: qm.manifest.tensor(op["weight"]["terms"][0]["q"]) for op in qm.manifest.weighted_ops()}
+
+
+def test_sequential_feedback_measures_h_on_the_quantized_model(digits_prepared):
+    over = {"weights.rounding": "feedback", "rounding.samples": 32, "bias_correction.mode": "none"}
+    fp32_h = quantize_prepared(digits_prepared, "w4a8", overrides=over)
+    seq = quantize_prepared(digits_prepared, "w4a8", overrides={**over, "rounding.sequential": True})
+    assert seq.report["verification"]["verified"]
+    a, b = fp32_h.manifest.data["method_info"]["rounding"], seq.manifest.data["method_info"]["rounding"]
+    assert {v["rounding"] for v in b.values()} == {"feedback"}
+    assert all(a[n]["error_nearest"] != b[n]["error_nearest"] for n in a)  # every layer's errors on another H
+    ia, ib = _term0(fp32_h), _term0(seq)
+    assert any(not np.array_equal(ia[n], ib[n]) for n in ia)
