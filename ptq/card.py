@@ -56,7 +56,7 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
 
 def _weight_rounding(m: Manifest) -> str:
     """Which rounding decided the weights' integers, on how many layers, and the output error it removed."""
-    rec = m.data.get("method_info", {}).get("rounding")
+    rec = _rounding_records(m)
     if not rec:
         return "nearest grid value (no rounding engine)"
     counts = Counter(r["rounding"] for r in rec.values())
@@ -69,8 +69,14 @@ def _weight_rounding(m: Manifest) -> str:
     return text
 
 
+def _rounding_records(m: Manifest) -> dict:
+    """method_info.rounding in the graph's layer order (a saved manifest's keys are sorted)."""
+    rec = m.data.get("method_info", {}).get("rounding") or {}
+    return {op["name"]: rec[op["name"]] for op in m.weighted_ops() if op["name"] in rec}
+
+
 def _rounding_table(m: Manifest) -> list[str]:
-    rec = m.data.get("method_info", {}).get("rounding")
+    rec = _rounding_records(m)
     if not rec:
         return []
     lines = ["", "## Weight rounding per layer", "",
