@@ -1,6 +1,5 @@
 """Helpers every weight method shares: the layer's error model, the allocator's error weights,
-and what the rounding engines (rounding, learned) decide and
-record per layer."""
+and what the rounding engines (rounding, learned) decide and record per layer."""
 from __future__ import annotations
 
 import numpy as np

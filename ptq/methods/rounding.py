@@ -33,7 +33,7 @@ import torch
 
 from ..calib.collect import patch_moments
 from ..ir import Graph, LayerWeights, Op, WeightQuant
-from ..ir.grids import ROUNDINGS, Grid, settle, term_grids
+from ..ir.grids import Grid, settle, term_grids
 from .base import error_record, rounding_targets
 from .errormodel import ErrorModel, fixed_order
 from .fields import layer_setting
@@ -114,19 +114,18 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
         return error_record(before, before, err, w)
     grids = term_grids(wq)
     budget = wq.l1_budget
+    current = before  # each channel's error with the integers it has so far
     for t, rows, target in rounding_targets(wq, w):
         q, s = wq.terms[t]
         new = feedback_integers(target / s[:, None], hessian, grids[t], settings["order"], settings["damp"],
                                 settings["block"], budget)  # a budget comes only with single-term layers
         trial = wq.terms[:t] + [(np.where(rows[:, None], new, q.reshape(c, -1)).reshape(q.shape), s)] + wq.terms[t + 1:]
-        cand = WeightQuant(wq.scheme, trial, wq.bits, wq.extra)
-        e_new = err((w - cand.dequantized().reshape(c, -1)).astype(np.float32))
-        e_old = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
-        keep = rows & (e_new < e_old)
+        e_new = err((w - WeightQuant(wq.scheme, trial, wq.bits, wq.extra).dequantized().reshape(c, -1)).astype(np.float32))
+        keep = rows & (e_new < current)
         wq.terms[t] = (np.where(keep.reshape(-1, *([1] * (q.ndim - 1))), trial[t][0], q).astype(np.int64), s)
+        current = np.where(keep, e_new, current)
     settle(wq)
-    after = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
-    return error_record(before, after, err, w)
+    return error_record(before, current, err, w)
 
 
 def sequential_hessian(op: Op, x: torch.Tensor, positions: int, size: int) -> np.ndarray:
@@ -175,4 +174,4 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> 
     weights.info["rounding"] = report
 
 
-__all__ = ["ROUNDINGS", "apply_rounding", "feedback_integers", "feedback_layer", "sequential_hessian"]
+__all__ = ["apply_rounding", "feedback_integers", "feedback_layer", "sequential_hessian"]
