@@ -14,6 +14,7 @@ rounding first, then the correction that measures best on top of it.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,7 +42,7 @@ def variants(prep, a):
     recipes = builtin_names() if a.recipes == "all" else a.recipes.split(",")
     for recipe in recipes:
         for rounding in a.roundings.split(","):
-            yield f"{recipe} {rounding}", recipe, {"weights.rounding": rounding}
+            yield f"{Path(recipe).stem} {rounding}", recipe, {"weights.rounding": rounding}
 
 
 def timing(qm) -> dict:
@@ -54,7 +55,8 @@ def timing(qm) -> dict:
 
 
 def args(ap) -> None:
-    ap.add_argument("--recipes", default="all", help="comma-separated built-in recipe names, or 'all'")
+    ap.add_argument("--recipes", default="all", help="comma-separated built-in recipe names or recipe files "
+                    "(benchmarks/recipes/ holds the tuned variants), or 'all'")
     ap.add_argument("--roundings", default="nearest,feedback")
 
 
