@@ -231,6 +231,13 @@ class QuantizedModel:
         from .export import export, save_onnx
         return save_onnx(export(self.manifest, format), path)
 
+    def export_aimet(self, path: str | Path) -> Path:
+        """Write the encodings as AIMET encodings JSON (version 0.6.1) keyed by the QDQ export's tensor
+        names, atomically; an existing file is replaced only if ptq wrote it. Multi-term (multipoint)
+        layers are refused: they have no AIMET encoding."""
+        from .export import save_aimet
+        return save_aimet(self.manifest, path)
+
     # -- persistence --
     def card(self) -> str:
         return render_card(self.manifest, self.report.get("fidelity"), self.manifest.data.get("verification"))

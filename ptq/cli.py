@@ -213,13 +213,18 @@ def cmd_inspect(args) -> int:
 
 def cmd_export(args) -> int:
     import ptq
-    from .export import read_ptq_metadata
     qm = ptq.load(args.dir)
-    default = {"qdq": "model.onnx", "qonnx": "model.qonnx.onnx", "int": "model.int.onnx"}[args.format]
+    default = {"qdq": "model.onnx", "qonnx": "model.qonnx.onnx", "int": "model.int.onnx",
+               "aimet": "model.encodings"}[args.format]
     out = Path(args.out) if args.out else Path(args.dir) / default
-    qm.export_onnx(out, args.format)
-    res = {"path": str(out), "format": args.format, "bytes": out.stat().st_size,
-           "manifest_sha256": read_ptq_metadata(out)["model"]["ptq.manifest_sha256"]}
+    if args.format == "aimet":
+        qm.export_aimet(out)
+        sha = qm.manifest.hash()
+    else:
+        from .export import read_ptq_metadata
+        qm.export_onnx(out, args.format)
+        sha = read_ptq_metadata(out)["model"]["ptq.manifest_sha256"]
+    res = {"path": str(out), "format": args.format, "bytes": out.stat().st_size, "manifest_sha256": sha}
     if not args.json:
         console.print(escape(f"wrote {out} ({args.format}, {res['bytes']} bytes)"))
     _emit(args, res)
@@ -340,10 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_recipes)
 
-    x = sub.add_parser("export", help="export a manifest as ONNX (QDQ for onnxruntime, QONNX, or the bit-exact integer twin)")
+    x = sub.add_parser("export", help="export a manifest as ONNX (QDQ for onnxruntime, QONNX, or the bit-exact integer "
+                                      "twin) or its encodings as AIMET encodings JSON (for Qualcomm's QNN/SNPE)")
     x.add_argument("dir")
-    x.add_argument("--format", default="qdq", choices=("qdq", "qonnx", "int"))
-    x.add_argument("--out", help="output file (default DIR/model.onnx, model.qonnx.onnx or model.int.onnx)")
+    x.add_argument("--format", default="qdq", choices=("qdq", "qonnx", "int", "aimet"))
+    x.add_argument("--out", help="output file (default DIR/model.onnx, model.qonnx.onnx, model.int.onnx or model.encodings)")
     x.add_argument("--json", action="store_true")
     x.set_defaults(fn=cmd_export)
 

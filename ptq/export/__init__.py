@@ -1,6 +1,7 @@
 """ONNX twins of a manifest: `qdq` (QuantizeLinear/DequantizeLinear, float semantics, for
 onnxruntime), `qonnx` (QONNX Quant nodes) and `int` (the integer program, bit for bit in
-onnxruntime). Built from the manifest alone; imports the manifest and runtime, never a method."""
+onnxruntime); and its encodings in the AIMET JSON layout (`aimet`, keyed by the qdq graph's tensor
+names). Built from the manifest alone; imports the manifest and runtime, never a method."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 from ..errors import OutputError
 from ..manifest import Manifest
 from ..manifest.publish import write_file
+from .aimet import AIMET_VERSION, aimet_encodings, save_aimet
 from .integer import IntegerBuilder
 from .onnxgraph import (FORMATS, INPUT_NAME, IR_VERSION, OPSET, QONNX_DOMAIN, onnx_module, read_ptq_metadata,
                         weight_metadata)
@@ -93,5 +95,5 @@ def onnxruntime_runner(manifest: Manifest, level: str = "basic", threads: int = 
     return run
 
 
-__all__ = ["export", "export_qdq", "export_qonnx", "save_onnx", "onnxruntime_runner", "onnxruntime_session",
+__all__ = ["export", "export_qdq", "export_qonnx", "save_onnx", "aimet_encodings", "save_aimet", "AIMET_VERSION", "onnxruntime_runner", "onnxruntime_session",
            "read_ptq_metadata", "weight_metadata", "IR_VERSION", "OPSET", "QONNX_DOMAIN"]

@@ -84,6 +84,22 @@ def torch_pads_to_onnx(pads: list[int], rank: int) -> list[int]:
     return begins + ends
 
 
+def output_names(m: Manifest) -> dict[str, str]:
+    """The ONNX name of each graph output: `output`, or `output0`, `output1`, ... for several."""
+    outs = m.graph["outputs"]
+    return {t: ("output" if len(outs) == 1 else f"output{i}") for i, t in enumerate(outs)}
+
+
+def float_name(out_names: dict[str, str], t: str) -> str:
+    """The ONNX name of manifest tensor t's (dequantized) float value in the qdq/qonnx graphs."""
+    return out_names.get(t, f"t/{t}")
+
+
+def weight_name(op: str, term: int = 0) -> str:
+    """The ONNX name of weight term `term` of op `op`, dequantized (the Conv/Gemm weight of a one-term layer)."""
+    return f"{op}/w{term}"
+
+
 def _out_shape(g: dict, t: str) -> list[int] | None:
     if t == g["input"]:
         return list(g["input_shape"])
@@ -119,13 +135,12 @@ class GraphBuilder(ABC):
         self.inits: list = []
         self._init_names: set[str] = set()
         self.codes: dict[str, str] = {}  # tensor -> name of its integer code tensor
-        outs = m.graph["outputs"]
-        self.out_names = {t: ("output" if len(outs) == 1 else f"output{i}") for i, t in enumerate(outs)}
+        self.out_names = output_names(m)
 
     # -- naming --
     def fname(self, t: str) -> str:
         """The (dequantized) float value of manifest tensor t."""
-        return self.out_names.get(t, f"t/{t}")
+        return float_name(self.out_names, t)
 
     def const(self, name: str, array: np.ndarray) -> str:
         if name not in self._init_names:

@@ -12,7 +12,9 @@ fake-quant semantics of `ptq.runtime.reference`:
   DequantizeLinear (axis 0, zero point 0). A weight with several terms (multipoint,
   w = sum_t scale_t * q_t) is dequantized term by term and the terms are summed (one `Sum` node)
   before a single Conv/Gemm: onnxruntime runs this as one float convolution, which is the
-  reference's arithmetic (one GEMM on the dequantized weight).
+  reference's arithmetic (one GEMM on the dequantized weight). The QONNX twin stores the same
+  integer codes (int8 and up) and feeds each term's Quant node with Cast(q)·scale, so the file holds
+  no float copy of a weight; qonnx's cleanup folds that into the float initializer a Quant reads.
 - biases are float: the int32 bias dequantized at s_x·scale_0 (bias correction included), added by the
   Conv/Gemm.
 - lookup tables (`lut`) are evaluated exactly as the integer program does: the input codes index
@@ -37,7 +39,7 @@ import numpy as np
 from ..errors import ManifestError, OutputError
 from ..manifest import Manifest, point_bits
 from ..runtime.reference import dequantized_bias
-from .onnxgraph import INPUT_NAME, QONNX_DOMAIN, GraphBuilder, torch_pads_to_onnx, weight_metadata
+from .onnxgraph import INPUT_NAME, QONNX_DOMAIN, GraphBuilder, torch_pads_to_onnx, weight_metadata, weight_name
 
 
 class QdqBuilder(GraphBuilder):
@@ -113,6 +115,19 @@ class QdqBuilder(GraphBuilder):
         return base + "/i64"
 
     # -- weights --
+    def weight_codes(self, name: str, q: np.ndarray, bits: int, zero_point: bool = False) -> tuple[str, str | None]:
+        """The integer codes of one weight term as the narrowest initializer that holds them (INT4
+        packed two per byte at <= 4 bits, else int8/int16/int32), and a zero zero-point of that type.
+        QONNX stays at int8 and up: qonnx's executor hands initializers to onnxruntime as numpy
+        arrays, and onnxruntime's Python binding refuses int4 arrays."""
+        zshape = (q.shape[0],)
+        if self.fmt == "qdq" and bits <= 4 and np.abs(q).max(initial=0) <= 7:
+            return (self.const_int4(f"{name}.q", q),
+                    self.const_int4(f"{name}.zero_point", np.zeros(zshape, np.int8)) if zero_point else None)
+        qdt = np.int8 if bits <= 8 and q.dtype.itemsize <= 1 else np.int16 if q.dtype.itemsize <= 2 else np.int32
+        return (self.const(f"{name}.q", q.astype(qdt)),
+                self.const(f"{name}.zero_point", np.zeros(zshape, qdt)) if zero_point else None)
+
     def weight(self, rec: dict) -> str:
         name, kind = rec["name"], rec["kind"]
         parts = []
@@ -121,27 +136,24 @@ class QdqBuilder(GraphBuilder):
         for i, (term, bits) in enumerate(zip(terms, widths)):
             q = self.m.tensor(term["q"])
             s = np.asarray(self.m.tensor(term["scale"]), np.float64).reshape(-1)
-            wname = f"{name}/w{i}"
+            wname = weight_name(name, i)
+            tmeta = {"ptq.role": "weight", "ptq.term": i}
             if self.fmt == "qdq":
                 si = self.const(f"{wname}.scale", s.astype(np.float32))
-                if bits <= 4 and np.abs(q).max(initial=0) <= 7:
-                    qi = self.const_int4(f"{wname}.q", q)
-                    zi = self.const_int4(f"{wname}.zero_point", np.zeros(s.shape, np.int8))
-                else:
-                    qdt = np.int8 if bits <= 8 and q.dtype.itemsize <= 1 else np.int16 if q.dtype.itemsize <= 2 else np.int32
-                    qi = self.const(f"{wname}.q", q.astype(qdt))
-                    zi = self.const(f"{wname}.zero_point", np.zeros(s.shape, qdt))
-                self.node("DequantizeLinear", [qi, si, zi], [wname], f"{name}/dequant:w{i}", name, kind,
-                          {"ptq.role": "weight", "ptq.term": i}, axis=0)
+                qi, zi = self.weight_codes(wname, q, bits, zero_point=True)
+                self.node("DequantizeLinear", [qi, si, zi], [wname], f"{name}/dequant:w{i}", name, kind, tmeta, axis=0)
             else:
-                view = s.reshape(-1, *([1] * (q.ndim - 1)))
-                wf = self.const(f"{wname}.float", (q.astype(np.float64) * view).astype(np.float32))
-                si = self.const(f"{wname}.scale", view.astype(np.float32))
+                # the codes are stored as integers (Cast, Mul by the scale: q·s in float32, which a
+                # constant fold - qonnx's cleanup - turns into the usual float initializer of a Quant)
+                qi, _ = self.weight_codes(wname, q, bits)
+                si = self.const(f"{wname}.scale", s.reshape(-1, *([1] * (q.ndim - 1))).astype(np.float32))
+                self.node("Cast", [qi], [f"{wname}.codes"], f"{name}/cast:w{i}", name, kind, tmeta,
+                          to=self.onnx.TensorProto.FLOAT)
+                self.node("Mul", [f"{wname}.codes", si], [f"{wname}.float"], f"{name}/scale:w{i}", name, kind, tmeta)
                 zi = self.const(f"{wname}.zeropt", np.zeros((), np.float32))
                 bw = self.const(f"bitwidth{bits}", np.array(bits, np.float32))
-                self.node("Quant", [wf, si, zi, bw], [wname], f"{name}/quant:w{i}", name, kind,
-                          {"ptq.role": "weight", "ptq.term": i}, domain=QONNX_DOMAIN, signed=1, narrow=1,
-                          rounding_mode="ROUND")
+                self.node("Quant", [f"{wname}.float", si, zi, bw], [wname], f"{name}/quant:w{i}", name, kind,
+                          tmeta, domain=QONNX_DOMAIN, signed=1, narrow=1, rounding_mode="ROUND")
             parts.append(wname)
         if len(parts) == 1:
             return parts[0]
