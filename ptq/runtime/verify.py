@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import bitserial
+from ..calib.progress import progress
 from ..errors import ManifestError
 from ..ir import execute
 from ..manifest import Manifest, validate
@@ -97,8 +98,10 @@ def numeric(m: Manifest, batches, sim: Simulator | None = None, dtype: torch.dty
         c[1] += d.numel()
         c[2] = max(c[2], int(d.max()) if d.numel() else 0)
 
-    with torch.no_grad():
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with torch.no_grad(), progress("level 2: simulator vs reference (batches)", total) as advance:
         for x in batches:
+            advance()
             start = (sim.quantize_input(x), codec.quantize(x.to(dtype), sim.graph.input))
             res = execute(sim.graph, start, paired, on_output=compare)[out]
             sim_logits.append(np.asarray(sim.dequantize(res[0], out), np.float64).reshape(res[0].shape[0], -1))
