@@ -91,7 +91,11 @@ def numeric(m: Manifest, batches, sim: Simulator | None = None, dtype: torch.dty
 
     def compare(op, xs, y):
         a = y[0]
-        b = ref[op.kind](op, [u.to(dtype) for u, _ in xs])  # the reference on the simulator's inputs
+        sim_in = [u.to(dtype) for u, _ in xs]
+        # the reference on the simulator's inputs: where they equal the reference chain's own (nearly
+        # every op), the chain has just computed exactly that, so it is not run a second time
+        same = all(torch.equal(u, v) for u, (_, v) in zip(sim_in, xs))
+        b = y[1] if same else ref[op.kind](op, sim_in)
         d = (a.to(dtype) - b).abs()
         c = per_tensor.setdefault(op.output, [0, 0, 0])
         c[0] += int((d <= 1).sum())
