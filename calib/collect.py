@@ -122,7 +122,7 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     n_batches = (len(source) + batch_size - 1) // batch_size
 
     def track_range(name: str, t: torch.Tensor):
-        lo, hi = float(t.min()), float(t.max())
+        lo, hi = (float(v) for v in torch.aminmax(t))  # one read of the tensor for both
         if not (np.isfinite(lo) and np.isfinite(hi)):
             from ptq.errors import DataError
             raise DataError(f"tensor {name} became NaN/Inf on calibration data; check the data and the weights")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import difflib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from . import bitserial
 from .biascorrect import choose_and_correct
 from .calib.collect import Statistics, collect_statistics
 from .calib.preprocess import Preprocess
-from .calib.progress import console
+from .calib.progress import console, note, progress, stage
 from .calib.sources import DataSource, check_float_dtype, check_labels, float_samples, open_source, sample_shape, shape_mismatch
 from .card import bits_png, planes_png, render_card
 from .errors import DataError, ModelError, PtqError, RecipeError
@@ -94,6 +95,20 @@ def check_count(value: Any, name: str, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise PtqError(f"{name} must be a positive integer; got {value!r}")
+
+
+def check_eval_size(value: Any) -> None:
+    """How many samples evaluation measures fidelity on: 0 skips the evaluation stage."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise PtqError(f"evaluation size (--eval-size / eval_size=) must be a non-negative integer (0 skips evaluation); got {value!r}")
+
+
+VERIFY_MODES = ("sample", "full")  # level 2 on the recipe's calibration.verify_size first samples, or on all
+
+
+def check_verify(mode: Any) -> None:
+    if mode not in VERIFY_MODES:
+        raise PtqError(f"verify (--verify) must be one of {', '.join(VERIFY_MODES)}; got {mode!r}")
 
 
 def check_seed(seed: Any) -> None:
@@ -189,12 +204,13 @@ class QuantizedModel:
         if run is None:
             raise DataError(f"unknown backend '{backend}'; use sim, fakequant, onnxruntime or onnxruntime-int")
         fps, qs = [], []
-        with torch.no_grad():
+        with torch.no_grad(), progress(f"evaluation ({backend}, batches)", -(-len(src) // batch_size)) as advance:
             for xb in src.batches(batch_size):
                 fps.append(model(xb).numpy())
                 if len(fps) == 1:
                     src.check_label_range(fps[0].shape[-1])
                 qs.append(run(xb))
+                advance()
         res = fidelity(np.concatenate(fps), np.concatenate(qs), src.labels)
         res.update(data=src.description, backend=backend)
         res.update({k: v for k, v in weight_summary(self.manifest).items() if k in ("mean_weight_bits", "model_bytes")})
@@ -240,7 +256,9 @@ class QuantizedModel:
 
     # -- persistence --
     def card(self) -> str:
-        return render_card(self.manifest, self.report.get("fidelity"), self.manifest.data.get("verification"))
+        r = self.report
+        return render_card(self.manifest, r.get("fidelity"), self.manifest.data.get("verification"),
+                           (r.get("verification") or {}).get("level2"), "fidelity" in r and r["fidelity"] is None)
 
     def save(self, directory: str | Path, force: bool = False, protect: Iterable[str | Path] = ()) -> Path:
         """Write the output directory atomically: refused if it exists (unless `force` and it is a
@@ -291,56 +309,63 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
     `trust_model_file` allows unpickling a saved module file (it runs code stored in the file)."""
     t0 = time.perf_counter()
     check_count(calib_size, "calibration size (--calib-size / calib_size=)", optional=True)
-    check_count(eval_size, "evaluation size (--eval-size / eval_size=)")
+    check_eval_size(eval_size)
     check_seed(seed)
     input_shape = check_input_shape(input_shape)
     r = _resolve(recipe, overrides, kw_overrides, calib_size)
     if input_shape is None and (isinstance(model, torch.nn.Module) or spec_kind(model) in ("factory", "file")):
         input_shape = check_input_shape(sample_shape(calib))  # a model of the user's takes what its data holds
-    if isinstance(model, torch.nn.Module):
-        shape = input_shape
-        if shape is None:
-            raise ModelError("give input_shape= (or calibration data as an array) for an in-memory model")
-        check_finite(model, f"model {type(model).__name__}")
-        lm = LoadedModel(model.eval(), {"name": type(model).__name__, "kind": "module", "weights": None,
-                                         "seed": seed, "input_shape": list(shape), "preprocess": None})
-    else:
-        lm = load_model(model, weights, seed, input_shape, trust_model_file)
-    cal = r["calibration"]
-    src = as_source(calib, lm.spec, cal["size"], seed, split="calib")
-    if len(src) < 16:
-        console.print(f"[yellow]warning:[/] only {len(src)} calibration samples; statistics will be noisy (use 64 or more)")
-    ev = None if eval_data is None else as_source(eval_data, lm.spec, eval_size, seed, split="eval")
-    graph = capture(lm.module, lm.input_shape)
-    logits = graph.producers().get(graph.outputs[0])
-    if ev is not None and logits is not None:  # before calibration, not after the whole run
-        ev.check_label_range(int(np.prod(logits.attrs["out_shape"])))
+    with stage("load and capture"):
+        if isinstance(model, torch.nn.Module):
+            shape = input_shape
+            if shape is None:
+                raise ModelError("give input_shape= (or calibration data as an array) for an in-memory model")
+            check_finite(model, f"model {type(model).__name__}")
+            lm = LoadedModel(model.eval(), {"name": type(model).__name__, "kind": "module", "weights": None,
+                                             "seed": seed, "input_shape": list(shape), "preprocess": None})
+        else:
+            lm = load_model(model, weights, seed, input_shape, trust_model_file)
+        cal = r["calibration"]
+        src = as_source(calib, lm.spec, cal["size"], seed, split="calib")
+        if len(src) < 16:
+            console.print(f"[yellow]warning:[/] only {len(src)} calibration samples; statistics will be noisy (use 64 or more)")
+        ev = None if eval_data is None or eval_size == 0 else as_source(eval_data, lm.spec, eval_size, seed, split="eval")
+        graph = capture(lm.module, lm.input_shape)
+        logits = graph.producers().get(graph.outputs[0])
+        if ev is not None and logits is not None:  # before calibration, not after the whole run
+            ev.check_label_range(int(np.prod(logits.attrs["out_shape"])))
     t_cal = time.perf_counter()
-    stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"])
+    with stage("statistics"):
+        stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"])
     t_stats = time.perf_counter() - t_cal
     return Prepared(lm, graph, stats, src, r, seed, ev, eval_size, t_stats, time.perf_counter() - t0)
 
 
 class _StageClock:
-    """Wall seconds of each named stage, for report.json (never the manifest: it stays byte-identical)."""
+    """Wall seconds of each named stage, for report.json (never the manifest: it stays byte-identical),
+    with the stage's progress line (`calib.progress.stage`)."""
 
     def __init__(self, before: dict[str, float]):
         self.seconds = dict(before)
-        self._tick = time.perf_counter()
 
-    def done(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = now - self._tick
-        self._tick = now
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        with stage(name.replace("_", " ")):
+            yield
+        self.seconds[name] = time.perf_counter() - t
 
 
 def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
-                      overrides: dict[str, Any] | None = None, strict: bool = False) -> QuantizedModel:
+                      overrides: dict[str, Any] | None = None, strict: bool = False,
+                      verify: str = "sample") -> QuantizedModel:
     """Quantize a prepared model with `recipe` (default: the one it was prepared with) + overrides.
 
     The stages, in order: method → manifest → bias correction → verification → evaluation. The
     recipe's [calibration] must match the prepared one: statistics are not recollected. `strict`
-    makes an [[overrides]] layer pattern that matches no layer an error (else a warning)."""
+    makes an [[overrides]] layer pattern that matches no layer an error (else a warning). `verify`
+    sizes level 2 (`stage_verification`); evaluation is skipped when the prepared eval_size is 0."""
+    check_verify(verify)
     t0 = time.perf_counter()
     if recipe is None:
         r = resolve({k: v for k, v in prep.recipe.items() if k != "name"}, overrides)
@@ -351,21 +376,25 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
         raise RecipeError("the recipe's [calibration] differs from the prepared statistics; prepare again with it")
     clock = _StageClock({"load_and_capture": prep.seconds - prep.calibration_seconds,
                          "statistics": prep.calibration_seconds})
-    weights = stage_method(prep.graph, prep.stats, r, strict)
-    clock.done("method")
-    m = stage_manifest(prep, r, weights)
-    clock.done("manifest")
-    m.data["bias_correction"] = stage_bias_correction(prep.graph, m, prep.source, r)
-    clock.done("bias_correction")
-    verdict = stage_verification(m, prep.source, r)
-    m.data["verification"] = {k: verdict[k] for k in ("structural", "numeric")}
-    clock.done("verification")
+    with clock.stage("method"):
+        weights = stage_method(prep.graph, prep.stats, r, strict)
+    with clock.stage("manifest"):
+        m = stage_manifest(prep, r, weights)
+    with clock.stage("bias_correction"):
+        m.data["bias_correction"] = stage_bias_correction(prep.graph, m, prep.source, r)
+    with clock.stage("verification"):
+        verdict = stage_verification(m, prep.source, r, verify)
+        m.data["verification"] = {k: verdict[k] for k in ("structural", "numeric")}
     qm = QuantizedModel(m, prep.model.module)
     report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": prep.model.spec["name"]}
     report.update({k: v for k, v in weight_summary(m).items() if k != "layers"})
     report.update(weights.timings)
-    report["fidelity"] = stage_evaluation(qm, prep)
-    clock.done("evaluation")
+    if prep.eval_size == 0:
+        note("evaluation  skipped (--eval-size 0)")
+        report["fidelity"], clock.seconds["evaluation"] = None, 0.0
+    else:
+        with clock.stage("evaluation"):
+            report["fidelity"] = stage_evaluation(qm, prep)
     report["verification"] = verdict
     report["seconds"] = time.perf_counter() - t0 + prep.seconds
     report["stage_seconds"] = clock.seconds
@@ -428,20 +457,29 @@ def stage_bias_correction(graph: Graph, m: Manifest, src: DataSource, recipe: di
     return choose_and_correct(graph, m, _head(src, bc["samples"]), bc["mode"])
 
 
-def stage_verification(m: Manifest, src: DataSource, recipe: dict) -> dict:
-    """Levels 1 (the loader's every check and the data-free bounds) and 2 (simulator vs reference)
-    on the first calibration samples, with overflows counted where a layer wraps or saturates:
-    `verified`, the `reason` naming each failing check, `overflows`, `structural` and `numeric`
-    (the manifest keeps the last two)."""
-    vx = _head(src, recipe["calibration"]["verify_size"])
-    v = run_verification(m, list(vx.split(8)))
+def stage_verification(m: Manifest, src: DataSource, recipe: dict, verify: str = "sample") -> dict:
+    """Levels 1 (the loader's every check and the data-free bounds) and 2 (simulator vs reference),
+    with overflows counted where a layer wraps or saturates: `verified`, the `reason` naming each
+    failing check, `overflows`, `structural` and `numeric` (the manifest keeps the last two), and
+    `level2` (how much was verified). Level 1 is data-free and always complete; level 2 runs on the
+    first `calibration.verify_size` calibration samples (`sample`: a fixed, deterministic subset of
+    bounded cost) or streams every calibration sample (`full`)."""
+    if verify == "full":
+        n, batches = len(src), src.batches(8)
+    else:
+        n = min(recipe["calibration"]["verify_size"], len(src))
+        batches = list(_head(src, n).split(8))
+    v = run_verification(m, batches)
     return {"verified": v["verified"], "reason": v["reason"], "overflows": v["overflows"],
-            "structural": v["structural"], "numeric": _summary(v["numeric"])}
+            "structural": v["structural"], "numeric": _summary(v["numeric"]),
+            "level2": {"mode": verify, "samples": v["numeric"]["samples"], "calibration_samples": len(src)}}
 
 
-def stage_evaluation(qm: QuantizedModel, prep: Prepared) -> dict:
+def stage_evaluation(qm: QuantizedModel, prep: Prepared) -> dict | None:
     """Fidelity against the FP32 model: on held-out data when there is some, else on the
-    calibration data (and the report says so)."""
+    calibration data (and the report says so); None when the user skipped it (eval_size 0)."""
+    if prep.eval_size == 0:
+        return None
     if prep.eval_data is not None or prep.source.kind == "samples":
         ev = prep.eval_data if prep.eval_data is not None else "samples:eval"
         return qm.evaluate(ev, prep.eval_size, seed=prep.seed)
@@ -454,17 +492,20 @@ def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str |
              weights: str | None = None, calib_size: int | None = None, seed: int = 0,
              eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
              trust_model_file: bool = False, overrides: dict[str, Any] | None = None, strict: bool = False,
-             **kw_overrides: Any) -> QuantizedModel:
+             verify: str = "sample", **kw_overrides: Any) -> QuantizedModel:
     """Quantize `model` with `recipe` on calibration data; verify it; measure its fidelity.
 
     Overrides are recipe keys, as a dict ({"weights.bits": 4}) or keywords (weights__bits=4).
     A pickled module file is loaded only with `trust_model_file=True` (unpickling runs its code).
     `strict=True` refuses [[overrides]] layer patterns that match no layer (else a warning).
+    `verify="full"` runs level 2 on every calibration sample instead of the fixed first
+    `calibration.verify_size`; `eval_size=0` skips the evaluation stage.
     """
+    check_verify(verify)
     prep = prepare(model, calib, recipe, weights=weights, calib_size=calib_size, seed=seed, eval_data=eval_data,
                    eval_size=eval_size, input_shape=input_shape, trust_model_file=trust_model_file,
                    overrides=overrides, **kw_overrides)
-    return quantize_prepared(prep, strict=strict)
+    return quantize_prepared(prep, strict=strict, verify=verify)
 
 
 def _head(src: DataSource, n: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import copy
 import numpy as np
 import torch
 
+from .calib.progress import progress
 from .ir import Graph, is_depthwise
 from .ir.floatops import apply_act, conv_float, float_kernels, linear_float
 from .manifest import Manifest
@@ -54,8 +55,9 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
     fp = {graph.input: x.to(dtype)}
     fqs = [{graph.input: codec.quantize(x.to(dtype), graph.input)} for _, _, _, codec, _ in runs]
     kept: list[dict[str, bool]] = [{} for _ in runs]
-    with torch.no_grad():
+    with torch.no_grad(), progress(f"bias correction ({len(runs)} candidate(s), ops)", len(graph.ops)) as advance:
         for i, op in enumerate(graph.ops):
+            advance()
             xs_fp = [fp[t] for t in op.inputs]
             pre_fp = None
             if op.weight is not None:

@@ -199,7 +199,10 @@ def _bitserial_table(m: Manifest) -> list[str]:
     return lines
 
 
-def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | None = None) -> str:
+def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | None = None,
+                level2: dict | None = None, evaluation_skipped: bool = False) -> str:
+    """The card; `level2` (report.json's verification.level2) says how much level 2 verified, and
+    `evaluation_skipped` that the run measured no fidelity (--eval-size 0)."""
     f = card_fields(m, fidelity, verification)
     lines = [f"# Quantization card — {m.data['model']['name']} / {f['recipe']}", "",
              "| choice | value |", "|---|---|"]
@@ -218,12 +221,15 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
         for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy"):
             if k in fidelity:
                 lines.append(f"| {k} | {fidelity[k]:.4g} |")
+    elif evaluation_skipped:
+        lines += ["", "## Fidelity vs FP32", "", "Not measured: evaluation was skipped (`--eval-size 0`); "
+                  "`ptq eval DIR` measures it."]
     if verification:
         num = verification.get("numeric", {})
         lines += ["", "## Verification", "",
                   f"- level 1 (structure, representability, data-free accumulator bounds): {'ok' if verification['structural']['ok'] else 'FAILED'}"
                   + (f" — {verification['structural']['problem']}" if verification["structural"].get("problem") else ""),
-                  f"- level 2 (integer simulator vs fake-quant reference, {num.get('samples')} samples): "
+                  f"- level 2 (integer simulator vs fake-quant reference, {_verified_on(num, level2)}): "
                   f"{'ok' if num.get('ok') else 'FAILED'} — min share within 1 LSB {num.get('min_share_within_1lsb', 0):.5f}, "
                   f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}% "
                   f"({num.get('top1_agreement_decisive', 0):.2f}% on the {num.get('decisive_samples', 0)} samples whose "
@@ -233,6 +239,17 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
     lines += _points_table(m)
     lines += _bitserial_table(m)
     return "\n".join(lines) + "\n"
+
+
+def _verified_on(num: dict, level2: dict | None) -> str:
+    """How much level 2 verified: the samples, and (when the run's report says) of how many
+    calibration samples and under which `--verify` mode."""
+    if not level2:
+        return f"{num.get('samples')} samples"
+    if level2["mode"] == "full":
+        return f"all {level2['samples']} calibration samples, `--verify full`"
+    return (f"the first {level2['samples']} of {level2['calibration_samples']} calibration samples, "
+            f"`--verify sample`; `--verify full` or `ptq simulate` checks more")
 
 
 def _pyplot():

@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from .calib.progress import console
+from .calib.progress import console, set_quiet
 from .errors import PtqError
 from .version import __version__
 
@@ -113,15 +113,16 @@ def cmd_quantize(args) -> int:
     qm = ptq.quantize(args.model, args.calib, args.recipe, weights=args.weights, calib_size=args.calib_size,
                       seed=args.seed, eval_data=args.data, eval_size=args.eval_size,
                       input_shape=_shape(args.input_shape), trust_model_file=args.trust_model_file, overrides=overrides,
-                      strict=args.strict)
+                      strict=args.strict, verify=args.verify)
     qm.save(out, force=args.force, protect=inputs)
     r = qm.report
     v = r["verification"]
     if not args.json:
-        _fidelity_table(escape(f"{r['model']} · {r['recipe']} → {out}"), {**r["fidelity"], "mean_weight_bits": r["mean_weight_bits"],
+        _fidelity_table(escape(f"{r['model']} · {r['recipe']} → {out}"), {**(r["fidelity"] or {}), "mean_weight_bits": r["mean_weight_bits"],
                                                                      "model_bytes": r["model_bytes"]})
     if v["verified"] and not args.json:
-        console.print(f"integer simulator [green]verified[/]: max share off by >1 LSB {1 - v['numeric']['min_share_within_1lsb']:.2e}, "
+        console.print(f"integer simulator [green]verified[/] (level 2 on {v['level2']['samples']} of "
+                      f"{v['level2']['calibration_samples']} calibration samples): max share off by >1 LSB {1 - v['numeric']['min_share_within_1lsb']:.2e}, "
                       f"top-1 sim vs reference {v['numeric']['top1_agreement_sim_vs_reference']:.1f}%; "
                       f"{time.perf_counter() - t0:.1f}s")
     elif not v["verified"]:  # a pipeline must not take this output for a good one; it stays for inspection
@@ -248,11 +249,16 @@ def _inspect_onnx(args) -> int:
 
 
 def cmd_card(args) -> int:
-    import ptq
-    qm = ptq.load(args.dir)
+    """The card.md quantize wrote, once manifest.json's header says this is a ptq output (no torch:
+    this takes well under a second); without a card.md, the card rendered from the loaded manifest."""
+    from .manifest.store import read_data
+    read_data(args.dir)
     p = Path(args.dir) / "card.md"
-    text = p.read_text() if p.is_file() else qm.card()
-    sys.stdout.write(text)
+    if p.is_file():
+        sys.stdout.write(p.read_text())
+        return 0
+    import ptq
+    sys.stdout.write(ptq.load(args.dir).card())
     return 0
 
 
@@ -288,6 +294,8 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+QUIET_HELP = ("no progress on stderr (neither the one line per stage written where stderr is not a terminal "
+              "nor the bars on one); warnings and errors still show")
 TRUST_HELP = "allow unpickling a saved model file (.pt/.pkl): this runs any code stored in it; only for files you trust"
 
 
@@ -308,12 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. weights.bits=4")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--data", help="held-out evaluation data (default: held-out sample photos when --calib samples)")
-    q.add_argument("--eval-size", type=int, default=64)
+    q.add_argument("--eval-size", type=int, default=64, help="samples fidelity is measured on (default 64; 0 skips evaluation)")
+    q.add_argument("--verify", choices=("sample", "full"), default="sample",
+                   help="level 2 (simulator vs reference) on the first calibration.verify_size calibration samples "
+                        "(sample, default 32) or on all of them (full); level 1 always runs in full")
     q.add_argument("--input-shape", help="per-sample input shape for models without a known one, e.g. 1,8,8")
     q.add_argument("--force", action="store_true", help="replace an existing output directory (atomically)")
     q.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     q.add_argument("--strict", action="store_true", help="refuse [[overrides]] layer patterns that match no layer (default: warn)")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     q.set_defaults(fn=cmd_quantize)
 
     s = sub.add_parser("simulate", help="run the integer simulator and verify a manifest")
@@ -324,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--accumulator-bits", type=int, help="override every layer's accumulator width P")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     s.set_defaults(fn=cmd_simulate)
 
     e = sub.add_parser("eval", help="fidelity of a manifest against its FP32 model")
@@ -338,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="state dict for --model (default: the weights file the manifest records)")
     e.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser("recipes", help="list built-in recipes (and with --keys every recipe key)")
@@ -377,12 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--out", help="output directory (default ptq-out/MODEL-sweep)")
     w.add_argument("--json", action="store_true")
+    w.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     w.set_defaults(fn=cmd_sweep)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_quiet(getattr(args, "quiet", False))
     try:
         return args.fn(args)
     except PtqError as exc:

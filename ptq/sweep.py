@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .api import Prepared, prepare, quantize_prepared
+from .api import Prepared, check_count, prepare, quantize_prepared
 from .errors import BudgetError, PtqError, RecipeError
 from .recipe import budget_keys, resolve, schema
 
@@ -67,6 +67,7 @@ def sweep(model: Any, recipes: list[str], budgets: list[float], *, calib: Any = 
           baseline: bool = True, trust_model_file: bool = False) -> dict:
     """Every recipe at every budget it can express (+ uniform at integer bits); one prepare per
     distinct [calibration] section, reused across budgets and recipes."""
+    check_count(eval_size, "evaluation size (--eval-size / eval_size=)")  # a sweep is its fidelity
     names = list(dict.fromkeys(recipes))
     if not names:
         raise RecipeError("give at least one --recipe")

@@ -8,7 +8,7 @@ from ptq.export.qdq import QdqBuilder
 from ptq.ir import OP_KINDS, OP_TABLE, require_all
 from ptq.ir.floatops import float_kernels
 from ptq.manifest.build import RECORDERS
-from ptq.manifest.validate import CHECKS, _shape_kernels
+from ptq.manifest.validation import CHECKS, _shape_kernels
 from ptq.runtime.reference import reference_kernels
 from ptq.runtime.simulator import Simulator
 

@@ -429,7 +429,7 @@ EXPECTED = {
     "labels beyond the model's outputs": "big_labels.npz go up to 9 but the model has 5 outputs",
     # numbers
     "zero --calib-size": "calibration size (--calib-size / calib_size=) must be a positive integer; got 0",
-    "negative --eval-size": "evaluation size (--eval-size / eval_size=) must be a positive integer; got -4",
+    "negative --eval-size": "evaluation size (--eval-size / eval_size=) must be a non-negative integer (0 skips evaluation); got -4",
     "zero simulate --size": "sample count (--size) must be a positive integer; got 0",
     "negative seed": "seed (--seed) must be an integer from 0 to 4294967295; got -1",
     "seed of 2^32": "got 4294967296",

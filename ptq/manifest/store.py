@@ -10,7 +10,6 @@ from typing import Any, Iterable
 from ..errors import ManifestError
 from .format import FORMAT, MANIFEST_FILE, TENSOR_FILE, VERSION, Manifest, dumps
 from .publish import staged_directory
-from .validate import validate
 
 
 def sha256_file(path: Path) -> str:
@@ -50,12 +49,9 @@ def save(m: Manifest, directory: str | Path, extra_files: dict[str, Any] | None 
     return directory
 
 
-def load(directory: str | Path) -> Manifest:
-    """Load and validate a manifest directory; every problem is one ManifestError naming the field."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-
+def read_data(directory: str | Path) -> dict[str, Any]:
+    """manifest.json of a ptq output directory, checked only as far as its header (format,
+    version): what reading its card needs. `load` checks the rest."""
     directory = Path(directory)
     mpath = directory / MANIFEST_FILE
     if not directory.is_dir():
@@ -77,6 +73,19 @@ def load(directory: str | Path) -> Manifest:
         raise ManifestError(f"{mpath}: field 'version' must be a positive integer, got {version!r}")
     if version > VERSION:
         raise ManifestError(f"{mpath} has manifest version {version}; this ptq reads up to {VERSION}: upgrade ptq")
+    return data
+
+
+def load(directory: str | Path) -> Manifest:
+    """Load and validate a manifest directory; every problem is one ManifestError naming the field."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from .validation import validate  # its shape dry run needs torch; `read_data` does not
+
+    directory = Path(directory)
+    mpath = directory / MANIFEST_FILE
+    data = read_data(directory)
     tinfo = data.get("tensors")
     if not isinstance(tinfo, dict) or not isinstance(tinfo.get("file"), str) or not isinstance(tinfo.get("sha256"), str):
         raise ManifestError(f"{mpath}: field 'tensors' must name the tensor file and its sha256")

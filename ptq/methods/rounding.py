@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..calib.collect import patch_moments
+from ..calib.progress import progress
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..ir.grids import Grid, settle, term_grids
 from .base import error_record, rounding_targets
@@ -152,23 +153,26 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> 
     feedback = [name for name, m in modes.items() if m == "feedback"]
     sequential = settings["sequential"] and bool(feedback)
 
-    def on_layer(op: Op, x: torch.Tensor) -> None:  # sequential: H from the model quantized so far
-        h = sequential_hessian(op, x, recipe["calibration"]["positions"], settings["batch_size"])
-        report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings)}
+    with progress("error-feedback rounding (layers)", len(feedback)) as advance:
+        def on_layer(op: Op, x: torch.Tensor) -> None:  # sequential: H from the model quantized so far
+            h = sequential_hessian(op, x, recipe["calibration"]["positions"], settings["batch_size"])
+            report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings)}
+            advance()
 
-    if not sequential:
-        for op in graph.weighted_ops():
-            if op.name in feedback:
-                li = stats.layer_inputs.get(op.name) if stats is not None else None
-                h = None if li is None else li.hessian
-                report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings)}
-    visit = feedback if sequential else []
-    if learned:
-        from .learned import learn_rounding
-        for name, rec in learn_rounding(graph, stats, recipe, weights, learned, visit, on_layer).items():
-            report[name] = {"rounding": "learned", **rec}
-    elif sequential:
-        walk(graph, stats, recipe, weights, [], layers=visit, on_layer=on_layer)
+        if not sequential:
+            for op in graph.weighted_ops():
+                if op.name in feedback:
+                    li = stats.layer_inputs.get(op.name) if stats is not None else None
+                    h = None if li is None else li.hessian
+                    report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings)}
+                    advance()
+        visit = feedback if sequential else []
+        if learned:
+            from .learned import learn_rounding
+            for name, rec in learn_rounding(graph, stats, recipe, weights, learned, visit, on_layer).items():
+                report[name] = {"rounding": "learned", **rec}
+        elif sequential:
+            walk(graph, stats, recipe, weights, [], layers=visit, on_layer=on_layer)
     for op in graph.weighted_ops():
         report.setdefault(op.name, {"rounding": "nearest"})
     weights.info["rounding"] = report

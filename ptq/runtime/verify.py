@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import bitserial
+from ..calib.progress import progress
 from ..errors import ManifestError
 from ..ir import execute
 from ..manifest import Manifest, validate
@@ -90,15 +91,21 @@ def numeric(m: Manifest, batches, sim: Simulator | None = None, dtype: torch.dty
 
     def compare(op, xs, y):
         a = y[0]
-        b = ref[op.kind](op, [u.to(dtype) for u, _ in xs])  # the reference on the simulator's inputs
+        sim_in = [u.to(dtype) for u, _ in xs]
+        # the reference on the simulator's inputs: where they equal the reference chain's own (nearly
+        # every op), the chain has just computed exactly that, so it is not run a second time
+        same = all(torch.equal(u, v) for u, (_, v) in zip(sim_in, xs))
+        b = y[1] if same else ref[op.kind](op, sim_in)
         d = (a.to(dtype) - b).abs()
         c = per_tensor.setdefault(op.output, [0, 0, 0])
         c[0] += int((d <= 1).sum())
         c[1] += d.numel()
         c[2] = max(c[2], int(d.max()) if d.numel() else 0)
 
-    with torch.no_grad():
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with torch.no_grad(), progress("level 2: simulator vs reference (batches)", total) as advance:
         for x in batches:
+            advance()
             start = (sim.quantize_input(x), codec.quantize(x.to(dtype), sim.graph.input))
             res = execute(sim.graph, start, paired, on_output=compare)[out]
             sim_logits.append(np.asarray(sim.dequantize(res[0], out), np.float64).reshape(res[0].shape[0], -1))

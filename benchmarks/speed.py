@@ -1,0 +1,98 @@
+"""Quantize time per stage as ratios to one FP32 pass over the same calibration data, same process.
+
+    python -m benchmarks.speed [--models digits,efficientnet_lite0] [--recipes w8a8,w4a8]
+                               [--calib-size 64] [--eval-size 64] [--json FILE]
+
+The machine is shared, so absolute seconds mean little: each row divides `report.json`'s
+`stage_seconds` by the wall time of one FP32 forward pass (torch, batches of the recipe's
+calibration batch size, after a warm-up batch) over the calibration tensors of that run. The digits
+CNN is trained once (deterministic); Lite0 calibrates on the bundled sample crops. Peak RSS is the
+process's own high-water mark after the row (rows run in one process, so it only grows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+import ptq
+from ptq.api import as_source
+from ptq.recipe import resolve
+
+STAGES = ("load_and_capture", "statistics", "method", "manifest", "bias_correction", "verification", "evaluation")
+
+
+def fp32_pass_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
+    """Wall seconds of one FP32 forward over `x` in batches of `batch` (best of three, after a warm-up)."""
+    with torch.no_grad():
+        model(x[:batch])
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for xb in x.split(batch):
+                model(xb)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def row(model_name: str, recipe: str, calib_size: int, eval_size: int, extra: dict) -> dict:
+    """One quantize run and its stage ratios to the FP32 pass over its calibration tensors."""
+    batch = resolve(recipe)["calibration"]["batch_size"]
+    if model_name == "digits":
+        from benchmarks.digits import digits_data, train
+        xtr, _, xte, _ = digits_data()
+        module = train()
+        calib, x = xtr[:calib_size], torch.from_numpy(xtr[:calib_size])
+        kw = {"eval_data": xte[:max(eval_size, 1)]}
+        target: object = module
+    else:
+        qm_spec = ptq.api.load_model(model_name, None, 0)
+        module = qm_spec.module.eval()
+        x = as_source("samples", qm_spec.spec, calib_size, 0, "calib").tensor()
+        calib, kw, target = "samples", {}, model_name
+    fp32 = fp32_pass_seconds(module, x, batch)
+    t = time.perf_counter()
+    qm = ptq.quantize(target, calib, recipe, calib_size=calib_size, eval_size=eval_size, **kw, **extra)
+    total = time.perf_counter() - t
+    stages = qm.report["stage_seconds"]
+    return {"model": model_name, "recipe": recipe, "calib_size": calib_size, "eval_size": eval_size,
+            "fp32_pass_s": fp32, "total_over_fp32": total / fp32,
+            "stages_over_fp32": {k: stages[k] / fp32 for k in STAGES if k in stages},
+            "verified": qm.report["verification"]["verified"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | recipe | total | " + " | ".join(s.replace("_", " ") for s in STAGES) + " | verified |"
+    lines = [head, "|" + "---|" * (len(STAGES) + 4)]
+    for r in rows:
+        cells = [f"{r['stages_over_fp32'][s]:.2f}" if s in r["stages_over_fp32"] else "–" for s in STAGES]
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['total_over_fp32']:.2f} | " + " | ".join(cells)
+                     + f" | {'yes' if r['verified'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="digits,efficientnet_lite0")
+    ap.add_argument("--recipes", default="w8a8")
+    ap.add_argument("--calib-size", type=int, default=64)
+    ap.add_argument("--eval-size", type=int, default=64)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra quantize() keyword, e.g. verify=full")
+    ap.add_argument("--json", help="also write the rows here")
+    a = ap.parse_args()
+    extra = {k: json.loads(v) if v[:1] in "0123456789[{" else v for k, v in (s.split("=", 1) for s in a.set)}
+    rows = [row(m, r, a.calib_size, a.eval_size, extra) for m in a.models.split(",") for r in a.recipes.split(",")]
+    print(f"ratios to one FP32 pass over the calibration data ({a.calib_size} samples; eval {a.eval_size})")
+    print(table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
