@@ -17,6 +17,11 @@ from ..ir import Graph
 HIST_BINS = 2048
 HIST_SAMPLE = 1 << 20  # values per batch and tensor that enter the histogram (strided subsample)
 OBSERVERS = ("minmax", "percentile", "mse")
+# LayerNorm inputs (residual sums, whose outlier channels an 8-bit grid crushes) and softmax inputs
+# (attention scores) are encoded at no fewer than WIDE_BITS: neither feeds a GEMM, so the width costs
+# only memory traffic.
+WIDE_INPUT_KINDS = ("layernorm", "softmax")
+WIDE_BITS = 16
 
 
 @dataclass(frozen=True)
@@ -135,9 +140,12 @@ def choose_encodings(graph: Graph, histograms: Mapping[str, Histogram], act: dic
     output_sources = {src[o] for o in graph.outputs}
     widths = {src[op.inputs[0]]: weights[op.name].input_bits for op in graph.weighted_ops()
               if weights is not None and weights[op.name].input_bits is not None}
+    wide = {src[op.inputs[0]] for op in graph.ops if op.kind in WIDE_INPUT_KINDS}
     own: dict[str, Encoding] = {}
     for t in sorted(set(src.values())):
         bits = widths.get(t, act["output_bits"] if t in output_sources else act["bits"])
+        if t in wide:
+            bits = max(bits, WIDE_BITS)
         fused = producers[t].attrs.get("act") if t in producers else None
         own[t] = choose_encoding(histograms[t], bits, act["observer"], act["percentile"], fused)
     for op in graph.ops:

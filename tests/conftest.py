@@ -26,3 +26,61 @@ def digits_quantized(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "digits-w8a8"
     qm.save(out)
     return qm, out
+
+
+class TinyEncoder:
+    """Built lazily (torch is imported by the fixtures): a one-block post-LN transformer encoder
+    written as BERT writes it — packed q/k/v Linear split into heads, scores q·kᵀ/√d, softmax, context,
+    output projection, residual add, LayerNorm, a tanh-GELU FFN scaled by a constant, residual,
+    LayerNorm — on float token features (T, F), with a per-token classifier head."""
+
+    @staticmethod
+    def build(tokens: int = 8, features: int = 16, d: int = 32, heads: int = 4, ffn: int = 64, classes: int = 4):
+        import math
+
+        import torch
+        from torch import nn
+
+        class Encoder(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inp = nn.Linear(features, d)
+                self.qkv = nn.Linear(d, 3 * d)
+                self.o = nn.Linear(d, d)
+                self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+                self.f1, self.f2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+                self.head = nn.Linear(d, classes)
+
+            def split_heads(self, x):
+                n, t, _ = x.shape
+                return x.view(n, t, heads, d // heads).transpose(1, 2)
+
+            def forward(self, x):
+                x = self.inp(x)
+                q, k, v = (self.split_heads(p) for p in self.qkv(x).split(d, dim=-1))
+                a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // heads), dim=-1)
+                c = (a @ v).transpose(1, 2).reshape(x.shape)
+                x = self.ln1(x + self.o(c))
+                x = self.ln2(x + self.f2(nn.functional.gelu(self.f1(x), approximate="tanh")) * 0.5)
+                return self.head(x).flatten(1)
+
+        torch.manual_seed(0)
+        return Encoder().eval(), (tokens, features)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    """(model, input shape, calibration (64, T, F), held-out inputs (64, T, F))."""
+    import numpy as np
+    model, shape = TinyEncoder.build()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, *shape)).astype(np.float32)
+    return model, shape, x[:64], x[64:]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_w8a8(tiny_encoder):
+    """The tiny encoder quantized with the shipped w8a8 recipe."""
+    import ptq
+    model, _, calib, _ = tiny_encoder
+    return ptq.quantize(model, calib, "w8a8", overrides={"calibration.sensitivity_samples": 0})

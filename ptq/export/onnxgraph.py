@@ -84,6 +84,13 @@ def torch_pads_to_onnx(pads: list[int], rank: int) -> list[int]:
     return begins + ends
 
 
+def slice_consts(b: "GraphBuilder", rec: dict) -> list[str]:
+    """The starts, ends, axes and steps inputs of the ONNX Slice of a `slice` op."""
+    a, name = rec["attrs"], rec["name"]
+    return [b.const(f"{name}/{k}", np.array([a[f]], np.int64))
+            for k, f in (("starts", "start"), ("ends", "end"), ("axes", "dim"), ("steps", "step"))]
+
+
 def _out_shape(g: dict, t: str) -> list[int] | None:
     if t == g["input"]:
         return list(g["input_shape"])
@@ -121,6 +128,10 @@ class GraphBuilder(ABC):
         self.codes: dict[str, str] = {}  # tensor -> name of its integer code tensor
         outs = m.graph["outputs"]
         self.out_names = {t: ("output" if len(outs) == 1 else f"output{i}") for i, t in enumerate(outs)}
+
+    def shape_of(self, t: str) -> list[int]:
+        """Per-sample shape of manifest tensor t."""
+        return _out_shape(self.m.graph, t)
 
     # -- naming --
     def fname(self, t: str) -> str:
