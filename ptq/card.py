@@ -215,7 +215,8 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
     if fidelity:
         lines += ["", f"## Fidelity vs FP32 ({fidelity.get('data', '')}, {fidelity['samples']} samples)", "",
                   "| metric | value |", "|---|---|"]
-        for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy"):
+        for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy", "sentence_cosine",
+                  "sentence_cosine_min", "similarity_spearman"):
             if k in fidelity:
                 lines.append(f"| {k} | {fidelity[k]:.4g} |")
     if verification:

@@ -13,7 +13,8 @@ requantizer is per channel: y_j = round((t·m_j + b_j) / 2^n_j) + z_y with m_j/2
 
 Softmax over the last axis: d_i = max(x) − x_i ≥ 0 in codes (the zero point cancels),
 E_i = table[min(d_i, L − 1)] with table[d] = round(2^F·exp(−s_x·d)) (the row maximum gets 2^F), and
-y_i = round(E_i·(m/2^n) / ΣE) + z_y with m/2^n ≈ 1/s_y, one exact rounding division.
+y_i = round(E_i·(m/2^n) / ΣE) + z_y with m/2^n ≈ 1/s_y, one exact rounding division. An optional
+keep mask (an attention mask: 0 for padding) sets E = 0 on the keys it drops.
 """
 from __future__ import annotations
 
@@ -45,9 +46,15 @@ def layernorm_t(u: torch.Tensor, eps_q: int, frac_bits: int = FRAC_BITS) -> torc
     return floor_div(2 * (c << frac_bits) + r, 2 * r)
 
 
-def softmax_codes(x: torch.Tensor, table: torch.Tensor, mult: int, shift: int) -> torch.Tensor:
-    """round(E_i·(mult/2^shift) / ΣE) over the last axis of int64 codes x (before the zero point)."""
-    d = torch.clamp(x.amax(-1, keepdim=True) - x, max=table.numel() - 1)
-    e = table[d]
-    total = e.sum(-1, keepdim=True) << shift
+def softmax_codes(x: torch.Tensor, table: torch.Tensor, mult: int, shift: int,
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
+    """round(E_i·(mult/2^shift) / ΣE) over the last axis of int64 codes x (before the zero point).
+
+    `keep` (int64 0/1, broadcast to x): the keys it drops get E = 0 and do not enter the maximum;
+    a row with every key dropped gives zeros."""
+    if keep is not None:
+        x = x * keep + (keep - 1)  # a dropped key's code becomes −1, below every kept one
+    d = torch.clamp(x.amax(-1, keepdim=True) - x, min=0, max=table.numel() - 1)
+    e = table[d] if keep is None else table[d] * keep
+    total = torch.clamp(e.sum(-1, keepdim=True), min=1) << shift
     return floor_div(2 * e * mult + total, 2 * total)

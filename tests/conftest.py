@@ -84,3 +84,51 @@ def tiny_encoder_w8a8(tiny_encoder):
     import ptq
     model, _, calib, _ = tiny_encoder
     return ptq.quantize(model, calib, "w8a8", overrides={"calibration.sensitivity_samples": 0})
+
+
+def tiny_bert():
+    """A BERT-style encoder on packed (T, 2) inputs (token ids, attention mask), as ptq.minilm
+    writes all-MiniLM-L6-v2 but 32 wide with one layer: embedding + position rows, LayerNorm,
+    masked attention, exact-GELU FFN; and (N, T, 2) inputs with 3..T kept tokens."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self, d=32, heads=4):
+            super().__init__()
+            self.d, self.heads = d, heads
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+            self.n1, self.n2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
+            self.f1, self.f2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+        def split(self, x):
+            n, t, _ = x.shape
+            return x.view(n, t, self.heads, self.d // self.heads).transpose(1, 2)
+
+        def forward(self, h, keep):
+            s = self.split(self.q(h)) @ self.split(self.k(h)).transpose(-2, -1) / (self.d // self.heads) ** 0.5
+            a = torch.softmax(s.masked_fill(keep == 0, float("-inf")), dim=-1)
+            h = self.n1(h + self.o((a @ self.split(self.v(h))).transpose(1, 2).reshape(h.shape)))
+            return self.n2(h + self.f2(nn.functional.gelu(self.f1(h))))
+
+    class Bert(nn.Module):
+        def __init__(self, vocab=50, tokens=12, d=32):
+            super().__init__()
+            self.word = nn.Embedding(vocab, d)
+            self.position = nn.Parameter(torch.randn(tokens, d) * 0.1)
+            self.norm = nn.LayerNorm(d, eps=1e-12)
+            self.layer = Layer(d)
+
+        def forward(self, x):
+            n, t, _ = x.shape
+            h = self.norm(self.word(x[..., 0].long()) + self.position)
+            return self.layer(h, x[..., 1].reshape(n, 1, 1, t))
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = np.zeros((96, 12, 2), np.float32)
+    for i, length in enumerate(rng.integers(3, 13, 96)):
+        x[i, :length, 0] = rng.integers(1, 50, length)
+        x[i, :length, 1] = 1
+    return Bert().eval(), x

@@ -20,7 +20,7 @@ LAYERS = [
     {"ptq.manifest"},
     {"ptq.runtime"},
     {"ptq.export"},
-    {"ptq.recipe", "ptq.models", "ptq.biascorrect", "ptq.card", "ptq.api", "ptq.sweep", "ptq.cli", "ptq.__main__", "ptq"},
+    {"ptq.recipe", "ptq.minilm", "ptq.models", "ptq.biascorrect", "ptq.card", "ptq.api", "ptq.sweep", "ptq.cli", "ptq.__main__", "ptq"},
 ]
 
 

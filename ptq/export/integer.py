@@ -237,7 +237,8 @@ class IntegerBuilder(GraphBuilder):
         return {"conv": self._weighted, "linear": self._weighted, "add": self._add, "concat": self._concat,
                 "avgpool": self._avgpool, "maxpool": self._maxpool, "reshape": self._reshape, "pad": self._pad,
                 "clamp": self._clamp, "lut": self._lut, "matmul": self._matmul, "scale": self._scale,
-                "layernorm": self._layernorm, "softmax": self._softmax, "permute": self._permute, "slice": self._slice}
+                "layernorm": self._layernorm, "softmax": self._softmax, "permute": self._permute, "slice": self._slice,
+                "embedding": self._embedding}
 
     def _weighted(self, rec: dict) -> None:
         r = rec["requant"]
@@ -404,19 +405,48 @@ class IntegerBuilder(GraphBuilder):
         last = self.i64("axes.last", [-1])
         p = f"{name}/sm"
         xi = self.as_int64(self.code(x), name, kind)
+        keep = None
+        if len(rec["inputs"]) == 2:  # x·keep + keep − 1: a dropped key's code becomes −1
+            mask = rec["inputs"][1]
+            self.node("Equal", [self.as_int64(self.code(mask), name, kind),
+                                self.i64(f"{mask}/z.int64", int(self.m.encoding(mask)["zero_point"]))],
+                      [f"{p}/dropped"], f"{p}/dropped", name, kind)
+            self.node("Not", [f"{p}/dropped"], [f"{p}/kept"], f"{p}/kept", name, kind)
+            keep = f"{p}/keep"
+            self.node("Cast", [f"{p}/kept"], [keep], f"{p}/cast:keep", name, kind, to=self.onnx.TensorProto.INT64)
+            self.node("Mul", [xi, keep], [f"{p}/xk"], f"{p}/xk", name, kind)
+            self.node("Sub", [keep, self.i64("one.i64", 1)], [f"{p}/km1"], f"{p}/km1", name, kind)
+            self.node("Add", [f"{p}/xk", f"{p}/km1"], [f"{p}/xm"], f"{p}/xm", name, kind)
+            xi = f"{p}/xm"
         self.node("ReduceMax", [xi, last], [f"{p}/max"], f"{p}/max", name, kind, keepdims=1)
         self.node("Sub", [f"{p}/max", xi], [f"{p}/d0"], f"{p}/distance", name, kind)
-        self.node("Min", [f"{p}/d0", self.i64(f"{name}/last_entry", table.size - 1)], [f"{p}/d"], f"{p}/cut", name, kind)
+        self.node("Clip", [f"{p}/d0", self.i64("zero.i64", 0), self.i64(f"{name}/last_entry", table.size - 1)], [f"{p}/d"],
+                  f"{p}/cut", name, kind)
         self.node("Gather", [self.const(f"{name}/exp", table), f"{p}/d"], [f"{p}/e"], f"{p}/exp", name, kind, axis=0)
-        self.node("ReduceSum", [f"{p}/e", last], [f"{p}/sum"], f"{p}/sum", name, kind, keepdims=1)
+        if keep is not None:
+            self.node("Mul", [f"{p}/e", keep], [f"{p}/e_kept"], f"{p}/exp_kept", name, kind)
+        e = f"{p}/e_kept" if keep is not None else f"{p}/e"
+        self.node("ReduceSum", [e, last], [f"{p}/sum0"], f"{p}/sum", name, kind, keepdims=1)
+        self.node("Max", [f"{p}/sum0", self.i64("one.i64", 1)], [f"{p}/sum"], f"{p}/sum_at_least_1", name, kind)
         self.node("Mul", [f"{p}/sum", self.i64(f"{name}/pow2n", 1 << int(r["shift"]))], [f"{p}/total"], f"{p}/total", name, kind)
-        self.node("Mul", [f"{p}/e", self.i64(f"{name}/two_m", 2 * int(r["multiplier"]))], [f"{p}/em"], f"{p}/em", name, kind)
+        self.node("Mul", [e, self.i64(f"{name}/two_m", 2 * int(r["multiplier"]))], [f"{p}/em"], f"{p}/em", name, kind)
         self.node("Add", [f"{p}/em", f"{p}/total"], [f"{p}/num"], f"{p}/num", name, kind)
         self.node("Add", [f"{p}/total", f"{p}/total"], [f"{p}/den"], f"{p}/den", name, kind)
         y = self.floor_div(f"{p}/num", f"{p}/den", f"{p}/y", name, kind)
         zy = int(self.m.encoding(rec["output"])["zero_point"])
         self.node("Add", [y, self.i64(f"{rec['output']}/z.int64", zy)], [f"{p}/zp"], f"{p}/zero_point", name, kind)
         self.store(rec["output"], f"{p}/zp", name, kind, None, wide=True)
+
+    def _embedding(self, rec: dict) -> None:
+        """Gather of the int32 table rows by the id codes, + the offset rows and z_y in int64."""
+        name, kind, r, t = rec["name"], rec["kind"], rec["embedding"], rec["output"]
+        self.node("Gather", [self.const(f"{name}/table", np.asarray(self.m.tensor(r["table"]), np.int32)),
+                             self.as_int64(self.code(rec["inputs"][0]), name, kind)], [f"{name}/rows"], name, name, kind, axis=0)
+        rows = self.as_int64(f"{name}/rows", name, kind)
+        z = int(self.m.encoding(t)["zero_point"])
+        self.node("Add", [rows, self.i64(f"{name}/offset_z", np.asarray(self.m.tensor(r["offset"]), np.int64) + z)],
+                  [f"{name}/y"], f"{name}/offset", name, kind)
+        self.store(t, f"{name}/y", name, kind, None, wide=True)
 
     def _permute(self, rec: dict) -> None:
         name, kind = rec["name"], rec["kind"]

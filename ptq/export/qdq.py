@@ -154,7 +154,7 @@ class QdqBuilder(GraphBuilder):
                     "avgpool": self._avgpool, "maxpool": self._maxpool, "reshape": self._reshape,
                     "pad": self._pad, "clamp": self._clamp, "lut": self._lut, "matmul": self._matmul,
                     "scale": self._scale, "layernorm": self._layernorm, "softmax": self._softmax,
-                    "permute": self._permute, "slice": self._slice}
+                    "permute": self._permute, "slice": self._slice, "embedding": self._embedding}
         return {k: (lambda rec, f=f: self._emit(rec, f)) for k, f in per_kind.items()}
 
     def _emit(self, rec: dict, fn: Callable[[dict, list[str], str], str]) -> None:
@@ -250,7 +250,24 @@ class QdqBuilder(GraphBuilder):
         return y
 
     def _softmax(self, rec: dict, xs: list[str], y: str) -> str:
-        self.node("Softmax", xs, [y], rec["name"], rec["name"], rec["kind"], axis=-1)
+        name, kind = rec["name"], rec["kind"]
+        x = xs[0]
+        if len(xs) == 2:  # the keys the mask drops get −inf
+            self.node("Equal", [xs[1], self.const("zero.f32", np.array(0.0, np.float32))], [f"{name}/dropped"],
+                      f"{name}/dropped", name, kind)
+            self.node("Where", [f"{name}/dropped", self.const("minus_inf.f32", np.array(-np.inf, np.float32)), xs[0]],
+                      [f"{name}/masked"], f"{name}/mask", name, kind)
+            x = f"{name}/masked"
+        self.node("Softmax", [x], [y], name, name, kind, axis=-1)
+        return y
+
+    def _embedding(self, rec: dict, xs: list[str], y: str) -> str:
+        name, kind, r = rec["name"], rec["kind"], rec["embedding"]
+        s = float(self.m.encoding(rec["output"])["scale"])
+        table, offset = (np.asarray(self.m.tensor(r[k]), np.float64) * s for k in ("table", "offset"))
+        idx = self.codes_of(rec["inputs"][0], name, kind)
+        self.node("Gather", [self.const(f"{name}/table", table.astype(np.float32)), idx], [f"{name}/rows"], name, name, kind, axis=0)
+        self.node("Add", [f"{name}/rows", self.const(f"{name}/offset", offset.astype(np.float32))], [y], f"{name}/offset", name, kind)
         return y
 
     def _permute(self, rec: dict, xs: list[str], y: str) -> str:

@@ -23,7 +23,9 @@ from .ops import LUT_FUNCTIONS, REQUANT_KINDS
 aten = torch.ops.aten
 
 IDENTITY_TARGETS = {aten.dropout.default, aten.clone.default, aten.contiguous.default,
-                    aten.alias.default, aten.detach.default, aten.feature_dropout.default}
+                    aten.alias.default, aten.detach.default, aten.feature_dropout.default,
+                    aten.to.dtype, aten._to_copy.default}  # casts: codes of integer-valued tensors (token ids) are exact
+IGNORED_TARGETS = {aten._assert_tensor_metadata.default}
 RESHAPE_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                    aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
 CLAMP_TARGETS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
@@ -69,6 +71,8 @@ class _Capture:
         self.names: set[str] = set()
         self.n_consumers: dict[str, int] = {}
         self.splits: dict[str, tuple[torch.fx.Node, int, list[int]]] = {}  # split node -> (input, dim, piece starts)
+        self.dropped: dict[str, str] = {}  # `mask == 0` node -> the mask tensor
+        self.masked: dict[str, tuple[str, str]] = {}  # scores.masked_fill(mask == 0, -inf) node -> (scores, mask)
 
     # -- helpers --
     def tensor(self, node: Any) -> str:
@@ -211,6 +215,8 @@ class _Capture:
             self.alias[node.name] = self.alias[a[0].name]
         elif t in CLAMP_TARGETS:
             self.clamp(node)
+        elif t in ADD_TARGETS and self.embedding_offset(node):
+            pass
         elif t in ADD_TARGETS:
             if not (isinstance(a[1], torch.fx.Node)) or (len(a) > 2 and a[2] != 1) or node.kwargs.get("alpha", 1) != 1:
                 raise UnsupportedOpError(f"add with a constant or alpha is not supported ({mod})")
@@ -304,7 +310,24 @@ class _Capture:
             rank = len(_shape(a[0]))
             if int(a[1]) % rank != rank - 1:
                 raise UnsupportedOpError(f"softmax over dim {a[1]} is not supported, only over the last ({mod})")
-            self.emit(node, "softmax", [self.tensor(a[0])], (mod or "softmax") + ":softmax")
+            inputs = list(self.masked[a[0].name]) if a[0].name in self.masked else [self.tensor(a[0])]
+            self.emit(node, "softmax", inputs, (mod or "softmax") + ":softmax")
+        elif t == aten.eq.Scalar and a[1] == 0 and isinstance(a[0], torch.fx.Node):
+            self.dropped[node.name] = self.tensor(a[0])
+        elif t == aten.masked_fill.Scalar and isinstance(a[1], torch.fx.Node) and a[1].name in self.dropped \
+                and a[2] == -math.inf and all(u.target in (aten.softmax.int, aten._softmax.default) for u in node.users):
+            self.masked[node.name] = (self.tensor(a[0]), self.dropped[a[1].name])
+        elif t == aten.select.int:
+            self.select(node, mod)
+        elif t == aten.embedding.default:
+            fqn, table = self.param(a[0])
+            if table.shape[0] > 1 << 16:
+                raise UnsupportedOpError(f"embedding with {table.shape[0]} rows is not supported, at most 2^16 ({mod})")
+            op = self.emit(node, "embedding", [self.tensor(a[1])], fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn)
+            op.params = {"table": table.astype(np.float32),
+                         "offset": np.zeros(_shape(node)[1:], np.float32)}
+        elif t in IGNORED_TARGETS:
+            pass
         else:
             raise UnsupportedOpError(
                 f"op {t} in module '{mod or '<top>'}' is outside the integer op set; "
@@ -329,6 +352,37 @@ class _Capture:
             self.alias[node.name] = node.name
             return
         self.emit(node, "scale", [x], (mod or "scale") + ":scale", factor=factor)
+
+    def embedding_offset(self, node) -> bool:
+        """`embedding(ids) + P` with P a parameter or buffer (position rows): P joins the embedding's
+        constant offset. False when the add is not of that form."""
+        x, p = node.args[0], node.args[1]
+        if not (isinstance(x, torch.fx.Node) and isinstance(p, torch.fx.Node) and x.name in self.alias
+                and (p.name in self.params or p.name in self.constants)):
+            return False
+        prod = self.producer(self.alias[x.name])
+        if prod is None or prod.kind != "embedding" or self.n_consumers.get(prod.output, 0) != 1:
+            return False
+        _, offset = self.param(p)
+        prod.params["offset"] = (prod.params["offset"] + np.broadcast_to(offset, prod.params["offset"].shape)).astype(np.float32)
+        prod.output = node.name
+        self.alias[node.name] = node.name
+        return True
+
+    def select(self, node, mod):
+        """x.select(dim, i): a one-wide slice, then a reshape that drops the dimension."""
+        a = node.args
+        shape = _shape(a[0])
+        dim = int(a[1]) % len(shape)
+        i = int(a[2]) % shape[dim]
+        if dim == 0:
+            raise UnsupportedOpError(f"selecting along the batch dimension is not supported ({mod})")
+        op = self.emit(node, "slice", [self.tensor(a[0])], (mod or "select") + ":select", dim=dim, start=i, end=i + 1, step=1)
+        op.attrs["out_shape"] = [*shape[1:dim], 1, *shape[dim + 1:]]
+        op.output = node.name + "__slice"
+        out = list(_shape(node)[1:])
+        self.ops.append(Op(name=self.unique((mod or "select") + ":reshape"), kind="reshape", inputs=[op.output],
+                           output=node.name, attrs={"shape": out, "out_shape": out}))
 
     def layer_norm(self, node, mod):
         a = node.args

@@ -62,6 +62,11 @@ def slice_(op: Op, x: torch.Tensor) -> torch.Tensor:
     return x[(slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)]
 
 
+def masked_scores(xs: list[torch.Tensor]) -> torch.Tensor:
+    """A softmax's scores with the keys its optional keep mask (second input) drops set to −inf."""
+    return xs[0] if len(xs) == 1 else xs[0].masked_fill(xs[1] == 0, -math.inf)
+
+
 def pad(op: Op, x: torch.Tensor, value: float) -> torch.Tensor:
     return F.pad(x, op.attrs["pads"], value=value)
 
@@ -113,7 +118,9 @@ def float_kernels(dtype: torch.dtype = torch.float32) -> dict[str, Kernel]:
         "matmul": lambda op, xs: apply_act(op, torch.matmul(xs[0], xs[1]) * op.attrs["alpha"]),
         "scale": lambda op, xs: apply_act(op, xs[0] * op.attrs["factor"]),
         "layernorm": layernorm,
-        "softmax": lambda op, xs: torch.softmax(xs[0], dim=-1),
+        "softmax": lambda op, xs: torch.softmax(masked_scores(xs), dim=-1),
+        "embedding": lambda op, xs: F.embedding(xs[0].long(), torch.from_numpy(op.params["table"]).to(dtype))
+        + torch.from_numpy(op.params["offset"]).to(dtype),
         "permute": lambda op, xs: permute(op, xs[0]),
         "slice": lambda op, xs: slice_(op, xs[0]),
     })

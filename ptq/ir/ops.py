@@ -40,7 +40,8 @@ OP_TABLE: dict[str, OpKind] = {k.name: k for k in (
     OpKind("matmul", 2, True, False, ("requant", "clamp")),
     OpKind("scale", 1, True, False, ("requant", "clamp")),
     OpKind("layernorm", 1, True, False, ("norm", "clamp")),
-    OpKind("softmax", 1, True, False, ("exp",)),
+    OpKind("softmax", None, True, False, ("exp",)),  # scores, and optionally a keep mask (0 drops a key)
+    OpKind("embedding", 1, True, False, ("embedding",)),
     OpKind("permute", 1, False, False, ()),
     OpKind("slice", 1, False, False, ()),
 )}

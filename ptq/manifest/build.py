@@ -217,6 +217,19 @@ def _softmax(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
                     "multiplier": int(mult[0, 0]), "shift": int(shift[0])}}
 
 
+def _embedding(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
+    """Rows of the table and of the constant offset (position rows) rounded to the output scale, int32:
+    y = Tw[id] + To[position] + z_y, clipped."""
+    x, y = enc[op.inputs[0]], enc[op.output]
+    if (x.bits, x.scale, x.zero_point) != (16, 1.0, 0):
+        raise ValueError(f"embedding {op.name}: its input must carry the identity encoding (token ids)")
+    table, offset = (np.floor(op.params[k].astype(np.float64) / y.scale + 0.5) for k in ("table", "offset"))
+    if max(np.abs(table).max(), np.abs(offset).max()) >= 2**31:
+        raise ValueError(f"embedding {op.name}: rows too large for int32 codes at scale {y.scale:.3g}")
+    return {"embedding": {"table": m.put(f"{op.name}/table", table.astype(np.int32)),
+                          "offset": m.put(f"{op.name}/offset", offset.astype(np.int32))}}
+
+
 # the kind-specific fields of each op's manifest record (the op table lists which fields each kind has)
 RECORDERS = require_all("manifest", {
     "conv": _weighted, "linear": _weighted, "add": _add_or_concat, "concat": _add_or_concat,
@@ -225,7 +238,7 @@ RECORDERS = require_all("manifest", {
     "pad": lambda m, op, enc, ctx: {"pad_value": quantize_value(op.attrs["value"], enc[op.output])},
     "maxpool": lambda m, op, enc, ctx: {"pad_value": enc[op.output].qmin},
     "reshape": lambda m, op, enc, ctx: {},
-    "matmul": _scaling, "scale": _scaling, "layernorm": _layernorm, "softmax": _softmax,
+    "matmul": _scaling, "scale": _scaling, "layernorm": _layernorm, "softmax": _softmax, "embedding": _embedding,
     "permute": lambda m, op, enc, ctx: {}, "slice": lambda m, op, enc, ctx: {},
 })
 

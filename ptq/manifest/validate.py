@@ -117,13 +117,22 @@ def _shape_kernels(m: Manifest) -> dict[str, Callable]:
             tensor(m, op.record["norm"][k], f"graph.ops[{op.name}].norm.{k}", "float" if k in ("gamma", "beta") else "int", (d,))
         return xs[0].clone()
 
+    def embedding(op, xs):
+        r, d = op.record["embedding"], op.attrs["out_shape"][-1]
+        rows = tensor(m, r["table"], f"graph.ops[{op.name}].embedding.table", "int", None)
+        if rows.ndim != 2 or rows.shape[1] != d:
+            raise fail(f"graph.ops[{op.name}].embedding.table", f"must be (rows, {d}), got {list(rows.shape)}")
+        tensor(m, r["offset"], f"graph.ops[{op.name}].embedding.offset", "int", (*xs[0].shape[1:], d))
+        return torch.empty((*xs[0].shape, d), device="meta")
+
     return require_all("shape", {
         "conv": weighted, "linear": weighted, "add": lambda op, xs: xs[0] + xs[1], "avgpool": avgpool,
         "concat": lambda op, xs: torch.cat(xs, dim=op.attrs["dim"]), "lut": lambda op, xs: xs[0].clone(),
         "maxpool": lambda op, xs: maxpool(op, xs[0], 0.0), "clamp": lambda op, xs: xs[0],
         "reshape": lambda op, xs: reshape(op, xs[0]), "pad": lambda op, xs: pad(op, xs[0], 0.0),
         "matmul": lambda op, xs: torch.matmul(xs[0], xs[1]), "scale": lambda op, xs: xs[0].clone(),
-        "layernorm": layernorm, "softmax": lambda op, xs: xs[0].clone(),
+        "layernorm": layernorm, "softmax": lambda op, xs: (xs[0] + xs[1]) if len(xs) == 2 else xs[0].clone(),
+        "embedding": embedding,
         "permute": lambda op, xs: permute(op, xs[0]), "slice": lambda op, xs: slice_(op, xs[0]),
     })
 
@@ -308,6 +317,8 @@ def _check_layernorm(m: Manifest, op: dict, w: str) -> None:
 
 def _check_softmax(m: Manifest, op: dict, w: str) -> None:
     """The exp table (non-increasing, at most one entry per input code, 2^F at distance 0) and 1/s_y."""
+    if len(op["inputs"]) > 2:
+        raise fail(f"{w}.inputs", "a softmax takes its scores and at most one keep mask")
     r = need(op, "exp", dict, w)
     f = need(r, "frac_bits", int, f"{w}.exp")
     if not 1 <= f <= 24:
@@ -320,6 +331,14 @@ def _check_softmax(m: Manifest, op: dict, w: str) -> None:
     if not 0 <= mult < 2**31 or not 1 <= sh <= 62:
         raise fail(f"{w}.exp", "multiplier must be in [0, 2^31) and shift 1..62")
     _check_dyadic(np.array([mult]), np.array([sh]), np.array([1.0 / m.encoding(op["output"])["scale"]]), f"{w}.exp")
+
+
+def _check_embedding(m: Manifest, op: dict, w: str) -> None:
+    """The input carries token ids (the identity encoding); table and offset shapes: in the dry run."""
+    e = m.encoding(op["inputs"][0])
+    if (e["bits"], e["scale"], e["zero_point"]) != (16, 1.0, 0):
+        raise fail(f"{w}.inputs", "an embedding's input must have the identity encoding (16 bits, scale 1, zero point 0)")
+    need(op, "embedding", dict, w)
 
 
 def _check_permute(m: Manifest, op: dict, w: str) -> None:
@@ -342,5 +361,5 @@ CHECKS: dict[str, Callable[[Manifest, dict, str], None]] = require_all("validate
     "lut": _check_lut, "clamp": _check_clamp, "maxpool": _check_pad_value, "pad": _check_pad_value,
     "reshape": lambda m, op, w: None,
     "matmul": _check_scaling, "scale": _check_scaling, "layernorm": _check_layernorm, "softmax": _check_softmax,
-    "permute": _check_permute, "slice": _check_slice,
+    "permute": _check_permute, "slice": _check_slice, "embedding": _check_embedding,
 })

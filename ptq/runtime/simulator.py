@@ -289,9 +289,16 @@ class Simulator:
     def _softmax(self, op: Op, xs):
         r = op.record["exp"]
         table = torch.from_numpy(self.m.tensor(r["table"]).astype(np.int64))
-        y = intnorm.softmax_codes(xs[0].to(torch.int64), table, int(r["multiplier"]), int(r["shift"]))
+        keep = None if len(xs) == 1 else (xs[1].to(torch.int64) != self._enc(op.inputs[1])[0]).to(torch.int64)
+        y = intnorm.softmax_codes(xs[0].to(torch.int64), table, int(r["multiplier"]), int(r["shift"]), keep)
         z, top = self._enc(op.output)
         return (y + z).clamp_(0, top).to(CODE)
+
+    def _embedding(self, op: Op, xs):
+        r = op.record["embedding"]
+        table, offset = (torch.from_numpy(self.m.tensor(r[k]).astype(np.float64)) for k in ("table", "offset"))
+        y = table[xs[0].to(torch.int64)] + offset + self._enc(op.output)[0]
+        return y.clamp_(0, self._enc(op.output)[1]).to(CODE)
 
     def kernels(self) -> dict[str, Kernel]:
         return require_all("simulator", {
@@ -302,6 +309,7 @@ class Simulator:
             "reshape": lambda op, xs: reshape(op, xs[0]),
             "pad": lambda op, xs: pad(op, xs[0], int(op.record["pad_value"])),
             "matmul": self._matmul, "scale": self._scale, "layernorm": self._layernorm, "softmax": self._softmax,
+            "embedding": self._embedding,
             "permute": lambda op, xs: permute(op, xs[0]), "slice": lambda op, xs: slice_(op, xs[0]),
         })
 
