@@ -108,9 +108,19 @@ def load_minilm(tokens: int = TOKENS) -> MiniLM:
     return module.eval()
 
 
+CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+       (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _cjk(cp: int) -> bool:
+    """A CJK ideograph: BERT's tokenizer makes each one a word of its own."""
+    return any(lo <= cp <= hi for lo, hi in CJK)
+
+
 class WordPiece:
     """The BERT uncased tokenizer of tokenizer.json: lower case, accents stripped, split on white
-    space and punctuation, then greedy longest-match WordPiece with '##' continuations."""
+    space, punctuation and CJK ideographs, then greedy longest-match WordPiece with '##'
+    continuations (the same ids as the `tokenizers` library on the bundled sentences, tested)."""
 
     def __init__(self, vocab: dict[str, int]):
         self.vocab = vocab
@@ -128,7 +138,7 @@ class WordPiece:
             if c.isspace() or unicodedata.category(c).startswith("C"):
                 words, cur = words + ([cur] if cur else []), ""
             elif unicodedata.category(c).startswith("P") or (33 <= ord(c) <= 47) or (58 <= ord(c) <= 64) \
-                    or (91 <= ord(c) <= 96) or (123 <= ord(c) <= 126):
+                    or (91 <= ord(c) <= 96) or (123 <= ord(c) <= 126) or _cjk(ord(c)):
                 words, cur = words + ([cur] if cur else []) + [c], ""
             else:
                 cur += c

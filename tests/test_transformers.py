@@ -227,6 +227,22 @@ def test_bundled_tokenizer_and_sentences():
 
 
 @needs_minilm
+def test_wordpiece_matches_the_tokenizers_library():
+    """Same ids as Hugging Face `tokenizers` (not a dependency: skipped without it) on the bundled
+    sentences and on accents, punctuation, CJK, emoji and over-long words."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from importlib import resources
+    from ptq.minilm import WordPiece, _read
+    ref = tokenizers.Tokenizer.from_str(_read("tokenizer.json").decode())
+    ref.no_padding()
+    lines = (resources.files("ptq.calib") / "sentences.txt").read_text().splitlines() + [
+        "Naïve café-owners (e.g. Zoë) paid $3.50—cheap!", "Tabs\tand   spaces; 日本語 and emojis 🙂 ok", "x" * 120]
+    mine = WordPiece.bundled().encode(lines, 64)
+    for s, row in zip(lines, mine):
+        assert [int(i) for i, keep in row if keep] == ref.encode(s).ids, s
+
+
+@needs_minilm
 def test_minilm_data_specs(tmp_path):
     """`samples`, a .txt of sentences, and a refused file, through the API's data intake."""
     from ptq.api import as_source
