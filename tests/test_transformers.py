@@ -258,7 +258,7 @@ def test_minilm_data_specs(tmp_path):
 
 
 # Measured (issue 23, 2026-12-03): w8a8 sentence cosine 0.9894 (min 0.9834), Spearman 0.9858 on the 100
-# held-out bundled sentences; every tensor within 1 LSB of the reference; about 10 min on two busy cores.
+# held-out bundled sentences; every tensor within 1 LSB of the reference; 7–14 min on two busy cores.
 @needs_minilm
 @pytest.mark.slow
 def test_minilm_w8a8_end_to_end():
@@ -266,7 +266,15 @@ def test_minilm_w8a8_end_to_end():
                       overrides={"calibration.sensitivity_samples": 0, "calibration.verify_size": 8})
     ev = qm.report["fidelity"]
     assert ev["sentence_cosine"] >= 0.985 and ev["similarity_spearman"] >= 0.98
-    assert qm.report["verification"]["verified"]
+    num = qm.report["verification"]["numeric"]
+    # level 2 per tensor; the end-to-end top-1 criterion (an argmax over 32×384 hidden values) is not
+    # meaningful for an encoder and is not asserted (BENCHMARKS.md, Transformers)
+    assert qm.report["verification"]["structural"]["ok"] and num["min_share_within_1lsb"] >= 0.999 and num["max_lsb_error"] <= 1
     from ptq.api import as_source
     x = as_source("samples:eval", qm.manifest.data["model"], 16, 0, "eval").tensor()
     assert np.array_equal(onnxruntime_runner(qm.manifest, fmt="int")(x), qm.simulate(x))
+
+
+def test_card_names_the_integer_transformer_ops(tiny_encoder_w8a8, digits_quantized):
+    assert "; layernorm, matmul, softmax in integer arithmetic (README, Transformers) |" in tiny_encoder_w8a8.card()
+    assert "in integer arithmetic" not in digits_quantized[0].card()
