@@ -73,8 +73,8 @@ def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
     every gathered row is a contiguous run of channels; grouped (depthwise) ones gather along the
     pixels of each channel, which keeps each group's rows together. Both are an order of magnitude
     cheaper than index_select along the last axis or padding the map and indexing it in 4-D."""
-    if op.kind == "linear":
-        return x.reshape(1, x.shape[0], -1)
+    if op.kind == "linear":  # (N, ..., K): every leading position is one input row
+        return x.reshape(1, -1, x.shape[-1])
     a = op.attrs
     kh, kw = op.weight.shape[2], op.weight.shape[3]
     (sh, sw), (ph, pw), (dh, dw), g = a["stride"], a["padding"], a["dilation"], a["groups"]

@@ -17,6 +17,13 @@ from ..ir import Graph
 HIST_BINS = 2048
 HIST_SAMPLE = 1 << 20  # values per batch and tensor that enter the histogram (strided subsample)
 OBSERVERS = ("minmax", "percentile", "mse")
+# LayerNorm inputs (residual sums, whose outlier channels an 8-bit grid crushes), the addends of those
+# sums that no GEMM reads (`residual_addends`) and softmax inputs (attention scores) are encoded at no
+# fewer than WIDE_BITS: none feeds a GEMM, so the width costs only memory traffic.
+WIDE_INPUT_KINDS = ("layernorm", "softmax")
+WIDE_BITS = 16
+# An embedding's input has the identity encoding (16 bits, scale 1, zero point 0): its codes are the
+# token ids, and those of the tensors sharing it (an attention mask packed beside them) their values.
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,17 @@ def choose_encoding(hist: Histogram, bits: int, observer: str = "mse", percentil
     return Encoding.from_range(cand_lo[best], cand_hi[best], bits)
 
 
+def residual_addends(graph: Graph, src: Mapping[str, str]) -> set[str]:
+    """The inputs of a residual add that feeds a LayerNorm (an encoder's attention and FFN outputs,
+    whose few outlier channels would take an 8-bit grid's whole range), unless a GEMM also reads them.
+    Empty for a graph without LayerNorm, so CNN encodings are untouched."""
+    norms = {src[op.inputs[0]] for op in graph.ops if op.kind == "layernorm"}
+    gemm_inputs = {src[op.inputs[0]] for op in graph.weighted_ops()} | \
+        {src[t] for op in graph.ops if op.kind == "matmul" for t in op.inputs}
+    return {src[t] for op in graph.ops if op.kind == "add" and src[op.output] in norms
+            for t in op.inputs if src[t] not in gemm_inputs}
+
+
 def choose_encodings(graph: Graph, histograms: Mapping[str, Histogram], act: dict,
                      weights: Mapping[str, Any] | None = None) -> dict[str, Encoding]:
     """Every tensor's encoding by the recipe's [activations] `act`: each encoding source gets its
@@ -135,11 +153,17 @@ def choose_encodings(graph: Graph, histograms: Mapping[str, Histogram], act: dic
     output_sources = {src[o] for o in graph.outputs}
     widths = {src[op.inputs[0]]: weights[op.name].input_bits for op in graph.weighted_ops()
               if weights is not None and weights[op.name].input_bits is not None}
+    wide = {src[op.inputs[0]] for op in graph.ops if op.kind in WIDE_INPUT_KINDS}
+    wide |= residual_addends(graph, src)
+    ids = {src[op.inputs[0]] for op in graph.ops if op.kind == "embedding"}
     own: dict[str, Encoding] = {}
     for t in sorted(set(src.values())):
         bits = widths.get(t, act["output_bits"] if t in output_sources else act["bits"])
+        if t in wide:
+            bits = max(bits, WIDE_BITS)
         fused = producers[t].attrs.get("act") if t in producers else None
-        own[t] = choose_encoding(histograms[t], bits, act["observer"], act["percentile"], fused)
+        own[t] = Encoding(16, 1.0, 0) if t in ids else \
+            choose_encoding(histograms[t], bits, act["observer"], act["percentile"], fused)
     for op in graph.ops:
         if op.kind == "lut" and own[src[op.inputs[0]]].bits > 8:
             raise RecipeError(f"op {op.name} ({op.attrs['function']}) runs as a lookup table and needs inputs of at most 8 bits; set activations.bits <= 8")

@@ -48,7 +48,8 @@ def channel_fisher(graph: Graph, batches, seed: int = 0) -> dict[str, np.ndarray
             torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
         for name, z in pre.items():
             g2 = z.grad.double() ** 2
-            f = g2.sum(dim=tuple(d for d in range(g2.dim()) if d != 1)).numpy()
+            ch = 1 if z.dim() == 4 else z.dim() - 1  # conv channels on dim 1, linear features last
+            f = g2.sum(dim=tuple(d for d in range(g2.dim()) if d != ch)).numpy()
             sums[name] = f if name not in sums else sums[name] + f
         count += xb.shape[0]
     return {k: v / max(count, 1) for k, v in sums.items()}

@@ -25,6 +25,7 @@ from .biascorrect import choose_and_correct
 from .calib.collect import Statistics, collect_statistics
 from .calib.preprocess import Preprocess
 from .calib.progress import console, note, progress, stage
+from . import minilm
 from .calib.sources import DataSource, check_float_dtype, check_labels, float_samples, open_source, sample_shape, shape_mismatch
 from .card import bits_png, planes_png, render_card
 from .errors import DataError, ModelError, PtqError, RecipeError
@@ -36,7 +37,7 @@ from .manifest.publish import check_output  # noqa: F401  (API: refuse an output
 from .methods import METHODS
 from .methods.selectors import is_structural, override_matches, select
 from .methods.rounding import apply_rounding
-from .metrics import fidelity
+from .metrics import embedding_fidelity, fidelity
 from .models import LoadedModel, check_finite, load_model, rebuild, spec_kind, supplied
 from .recipe import BASE_SCHEMA, resolve
 from .runtime import ACC_MODES, Codec, Simulator, run_reference, run_verification
@@ -64,6 +65,8 @@ def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> Da
         src.labels = check_labels(labels, len(x), "the data")[:src.count]
         return src
     shape = tuple(spec["input_shape"])
+    if spec.get("kind") == "minilm" and isinstance(data, (str, Path)) and not Path(data).suffix in (".npy", ".npz", ".pt", ".pth"):
+        return minilm.sentence_source(str(data), split, n, shape[0])
     if isinstance(data, (str, Path)):
         pre = _preprocess(spec)
         if pre is None and Path(data).suffix not in (".npy", ".npz", ".pt", ".pth"):
@@ -203,7 +206,7 @@ class QuantizedModel:
             run = onnxruntime_runner(self.manifest, fmt="int" if backend == "onnxruntime-int" else "qdq")
         if run is None:
             raise DataError(f"unknown backend '{backend}'; use sim, fakequant, onnxruntime or onnxruntime-int")
-        fps, qs = [], []
+        fps, qs, xs = [], [], []
         with torch.no_grad(), progress(f"evaluation ({backend}, batches)", -(-len(src) // batch_size)) as advance:
             for xb in src.batches(batch_size):
                 fps.append(model(xb).numpy())
@@ -211,7 +214,12 @@ class QuantizedModel:
                     src.check_label_range(fps[0].shape[-1])
                 qs.append(run(xb))
                 advance()
+                xs.append(xb.numpy())
         res = fidelity(np.concatenate(fps), np.concatenate(qs), src.labels)
+        if self.manifest.data["model"].get("kind") == "minilm":  # sentence embeddings: mean pooling over the mask
+            x = np.concatenate(xs)
+            res.update(embedding_fidelity(minilm.sentence_embeddings(np.concatenate(fps), x),
+                                          minilm.sentence_embeddings(np.concatenate(qs), x)))
         res.update(data=src.description, backend=backend)
         res.update({k: v for k, v in weight_summary(self.manifest).items() if k in ("mean_weight_bits", "model_bytes")})
         return res

@@ -89,8 +89,8 @@ def _correct_layer(op, rec, m: Manifest, codec: Codec, b, pre_fp, y_fp, x_fq, dt
     """(fake-quant output after the decision, whether the correction was kept); `b` is the FP32 bias."""
     f = conv_float if op.kind == "conv" else linear_float
     pre_q = f(op, codec.dequantize(x_fq, op.inputs[0]), dequantized_weight(m, rec, dtype), b)
-    dims = [0, 2, 3] if pre_q.dim() == 4 else [0]
-    view = (1, -1, 1, 1) if pre_q.dim() == 4 else (1, -1)
+    dims = [0, 2, 3] if pre_q.dim() == 4 else list(range(pre_q.dim() - 1))  # linear: features last
+    view = (1, -1, 1, 1) if pre_q.dim() == 4 else (-1,)
     delta = (pre_fp - pre_q).mean(dim=dims)
 
     def quantized(pre):

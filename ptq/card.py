@@ -25,6 +25,9 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
     corrected = sum(1 for op in m.weighted_ops() if op["bias"]["corrected"])
     bn = sum(1 for op in m.weighted_ops() if op["attrs"].get("bn_folded"))
     cal = m.data.get("calibration", {})
+    transformer_ops = sorted({op["kind"] for op in m.ops} & {"matmul", "layernorm", "softmax", "embedding"})
+    data_kind = ("sentences" if m.data["model"].get("kind") == "minilm" and cal.get("kind") in ("samples", "text")
+                 else "real photos" if cal.get("kind") in ("samples", "folder") else "tensor file")
     return {
         "method": r["method"], "recipe": r["name"],
         "weights": f"per-channel symmetric, narrow range, scheme {', '.join(sorted({l['scheme'] for l in layers}))}",
@@ -34,7 +37,8 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
         "weight_rounding": _weight_rounding(m),
         "first_layer_bits": layers[0]["bits"] if layers else None,
         "last_layer_bits": layers[-1]["bits"] if layers else None,
-        "quantized_tensors": "weights, activations, biases (int32), residual adds and pools (integer requantization)",
+        "quantized_tensors": "weights, activations, biases (int32), residual adds and pools (integer requantization)"
+                             + (f"; {', '.join(transformer_ops)} in integer arithmetic (README, Transformers)" if transformer_ops else ""),
         "mean_weight_bits": ws["mean_weight_bits"], "max_weight_bits": ws["max_weight_bits"],
         "accumulator": f"{'/'.join(map(str, acc_bits))}-bit, mode {m.weighted_ops()[0]['accumulator']['mode'] if layers else '-'}; "
                        + "bound met: " + ", ".join(f"{k} {v} layers" for k, v in sorted(Counter(
@@ -47,7 +51,7 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
         "batchnorm_folded": f"{bn} BatchNorm layers folded into the preceding convolutions",
         "float_islands": "none",
         "bias_correction": f"{r['bias_correction']['mode']} ({corrected} of {len(layers)} layers corrected)",
-        "calibration": f"{cal.get('size')} samples from {cal.get('source')} ({'real photos' if cal.get('kind') in ('samples', 'folder') else 'tensor file'}), seed {cal.get('seed')}",
+        "calibration": f"{cal.get('size')} samples from {cal.get('source')} ({data_kind}), seed {cal.get('seed')}",
         "model": f"{m.data['model']['name']} (weights: {m.data['model'].get('weights') or 'default'})",
         "fidelity": fidelity,
         "verification": verification,
@@ -218,7 +222,8 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
     if fidelity:
         lines += ["", f"## Fidelity vs FP32 ({fidelity.get('data', '')}, {fidelity['samples']} samples)", "",
                   "| metric | value |", "|---|---|"]
-        for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy"):
+        for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy", "sentence_cosine",
+                  "sentence_cosine_min", "similarity_spearman"):
             if k in fidelity:
                 lines.append(f"| {k} | {fidelity[k]:.4g} |")
     elif evaluation_skipped:

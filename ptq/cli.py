@@ -86,8 +86,8 @@ def _show(t) -> None:
 
 def _fidelity_table(title: str, f: dict) -> None:
     t = _table(title, ("metric", "value"), right=("value",))
-    for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy",
-              "mean_weight_bits", "model_bytes", "samples"):
+    for k in ("top1_agreement", "top5_agreement", "kl", "sqnr_db", "accuracy", "fp32_accuracy", "sentence_cosine",
+              "sentence_cosine_min", "similarity_spearman", "mean_weight_bits", "model_bytes", "samples"):
         if k in f:
             v = f[k]
             t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))

@@ -12,7 +12,8 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 def fidelity(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) -> dict:
     """Top-1/top-5 agreement (percent, FP32 top-1 as the label), mean KL(fp‖q), logit SQNR (dB)."""
     fp = np.asarray(fp, np.float64)
-    q = np.asarray(q, np.float64)
+    fp = fp.reshape(len(fp), -1)  # an encoder's (N, T, D) hidden states count as one vector per sample
+    q = np.asarray(q, np.float64).reshape(fp.shape)
     top1_fp = fp.argmax(-1)
     k = min(5, fp.shape[-1])
     top5_q = np.argsort(-q, axis=-1)[:, :k]
@@ -31,3 +32,15 @@ def fidelity(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) ->
         out["accuracy"] = 100.0 * float((q.argmax(-1) == labels).mean())
         out["fp32_accuracy"] = 100.0 * float((top1_fp == labels).mean())
     return out
+
+
+def embedding_fidelity(fp: np.ndarray, q: np.ndarray) -> dict:
+    """Sentence embeddings (N, D), L2-normalised, against their FP32 versions: the mean and least
+    cosine per sentence, and the Spearman correlation of the two pairwise similarity matrices (upper
+    triangles), which is what retrieval and clustering depend on."""
+    from scipy.stats import spearmanr
+    fp, q = np.asarray(fp, np.float64), np.asarray(q, np.float64)
+    cos = (fp * q).sum(1)
+    iu = np.triu_indices(len(fp), 1)
+    rho = float(spearmanr((fp @ fp.T)[iu], (q @ q.T)[iu]).statistic) if len(fp) > 2 else float("nan")
+    return {"sentence_cosine": float(cos.mean()), "sentence_cosine_min": float(cos.min()), "similarity_spearman": rho}

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from rich.markup import escape
 
+from . import minilm
 from .calib.preprocess import PRESETS, Preprocess
 from .calib.progress import console
 from .errors import ModelError, WeightsMissingError, first_line
@@ -135,7 +136,10 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
     kind = spec_kind(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if kind == "efficientnet_lite":
+        if kind == "minilm":
+            module, spec = _minilm_model(weights)
+            input_shape = input_shape or (minilm.TOKENS, 2)
+        elif kind == "efficientnet_lite":
             module, spec = _lite0_model(weights)
         elif kind == "factory":
             module, spec = _factory_model(name, weights)
@@ -158,6 +162,8 @@ def spec_kind(name: str) -> str:
     `factory` (pkg.module:function), `file` (a saved module) or `torchvision` (an architecture name)."""
     if name == LITE0:
         return "efficientnet_lite"
+    if name == minilm.NAME:
+        return "minilm"
     if ":" in name and not Path(name).exists():
         return "factory"
     if name.endswith((".pt", ".pth", ".pkl")) or Path(name).is_file():
@@ -203,6 +209,16 @@ def _lite0_model(weights: str | None) -> tuple[torch.nn.Module, dict]:
         _load_state(module, path, LITE0)
         spec.update(weights=LITE0_PACKAGE, weights_sha256=file_sha256(path))
     return module, {**spec, **_weights_fields(module, weights, LITE0)}
+
+
+def _minilm_model(weights: str | None) -> tuple[torch.nn.Module, dict]:
+    """all-MiniLM-L6-v2 (ptq.minilm): the package's weights, or a state dict of the same module."""
+    spec: dict[str, Any] = {"kind": "minilm", "preprocess": None}
+    if weights is None:
+        path = minilm.model_zip()
+        return minilm.load_minilm(), {**spec, "weights": minilm.WEIGHTS, "weights_sha256": file_sha256(path)}
+    module = minilm.MiniLM()
+    return module, {**spec, **_weights_fields(module, weights, minilm.NAME)}
 
 
 def _factory_model(name: str, weights: str | None) -> tuple[torch.nn.Module, dict]:
@@ -321,7 +337,7 @@ def rebuild(spec: dict[str, Any]) -> torch.nn.Module:
     weights read without unpickling and checked against the recorded hashes. A factory, a saved
     module file or an in-memory module is code: the caller must supply it (`supplied`)."""
     kind, name = spec["kind"], spec["name"]
-    if kind not in ("torchvision", "efficientnet_lite"):
+    if kind not in ("torchvision", "efficientnet_lite", "minilm"):
         what, how = {
             "factory": ("factory", f"ptq eval DIR --model {name!r}"),
             "file": ("pickled model file", f"if you trust that file, ptq eval DIR --model {name!r} --trust-model-file"),
@@ -330,14 +346,15 @@ def rebuild(spec: dict[str, Any]) -> torch.nn.Module:
         raise ModelError(f"the FP32 model of this manifest is code ({what} {name!r}), which ptq never runs because a "
                          f"manifest names it; supply it yourself: {how} (Python: evaluate(..., model=...))")
     weights = spec.get("weights")
-    if kind == "efficientnet_lite" and weights == LITE0_PACKAGE:
+    if (kind, weights) in (("efficientnet_lite", LITE0_PACKAGE), ("minilm", minilm.WEIGHTS)):
         weights = None
     if weights not in (None, "random") and not Path(weights).is_file():
         raise WeightsMissingError(f"the manifest's FP32 weights {weights} are not on this machine; copy them there, "
                                   f"or pass --model {name} --weights PATH")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["seed"])
-        module, got = _lite0_model(weights) if kind == "efficientnet_lite" else _torchvision_model(name, weights)
+        build = {"efficientnet_lite": _lite0_model, "minilm": _minilm_model}.get(kind)
+        module, got = build(weights) if build else _torchvision_model(name, weights)
     _check_same(spec, got, name)
     check_finite(module, f"model '{name}'")
     return module.eval()
@@ -349,7 +366,7 @@ def supplied(spec: dict[str, Any], model: str, weights: str | None = None,
     built with the manifest's seed and input shape. Without `weights`, the weights file the
     manifest records is used (read without unpickling). Refused when a hash the manifest records
     differs; a warning when it records none, since then nothing ties the model to the manifest."""
-    if weights is None and spec.get("weights") not in (None, LITE0_PACKAGE):
+    if weights is None and spec.get("weights") not in (None, LITE0_PACKAGE, minilm.WEIGHTS):
         weights = spec["weights"]
     lm = load_model(model, weights, spec["seed"], tuple(spec["input_shape"]), trust_model_file)
     _check_same(spec, lm.spec, model)

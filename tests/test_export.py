@@ -282,3 +282,20 @@ def test_int_twin_metadata_and_eval_backend(digits_quantized, digits):
     sim = qm.evaluate(digits[3][:48], n=48, backend="sim")
     assert res["backend"] == "onnxruntime-int"
     assert res["top1_agreement"] == sim["top1_agreement"] and res["kl"] == sim["kl"]
+
+
+def test_transformer_kinds_in_every_twin(tiny_encoder, tiny_encoder_w8a8):
+    """matmul, scale, layernorm, softmax, permute, slice and linear on (N, T, K): the integer twin
+    reproduces the simulator bit for bit; the QDQ twin (float LayerNormalization / Softmax) runs
+    within 50 dB of it (measured 62 dB); the QONNX twin passes the checker."""
+    qm, x = tiny_encoder_w8a8, torch.from_numpy(tiny_encoder[3])
+    model = export(qm.manifest, "int")
+    types = {n.op_type for n in model.graph.node}
+    assert {"MatMulInteger", "MatMul", "ReduceSum", "ReduceMax", "Sqrt", "Mod", "Transpose", "Slice", "Gather"} <= types
+    assert not types & {"QuantizeLinear", "DequantizeLinear", "LayerNormalization", "Softmax"}
+    sim = qm.simulate(x)
+    assert np.array_equal(_int_outputs(qm.manifest, x), sim)
+    for fmt in ("qdq", "qonnx"):
+        types = {n.op_type for n in export(qm.manifest, fmt).graph.node}
+        assert {"LayerNormalization", "Softmax", "MatMul", "Transpose", "Slice", "Mul"} <= types
+    assert sqnr_db(sim, onnxruntime_runner(qm.manifest)(x)) >= 50.0

@@ -13,14 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = {ROOT / "ptq": "ptq", ROOT / "calib": "ptq.calib"}
 # data-flow order; a module may import from its own layer or an earlier one
 LAYERS = [
-    {"ptq.errors", "ptq.version", "ptq.intmath", "ptq.accbound", "ptq.bitserial", "ptq.metrics"},
+    {"ptq.errors", "ptq.version", "ptq.intmath", "ptq.intnorm", "ptq.accbound", "ptq.bitserial", "ptq.metrics"},
     {"ptq.ir"},
     {"ptq.calib"},
     {"ptq.methods"},
     {"ptq.manifest"},
     {"ptq.runtime"},
     {"ptq.export"},
-    {"ptq.recipe", "ptq.models", "ptq.biascorrect", "ptq.card", "ptq.api", "ptq.sweep", "ptq.cli", "ptq.__main__", "ptq"},
+    {"ptq.recipe", "ptq.minilm", "ptq.models", "ptq.biascorrect", "ptq.card", "ptq.api", "ptq.sweep", "ptq.cli", "ptq.__main__", "ptq"},
 ]
 
 

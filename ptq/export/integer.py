@@ -17,6 +17,11 @@ format carries the codes themselves and repeats the simulator's arithmetic with 
   then + z, Clip to the clamp codes, Cast;
 - adds, concats and average pools use the same requantizer; max pools, pads, clamps and reshapes
   act on the codes; lookup tables are a Gather on the codes.
+- transformer ops (README, Transformers): activation × activation matmuls as an int64 MatMul of the
+  centred codes; LayerNorm and softmax as the steps of `ptq.intnorm` in int64 ops (ReduceSum,
+  ReduceMax, a float64 Sqrt corrected to the exact integer square root, Mod-based floor division,
+  a Gather of the exp table); embeddings as a Gather of the int32 rows by the id codes; permutes
+  and slices act on the codes.
 - layers whose inputs have more than 8 bits, or weights more than 8, run as a float32 Conv/Gemm on
   integer-valued tensors, which is exact because the data-free bound Σ|q|·max|x - z| + |b| is
   checked to be below 2^24 at export (otherwise the export is refused with the layer's name).
@@ -35,7 +40,7 @@ from ..errors import ManifestError
 from ..intmath import qmax
 from ..manifest import Manifest
 from ..runtime.simulator import F32_EXACT
-from .onnxgraph import INPUT_NAME, GraphBuilder, torch_pads_to_onnx, weight_metadata
+from .onnxgraph import INPUT_NAME, GraphBuilder, slice_consts, torch_pads_to_onnx, weight_metadata
 
 
 PAIR_SAFE = 64  # largest |weight| whose u8×s8 pair sums fit int16 for every uint8 code (2·255·64 ≤ 32767)
@@ -206,8 +211,11 @@ class IntegerBuilder(GraphBuilder):
                 self.node("Conv", [xf, wf], [accf], f"{name}/term{term}", name, kind, meta,
                           kernel_shape=list(q.shape[2:]), strides=list(a["stride"]), pads=[ph, pw, ph, pw],
                           dilations=list(a["dilation"]), group=int(a["groups"]))
-            else:
+            elif len(a["out_shape"]) == 1:
                 self.node("Gemm", [xf, wf], [accf], f"{name}/term{term}", name, kind, meta, transB=1)
+            else:  # (N, ..., K) inputs: Gemm takes matrices only
+                wt = self.const(f"{name}/w{term}.f32T", np.ascontiguousarray(q.reshape(q.shape[0], -1).T.astype(np.float32)))
+                self.node("MatMul", [xf, wt], [accf], f"{name}/term{term}", name, kind, meta)
             acc = self.as_int64(accf, name, kind)
         view = (-1, 1, 1) if conv else (-1,)
         if term == 0:
@@ -233,7 +241,9 @@ class IntegerBuilder(GraphBuilder):
     def emitters(self) -> dict[str, Callable[[dict], None]]:
         return {"conv": self._weighted, "linear": self._weighted, "add": self._add, "concat": self._concat,
                 "avgpool": self._avgpool, "maxpool": self._maxpool, "reshape": self._reshape, "pad": self._pad,
-                "clamp": self._clamp, "lut": self._lut}
+                "clamp": self._clamp, "lut": self._lut, "matmul": self._matmul, "scale": self._scale,
+                "layernorm": self._layernorm, "softmax": self._softmax, "permute": self._permute, "slice": self._slice,
+                "embedding": self._embedding}
 
     def _weighted(self, rec: dict) -> None:
         r = rec["requant"]
@@ -322,6 +332,136 @@ class IntegerBuilder(GraphBuilder):
         self.node("Gather", [self.const(f"{name}/table", table), self.as_int64(self.code(rec["inputs"][0]), name, kind)],
                   [y], name, name, kind, {"ptq.lut": rec["attrs"]["function"]}, axis=0)
         self.store(t, y, name, kind, rec.get("clamp"), wide=False)
+
+    def floor_div(self, a: str, b: str, out: str, op: str, kind: str) -> str:
+        """⌊a/b⌋ of int64 tensors for b > 0: ONNX Div truncates, so (a − Mod(a, b)) / b (Mod takes b's sign)."""
+        self.node("Mod", [a, b], [f"{out}/rem"], f"{out}/mod", op, kind, fmod=0)
+        self.node("Sub", [a, f"{out}/rem"], [f"{out}/floor"], f"{out}/floor", op, kind)
+        self.node("Div", [f"{out}/floor", b], [out], f"{out}/div", op, kind)
+        return out
+
+    def i64(self, name: str, value) -> str:
+        return self.const(name, np.asarray(value, np.int64))
+
+    def _matmul(self, rec: dict) -> None:
+        """Σ(a − z_a)(b − z_b) as an int64 MatMul (exact), then the dyadic requantizer."""
+        name, kind, r = rec["name"], rec["kind"], rec["requant"]
+        a, b = rec["inputs"]
+        acc = f"{name}/acc"
+        self.node("MatMul", [self.centred(a, name, kind), self.centred(b, name, kind)], [acc], name, name, kind)
+        k = int(self.shape_of(a)[-1])
+        self.requant([(acc, np.array(r["multiplier"][0]), np.array(float(self.xmax(a)) * self.xmax(b) * k))],
+                     np.array(r["shift"]), rec["output"], name, kind, rec.get("clamp"), ())
+
+    def _scale(self, rec: dict) -> None:
+        name, kind, r, x = rec["name"], rec["kind"], rec["requant"], rec["inputs"][0]
+        self.requant([(self.centred(x, name, kind), np.array(r["multiplier"][0]), np.array(self.xmax(x)))],
+                     np.array(r["shift"]), rec["output"], name, kind, rec.get("clamp"), ())
+
+    def _layernorm(self, rec: dict) -> None:
+        """The steps of `intnorm.layernorm_t` and the per-channel requantizer, in int64 ONNX ops."""
+        name, kind, r, x = rec["name"], rec["kind"], rec["norm"], rec["inputs"][0]
+        d = int(self.shape_of(x)[-1])
+        last = self.i64("axes.last", [-1])
+        u = self.centred(x, name, kind)
+        p = f"{name}/ln"
+        self.node("ReduceSum", [u, last], [f"{p}/sum"], f"{p}/sum", name, kind, keepdims=1)
+        self.node("Mul", [u, self.i64(f"{name}/D", d)], [f"{p}/du"], f"{p}/du", name, kind)
+        self.node("Sub", [f"{p}/du", f"{p}/sum"], [f"{p}/c"], f"{p}/c", name, kind)
+        self.node("Mul", [f"{p}/c", f"{p}/c"], [f"{p}/c2"], f"{p}/c2", name, kind)
+        self.node("ReduceSum", [f"{p}/c2", last], [f"{p}/v0"], f"{p}/var", name, kind, keepdims=1)
+        self.node("Add", [f"{p}/v0", self.i64(f"{name}/eps_q", r["eps_q"])], [f"{p}/v"], f"{p}/eps", name, kind)
+        P = self.onnx.TensorProto
+        self.node("Cast", [f"{p}/v"], [f"{p}/vf"], f"{p}/cast:v", name, kind, to=P.DOUBLE)
+        self.node("Sqrt", [f"{p}/vf"], [f"{p}/sf"], f"{p}/sqrt", name, kind)
+        self.node("Floor", [f"{p}/sf"], [f"{p}/ff"], f"{p}/floor_sqrt", name, kind)
+        self.node("Cast", [f"{p}/ff"], [f"{p}/r0"], f"{p}/cast:r", name, kind, to=P.INT64)
+        one = self.i64("one.i64", 1)
+        # exact ⌊√v⌋: one step down where r² > v, one up where (r + 1)² ≤ v
+        self.node("Mul", [f"{p}/r0", f"{p}/r0"], [f"{p}/r0sq"], f"{p}/r0sq", name, kind)
+        self.node("Greater", [f"{p}/r0sq", f"{p}/v"], [f"{p}/over"], f"{p}/over", name, kind)
+        self.node("Cast", [f"{p}/over"], [f"{p}/over64"], f"{p}/cast:over", name, kind, to=P.INT64)
+        self.node("Sub", [f"{p}/r0", f"{p}/over64"], [f"{p}/r1"], f"{p}/down", name, kind)
+        self.node("Add", [f"{p}/r1", one], [f"{p}/r1p"], f"{p}/r1p", name, kind)
+        self.node("Mul", [f"{p}/r1p", f"{p}/r1p"], [f"{p}/r1psq"], f"{p}/r1psq", name, kind)
+        self.node("Greater", [f"{p}/r1psq", f"{p}/v"], [f"{p}/high"], f"{p}/high", name, kind)
+        self.node("Not", [f"{p}/high"], [f"{p}/under"], f"{p}/under", name, kind)
+        self.node("Cast", [f"{p}/under"], [f"{p}/under64"], f"{p}/cast:under", name, kind, to=P.INT64)
+        self.node("Add", [f"{p}/r1", f"{p}/under64"], [f"{p}/r2"], f"{p}/up", name, kind)
+        self.node("Max", [f"{p}/r2", one], [f"{p}/r"], f"{p}/r", name, kind)
+        # t = ⌊(2·c·2^K + r) / (2r)⌋
+        self.node("Mul", [f"{p}/c", self.i64(f"{name}/two_pow_k1", 2 << int(r["frac_bits"]))], [f"{p}/c2k"], f"{p}/c2k", name, kind)
+        self.node("Add", [f"{p}/c2k", f"{p}/r"], [f"{p}/num"], f"{p}/num", name, kind)
+        self.node("Add", [f"{p}/r", f"{p}/r"], [f"{p}/den"], f"{p}/den", name, kind)
+        t = self.floor_div(f"{p}/num", f"{p}/den", f"{p}/t", name, kind)
+        shift = np.asarray(self.m.tensor(r["shift"]), np.int64)
+        self.node("Mul", [t, self.i64(f"{name}/norm.m", self.m.tensor(r["multiplier"]))], [f"{p}/tm"], f"{p}/mul:m", name, kind)
+        self.node("Add", [f"{p}/tm", self.i64(f"{name}/norm.b_half", self.m.tensor(r["bias"]) + np.left_shift(np.int64(1), shift - 1))],
+                  [f"{p}/biased"], f"{p}/bias", name, kind)
+        y = self.floor_div(f"{p}/biased", self.i64(f"{name}/norm.pow2n", np.left_shift(np.int64(1), shift)), f"{p}/y", name, kind)
+        zy = int(self.m.encoding(rec["output"])["zero_point"])
+        self.node("Add", [y, self.i64(f"{rec['output']}/z.int64", zy)], [f"{p}/zp"], f"{p}/zero_point", name, kind)
+        self.store(rec["output"], f"{p}/zp", name, kind, rec.get("clamp"), wide=True)
+
+    def _softmax(self, rec: dict) -> None:
+        """The steps of `intnorm.softmax_codes` in int64 ONNX ops."""
+        name, kind, r, x = rec["name"], rec["kind"], rec["exp"], rec["inputs"][0]
+        table = np.asarray(self.m.tensor(r["table"]), np.int64)
+        last = self.i64("axes.last", [-1])
+        p = f"{name}/sm"
+        xi = self.as_int64(self.code(x), name, kind)
+        keep = None
+        if len(rec["inputs"]) == 2:  # x·keep + keep − 1: a dropped key's code becomes −1
+            mask = rec["inputs"][1]
+            self.node("Equal", [self.as_int64(self.code(mask), name, kind),
+                                self.i64(f"{mask}/z.int64", int(self.m.encoding(mask)["zero_point"]))],
+                      [f"{p}/dropped"], f"{p}/dropped", name, kind)
+            self.node("Not", [f"{p}/dropped"], [f"{p}/kept"], f"{p}/kept", name, kind)
+            keep = f"{p}/keep"
+            self.node("Cast", [f"{p}/kept"], [keep], f"{p}/cast:keep", name, kind, to=self.onnx.TensorProto.INT64)
+            self.node("Mul", [xi, keep], [f"{p}/xk"], f"{p}/xk", name, kind)
+            self.node("Sub", [keep, self.i64("one.i64", 1)], [f"{p}/km1"], f"{p}/km1", name, kind)
+            self.node("Add", [f"{p}/xk", f"{p}/km1"], [f"{p}/xm"], f"{p}/xm", name, kind)
+            xi = f"{p}/xm"
+        self.node("ReduceMax", [xi, last], [f"{p}/max"], f"{p}/max", name, kind, keepdims=1)
+        self.node("Sub", [f"{p}/max", xi], [f"{p}/d0"], f"{p}/distance", name, kind)
+        self.node("Clip", [f"{p}/d0", self.i64("zero.i64", 0), self.i64(f"{name}/last_entry", table.size - 1)], [f"{p}/d"],
+                  f"{p}/cut", name, kind)
+        self.node("Gather", [self.const(f"{name}/exp", table), f"{p}/d"], [f"{p}/e"], f"{p}/exp", name, kind, axis=0)
+        if keep is not None:
+            self.node("Mul", [f"{p}/e", keep], [f"{p}/e_kept"], f"{p}/exp_kept", name, kind)
+        e = f"{p}/e_kept" if keep is not None else f"{p}/e"
+        self.node("ReduceSum", [e, last], [f"{p}/sum0"], f"{p}/sum", name, kind, keepdims=1)
+        self.node("Max", [f"{p}/sum0", self.i64("one.i64", 1)], [f"{p}/sum"], f"{p}/sum_at_least_1", name, kind)
+        self.node("Mul", [f"{p}/sum", self.i64(f"{name}/pow2n", 1 << int(r["shift"]))], [f"{p}/total"], f"{p}/total", name, kind)
+        self.node("Mul", [e, self.i64(f"{name}/two_m", 2 * int(r["multiplier"]))], [f"{p}/em"], f"{p}/em", name, kind)
+        self.node("Add", [f"{p}/em", f"{p}/total"], [f"{p}/num"], f"{p}/num", name, kind)
+        self.node("Add", [f"{p}/total", f"{p}/total"], [f"{p}/den"], f"{p}/den", name, kind)
+        y = self.floor_div(f"{p}/num", f"{p}/den", f"{p}/y", name, kind)
+        zy = int(self.m.encoding(rec["output"])["zero_point"])
+        self.node("Add", [y, self.i64(f"{rec['output']}/z.int64", zy)], [f"{p}/zp"], f"{p}/zero_point", name, kind)
+        self.store(rec["output"], f"{p}/zp", name, kind, None, wide=True)
+
+    def _embedding(self, rec: dict) -> None:
+        """Gather of the int32 table rows by the id codes, + the offset rows and z_y in int64."""
+        name, kind, r, t = rec["name"], rec["kind"], rec["embedding"], rec["output"]
+        self.node("Gather", [self.const(f"{name}/table", np.asarray(self.m.tensor(r["table"]), np.int32)),
+                             self.as_int64(self.code(rec["inputs"][0]), name, kind)], [f"{name}/rows"], name, name, kind, axis=0)
+        rows = self.as_int64(f"{name}/rows", name, kind)
+        z = int(self.m.encoding(t)["zero_point"])
+        self.node("Add", [rows, self.i64(f"{name}/offset_z", np.asarray(self.m.tensor(r["offset"]), np.int64) + z)],
+                  [f"{name}/y"], f"{name}/offset", name, kind)
+        self.store(t, f"{name}/y", name, kind, None, wide=True)
+
+    def _permute(self, rec: dict) -> None:
+        name, kind = rec["name"], rec["kind"]
+        self.node("Transpose", [self.code(rec["inputs"][0])], [f"{name}/permuted"], name, name, kind, perm=list(rec["attrs"]["perm"]))
+        self.store(rec["output"], f"{name}/permuted", name, kind, None, wide=False)
+
+    def _slice(self, rec: dict) -> None:
+        name, kind = rec["name"], rec["kind"]
+        self.node("Slice", [self.code(rec["inputs"][0]), *slice_consts(self, rec)], [f"{name}/sliced"], name, name, kind)
+        self.store(rec["output"], f"{name}/sliced", name, kind, None, wide=False)
 
     def pad_codes(self, rec: dict, x: str, pads: list[int], name: str, dtype=None) -> str:
         t = rec["inputs"][0]

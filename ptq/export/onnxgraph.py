@@ -100,6 +100,13 @@ def weight_name(op: str, term: int = 0) -> str:
     return f"{op}/w{term}"
 
 
+def slice_consts(b: "GraphBuilder", rec: dict) -> list[str]:
+    """The starts, ends, axes and steps inputs of the ONNX Slice of a `slice` op."""
+    a, name = rec["attrs"], rec["name"]
+    return [b.const(f"{name}/{k}", np.array([a[f]], np.int64))
+            for k, f in (("starts", "start"), ("ends", "end"), ("axes", "dim"), ("steps", "step"))]
+
+
 def _out_shape(g: dict, t: str) -> list[int] | None:
     if t == g["input"]:
         return list(g["input_shape"])
@@ -136,6 +143,10 @@ class GraphBuilder(ABC):
         self._init_names: set[str] = set()
         self.codes: dict[str, str] = {}  # tensor -> name of its integer code tensor
         self.out_names = output_names(m)
+
+    def shape_of(self, t: str) -> list[int]:
+        """Per-sample shape of manifest tensor t."""
+        return _out_shape(self.m.graph, t)
 
     # -- naming --
     def fname(self, t: str) -> str:

@@ -23,6 +23,9 @@ fake-quant semantics of `ptq.runtime.reference`:
   output encoding (exact: every table value is on the output grid). In the QONNX graph, which has
   no code tensors, the codes are recovered as Round(x/s + z) first.
 - pad / maxpool padding use the record's `pad_value` code, in the float domain s*(pad_value - z).
+- transformer ops are their float ONNX ops: MatMul (× α), Mul, LayerNormalization, Softmax (keys a
+  mask drops set to −inf by Where), Transpose, Slice; an embedding is a Gather of the dequantized
+  rows plus the dequantized position rows.
 
 Rounding: ONNX QuantizeLinear and QONNX Quant(rounding_mode="ROUND") round half to even; ptq
 rounds half up (floor(x + 1/2)). They differ only on exact ties, and the graph carries float32
@@ -39,7 +42,7 @@ import numpy as np
 from ..errors import ManifestError, OutputError
 from ..manifest import Manifest, point_bits
 from ..runtime.reference import dequantized_bias
-from .onnxgraph import INPUT_NAME, QONNX_DOMAIN, GraphBuilder, torch_pads_to_onnx, weight_metadata, weight_name
+from .onnxgraph import INPUT_NAME, QONNX_DOMAIN, GraphBuilder, slice_consts, torch_pads_to_onnx, weight_metadata, weight_name
 
 
 class QdqBuilder(GraphBuilder):
@@ -164,7 +167,9 @@ class QdqBuilder(GraphBuilder):
     def emitters(self) -> dict[str, Callable[[dict], None]]:
         per_kind = {"conv": self._weighted, "linear": self._weighted, "add": self._add, "concat": self._concat,
                     "avgpool": self._avgpool, "maxpool": self._maxpool, "reshape": self._reshape,
-                    "pad": self._pad, "clamp": self._clamp, "lut": self._lut}
+                    "pad": self._pad, "clamp": self._clamp, "lut": self._lut, "matmul": self._matmul,
+                    "scale": self._scale, "layernorm": self._layernorm, "softmax": self._softmax,
+                    "permute": self._permute, "slice": self._slice, "embedding": self._embedding}
         return {k: (lambda rec, f=f: self._emit(rec, f)) for k, f in per_kind.items()}
 
     def _emit(self, rec: dict, fn: Callable[[dict, list[str], str], str]) -> None:
@@ -182,8 +187,12 @@ class QdqBuilder(GraphBuilder):
             self.node("Conv", [xs[0], w, b], [y], name, name, kind, meta, kernel_shape=kshape,
                       strides=list(a["stride"]), pads=[ph, pw, ph, pw], dilations=list(a["dilation"]),
                       group=int(a["groups"]))
-        else:
+        elif len(a["out_shape"]) == 1:
             self.node("Gemm", [xs[0], w, b], [y], name, name, kind, meta, transB=1)
+        else:  # (N, ..., K) inputs: Gemm takes matrices only
+            self.node("Transpose", [w], [f"{name}/wT"], f"{name}/transpose:w", name, kind, perm=[1, 0])
+            self.node("MatMul", [xs[0], f"{name}/wT"], [f"{name}/mm"], name, name, kind, meta)
+            self.node("Add", [f"{name}/mm", b], [y], f"{name}/bias", name, kind)
         return y
 
     def _add(self, rec: dict, xs: list[str], y: str) -> str:
@@ -234,6 +243,54 @@ class QdqBuilder(GraphBuilder):
         deq = (e["scale"] * (table - e["zero_point"])).astype(np.float32)
         self.node("Gather", [self.const(f"{name}/table", deq), idx], [y], name, name, kind,
                   {"ptq.lut": rec["attrs"]["function"]}, axis=0)
+        return y
+
+    def _matmul(self, rec: dict, xs: list[str], y: str) -> str:
+        name, kind = rec["name"], rec["kind"]
+        self.node("MatMul", xs, [f"{name}/mm"], name, name, kind)
+        self.node("Mul", [f"{name}/mm", self.const(f"{name}/alpha", np.array(rec["attrs"]["alpha"], np.float32))], [y],
+                  f"{name}/alpha", name, kind)
+        return y
+
+    def _scale(self, rec: dict, xs: list[str], y: str) -> str:
+        self.node("Mul", [xs[0], self.const(f"{rec['name']}/factor", np.array(rec["attrs"]["factor"], np.float32))], [y],
+                  rec["name"], rec["name"], rec["kind"])
+        return y
+
+    def _layernorm(self, rec: dict, xs: list[str], y: str) -> str:
+        name, r = rec["name"], rec["norm"]
+        g, b = (self.const(f"{name}/{k}", np.asarray(self.m.tensor(r[k]), np.float32)) for k in ("gamma", "beta"))
+        self.node("LayerNormalization", [xs[0], g, b], [y], name, name, rec["kind"], axis=-1,
+                  epsilon=float(rec["attrs"]["eps"]))
+        return y
+
+    def _softmax(self, rec: dict, xs: list[str], y: str) -> str:
+        name, kind = rec["name"], rec["kind"]
+        x = xs[0]
+        if len(xs) == 2:  # the keys the mask drops get −inf
+            self.node("Equal", [xs[1], self.const("zero.f32", np.array(0.0, np.float32))], [f"{name}/dropped"],
+                      f"{name}/dropped", name, kind)
+            self.node("Where", [f"{name}/dropped", self.const("minus_inf.f32", np.array(-np.inf, np.float32)), xs[0]],
+                      [f"{name}/masked"], f"{name}/mask", name, kind)
+            x = f"{name}/masked"
+        self.node("Softmax", [x], [y], name, name, kind, axis=-1)
+        return y
+
+    def _embedding(self, rec: dict, xs: list[str], y: str) -> str:
+        name, kind, r = rec["name"], rec["kind"], rec["embedding"]
+        s = float(self.m.encoding(rec["output"])["scale"])
+        table, offset = (np.asarray(self.m.tensor(r[k]), np.float64) * s for k in ("table", "offset"))
+        idx = self.codes_of(rec["inputs"][0], name, kind)
+        self.node("Gather", [self.const(f"{name}/table", table.astype(np.float32)), idx], [f"{name}/rows"], name, name, kind, axis=0)
+        self.node("Add", [f"{name}/rows", self.const(f"{name}/offset", offset.astype(np.float32))], [y], f"{name}/offset", name, kind)
+        return y
+
+    def _permute(self, rec: dict, xs: list[str], y: str) -> str:
+        self.node("Transpose", xs, [y], rec["name"], rec["name"], rec["kind"], perm=list(rec["attrs"]["perm"]))
+        return y
+
+    def _slice(self, rec: dict, xs: list[str], y: str) -> str:
+        self.node("Slice", [xs[0], *slice_consts(self, rec)], [y], rec["name"], rec["name"], rec["kind"])
         return y
 
     def quantize_input(self) -> None:

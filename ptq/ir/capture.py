@@ -23,7 +23,9 @@ from .ops import LUT_FUNCTIONS, REQUANT_KINDS
 aten = torch.ops.aten
 
 IDENTITY_TARGETS = {aten.dropout.default, aten.clone.default, aten.contiguous.default,
-                    aten.alias.default, aten.detach.default, aten.feature_dropout.default}
+                    aten.alias.default, aten.detach.default, aten.feature_dropout.default,
+                    aten.to.dtype, aten._to_copy.default}  # casts: codes of integer-valued tensors (token ids) are exact
+IGNORED_TARGETS = {aten._assert_tensor_metadata.default}
 RESHAPE_TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                    aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
 CLAMP_TARGETS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
@@ -31,6 +33,10 @@ CLAMP_TARGETS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, a
 ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor}
 LUT_TARGETS = {getattr(aten, n).default: n for n in LUT_FUNCTIONS}
 LUT_TARGETS.update({getattr(aten, n + "_").default: n for n in LUT_FUNCTIONS if hasattr(aten, n + "_")})
+MATMUL_TARGETS = {aten.matmul.default, aten.bmm.default}
+SCALE_TARGETS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
+PERMUTE_TARGETS = {aten.transpose.int, aten.permute.default}
+SPLIT_TARGETS = {aten.split.Tensor, aten.split_with_sizes.default}
 
 
 def _module_path(node: torch.fx.Node) -> str:
@@ -64,6 +70,9 @@ class _Capture:
         self.alias: dict[str, str] = {}  # node name -> tensor name
         self.names: set[str] = set()
         self.n_consumers: dict[str, int] = {}
+        self.splits: dict[str, tuple[torch.fx.Node, int, list[int]]] = {}  # split node -> (input, dim, piece starts)
+        self.dropped: dict[str, str] = {}  # `mask == 0` node -> the mask tensor
+        self.masked: dict[str, tuple[str, str]] = {}  # scores.masked_fill(mask == 0, -inf) node -> (scores, mask)
 
     # -- helpers --
     def tensor(self, node: Any) -> str:
@@ -122,9 +131,8 @@ class _Capture:
             out = _shape(node)
             attrs["macs"] = int(w.shape[0] * np.prod(w.shape[1:]) * out[2] * out[3])
         else:
-            attrs = {"macs": int(w.shape[0] * w.shape[1])}
-            if len(_shape(args[0])) != 2:
-                raise UnsupportedOpError(f"linear layers on inputs of rank > 2 are not supported ({name})")
+            # on (N, ..., K) inputs every leading position (a token) is one matrix-vector product
+            attrs = {"macs": int(w.shape[0] * w.shape[1] * math.prod(_shape(args[0])[1:-1]))}
         op = self.emit(node, kind, [x], name, **attrs)
         op.weight = w
         op.bias = b if b is not None else np.zeros(w.shape[0])
@@ -196,12 +204,19 @@ class _Capture:
             self.weighted(node, "linear")
         elif t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
             self.batch_norm(node)
+        elif t == operator.getitem and a[0].name in self.splits:
+            src, dim, starts = self.splits[a[0].name]
+            i = int(a[1])
+            self.emit(node, "slice", [self.tensor(src)], f"{mod or 'split'}:split{i}", dim=dim,
+                      start=starts[i], end=starts[i + 1], step=1)
         elif t == operator.getitem:
             if a[1] != 0:
                 raise UnsupportedOpError(f"tuple output {a[1]} of {a[0].target} is not supported ({mod})")
             self.alias[node.name] = self.alias[a[0].name]
         elif t in CLAMP_TARGETS:
             self.clamp(node)
+        elif t in ADD_TARGETS and self.embedding_offset(node):
+            pass
         elif t in ADD_TARGETS:
             if not (isinstance(a[1], torch.fx.Node)) or (len(a) > 2 and a[2] != 1) or node.kwargs.get("alpha", 1) != 1:
                 raise UnsupportedOpError(f"add with a constant or alpha is not supported ({mod})")
@@ -245,12 +260,143 @@ class _Capture:
         elif t in IDENTITY_TARGETS:
             self.alias[node.name] = self.tensor(a[0])
         elif t in LUT_TARGETS:
-            self.emit(node, "lut", [self.tensor(a[0])], (mod or LUT_TARGETS[t]) + ":" + LUT_TARGETS[t],
-                      function=LUT_TARGETS[t])
+            fn = LUT_TARGETS[t]
+            if fn == "gelu" and node.kwargs.get("approximate", a[1] if len(a) > 1 else "none") == "tanh":
+                fn = "gelu_tanh"
+            self.emit(node, "lut", [self.tensor(a[0])], (mod or fn) + ":" + fn, function=fn)
+        elif t in MATMUL_TARGETS:
+            if not all(isinstance(v, torch.fx.Node) and v.name in self.alias for v in a[:2]):
+                raise UnsupportedOpError(f"matmul with a constant operand is not supported ({mod or '<top>'}); use nn.Linear")
+            ra, rb = len(_shape(a[0])), len(_shape(a[1]))
+            if ra != rb or ra < 3:
+                raise UnsupportedOpError(f"matmul of rank-{ra} and rank-{rb} activations is not supported ({mod}); "
+                                         "both operands need the batch dimension and the same rank")
+            self.emit(node, "matmul", [self.tensor(a[0]), self.tensor(a[1])], (mod or "matmul") + ":matmul", alpha=1.0)
+        elif t in SCALE_TARGETS:
+            self.scale(node, mod)
+        elif t in PERMUTE_TARGETS:
+            rank = len(_shape(a[0]))
+            if t == aten.transpose.int:
+                perm = list(range(rank))
+                i, j = int(a[1]) % rank, int(a[2]) % rank
+                perm[i], perm[j] = perm[j], perm[i]
+            else:
+                perm = [int(d) % rank for d in a[1]]
+            if perm[0] != 0:
+                raise UnsupportedOpError(f"{t} moves the batch dimension ({mod})")
+            self.emit(node, "permute", [self.tensor(a[0])], (mod or "permute") + ":permute", perm=perm)
+        elif t == aten.slice.Tensor:
+            shape = _shape(a[0])
+            dim = int(a[1]) % len(shape) if len(a) > 1 else 0
+            start, end, step = slice(a[2] if len(a) > 2 else None, a[3] if len(a) > 3 else None,
+                                     int(a[4]) if len(a) > 4 else 1).indices(shape[dim])
+            if dim == 0:
+                raise UnsupportedOpError(f"slicing the batch dimension is not supported ({mod})")
+            if (start, end, step) == (0, shape[dim], 1):
+                self.alias[node.name] = self.tensor(a[0])
+            else:
+                self.emit(node, "slice", [self.tensor(a[0])], (mod or "slice") + ":slice", dim=dim, start=start, end=end, step=step)
+        elif t in SPLIT_TARGETS:
+            shape = _shape(a[0])
+            dim = int(a[2]) % len(shape) if len(a) > 2 else 0
+            if dim == 0:
+                raise UnsupportedOpError(f"splitting the batch dimension is not supported ({mod})")
+            sizes = [int(v) for v in a[1]] if isinstance(a[1], (list, tuple)) else \
+                [min(int(a[1]), shape[dim] - i) for i in range(0, shape[dim], int(a[1]))]
+            self.splits[node.name] = (a[0], dim, [0, *np.cumsum(sizes).tolist()])
+        elif t == aten.layer_norm.default:
+            self.layer_norm(node, mod)
+        elif t in (aten.softmax.int, aten._softmax.default):
+            rank = len(_shape(a[0]))
+            if int(a[1]) % rank != rank - 1:
+                raise UnsupportedOpError(f"softmax over dim {a[1]} is not supported, only over the last ({mod})")
+            inputs = list(self.masked[a[0].name]) if a[0].name in self.masked else [self.tensor(a[0])]
+            self.emit(node, "softmax", inputs, (mod or "softmax") + ":softmax")
+        elif t == aten.eq.Scalar and a[1] == 0 and isinstance(a[0], torch.fx.Node):
+            self.dropped[node.name] = self.tensor(a[0])
+        elif t == aten.masked_fill.Scalar and isinstance(a[1], torch.fx.Node) and a[1].name in self.dropped \
+                and a[2] == -math.inf and all(u.target in (aten.softmax.int, aten._softmax.default) for u in node.users):
+            self.masked[node.name] = (self.tensor(a[0]), self.dropped[a[1].name])
+        elif t == aten.select.int:
+            self.select(node, mod)
+        elif t == aten.embedding.default:
+            fqn, table = self.param(a[0])
+            if table.shape[0] > 1 << 16:
+                raise UnsupportedOpError(f"embedding with {table.shape[0]} rows is not supported, at most 2^16 ({mod})")
+            op = self.emit(node, "embedding", [self.tensor(a[1])], fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn)
+            op.params = {"table": table.astype(np.float32),
+                         "offset": np.zeros(_shape(node)[1:], np.float32)}
+        elif t in IGNORED_TARGETS:
+            pass
         else:
             raise UnsupportedOpError(
                 f"op {t} in module '{mod or '<top>'}' is outside the integer op set; "
                 "replace it or keep that part of the model out of the quantized graph")
+
+    def scale(self, node, mod):
+        """x·c or x/c by a constant: folded into a matmul it is the sole user of, else a `scale` op."""
+        a = node.args
+        if isinstance(a[0], torch.fx.Node) and isinstance(a[1], torch.fx.Node):
+            raise UnsupportedOpError(f"{node.target} of two activations is not supported ({mod})")
+        if not isinstance(a[0], torch.fx.Node) or not isinstance(a[1], (int, float)):
+            raise UnsupportedOpError(f"{node.target} by a tensor constant is not supported ({mod})")
+        c = float(a[1])
+        factor = 1.0 / c if node.target in (aten.div.Tensor, aten.div.Scalar) else c
+        if node.kwargs.get("rounding_mode") is not None or not (math.isfinite(factor) and factor > 0):
+            raise UnsupportedOpError(f"scaling by {a[1]!r} is not supported, only by a positive finite constant ({mod})")
+        x = self.tensor(a[0])
+        prod = self.producer(x)
+        if prod is not None and prod.kind == "matmul" and self.n_consumers.get(x, 0) == 1:
+            prod.attrs["alpha"] *= factor
+            prod.output = node.name
+            self.alias[node.name] = node.name
+            return
+        self.emit(node, "scale", [x], (mod or "scale") + ":scale", factor=factor)
+
+    def embedding_offset(self, node) -> bool:
+        """`embedding(ids) + P` with P a parameter or buffer (position rows): P joins the embedding's
+        constant offset. False when the add is not of that form."""
+        x, p = node.args[0], node.args[1]
+        if not (isinstance(x, torch.fx.Node) and isinstance(p, torch.fx.Node) and x.name in self.alias
+                and (p.name in self.params or p.name in self.constants)):
+            return False
+        prod = self.producer(self.alias[x.name])
+        if prod is None or prod.kind != "embedding" or self.n_consumers.get(prod.output, 0) != 1:
+            return False
+        _, offset = self.param(p)
+        prod.params["offset"] = (prod.params["offset"] + np.broadcast_to(offset, prod.params["offset"].shape)).astype(np.float32)
+        prod.output = node.name
+        self.alias[node.name] = node.name
+        return True
+
+    def select(self, node, mod):
+        """x.select(dim, i): a one-wide slice, then a reshape that drops the dimension."""
+        a = node.args
+        shape = _shape(a[0])
+        dim = int(a[1]) % len(shape)
+        i = int(a[2]) % shape[dim]
+        if dim == 0:
+            raise UnsupportedOpError(f"selecting along the batch dimension is not supported ({mod})")
+        op = self.emit(node, "slice", [self.tensor(a[0])], (mod or "select") + ":select", dim=dim, start=i, end=i + 1, step=1)
+        op.attrs["out_shape"] = [*shape[1:dim], 1, *shape[dim + 1:]]
+        op.output = node.name + "__slice"
+        out = list(_shape(node)[1:])
+        self.ops.append(Op(name=self.unique((mod or "select") + ":reshape"), kind="reshape", inputs=[op.output],
+                           output=node.name, attrs={"shape": out, "out_shape": out}))
+
+    def layer_norm(self, node, mod):
+        a = node.args
+        shape = [int(v) for v in a[1]]
+        in_shape = _shape(a[0])
+        if len(shape) != 1 or len(in_shape) < 2:
+            raise UnsupportedOpError(f"layer_norm over {shape} is not supported, only over the last dimension ({mod})")
+        d = shape[0]
+        _, gamma = self.param(a[2] if len(a) > 2 else None)
+        _, beta = self.param(a[3] if len(a) > 3 else None)
+        op = self.emit(node, "layernorm", [self.tensor(a[0])], mod or "layernorm",
+                       eps=float(a[4]) if len(a) > 4 else 1e-5)
+        op.params = {"gamma": (np.ones(d) if gamma is None else gamma).astype(np.float32),
+                     "beta": (np.zeros(d) if beta is None else beta).astype(np.float32)}
 
     def mean(self, node, mod):
         a = node.args

@@ -53,12 +53,27 @@ def reshape(op: Op, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], *op.attrs["shape"])
 
 
+def permute(op: Op, x: torch.Tensor) -> torch.Tensor:
+    return x.permute(*op.attrs["perm"])
+
+
+def slice_(op: Op, x: torch.Tensor) -> torch.Tensor:
+    a = op.attrs
+    return x[(slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)]
+
+
+def masked_scores(xs: list[torch.Tensor]) -> torch.Tensor:
+    """A softmax's scores with the keys its optional keep mask (second input) drops set to −inf."""
+    return xs[0] if len(xs) == 1 else xs[0].masked_fill(xs[1] == 0, -math.inf)
+
+
 def pad(op: Op, x: torch.Tensor, value: float) -> torch.Tensor:
     return F.pad(x, op.attrs["pads"], value=value)
 
 
 def lut_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return {"hardswish": F.hardswish, "sigmoid": torch.sigmoid, "silu": F.silu, "gelu": F.gelu,
+            "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
             "tanh": torch.tanh, "hardsigmoid": F.hardsigmoid}[name]
 
 
@@ -88,6 +103,10 @@ def float_kernels(dtype: torch.dtype = torch.float32) -> dict[str, Kernel]:
         s, count = pool_sum(op, xs[0])
         return apply_act(op, s / count)
 
+    def layernorm(op, xs):
+        g, b = (torch.from_numpy(op.params[k]).to(dtype) for k in ("gamma", "beta"))
+        return apply_act(op, F.layer_norm(xs[0], (xs[0].shape[-1],), g, b, op.attrs["eps"]))
+
     return require_all("float", {
         "conv": conv, "linear": linear, "add": add, "avgpool": avgpool,
         "clamp": lambda op, xs: apply_act(op, xs[0]),
@@ -96,6 +115,14 @@ def float_kernels(dtype: torch.dtype = torch.float32) -> dict[str, Kernel]:
         "pad": lambda op, xs: pad(op, xs[0], op.attrs["value"]),
         "concat": lambda op, xs: torch.cat(xs, dim=op.attrs["dim"]),
         "lut": lambda op, xs: lut_function(op.attrs["function"])(xs[0]),
+        "matmul": lambda op, xs: apply_act(op, torch.matmul(xs[0], xs[1]) * op.attrs["alpha"]),
+        "scale": lambda op, xs: apply_act(op, xs[0] * op.attrs["factor"]),
+        "layernorm": layernorm,
+        "softmax": lambda op, xs: torch.softmax(masked_scores(xs), dim=-1),
+        "embedding": lambda op, xs: F.embedding(xs[0].long(), torch.from_numpy(op.params["table"]).to(dtype))
+        + torch.from_numpy(op.params["offset"]).to(dtype),
+        "permute": lambda op, xs: permute(op, xs[0]),
+        "slice": lambda op, xs: slice_(op, xs[0]),
     })
 
 

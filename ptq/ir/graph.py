@@ -26,6 +26,7 @@ class Op:
     weight: np.ndarray | None = None  # float32, BatchNorm folded
     bias: np.ndarray | None = None
     record: dict[str, Any] | None = None  # the manifest record, when the op comes from a manifest
+    params: dict[str, np.ndarray] = field(default_factory=dict)  # float parameters kept in float (LayerNorm's gamma, beta)
 
     @property
     def weight_matrix_shape(self) -> tuple[int, int]:

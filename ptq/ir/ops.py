@@ -37,6 +37,13 @@ OP_TABLE: dict[str, OpKind] = {k.name: k for k in (
     OpKind("clamp", 1, False, False, ("clamp",)),
     OpKind("reshape", 1, False, False, ()),
     OpKind("pad", 1, False, False, ("pad_value",)),
+    OpKind("matmul", 2, True, False, ("requant", "clamp")),
+    OpKind("scale", 1, True, False, ("requant", "clamp")),
+    OpKind("layernorm", 1, True, False, ("norm", "clamp")),
+    OpKind("softmax", None, True, False, ("exp",)),  # scores, and optionally a keep mask (0 drops a key)
+    OpKind("embedding", 1, True, False, ("embedding",)),
+    OpKind("permute", 1, False, False, ()),
+    OpKind("slice", 1, False, False, ()),
 )}
 
 OP_KINDS = tuple(OP_TABLE)
@@ -45,6 +52,7 @@ PASSTHROUGH_KINDS = tuple(k for k, v in OP_TABLE.items() if not v.requantizes)
 WEIGHTED_KINDS = tuple(k for k, v in OP_TABLE.items() if v.weighted)
 # elementwise functions run as lookup tables on codes of at most 8 bits
 LUT_FUNCTIONS = ("hardswish", "sigmoid", "silu", "gelu", "tanh", "hardsigmoid")
+# GELU with approximate="tanh" is the table function "gelu_tanh"
 
 T = TypeVar("T", bound=Mapping)
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import accbound
+from .. import accbound, intnorm
 from ..calib.collect import Statistics
 from ..calib.observers import Encoding, choose_encodings
 from ..intmath import dyadic_shared, round_half_up
@@ -167,6 +167,69 @@ def _lut(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
     return {"table": m.put(f"{op.name}/table", table)}
 
 
+def _scaling(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
+    """matmul (real factor alpha·s_a·s_b/s_y on Σ(a − z_a)(b − z_b)) and scale (factor·s_x/s_y on x − z_x):
+    one dyadic multiplier and shift."""
+    y = enc[op.output]
+    if op.kind == "matmul":
+        ratio = op.attrs["alpha"] * enc[op.inputs[0]].scale * enc[op.inputs[1]].scale / y.scale
+    else:
+        ratio = op.attrs["factor"] * enc[op.inputs[0]].scale / y.scale
+    mult, shift = dyadic_shared(np.array([[ratio]]))
+    return {"requant": {"multiplier": [int(mult[0, 0])], "shift": int(shift[0])},
+            "clamp": clamp_bounds(op.attrs.get("act"), y)}
+
+
+def _layernorm(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
+    """Integer LayerNorm (README, Transformers): the integer ε, and per channel j the signed dyadic
+    multiplier m_j/2^n_j ≈ γ_j·√D/(s_y·2^K) and the bias round(β_j·2^n_j/s_y) of the output requantizer."""
+    x, y = enc[op.inputs[0]], enc[op.output]
+    d = int(op.attrs["out_shape"][-1])
+    gamma, beta = (op.params[k].astype(np.float64) for k in ("gamma", "beta"))
+    k = intnorm.FRAC_BITS
+    ratio = gamma * math.sqrt(d) / (y.scale * 2.0 ** k)
+    mult, shift = dyadic_shared(np.abs(ratio).reshape(1, -1), max_shift=intnorm.MAX_SHIFT)
+    bias = np.floor(beta / y.scale * np.exp2(shift) + 0.5)
+    if np.abs(bias).max(initial=0) >= 2.0 ** 61:
+        raise ValueError(f"layer {op.name}: LayerNorm bias {np.abs(beta).max():.3g} is too large for its output scale {y.scale:.3g}")
+    eps_q = int(np.floor(d ** 3 * op.attrs["eps"] / x.scale ** 2 + 0.5))
+    name = op.name
+    return {"norm": {"eps_q": eps_q, "frac_bits": k,
+                     "multiplier": m.put(f"{name}/norm.m", (np.sign(gamma) * mult[0]).astype(np.int64)),
+                     "shift": m.put(f"{name}/norm.n", shift.astype(np.int64)),
+                     "bias": m.put(f"{name}/norm.bias", bias.astype(np.int64)),
+                     "gamma": m.put(f"{name}/gamma", gamma), "beta": m.put(f"{name}/beta", beta)},
+            "clamp": clamp_bounds(op.attrs.get("act"), y)}
+
+
+def _softmax(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
+    """Integer softmax (README, Transformers): the table E[d] = round(2^F·exp(−s_x·d)) of code distances
+    d below the row's maximum, cut after its first zero, and the dyadic 1/s_y."""
+    x, y = enc[op.inputs[0]], enc[op.output]
+    f = intnorm.EXP_BITS
+    d = np.arange(1 << x.bits, dtype=np.float64)
+    table = np.floor(np.exp2(f) * np.exp(-x.scale * d) + 0.5).astype(np.int64)
+    zeros = np.flatnonzero(table == 0)
+    if zeros.size:
+        table = table[: zeros[0] + 1]
+    mult, shift = dyadic_shared(np.array([[1.0 / y.scale]]))
+    return {"exp": {"table": m.put(f"{op.name}/exp", table), "frac_bits": f,
+                    "multiplier": int(mult[0, 0]), "shift": int(shift[0])}}
+
+
+def _embedding(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
+    """Rows of the table and of the constant offset (position rows) rounded to the output scale, int32:
+    y = Tw[id] + To[position] + z_y, clipped."""
+    x, y = enc[op.inputs[0]], enc[op.output]
+    if (x.bits, x.scale, x.zero_point) != (16, 1.0, 0):
+        raise ValueError(f"embedding {op.name}: its input must carry the identity encoding (token ids)")
+    table, offset = (np.floor(op.params[k].astype(np.float64) / y.scale + 0.5) for k in ("table", "offset"))
+    if max(np.abs(table).max(), np.abs(offset).max()) >= 2**31:
+        raise ValueError(f"embedding {op.name}: rows too large for int32 codes at scale {y.scale:.3g}")
+    return {"embedding": {"table": m.put(f"{op.name}/table", table.astype(np.int32)),
+                          "offset": m.put(f"{op.name}/offset", offset.astype(np.int32))}}
+
+
 # the kind-specific fields of each op's manifest record (the op table lists which fields each kind has)
 RECORDERS = require_all("manifest", {
     "conv": _weighted, "linear": _weighted, "add": _add_or_concat, "concat": _add_or_concat,
@@ -175,6 +238,8 @@ RECORDERS = require_all("manifest", {
     "pad": lambda m, op, enc, ctx: {"pad_value": quantize_value(op.attrs["value"], enc[op.output])},
     "maxpool": lambda m, op, enc, ctx: {"pad_value": enc[op.output].qmin},
     "reshape": lambda m, op, enc, ctx: {},
+    "matmul": _scaling, "scale": _scaling, "layernorm": _layernorm, "softmax": _softmax, "embedding": _embedding,
+    "permute": lambda m, op, enc, ctx: {}, "slice": lambda m, op, enc, ctx: {},
 })
 
 

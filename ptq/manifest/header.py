@@ -10,7 +10,7 @@ from .fields import fail, need
 from ..ir.grids import ROUNDINGS
 from ..ir.ops import WEIGHTED_KINDS
 
-MODEL_KINDS = ("torchvision", "efficientnet_lite", "factory", "file", "module")
+MODEL_KINDS = ("torchvision", "efficientnet_lite", "minilm", "factory", "file", "module")
 ACC_MODES = ("exact", "wrap", "saturate")
 BOUNDS = ("data-type", "weight-level", "none")
 # the recipe sections and leaves the card and the commands read from a manifest

@@ -95,7 +95,7 @@ def _shape_kernels(m: Manifest) -> dict[str, Callable]:
     import torch
     import torch.nn.functional as F
 
-    from ..ir.floatops import maxpool, pad, pool_sum, reshape
+    from ..ir.floatops import maxpool, pad, permute, pool_sum, reshape, slice_
 
     def weighted(op, xs):
         w = torch.empty(op.record["weight"]["shape"], device="meta")
@@ -111,11 +111,29 @@ def _shape_kernels(m: Manifest) -> dict[str, Callable]:
                        f"pooling window {count} differs from the manifest's {op.record['requant']['count']}")
         return s
 
+    def layernorm(op, xs):
+        d = xs[0].shape[-1]
+        for k in ("multiplier", "shift", "bias", "gamma", "beta"):
+            tensor(m, op.record["norm"][k], f"graph.ops[{op.name}].norm.{k}", "float" if k in ("gamma", "beta") else "int", (d,))
+        return xs[0].clone()
+
+    def embedding(op, xs):
+        r, d = op.record["embedding"], op.attrs["out_shape"][-1]
+        rows = tensor(m, r["table"], f"graph.ops[{op.name}].embedding.table", "int", None)
+        if rows.ndim != 2 or rows.shape[1] != d:
+            raise fail(f"graph.ops[{op.name}].embedding.table", f"must be (rows, {d}), got {list(rows.shape)}")
+        tensor(m, r["offset"], f"graph.ops[{op.name}].embedding.offset", "int", (*xs[0].shape[1:], d))
+        return torch.empty((*xs[0].shape, d), device="meta")
+
     return require_all("shape", {
         "conv": weighted, "linear": weighted, "add": lambda op, xs: xs[0] + xs[1], "avgpool": avgpool,
         "concat": lambda op, xs: torch.cat(xs, dim=op.attrs["dim"]), "lut": lambda op, xs: xs[0].clone(),
         "maxpool": lambda op, xs: maxpool(op, xs[0], 0.0), "clamp": lambda op, xs: xs[0],
         "reshape": lambda op, xs: reshape(op, xs[0]), "pad": lambda op, xs: pad(op, xs[0], 0.0),
+        "matmul": lambda op, xs: torch.matmul(xs[0], xs[1]), "scale": lambda op, xs: xs[0].clone(),
+        "layernorm": layernorm, "softmax": lambda op, xs: (xs[0] + xs[1]) if len(xs) == 2 else xs[0].clone(),
+        "embedding": embedding,
+        "permute": lambda op, xs: permute(op, xs[0]), "slice": lambda op, xs: slice_(op, xs[0]),
     })
 
 
@@ -256,10 +274,92 @@ def _check_pad_value(m: Manifest, op: dict, w: str) -> None:
         raise fail(f"{w}.pad_value", f"must be a code of the output encoding, got {v}")
 
 
+def _check_scaling(m: Manifest, op: dict, w: str) -> None:
+    """matmul and scale: one dyadic multiplier (alpha·s_a·s_b/s_y or factor·s_x/s_y), and a clamp."""
+    r = need(op, "requant", dict, w)
+    mult = need(r, "multiplier", list, f"{w}.requant")
+    if len(mult) != 1 or not all(isinstance(v, int) and 0 <= v < 2**31 for v in mult):
+        raise fail(f"{w}.requant.multiplier", "must be one integer in [0, 2^31)")
+    sh = need(r, "shift", int, f"{w}.requant")
+    if not 1 <= sh <= 62:
+        raise fail(f"{w}.requant.shift", f"must be 1..62, got {sh}")
+    a = op["attrs"]
+    key = "alpha" if op["kind"] == "matmul" else "factor"
+    f = need(a, key, (int, float), f"{w}.attrs")
+    if not (math.isfinite(f) and f > 0):
+        raise fail(f"{w}.attrs.{key}", f"must be positive and finite, got {f}")
+    ratio = f * math.prod(m.encoding(t)["scale"] for t in op["inputs"]) / m.encoding(op["output"])["scale"]
+    _check_dyadic(np.array(mult), np.array([sh]), np.array([ratio]), f"{w}.requant")
+    _check_clamp(m, op, w)
+
+
+def _check_layernorm(m: Manifest, op: dict, w: str) -> None:
+    """The integer ε, K and the per-channel requantizer (its tensors' shapes are checked in the dry run)."""
+    r = need(op, "norm", dict, w)
+    eps = need(op["attrs"], "eps", (int, float), f"{w}.attrs")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise fail(f"{w}.attrs.eps", f"must be non-negative and finite, got {eps}")
+    if not 0 <= need(r, "eps_q", int, f"{w}.norm") < 2**62:
+        raise fail(f"{w}.norm.eps_q", "must be in [0, 2^62)")
+    if not 0 <= need(r, "frac_bits", int, f"{w}.norm") <= 24:
+        raise fail(f"{w}.norm.frac_bits", "must be 0..24")
+    sh = tensor(m, r.get("shift"), f"{w}.norm.shift", "int", None)
+    in_range(sh, 1, 62, f"{w}.norm.shift")
+    mult = tensor(m, r.get("multiplier"), f"{w}.norm.multiplier", "int", sh.shape)
+    in_range(mult, -(2**31 - 1), 2**31 - 1, f"{w}.norm.multiplier")
+    in_range(tensor(m, r.get("bias"), f"{w}.norm.bias", "int", sh.shape), -(2**61), 2**61, f"{w}.norm.bias")
+    gamma = tensor(m, r.get("gamma"), f"{w}.norm.gamma", "float", sh.shape).astype(np.float64)
+    tensor(m, r.get("beta"), f"{w}.norm.beta", "float", sh.shape)
+    ratio = gamma * math.sqrt(sh.size) / (m.encoding(op["output"])["scale"] * 2.0 ** r["frac_bits"])
+    _check_dyadic(np.abs(mult), sh, np.abs(ratio), f"{w}.norm")
+    _check_clamp(m, op, w)
+
+
+def _check_softmax(m: Manifest, op: dict, w: str) -> None:
+    """The exp table (non-increasing, at most one entry per input code, 2^F at distance 0) and 1/s_y."""
+    if len(op["inputs"]) > 2:
+        raise fail(f"{w}.inputs", "a softmax takes its scores and at most one keep mask")
+    r = need(op, "exp", dict, w)
+    f = need(r, "frac_bits", int, f"{w}.exp")
+    if not 1 <= f <= 24:
+        raise fail(f"{w}.exp.frac_bits", "must be 1..24")
+    t = tensor(m, r.get("table"), f"{w}.exp.table", "int", None)
+    if t.ndim != 1 or not 1 <= t.size <= 1 << m.encoding(op["inputs"][0])["bits"] or t[0] != 1 << f \
+            or np.any(np.diff(t) > 0) or t.min() < 0:
+        raise fail(f"{w}.exp.table", f"must be a non-increasing table from 2^{f} down, one entry per input code at most")
+    mult, sh = need(r, "multiplier", int, f"{w}.exp"), need(r, "shift", int, f"{w}.exp")
+    if not 0 <= mult < 2**31 or not 1 <= sh <= 62:
+        raise fail(f"{w}.exp", "multiplier must be in [0, 2^31) and shift 1..62")
+    _check_dyadic(np.array([mult]), np.array([sh]), np.array([1.0 / m.encoding(op["output"])["scale"]]), f"{w}.exp")
+
+
+def _check_embedding(m: Manifest, op: dict, w: str) -> None:
+    """The input carries token ids (the identity encoding); table and offset shapes: in the dry run."""
+    e = m.encoding(op["inputs"][0])
+    if (e["bits"], e["scale"], e["zero_point"]) != (16, 1.0, 0):
+        raise fail(f"{w}.inputs", "an embedding's input must have the identity encoding (16 bits, scale 1, zero point 0)")
+    need(op, "embedding", dict, w)
+
+
+def _check_permute(m: Manifest, op: dict, w: str) -> None:
+    perm = need(op["attrs"], "perm", list, f"{w}.attrs")
+    if sorted(perm) != list(range(len(perm))) or not perm or perm[0] != 0:
+        raise fail(f"{w}.attrs.perm", f"must be a permutation that keeps the batch dimension first, got {perm}")
+
+
+def _check_slice(m: Manifest, op: dict, w: str) -> None:
+    a = op["attrs"]
+    if not all(type(a.get(k)) is int for k in ("dim", "start", "end", "step")) or a["dim"] < 1 \
+            or a["step"] < 1 or not 0 <= a["start"] <= a["end"]:
+        raise fail(f"{w}.attrs", "a slice needs integers dim >= 1, 0 <= start <= end and step >= 1")
+
+
 # what each op kind's record must satisfy (the record fields themselves come from the op table)
 CHECKS: dict[str, Callable[[Manifest, dict, str], None]] = require_all("validate", {
     "conv": _check_weighted, "linear": _check_weighted,
     "add": _check_requantizing, "concat": _check_requantizing, "avgpool": _check_requantizing,
     "lut": _check_lut, "clamp": _check_clamp, "maxpool": _check_pad_value, "pad": _check_pad_value,
     "reshape": lambda m, op, w: None,
+    "matmul": _check_scaling, "scale": _check_scaling, "layernorm": _check_layernorm, "softmax": _check_softmax,
+    "permute": _check_permute, "slice": _check_slice, "embedding": _check_embedding,
 })

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..ir import Kernel, Op, execute, require_all
-from ..ir.floatops import conv_float, linear_float, lut_function, maxpool, pad, pool_sum, reshape
+from ..ir.floatops import (conv_float, linear_float, lut_function, masked_scores, maxpool, pad, permute, pool_sum,
+                           reshape, slice_)
 from ..manifest import Manifest
 
 
@@ -81,12 +83,38 @@ def reference_kernels(m: Manifest, dtype: torch.dtype = torch.float64) -> dict[s
         y = lut_function(op.attrs["function"])(codec.dequantize(xs[0], op.inputs[0]))
         return codec.quantize(y, op.output)
 
+    def matmul(op, xs):
+        y = torch.matmul(codec.dequantize(xs[0], op.inputs[0]), codec.dequantize(xs[1], op.inputs[1]))
+        return codec.quantize(y * op.attrs["alpha"], op.output, op.record["clamp"])
+
+    def scale(op, xs):
+        return codec.quantize(codec.dequantize(xs[0], op.inputs[0]) * op.attrs["factor"], op.output, op.record["clamp"])
+
+    def layernorm(op, xs):
+        r = op.record["norm"]
+        g, b = (torch.from_numpy(m.tensor(r[k])).to(dtype) for k in ("gamma", "beta"))
+        x = codec.dequantize(xs[0], op.inputs[0])
+        return codec.quantize(F.layer_norm(x, (x.shape[-1],), g, b, op.attrs["eps"]), op.output, op.record["clamp"])
+
+    def softmax(op, xs):
+        real = [codec.dequantize(x, t) for x, t in zip(xs, op.inputs)]
+        return codec.quantize(torch.softmax(masked_scores(real), dim=-1), op.output)
+
+    def embedding(op, xs):
+        """The quantized table's rows (its parameters, as the weights' integers are) at the output scale."""
+        r = op.record["embedding"]
+        s = codec.params(op.output)[0]
+        table, offset = (torch.from_numpy(m.tensor(r[k]).astype(np.float64)).to(dtype) * s for k in ("table", "offset"))
+        return codec.quantize(table[xs[0].long()] + offset, op.output)
+
     return require_all("reference", {
         "conv": weighted, "linear": weighted, "add": add, "concat": concat, "avgpool": avgpool, "lut": lut,
         "clamp": lambda op, xs: torch.clamp(xs[0], *op.record["clamp"]),
         "maxpool": lambda op, xs: maxpool(op, xs[0], float(op.record["pad_value"])),
         "reshape": lambda op, xs: reshape(op, xs[0]),
         "pad": lambda op, xs: pad(op, xs[0], float(op.record["pad_value"])),
+        "matmul": matmul, "scale": scale, "layernorm": layernorm, "softmax": softmax, "embedding": embedding,
+        "permute": lambda op, xs: permute(op, xs[0]), "slice": lambda op, xs: slice_(op, xs[0]),
     })
 
 

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from ..errors import ManifestError
 from .. import bitserial
 from ..ir import Kernel, Op, execute, require_all
-from ..ir.floatops import maxpool, pad, pool_sum, reshape
-from ..intmath import dyadic_sum, qmax
+from ..ir.floatops import maxpool, pad, permute, pool_sum, reshape, slice_
+from ..intmath import dyadic_sum, qmax, rounding_shift
+from .. import intnorm
 from ..manifest import Manifest
 
 EXACT_LIMIT = 2**52
@@ -187,6 +188,9 @@ class Simulator:
 
     # -- kernels (inputs and outputs are integer-valued CODE tensors) --
     def _weighted(self, op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
+        if op.kind == "linear" and xs[0].dim() > 2:  # every leading position (token) is one row
+            x = xs[0]
+            return self._weighted(op, [x.reshape(-1, x.shape[-1])]).reshape(*x.shape[:-1], -1)
         terms, mult, shift, bias, bits, mode = self._weights(op)
         z, _ = self._enc(op.inputs[0])
         zy, _ = self._enc(op.output)
@@ -255,6 +259,47 @@ class Simulator:
         table = torch.from_numpy(self.m.tensor(op.record["table"]).astype(np.float32))
         return table[xs[0].to(torch.int64)]
 
+    def _matmul(self, op: Op, xs):
+        """Σ_k (a − z_a)(b − z_b), exact in float64 (|a − z_a|·|b − z_b|·K < 2^53 is checked), then
+        the dyadic requantizer."""
+        (za, _), (zb, _) = self._enc(op.inputs[0]), self._enc(op.inputs[1])
+        a, b = (xs[0] - za).to(torch.float64), (xs[1] - zb).to(torch.float64)
+        bound = float(a.abs().max()) * float(b.abs().max()) * a.shape[-1] if a.numel() and b.numel() else 0.0
+        if bound >= 2.0 ** 53:
+            raise ManifestError(f"layer {op.name}: matmul partial sums reach 2^53, beyond exact simulation")
+        r = op.record["requant"]
+        y = dyadic_sum([torch.matmul(a, b)], [torch.tensor(r["multiplier"][0])], torch.tensor(r["shift"]), [bound])
+        return y.add_(self._enc(op.output)[0]).clamp_(*op.record["clamp"]).to(CODE)
+
+    def _scale(self, op: Op, xs):
+        r = op.record["requant"]
+        u = xs[0].to(torch.float64) - self._enc(op.inputs[0])[0]
+        y = dyadic_sum([u], [torch.tensor(r["multiplier"][0])], torch.tensor(r["shift"]),
+                       [float(1 << self.m.encoding(op.inputs[0])["bits"])])
+        return y.add_(self._enc(op.output)[0]).clamp_(*op.record["clamp"]).to(CODE)
+
+    def _layernorm(self, op: Op, xs):
+        r = op.record["norm"]
+        u = xs[0].to(torch.int64) - self._enc(op.inputs[0])[0]
+        t = intnorm.layernorm_t(u, int(r["eps_q"]), int(r["frac_bits"]))
+        mult, shift, bias = (torch.from_numpy(self.m.tensor(r[k]).astype(np.int64)) for k in ("multiplier", "shift", "bias"))
+        y = rounding_shift(t * mult + bias, shift) + self._enc(op.output)[0]
+        return y.clamp_(*op.record["clamp"]).to(CODE)
+
+    def _softmax(self, op: Op, xs):
+        r = op.record["exp"]
+        table = torch.from_numpy(self.m.tensor(r["table"]).astype(np.int64))
+        keep = None if len(xs) == 1 else (xs[1].to(torch.int64) != self._enc(op.inputs[1])[0]).to(torch.int64)
+        y = intnorm.softmax_codes(xs[0].to(torch.int64), table, int(r["multiplier"]), int(r["shift"]), keep)
+        z, top = self._enc(op.output)
+        return (y + z).clamp_(0, top).to(CODE)
+
+    def _embedding(self, op: Op, xs):
+        r = op.record["embedding"]
+        table, offset = (torch.from_numpy(self.m.tensor(r[k]).astype(np.float64)) for k in ("table", "offset"))
+        y = table[xs[0].to(torch.int64)] + offset + self._enc(op.output)[0]
+        return y.clamp_(0, self._enc(op.output)[1]).to(CODE)
+
     def kernels(self) -> dict[str, Kernel]:
         return require_all("simulator", {
             "conv": self._weighted, "linear": self._weighted, "add": self._add, "concat": self._concat,
@@ -263,6 +308,9 @@ class Simulator:
             "maxpool": lambda op, xs: maxpool(op, xs[0], float(op.record["pad_value"])),
             "reshape": lambda op, xs: reshape(op, xs[0]),
             "pad": lambda op, xs: pad(op, xs[0], int(op.record["pad_value"])),
+            "matmul": self._matmul, "scale": self._scale, "layernorm": self._layernorm, "softmax": self._softmax,
+            "embedding": self._embedding,
+            "permute": lambda op, xs: permute(op, xs[0]), "slice": lambda op, xs: slice_(op, xs[0]),
         })
 
     def run(self, x: torch.Tensor, keep=()) -> dict[str, torch.Tensor]:
