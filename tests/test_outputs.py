@@ -274,3 +274,16 @@ def test_outputs_get_the_modes_of_the_users_umask(files, tmp_path, umask):
     files_made = sorted(out.iterdir()) + [tmp_path / "int.onnx"]
     assert {"card.md", "model.onnx", "bits.png", MANIFEST_FILE, TENSOR_FILE} <= {p.name for p in files_made}
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files_made} == {p.name: 0o666 & ~umask for p in files_made}
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "int"])
+def test_onnx_export_replaces_only_an_onnx_file_ptq_wrote(digits_quantized, tmp_path, fmt):
+    foreign = tmp_path / "model.onnx"
+    foreign.write_bytes(b"someone else's model")
+    code, msg = cli("export", str(digits_quantized[1]), "--format", fmt, "--out", str(foreign))
+    assert code == 2 and f"output file {foreign} exists and is not an ONNX file written by ptq" in msg
+    assert foreign.read_bytes() == b"someone else's model"
+    mine = tmp_path / "mine.onnx"
+    for _ in range(2):  # ptq's own export is replaced
+        assert cli("export", str(digits_quantized[1]), "--format", fmt, "--out", str(mine))[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.onnx", "model.onnx"]

@@ -43,9 +43,23 @@ def export_qonnx(manifest: Manifest, check: bool = True):
     return export(manifest, "qonnx", check)
 
 
+def _onnx_written_by_ptq(path: Path) -> bool:
+    """Whether the ONNX file at `path` is one of ptq's exports (its producer is ptq)."""
+    onnx = onnx_module()
+    try:
+        return onnx.load(str(path), load_external_data=False).producer_name == "ptq"
+    except Exception:  # noqa: BLE001 - any file onnx cannot parse is not ours, whatever onnx raises
+        return False
+
+
 def save_onnx(model, path: str | Path) -> Path:
     """Write the model atomically (temporary file in the same directory, then rename); a failed
-    write is one OutputError naming `path`, and the previous file stays as it was."""
+    write is one OutputError naming `path`, and the previous file stays as it was. An existing file
+    is replaced only if ptq wrote it."""
+    path = Path(path)
+    if path.is_file() and not _onnx_written_by_ptq(path):
+        raise OutputError(f"output file {path} exists and is not an ONNX file written by ptq; "
+                          "choose another --out or remove it")
     return write_file(path, model.SerializeToString())
 
 
