@@ -56,11 +56,7 @@ def save_onnx(model, path: str | Path) -> Path:
     """Write the model atomically (temporary file in the same directory, then rename); a failed
     write is one OutputError naming `path`, and the previous file stays as it was. An existing file
     is replaced only if ptq wrote it."""
-    path = Path(path)
-    if path.is_file() and not _onnx_written_by_ptq(path):
-        raise OutputError(f"output file {path} exists and is not an ONNX file written by ptq; "
-                          "choose another --out or remove it")
-    return write_file(path, model.SerializeToString())
+    return write_file(path, model.SerializeToString(), _onnx_written_by_ptq, "an ONNX file")
 
 
 LEVELS = ("disable", "basic", "extended", "all")

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ManifestError, OutputError
+from ..errors import ManifestError
 from ..intmath import qmax
 from ..manifest import Manifest
 from ..manifest.publish import write_file
@@ -95,9 +95,5 @@ def _written_by_ptq(path: Path) -> bool:
 
 def save_aimet(m: Manifest, path: str | Path) -> Path:
     """Write the encodings atomically; an existing file is replaced only if ptq wrote it."""
-    path = Path(path)
-    doc = aimet_encodings(m)
-    if path.is_file() and not _written_by_ptq(path):
-        raise OutputError(f"output file {path} exists and is not an encodings file written by ptq; "
-                          "choose another --out or remove it")
-    return write_file(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    blob = (json.dumps(aimet_encodings(m), indent=1, sort_keys=True) + "\n").encode()
+    return write_file(path, blob, _written_by_ptq, "an encodings file")

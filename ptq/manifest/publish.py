@@ -17,7 +17,7 @@ import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import OutputError
 from .format import FORMAT, MANIFEST_FILE
@@ -206,12 +206,16 @@ def _exchange(a: Path, b: Path) -> bool:
     return _renameat2(a, b, _RENAME_EXCHANGE) == 0
 
 
-def write_file(path: str | Path, blob: bytes) -> Path:
+def write_file(path: str | Path, blob: bytes, ours: Callable[[Path], bool] | None = None, what: str = "a file") -> Path:
     """Write one output file atomically (hidden temporary beside it, fsync, rename); an existing
-    file keeps its mode. An OSError becomes an OutputError naming `path`; nothing is half-written."""
+    file keeps its mode, and with `ours` it is replaced only if `ours(path)` says ptq wrote it (`what`
+    names the kind in the refusal). An OSError becomes an OutputError naming `path`; nothing is
+    half-written."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"output path {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    if ours is not None and path.is_file() and not ours(path):
+        raise OutputError(f"output file {path} exists and is not {what} written by ptq; choose another --out or remove it")
     with os_errors(path, "output file"):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
