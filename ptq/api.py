@@ -207,6 +207,7 @@ class QuantizedModel:
         if run is None:
             raise DataError(f"unknown backend '{backend}'; use sim, fakequant, onnxruntime or onnxruntime-int")
         fps, qs, xs = [], [], []
+        embeddings = self.manifest.data["model"].get("kind") == "minilm"  # sentence embeddings: mean pooling over the mask
         with torch.no_grad(), progress(f"evaluation ({backend}, batches)", -(-len(src) // batch_size)) as advance:
             for xb in src.batches(batch_size):
                 fps.append(model(xb).numpy())
@@ -214,9 +215,10 @@ class QuantizedModel:
                     src.check_label_range(fps[0].shape[-1])
                 qs.append(run(xb))
                 advance()
-                xs.append(xb.numpy())
+                if embeddings:  # the token ids and mask (kept only where pooling needs them)
+                    xs.append(xb.numpy())
         res = fidelity(np.concatenate(fps), np.concatenate(qs), src.labels)
-        if self.manifest.data["model"].get("kind") == "minilm":  # sentence embeddings: mean pooling over the mask
+        if embeddings:
             x = np.concatenate(xs)
             res.update(embedding_fidelity(minilm.sentence_embeddings(np.concatenate(fps), x),
                                           minilm.sentence_embeddings(np.concatenate(qs), x)))
