@@ -46,6 +46,8 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
         "samples": Field(64, int, lo=1, hi=100_000, help="learned: calibration samples the block objective runs on"),
         "batch_size": Field(8, int, lo=1, hi=4096, help="learned: samples per optimiser step"),
         "learning_rate": Field(0.05, float, lo=1e-6, hi=1.0, help="learned: Adam step size of the rounding variables"),
+        "objective": Field("mse", str, ("mse", "fisher-channel", "fisher"),
+                           help="learned: each block's output error as a plain mean square, weighted per channel by its Fisher sensitivity, or per sample and element (BRECQ)"),
         "regularizer": Field(100.0, float, lo=0.0, hi=1e6,
                              help="learned: weight of the term that drives each choice to up or down, against the block's error relative to nearest rounding"),
     },

@@ -15,7 +15,8 @@ from ptq.api import prepare, quantize_prepared
 from ptq.ir import LayerWeights
 from ptq.ir.grids import Grid, SwisGrid
 from ptq.methods.blocks import find_blocks
-from ptq.methods.learned import Relaxed
+from ptq.errors import RecipeError
+from ptq.methods.learned import Relaxed, output_weight
 from ptq.methods.registry import METHODS
 from ptq.methods.rounding import apply_rounding
 from ptq.recipe import resolve
@@ -114,6 +115,31 @@ def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(m
         if rec["block_error"] == rec["block_error_nearest"]:  # not better: the block keeps the method's integers
             assert np.array_equal(q, r.nearest), op.name
     assert not np.array_equal(after["head"].terms[0][0], before["head"].terms[0][0])
+
+
+def test_fisher_objective_weighs_each_block_output_channel_by_its_sensitivity(mbconv):
+    r = resolve("w4a8", {**FAST, "weights.bits": 3, "rounding.objective": "fisher-channel"})
+    block = find_blocks(mbconv.graph, {op.name for op in mbconv.graph.weighted_ops()})[1]
+    f = mbconv.stats.fisher["project"]
+    w = output_weight(block, mbconv.stats, r["rounding"], 4)
+    assert w.shape == (8, 1, 1) and np.allclose(w.flatten().numpy(), f / f.mean(), rtol=1e-6)
+    assert output_weight(block, mbconv.stats, resolve("w4a8", FAST)["rounding"], 4).item() == 1.0
+    before, after = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3, "rounding.objective": "fisher-channel"})
+    _, plain = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3})
+    for op in mbconv.graph.weighted_ops():
+        rec = after.info["rounding"][op.name]
+        assert rec["block_error"] <= rec["block_error_nearest"]  # measured in the Fisher weighting
+        q, rel = after[op.name].terms[0][0], Relaxed(op, before[op.name])
+        assert np.all((q.reshape(rel.down.shape) == rel.down) | (q.reshape(rel.down.shape) == rel.up)), op.name
+    assert after.info["rounding"]["project"]["block_error_nearest"] != plain.info["rounding"]["project"]["block_error_nearest"]
+    assert after.info["rounding"]["head"]["block_error"] < 0.5 * after.info["rounding"]["head"]["block_error_nearest"]
+
+
+def test_fisher_objective_without_sensitivity_samples_names_the_setting():
+    x = np.random.default_rng(2).normal(0, 1, (16, 3, 12, 12)).astype(np.float32)
+    prep = prepare(MBConv().eval(), x, "w4a8", overrides={"calibration.sensitivity_samples": 0})
+    with pytest.raises(RecipeError, match=r"calibration.sensitivity_samples > 0 or rounding.objective = 'mse'"):
+        _method_and_learned(prep, "w4a8", {"rounding.objective": "fisher-channel", "calibration.sensitivity_samples": 0})
 
 
 @pytest.fixture(scope="module")
