@@ -118,13 +118,13 @@ def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(m
 
 
 def test_fisher_objective_weighs_each_block_output_channel_by_its_sensitivity(mbconv):
-    r = resolve("w4a8", {**FAST, "weights.bits": 3, "rounding.objective": "fisher-channel"})
+    r = resolve("w4a8", {**FAST, "weights.bits": 3, "rounding.objective": "fisher"})
     block = find_blocks(mbconv.graph, {op.name for op in mbconv.graph.weighted_ops()})[1]
     f = mbconv.stats.fisher["project"]
     w = output_weight(block, mbconv.stats, r["rounding"], 4)
     assert w.shape == (8, 1, 1) and np.allclose(w.flatten().numpy(), f / f.mean(), rtol=1e-6)
     assert output_weight(block, mbconv.stats, resolve("w4a8", FAST)["rounding"], 4).item() == 1.0
-    before, after = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3, "rounding.objective": "fisher-channel"})
+    before, after = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3, "rounding.objective": "fisher"})
     _, plain = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3})
     for op in mbconv.graph.weighted_ops():
         rec = after.info["rounding"][op.name]
@@ -139,7 +139,7 @@ def test_fisher_objective_without_sensitivity_samples_names_the_setting():
     x = np.random.default_rng(2).normal(0, 1, (16, 3, 12, 12)).astype(np.float32)
     prep = prepare(MBConv().eval(), x, "w4a8", overrides={"calibration.sensitivity_samples": 0})
     with pytest.raises(RecipeError, match=r"calibration.sensitivity_samples > 0 or rounding.objective = 'mse'"):
-        _method_and_learned(prep, "w4a8", {"rounding.objective": "fisher-channel", "calibration.sensitivity_samples": 0})
+        _method_and_learned(prep, "w4a8", {"rounding.objective": "fisher", "calibration.sensitivity_samples": 0})
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
-"""Fisher sensitivity per channel and per element: matches the closed form on a linear classifier,
-zero where unused, and the per-element one sums to the per-channel one."""
+"""Per-channel Fisher sensitivity: matches the closed form on a linear classifier, zero where unused."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import nn
 
-from ptq.calib.sensitivity import channel_fisher, element_fisher
+from ptq.calib.sensitivity import channel_fisher
 from ptq.ir.capture import capture
 
 
@@ -50,25 +49,3 @@ def test_same_seed_same_fisher():
     x = torch.randn(64, 6)
     a, b = channel_fisher(g, x.split(16), seed=3), channel_fisher(g, x.split(16), seed=3)
     assert all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def test_per_element_fisher_sums_to_the_per_channel_fisher_and_converges_with_draws():
-    """With one draw per batch and the same seed, the per-element E[g²] summed over positions and
-    averaged over samples is the per-channel Fisher; with many draws the logit layer's approaches
-    p(1 − p)."""
-    torch.manual_seed(0)
-    model = TwoLayer().eval()
-    g = capture(model, (6,))
-    x = torch.randn(64, 6)
-    ops = g.weighted_ops()
-    per_channel = channel_fisher(g, x.split(16), seed=3)
-    per_element = element_fisher(g, x.split(16), {op.name for op in ops}, seed=3, draws=1)
-    for op in ops:
-        assert per_element[op.name].shape == (64, op.weight.shape[0])
-        np.testing.assert_allclose(per_element[op.name].double().mean(0).numpy(), per_channel[op.name], rtol=1e-6)
-    logits_op = g.weighted_ops()[-1].name
-    one = x[:1].repeat(500, 1)
-    many = element_fisher(g, one.split(250), {logits_op}, seed=0, draws=8)[logits_op].double()
-    with torch.no_grad():
-        p = torch.softmax(model(x[:1]).double(), -1)[0]
-    np.testing.assert_allclose(many.mean(0).numpy(), (p * (1 - p)).numpy(), rtol=0.08)
