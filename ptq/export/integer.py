@@ -20,8 +20,9 @@ format carries the codes themselves and repeats the simulator's arithmetic with 
 - transformer ops (README, Transformers): activation × activation matmuls as an int64 MatMul of the
   centred codes; LayerNorm and softmax as the steps of `ptq.intnorm` in int64 ops (ReduceSum,
   ReduceMax, a float64 Sqrt corrected to the exact integer square root, Mod-based floor division,
-  a Gather of the exp table); embeddings as a Gather of the int32 rows by the id codes; permutes
-  and slices act on the codes.
+  a Gather of the exp table); embeddings as a Gather of the int32 rows by the id codes; an offset as
+  the requantizer in int64, a Pad with zeros and an Add of its int32 constant; permutes and slices
+  act on the codes.
 - layers whose inputs have more than 8 bits, or weights more than 8, run as a float32 Conv/Gemm on
   integer-valued tensors, which is exact because the data-free bound Σ|q|·max|x - z| + |b| is
   checked to be below 2^24 at export (otherwise the export is refused with the layer's name).

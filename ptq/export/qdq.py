@@ -25,7 +25,8 @@ fake-quant semantics of `ptq.runtime.reference`:
 - pad / maxpool padding use the record's `pad_value` code, in the float domain s*(pad_value - z).
 - transformer ops are their float ONNX ops: MatMul (× α), Mul, LayerNormalization, Softmax (keys a
   mask drops set to −inf by Where), Transpose, Slice; an embedding is a Gather of the dequantized
-  rows plus the dequantized position rows.
+  rows plus the dequantized position rows; an offset (class token, position embedding) is a Pad
+  with zeros plus the dequantized constant.
 
 Rounding: ONNX QuantizeLinear and QONNX Quant(rounding_mode="ROUND") round half to even; ptq
 rounds half up (floor(x + 1/2)). They differ only on exact ties, and the graph carries float32
