@@ -164,7 +164,8 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
 
 def spec_kind(name: str) -> str:
     """What a model spec names, by its form alone (nothing is imported or read): `efficientnet_lite`,
-    `factory` (pkg.module:function), `file` (a saved module) or `torchvision` (an architecture name)."""
+    `minilm`, `bert` (a folder: a Hugging Face BERT), `factory` (pkg.module:function), `file` (a saved
+    module) or `torchvision` (an architecture name)."""
     if name == LITE0:
         return "efficientnet_lite"
     if name == minilm.NAME:

@@ -121,6 +121,33 @@ def test_scaled_dot_product_attention_is_decomposed():
     assert torch.allclose(run_float(g, x), model(x), atol=1e-6)
 
 
+class _Constants(nn.Module):
+    """A constant added after a linear (its own `offset` op), then a token appended and a broadcast
+    constant added (folded into one second `offset` op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 5, 8))
+        self.token = nn.Parameter(torch.randn(1, 1, 8))
+        self.shift = nn.Parameter(torch.randn(1, 1, 8))
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = torch.cat([self.fc(x) + self.pos, self.token.expand(n, -1, -1)], dim=1)
+        return h + self.shift.expand(n, -1, -1)
+
+
+def test_constants_become_offset_ops():
+    model = _Constants().eval()
+    g = capture(model, (5, 8))
+    offsets = [op for op in g.ops if op.kind == "offset"]
+    assert [op.attrs["pads"] for op in offsets] == [[0, 0, 0, 0], [0, 0, 0, 1]]
+    assert offsets[1].params["offset"].shape == (6, 8)
+    x = torch.randn(3, 5, 8)
+    assert torch.allclose(run_float(g, x), model(x), atol=1e-6)
+
+
 class _Cross(nn.Module):
     def __init__(self):
         super().__init__()

@@ -75,7 +75,7 @@ class _Capture:
         self.splits: dict[str, tuple[torch.fx.Node, int, list[int]]] = {}  # split node -> (input, dim, piece starts)
         self.dropped: dict[str, str] = {}  # `mask == 0` node -> the mask tensor
         self.masked: dict[str, tuple[str, str]] = {}  # scores.masked_fill(mask == 0, -inf) node -> (scores, mask)
-        self.broadcast: dict[str, np.ndarray] = {}  # parameter.expand(batch, ...) node -> the parameter's one sample
+        self.broadcast: dict[str, np.ndarray] = {}  # parameter.expand(batch, ...) node -> the parameter (batch dim 1)
 
     # -- helpers --
     def tensor(self, node: Any) -> str:
@@ -122,8 +122,8 @@ class _Capture:
         return output
 
     def constant(self, node: Any) -> np.ndarray | None:
-        """One sample of a constant operand (a parameter, buffer or lifted constant, or one expanded
-        over the batch), or None for an activation."""
+        """The value of a constant operand (a parameter, buffer or lifted constant, or one expanded
+        over the batch, then with its batch dimension of 1), or None for an activation."""
         if isinstance(node, torch.fx.Node) and node.name in self.broadcast:
             return self.broadcast[node.name]
         if isinstance(node, torch.fx.Node) and (node.name in self.params or node.name in self.constants):
@@ -400,9 +400,9 @@ class _Capture:
             raise UnsupportedOpError(f"add of a constant of shape {list(value.shape)} broadcasts the activation ({mod})")
         value = np.broadcast_to(value, out_shape)
         prod = self.producer(self.alias[x.name])
-        key = {"embedding": "offset", "offset": "offset"}.get(prod.kind) if prod is not None else None
-        if key is not None and self.n_consumers.get(prod.output, 0) == 1 and prod.attrs.get("act") is None:
-            prod.params[key] = (prod.params[key] + value).astype(np.float32)
+        if prod is not None and prod.kind in ("embedding", "offset") and self.n_consumers.get(prod.output, 0) == 1 \
+                and prod.attrs.get("act") is None:
+            prod.params["offset"] = (prod.params["offset"] + value).astype(np.float32)
             prod.output = node.name
             self.alias[node.name] = node.name
         else:
@@ -416,7 +416,7 @@ class _Capture:
         src, shape, out = node.args[0], _shape(node.args[0]), _shape(node)
         value = self.constant(src)
         if value is not None and len(shape) == len(out) and shape[0] == 1 and shape[1:] == out[1:]:
-            self.broadcast[node.name] = value.reshape(shape[1:])
+            self.broadcast[node.name] = value
         elif value is None and shape == out:
             self.alias[node.name] = self.tensor(src)
         else:
