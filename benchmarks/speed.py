@@ -1,12 +1,13 @@
 """Quantize time per stage as ratios to one FP32 pass over the same calibration data, same process.
 
     python -m benchmarks.speed [--models digits,efficientnet_lite0] [--recipes w8a8,w4a8]
-                               [--calib-size 64] [--eval-size 64] [--json FILE]
+                               [--calib-size 64] [--eval-size 64] [--weights random] [--json FILE]
 
 The machine is shared, so absolute seconds mean little: each row divides `report.json`'s
 `stage_seconds` by the wall time of one FP32 forward pass (torch, batches of the recipe's
 calibration batch size, after a warm-up batch) over the calibration tensors of that run. The digits
-CNN is trained once (deterministic); Lite0 calibrates on the bundled sample crops. Peak RSS is the
+CNN is trained once (deterministic); named models (Lite0, a torchvision name such as vit_b_16 with
+`--weights random`) calibrate on the bundled sample crops. Peak RSS is the
 process's own high-water mark after the row (rows run in one process, so it only grows).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def fp32_pass_seconds(model: torch.nn.Module, x: torch.Tensor, batch: int) -> fl
     return best
 
 
-def row(model_name: str, recipe: str, calib_size: int, eval_size: int, extra: dict) -> dict:
+def row(model_name: str, recipe: str, calib_size: int, eval_size: int, extra: dict, weights: str | None = None) -> dict:
     """One quantize run and its stage ratios to the FP32 pass over its calibration tensors."""
     batch = resolve(recipe)["calibration"]["batch_size"]
     if model_name == "digits":
@@ -49,16 +50,17 @@ def row(model_name: str, recipe: str, calib_size: int, eval_size: int, extra: di
         kw = {"eval_data": xte[:max(eval_size, 1)]}
         target: object = module
     else:
-        qm_spec = ptq.api.load_model(model_name, None, 0)
+        qm_spec = ptq.api.load_model(model_name, weights, 0)
         module = qm_spec.module.eval()
         x = as_source("samples", qm_spec.spec, calib_size, 0, "calib").tensor()
-        calib, kw, target = "samples", {}, model_name
+        calib, kw, target = "samples", {"weights": weights}, model_name
     fp32 = fp32_pass_seconds(module, x, batch)
     t = time.perf_counter()
     qm = ptq.quantize(target, calib, recipe, calib_size=calib_size, eval_size=eval_size, **kw, **extra)
     total = time.perf_counter() - t
     stages = qm.report["stage_seconds"]
-    return {"model": model_name, "recipe": recipe, "calib_size": calib_size, "eval_size": eval_size,
+    return {"model": model_name + (f" ({weights} weights)" if weights else ""), "recipe": recipe,
+            "calib_size": calib_size, "eval_size": eval_size,
             "fp32_pass_s": fp32, "total_over_fp32": total / fp32,
             "stages_over_fp32": {k: stages[k] / fp32 for k in STAGES if k in stages},
             "verified": qm.report["verification"]["verified"],
@@ -66,12 +68,12 @@ def row(model_name: str, recipe: str, calib_size: int, eval_size: int, extra: di
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | recipe | total | " + " | ".join(s.replace("_", " ") for s in STAGES) + " | verified |"
-    lines = [head, "|" + "---|" * (len(STAGES) + 4)]
+    head = "| model | recipe | total | " + " | ".join(s.replace("_", " ") for s in STAGES) + " | verified | peak RSS |"
+    lines = [head, "|" + "---|" * (len(STAGES) + 5)]
     for r in rows:
         cells = [f"{r['stages_over_fp32'][s]:.2f}" if s in r["stages_over_fp32"] else "–" for s in STAGES]
         lines.append(f"| {r['model']} | {r['recipe']} | {r['total_over_fp32']:.2f} | " + " | ".join(cells)
-                     + f" | {'yes' if r['verified'] else 'NO'} |")
+                     + f" | {'yes' if r['verified'] else 'NO'} | {r['peak_rss_mb'] / 1024:.1f} GB |")
     return "\n".join(lines)
 
 
@@ -81,11 +83,12 @@ def main() -> None:
     ap.add_argument("--recipes", default="w8a8")
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--eval-size", type=int, default=64)
+    ap.add_argument("--weights", help="weights of the named models: a path, or 'random' (e.g. vit_b_16 for speed)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra quantize() keyword, e.g. verify=full")
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args()
     extra = {k: json.loads(v) if v[:1] in "0123456789[{" else v for k, v in (s.split("=", 1) for s in a.set)}
-    rows = [row(m, r, a.calib_size, a.eval_size, extra) for m in a.models.split(",") for r in a.recipes.split(",")]
+    rows = [row(m, r, a.calib_size, a.eval_size, extra, a.weights) for m in a.models.split(",") for r in a.recipes.split(",")]
     print(f"ratios to one FP32 pass over the calibration data ({a.calib_size} samples; eval {a.eval_size})")
     print(table(rows))
     if a.json:

@@ -33,14 +33,16 @@ from .ir import Graph, LayerWeights
 from .ir.capture import capture
 from .manifest import Manifest, load as load_manifest, save as save_manifest, weight_summary
 from .manifest.build import build_manifest
+from .manifest.header import SENTENCE_EMBEDDING_KINDS
 from .manifest.publish import check_output  # noqa: F401  (API: refuse an output place before a long run)
 from .methods import METHODS
 from .methods.selectors import is_structural, override_matches, select
 from .methods.rounding import apply_rounding
-from .metrics import embedding_fidelity, fidelity
+from .metrics import embedding_fidelity, fidelity, sentence_embeddings
 from .models import LoadedModel, check_finite, load_model, rebuild, spec_kind, supplied
 from .recipe import BASE_SCHEMA, resolve
 from .runtime import ACC_MODES, Codec, Simulator, run_reference, run_verification
+from .runtime.verify import end_to_end_text  # noqa: F401  (API: level 2's end-to-end figure in words, for the CLI)
 from .version import __version__
 
 
@@ -65,8 +67,10 @@ def as_source(data: Any, spec: dict, n: int | None, seed: int, split: str) -> Da
         src.labels = check_labels(labels, len(x), "the data")[:src.count]
         return src
     shape = tuple(spec["input_shape"])
-    if spec.get("kind") == "minilm" and isinstance(data, (str, Path)) and not Path(data).suffix in (".npy", ".npz", ".pt", ".pth"):
-        return minilm.sentence_source(str(data), split, n, shape[0])
+    if spec.get("kind") in SENTENCE_EMBEDDING_KINDS and isinstance(data, (str, Path)) \
+            and Path(data).suffix not in (".npy", ".npz", ".pt", ".pth"):
+        tokenizer = minilm.WordPiece.from_folder(Path(spec["folder"])) if spec["kind"] == "bert" else None
+        return minilm.sentence_source(str(data), split, n, shape[0], tokenizer)
     if isinstance(data, (str, Path)):
         pre = _preprocess(spec)
         if pre is None and Path(data).suffix not in (".npy", ".npz", ".pt", ".pth"):
@@ -207,7 +211,7 @@ class QuantizedModel:
         if run is None:
             raise DataError(f"unknown backend '{backend}'; use sim, fakequant, onnxruntime or onnxruntime-int")
         fps, qs, xs = [], [], []
-        embeddings = self.manifest.data["model"].get("kind") == "minilm"  # sentence embeddings: mean pooling over the mask
+        embeddings = self.manifest.data["model"].get("kind") in SENTENCE_EMBEDDING_KINDS  # mean pooling over the mask
         with torch.no_grad(), progress(f"evaluation ({backend}, batches)", -(-len(src) // batch_size)) as advance:
             for xb in src.batches(batch_size):
                 fps.append(model(xb).numpy())
@@ -220,8 +224,7 @@ class QuantizedModel:
         res = fidelity(np.concatenate(fps), np.concatenate(qs), src.labels)
         if embeddings:
             x = np.concatenate(xs)
-            res.update(embedding_fidelity(minilm.sentence_embeddings(np.concatenate(fps), x),
-                                          minilm.sentence_embeddings(np.concatenate(qs), x)))
+            res.update(embedding_fidelity(sentence_embeddings(np.concatenate(fps), x), sentence_embeddings(np.concatenate(qs), x)))
         res.update(data=src.description, backend=backend)
         res.update({k: v for k, v in weight_summary(self.manifest).items() if k in ("mean_weight_bits", "model_bytes")})
         return res

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from .manifest import Manifest, weight_summary
+from .manifest.header import SENTENCE_EMBEDDING_KINDS
 from .manifest.schemes import point_bits
-from .runtime.verify import DECISIVE_NOISE
+from .runtime.verify import DECISIVE_NOISE, EMBEDDING_COSINE_REQUIRED
 
 
 def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
     bn = sum(1 for op in m.weighted_ops() if op["attrs"].get("bn_folded"))
     cal = m.data.get("calibration", {})
     transformer_ops = sorted({op["kind"] for op in m.ops} & {"matmul", "layernorm", "softmax", "embedding"})
-    data_kind = ("sentences" if m.data["model"].get("kind") == "minilm" and cal.get("kind") in ("samples", "text")
+    data_kind = ("sentences" if m.data["model"].get("kind") in SENTENCE_EMBEDDING_KINDS and cal.get("kind") in ("samples", "text")
                  else "real photos" if cal.get("kind") in ("samples", "folder") else "tensor file")
     return {
         "method": r["method"], "recipe": r["name"],
@@ -236,9 +237,11 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
                   + (f" — {verification['structural']['problem']}" if verification["structural"].get("problem") else ""),
                   f"- level 2 (integer simulator vs fake-quant reference, {_verified_on(num, level2)}): "
                   f"{'ok' if num.get('ok') else 'FAILED'} — min share within 1 LSB {num.get('min_share_within_1lsb', 0):.5f}, "
-                  f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}% "
-                  f"({num.get('top1_agreement_decisive', 0):.2f}% on the {num.get('decisive_samples', 0)} samples whose "
-                  f"reference margin exceeds {DECISIVE_NOISE:g}× the RMS logit difference, the criterion)"]
+                  + (f"least sentence-embedding cosine {num['embedding_cosine_min']:.6f} (mean {num['embedding_cosine_mean']:.6f}; "
+                     f"the criterion is ≥ {EMBEDDING_COSINE_REQUIRED:g} per sample)" if "embedding_cosine_min" in num else
+                     f"top-1 agreement {num.get('top1_agreement_sim_vs_reference', 0):.2f}% "
+                     f"({num.get('top1_agreement_decisive', 0):.2f}% on the {num.get('decisive_samples', 0)} samples whose "
+                     f"reference margin exceeds {DECISIVE_NOISE:g}× the RMS logit difference, the criterion)")]
     lines += _overrides_table(m)
     lines += _rounding_table(m)
     lines += _points_table(m)

@@ -103,7 +103,7 @@ def _factory_path(spec: str | None) -> None:
 
 def cmd_quantize(args) -> int:
     import ptq
-    from .api import check_output
+    from .api import check_output, end_to_end_text
     _factory_path(args.model)
     overrides = _parse_sets(args.set)
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-{Path(args.recipe).stem}")
@@ -123,7 +123,7 @@ def cmd_quantize(args) -> int:
     if v["verified"] and not args.json:
         console.print(f"integer simulator [green]verified[/] (level 2 on {v['level2']['samples']} of "
                       f"{v['level2']['calibration_samples']} calibration samples): max share off by >1 LSB {1 - v['numeric']['min_share_within_1lsb']:.2e}, "
-                      f"top-1 sim vs reference {v['numeric']['top1_agreement_sim_vs_reference']:.1f}%; "
+                      f"{end_to_end_text(v['numeric'])}; "
                       f"{time.perf_counter() - t0:.1f}s")
     elif not v["verified"]:  # a pipeline must not take this output for a good one; it stays for inspection
         console.print(f"[red]NOT verified[/]: {escape(str(v['reason']))}; the output is kept for inspection in {escape(str(out))}", soft_wrap=True)
@@ -135,12 +135,14 @@ def cmd_quantize(args) -> int:
 
 def cmd_simulate(args) -> int:
     import ptq
+    from .api import end_to_end_text
     qm = ptq.load(args.dir)
     v = qm.verify(args.data, args.size, args.seed, args.accumulator, args.accumulator_bits)
     num, layers, overflows = v["numeric"], v["layers"], v["overflows"]
     res = {"verified": v["verified"], "reason": v["reason"], "overflows": overflows, "max_lsb_error": num["max_lsb_error"],
            "min_share_within_1lsb": num["min_share_within_1lsb"],
-           "top1_agreement_vs_reference": num["top1_agreement_sim_vs_reference"],
+           "top1_agreement_vs_reference": num.get("top1_agreement_sim_vs_reference"),
+           "embedding_cosine_min_vs_reference": num.get("embedding_cosine_min"),
            "accumulator_mode": v["accumulator_mode"], "samples": num["samples"], "layers": layers, "data": v["data"]}
     if not args.json:
         columns = ("layer", "acc bits", "max |acc|", "bits needed", "data-free bits", "overflows")
@@ -155,7 +157,7 @@ def cmd_simulate(args) -> int:
             console.print(f"[bold red]OVERFLOW:[/] {overflows} accumulator values exceeded their declared width")
         console.print(("[green]verified[/]" if v["verified"] else f"[red]NOT verified[/] ({escape(str(v['reason']))})") +
                       f": share within 1 LSB ≥ {num['min_share_within_1lsb']:.5f} (worst {escape(str(num['worst_tensor']))}), "
-                      f"top-1 sim vs reference {num['top1_agreement_sim_vs_reference']:.2f}%", soft_wrap=True)
+                      f"{end_to_end_text(num)}", soft_wrap=True)
     _emit(args, res)
     return 0 if v["verified"] else NOT_VERIFIED
 

@@ -34,6 +34,15 @@ def fidelity(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) ->
     return out
 
 
+def sentence_embeddings(hidden: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Mean of the hidden states (N, T, D) over the tokens the packed inputs x (N, T, 2) keep (x[..., 1]
+    is the attention mask), L2-normalised: sentence-transformers' pooling."""
+    hidden = np.asarray(hidden, np.float64).reshape(len(x), x.shape[1], -1)
+    mask = np.asarray(x[..., 1], np.float64)[..., None]
+    e = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-300)
+
+
 def embedding_fidelity(fp: np.ndarray, q: np.ndarray) -> dict:
     """Sentence embeddings (N, D), L2-normalised, against their FP32 versions: the mean and least
     cosine per sentence, and the Spearman correlation of the two pairwise similarity matrices (upper

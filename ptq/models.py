@@ -1,4 +1,5 @@
-"""Model intake: torchvision names, the packaged EfficientNet-Lite0, saved modules, factories.
+"""Model intake: torchvision names, the packaged EfficientNet-Lite0 and all-MiniLM-L6-v2, Hugging Face
+BERT folders, saved modules, factories.
 
 Pretrained weights are never downloaded and never silently replaced by random ones: a model either
 loads the weights asked for (a file, the local torch hub cache, a package) or fails with an error
@@ -7,7 +8,8 @@ saying where to put them; `--weights random` is honoured only when given explici
 Trust: weights are read without unpickling (`torch.load(weights_only=True)`). Code runs only when
 the user names it: a factory on the command line, or a pickled module file with
 `trust_model_file`. A manifest's `model` field is data: `rebuild` builds from it only the kinds
-that run no user code (torchvision architectures, the bundled EfficientNet-Lite0).
+that run no user code (torchvision architectures, the bundled EfficientNet-Lite0 and MiniLM, BERT
+folders, whose config.json and weights are data).
 """
 from __future__ import annotations
 
@@ -139,6 +141,9 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
         if kind == "minilm":
             module, spec = _minilm_model(weights)
             input_shape = input_shape or (minilm.TOKENS, 2)
+        elif kind == "bert":
+            input_shape = input_shape or (minilm.TOKENS, 2)
+            module, spec = _bert_folder_model(Path(name), weights, input_shape)
         elif kind == "efficientnet_lite":
             module, spec = _lite0_model(weights)
         elif kind == "factory":
@@ -159,11 +164,14 @@ def load_model(name: str, weights: str | None = None, seed: int = 0,
 
 def spec_kind(name: str) -> str:
     """What a model spec names, by its form alone (nothing is imported or read): `efficientnet_lite`,
-    `factory` (pkg.module:function), `file` (a saved module) or `torchvision` (an architecture name)."""
+    `minilm`, `bert` (a folder: a Hugging Face BERT), `factory` (pkg.module:function), `file` (a saved
+    module) or `torchvision` (an architecture name)."""
     if name == LITE0:
         return "efficientnet_lite"
     if name == minilm.NAME:
         return "minilm"
+    if Path(name).is_dir():
+        return "bert"
     if ":" in name and not Path(name).exists():
         return "factory"
     if name.endswith((".pt", ".pth", ".pkl")) or Path(name).is_file():
@@ -217,8 +225,28 @@ def _minilm_model(weights: str | None) -> tuple[torch.nn.Module, dict]:
     if weights is None:
         path = minilm.model_zip()
         return minilm.load_minilm(), {**spec, "weights": minilm.WEIGHTS, "weights_sha256": file_sha256(path)}
-    module = minilm.MiniLM()
+    module = minilm.Bert()
     return module, {**spec, **_weights_fields(module, weights, minilm.NAME)}
+
+
+def _bert_folder_model(folder: Path, weights: str | None, input_shape: tuple[int, ...]) -> tuple[torch.nn.Module, dict]:
+    """A Hugging Face BERT folder (ptq.minilm): its config and weights (or `weights`, a state dict file
+    in the same key names, or random ones), read as data: the folder runs no code, so a manifest
+    records it (with the hashes of config.json and the weights) and `ptq eval` rebuilds it."""
+    if len(input_shape) != 2 or input_shape[1] != 2:
+        raise ModelError(f"a BERT folder takes (tokens, 2) inputs (token ids and attention mask); got --input-shape "
+                         f"{','.join(map(str, input_shape))}")
+    folder = folder.resolve()
+    minilm.read_config(folder)  # first: a folder that is not a BERT is named before its weights are looked for
+    path = None if weights == "random" else Path(weights) if weights else minilm.weights_file(folder)
+    if path is not None and not path.is_file():
+        raise WeightsMissingError(f"weights file {path} does not exist")
+    module = minilm.load_folder(folder, path, int(input_shape[0]))
+    spec: dict[str, Any] = {"kind": "bert", "folder": str(folder), "preprocess": None,
+                            "model_sha256": file_sha256(folder / "config.json")}
+    if path is not None:
+        spec.update(weights=str(path.resolve()), weights_sha256=file_sha256(path))
+    return module, spec
 
 
 def _factory_model(name: str, weights: str | None) -> tuple[torch.nn.Module, dict]:
@@ -333,11 +361,12 @@ def _load_module_file(path: Path, trust: bool) -> torch.nn.Module:
 
 def rebuild(spec: dict[str, Any]) -> torch.nn.Module:
     """The FP32 model a manifest was made from, built from the manifest alone: only for kinds that
-    run no user code (a registered torchvision architecture, the bundled EfficientNet-Lite0), with
+    run no user code (a registered torchvision architecture, the bundled EfficientNet-Lite0 and MiniLM, a
+    BERT folder), with
     weights read without unpickling and checked against the recorded hashes. A factory, a saved
     module file or an in-memory module is code: the caller must supply it (`supplied`)."""
     kind, name = spec["kind"], spec["name"]
-    if kind not in ("torchvision", "efficientnet_lite", "minilm"):
+    if kind not in ("torchvision", "efficientnet_lite", "minilm", "bert"):
         what, how = {
             "factory": ("factory", f"ptq eval DIR --model {name!r}"),
             "file": ("pickled model file", f"if you trust that file, ptq eval DIR --model {name!r} --trust-model-file"),
@@ -353,8 +382,11 @@ def rebuild(spec: dict[str, Any]) -> torch.nn.Module:
                                   f"or pass --model {name} --weights PATH")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["seed"])
-        build = {"efficientnet_lite": _lite0_model, "minilm": _minilm_model}.get(kind)
-        module, got = build(weights) if build else _torchvision_model(name, weights)
+        if kind == "bert":
+            module, got = _bert_folder_model(Path(spec["folder"]), weights, tuple(spec["input_shape"]))
+        else:
+            build = {"efficientnet_lite": _lite0_model, "minilm": _minilm_model}.get(kind)
+            module, got = build(weights) if build else _torchvision_model(name, weights)
     _check_same(spec, got, name)
     check_finite(module, f"model '{name}'")
     return module.eval()

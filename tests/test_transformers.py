@@ -267,9 +267,10 @@ def test_minilm_w8a8_end_to_end():
     ev = qm.report["fidelity"]
     assert ev["sentence_cosine"] >= 0.985 and ev["similarity_spearman"] >= 0.98
     num = qm.report["verification"]["numeric"]
-    # level 2 per tensor; the end-to-end top-1 criterion (an argmax over 32×384 hidden values) is not
-    # meaningful for an encoder and is not asserted (BENCHMARKS.md, Transformers)
+    # level 2 per tensor, and end to end on the pooled sentence embeddings (measured 0.985 at worst on
+    # 32 calibration sentences, 2026-12-04), not an argmax over 32×384 hidden values
     assert qm.report["verification"]["structural"]["ok"] and num["min_share_within_1lsb"] >= 0.999 and num["max_lsb_error"] <= 1
+    assert qm.report["verification"]["verified"] and num["embedding_cosine_min"] >= 0.95
     from ptq.api import as_source
     x = as_source("samples:eval", qm.manifest.data["model"], 16, 0, "eval").tensor()
     assert np.array_equal(onnxruntime_runner(qm.manifest, fmt="int")(x), qm.simulate(x))

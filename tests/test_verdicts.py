@@ -18,7 +18,7 @@ import ptq
 from ptq import bitserial
 from ptq.cli import main
 from ptq.manifest.build import BIAS_HEADROOM, INT32_MAX, fit_bias_scale
-from ptq.runtime.verify import failure_reason
+from ptq.runtime.verify import embedding_end_to_end, failure_reason
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
@@ -92,6 +92,23 @@ def test_failure_reason_names_every_failing_check_with_its_numbers():
         "4 accumulator overflow(s) in a (4)"]
     ok2 = {**LEVEL2, "min_share_within_1lsb": 1.0, "top1_agreement_decisive": 100.0}
     assert failure_reason(LEVEL1, ok2) == "level 1: the data-free accumulator bound exceeds the declared width in a (17 > 16 bits)"
+
+
+def test_a_sentence_embedding_model_is_judged_by_its_pooled_embeddings():
+    """Level 2 end to end for an encoder: the least per-sample cosine of pooled embeddings, not top-1."""
+    level2 = {"min_share_within_1lsb": 1.0, "worst_tensor": "h", "embedding_cosine_min": 0.91, "embedding_cosine_mean": 0.97}
+    assert failure_reason({**LEVEL1, "layers": {}}, level2) == \
+        "level 2: the least sentence-embedding cosine with the reference is 0.910000 (needs 0.95)"
+    assert failure_reason({**LEVEL1, "layers": {}}, {**level2, "embedding_cosine_min": 0.96}) == ""
+    x = np.zeros((2, 3, 2), np.float32)
+    x[:, :2, 1] = 1  # two kept tokens each; the third (padding) must not count
+    hidden = np.random.default_rng(0).normal(size=(2, 3, 4))
+    other = hidden.copy()
+    other[:, 2] += 100.0
+    r = embedding_end_to_end(hidden, other, x)
+    assert r["embedding_cosine_min"] == pytest.approx(1.0) and r["embedding_cosine_mean"] == pytest.approx(1.0)
+    other[0, 0] = -other[0, 0]
+    assert embedding_end_to_end(hidden, other, x)["embedding_cosine_min"] < 0.9
 
 
 # ---------------------------------------------------------------- near-dead channels (int32 bias fit)

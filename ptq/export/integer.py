@@ -20,8 +20,9 @@ format carries the codes themselves and repeats the simulator's arithmetic with 
 - transformer ops (README, Transformers): activation × activation matmuls as an int64 MatMul of the
   centred codes; LayerNorm and softmax as the steps of `ptq.intnorm` in int64 ops (ReduceSum,
   ReduceMax, a float64 Sqrt corrected to the exact integer square root, Mod-based floor division,
-  a Gather of the exp table); embeddings as a Gather of the int32 rows by the id codes; permutes
-  and slices act on the codes.
+  a Gather of the exp table); embeddings as a Gather of the int32 rows by the id codes; an offset as
+  the requantizer in int64, a Pad with zeros and an Add of its int32 constant; permutes and slices
+  act on the codes.
 - layers whose inputs have more than 8 bits, or weights more than 8, run as a float32 Conv/Gemm on
   integer-valued tensors, which is exact because the data-free bound Σ|q|·max|x - z| + |b| is
   checked to be below 2^24 at export (otherwise the export is refused with the layer's name).
@@ -243,7 +244,7 @@ class IntegerBuilder(GraphBuilder):
                 "avgpool": self._avgpool, "maxpool": self._maxpool, "reshape": self._reshape, "pad": self._pad,
                 "clamp": self._clamp, "lut": self._lut, "matmul": self._matmul, "scale": self._scale,
                 "layernorm": self._layernorm, "softmax": self._softmax, "permute": self._permute, "slice": self._slice,
-                "embedding": self._embedding}
+                "embedding": self._embedding, "offset": self._offset}
 
     def _weighted(self, rec: dict) -> None:
         r = rec["requant"]
@@ -452,6 +453,21 @@ class IntegerBuilder(GraphBuilder):
         self.node("Add", [rows, self.i64(f"{name}/offset_z", np.asarray(self.m.tensor(r["offset"]), np.int64) + z)],
                   [f"{name}/y"], f"{name}/offset", name, kind)
         self.store(t, f"{name}/y", name, kind, None, wide=True)
+
+    def _offset(self, rec: dict) -> None:
+        """round(u·m / 2^n) in int64, padded with zeros where the constant rows go, + K + z_y."""
+        name, kind, r, t, x = rec["name"], rec["kind"], rec["requant"], rec["output"], rec["inputs"][0]
+        shift = int(r["shift"])
+        self.node("Mul", [self.centred(x, name, kind), self.i64(f"{name}/m", int(r["multiplier"][0]))], [f"{name}/um"],
+                  f"{name}/mul:m", name, kind)
+        self.node("Add", [f"{name}/um", self.i64(f"{name}/half", 1 << (shift - 1))], [f"{name}/biased"], f"{name}/round", name, kind)
+        v = self.floor_div(f"{name}/biased", self.i64(f"{name}/pow2n", 1 << shift), f"{name}/v", name, kind)
+        pads = torch_pads_to_onnx(rec["attrs"]["pads"], 1 + len(rec["attrs"]["out_shape"]))
+        self.node("Pad", [v, self.i64(f"{name}/pads", pads), self.i64("zero.i64", 0)], [f"{name}/padded"], f"{name}/pad",
+                  name, kind, mode="constant")
+        k = np.asarray(self.m.tensor(rec["offset"]), np.int64) + int(self.m.encoding(t)["zero_point"])
+        self.node("Add", [f"{name}/padded", self.i64(f"{name}/offset_z", k)], [f"{name}/y"], f"{name}/offset", name, kind)
+        self.store(t, f"{name}/y", name, kind, rec.get("clamp"), wide=True)
 
     def _permute(self, rec: dict) -> None:
         name, kind = rec["name"], rec["kind"]

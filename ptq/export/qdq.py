@@ -25,7 +25,8 @@ fake-quant semantics of `ptq.runtime.reference`:
 - pad / maxpool padding use the record's `pad_value` code, in the float domain s*(pad_value - z).
 - transformer ops are their float ONNX ops: MatMul (× α), Mul, LayerNormalization, Softmax (keys a
   mask drops set to −inf by Where), Transpose, Slice; an embedding is a Gather of the dequantized
-  rows plus the dequantized position rows.
+  rows plus the dequantized position rows; an offset (class token, position embedding) is a Pad
+  with zeros plus the dequantized constant.
 
 Rounding: ONNX QuantizeLinear and QONNX Quant(rounding_mode="ROUND") round half to even; ptq
 rounds half up (floor(x + 1/2)). They differ only on exact ties, and the graph carries float32
@@ -169,7 +170,7 @@ class QdqBuilder(GraphBuilder):
                     "avgpool": self._avgpool, "maxpool": self._maxpool, "reshape": self._reshape,
                     "pad": self._pad, "clamp": self._clamp, "lut": self._lut, "matmul": self._matmul,
                     "scale": self._scale, "layernorm": self._layernorm, "softmax": self._softmax,
-                    "permute": self._permute, "slice": self._slice, "embedding": self._embedding}
+                    "permute": self._permute, "slice": self._slice, "embedding": self._embedding, "offset": self._offset}
         return {k: (lambda rec, f=f: self._emit(rec, f)) for k, f in per_kind.items()}
 
     def _emit(self, rec: dict, fn: Callable[[dict, list[str], str], str]) -> None:
@@ -283,6 +284,16 @@ class QdqBuilder(GraphBuilder):
         idx = self.codes_of(rec["inputs"][0], name, kind)
         self.node("Gather", [self.const(f"{name}/table", table.astype(np.float32)), idx], [f"{name}/rows"], name, name, kind, axis=0)
         self.node("Add", [f"{name}/rows", self.const(f"{name}/offset", offset.astype(np.float32))], [y], f"{name}/offset", name, kind)
+        return y
+
+    def _offset(self, rec: dict, xs: list[str], y: str) -> str:
+        """Pad with zeros where the constant rows go, then Add the dequantized constant."""
+        name, kind, a = rec["name"], rec["kind"], rec["attrs"]
+        k = np.asarray(self.m.tensor(rec["offset"]), np.float64) * float(self.m.encoding(rec["output"])["scale"])
+        self.node("Pad", [xs[0], self.const(f"{name}/pads", np.array(torch_pads_to_onnx(a["pads"], 1 + len(a["out_shape"])), np.int64)),
+                          self.const("zero.f32", np.array(0.0, np.float32))], [f"{name}/padded"], f"{name}/pad", name, kind,
+                  mode="constant")
+        self.node("Add", [f"{name}/padded", self.const(f"{name}/offset", k.astype(np.float32))], [y], name, name, kind)
         return y
 
     def _permute(self, rec: dict, xs: list[str], y: str) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError, UnsupportedOpError, first_line
+from .attention import explicit_attention
 from .graph import Graph, Op
 from .ops import LUT_FUNCTIONS, REQUANT_KINDS
 
@@ -37,6 +38,7 @@ MATMUL_TARGETS = {aten.matmul.default, aten.bmm.default}
 SCALE_TARGETS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 PERMUTE_TARGETS = {aten.transpose.int, aten.permute.default}
 SPLIT_TARGETS = {aten.split.Tensor, aten.split_with_sizes.default}
+SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default}
 
 
 def _module_path(node: torch.fx.Node) -> str:
@@ -73,6 +75,7 @@ class _Capture:
         self.splits: dict[str, tuple[torch.fx.Node, int, list[int]]] = {}  # split node -> (input, dim, piece starts)
         self.dropped: dict[str, str] = {}  # `mask == 0` node -> the mask tensor
         self.masked: dict[str, tuple[str, str]] = {}  # scores.masked_fill(mask == 0, -inf) node -> (scores, mask)
+        self.broadcast: dict[str, np.ndarray] = {}  # parameter.expand(batch, ...) node -> the parameter (batch dim 1)
 
     # -- helpers --
     def tensor(self, node: Any) -> str:
@@ -112,13 +115,28 @@ class _Capture:
         self.alias[node.name] = node.name
         return op
 
+    def step(self, name: str, kind: str, inputs: list[str], output: str, out_shape: list[int], **attrs) -> str:
+        """An op of its own inside one ATen node's decomposition (its output is an internal tensor)."""
+        self.ops.append(Op(name=self.unique(name), kind=kind, inputs=inputs, output=output,
+                           attrs={**attrs, "out_shape": list(out_shape)}))
+        return output
+
+    def constant(self, node: Any) -> np.ndarray | None:
+        """The value of a constant operand (a parameter, buffer or lifted constant, or one expanded
+        over the batch, then with its batch dimension of 1), or None for an activation."""
+        if isinstance(node, torch.fx.Node) and node.name in self.broadcast:
+            return self.broadcast[node.name]
+        if isinstance(node, torch.fx.Node) and (node.name in self.params or node.name in self.constants):
+            return self.param(node)[1]
+        return None
+
     # -- op handlers --
     def weighted(self, node, kind):
         args = list(node.args)
         x = self.tensor(args[0])
         fqn, w = self.param(args[1])
         _, b = self.param(args[2] if len(args) > 2 else node.kwargs.get("bias"))
-        name = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+        name = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn[: -len("_weight")] if fqn.endswith("_weight") else fqn
         if kind == "conv":
             if w.ndim != 4:
                 raise UnsupportedOpError(f"only 2-D convolutions are supported ({name})")
@@ -215,7 +233,7 @@ class _Capture:
             self.alias[node.name] = self.alias[a[0].name]
         elif t in CLAMP_TARGETS:
             self.clamp(node)
-        elif t in ADD_TARGETS and self.embedding_offset(node):
+        elif t in ADD_TARGETS and self.constant_add(node, mod):
             pass
         elif t in ADD_TARGETS:
             if not (isinstance(a[1], torch.fx.Node)) or (len(a) > 2 and a[2] != 1) or node.kwargs.get("alpha", 1) != 1:
@@ -249,7 +267,14 @@ class _Capture:
             dim = dim % rank
             if dim == 0:
                 raise UnsupportedOpError(f"concatenation along the batch dimension is not supported ({mod})")
-            self.emit(node, "concat", [self.tensor(x) for x in a[0]], (mod or "cat") + ":cat", dim=dim)
+            if any(self.constant(x) is not None for x in a[0]):
+                self.constant_rows(node, dim, mod)
+            else:
+                self.emit(node, "concat", [self.tensor(x) for x in a[0]], (mod or "cat") + ":cat", dim=dim)
+        elif t == aten.expand.default:
+            self.expand(node, mod)
+        elif t == aten.scaled_dot_product_attention.default:
+            self.attention(node, mod)
         elif t in (aten.pad.default, aten.constant_pad_nd.default):
             mode = a[2] if t == aten.pad.default and len(a) > 2 else "constant"
             if mode != "constant":
@@ -306,7 +331,7 @@ class _Capture:
             self.splits[node.name] = (a[0], dim, [0, *np.cumsum(sizes).tolist()])
         elif t == aten.layer_norm.default:
             self.layer_norm(node, mod)
-        elif t in (aten.softmax.int, aten._softmax.default):
+        elif t in SOFTMAX_TARGETS:
             rank = len(_shape(a[0]))
             if int(a[1]) % rank != rank - 1:
                 raise UnsupportedOpError(f"softmax over dim {a[1]} is not supported, only over the last ({mod})")
@@ -315,7 +340,7 @@ class _Capture:
         elif t == aten.eq.Scalar and a[1] == 0 and isinstance(a[0], torch.fx.Node):
             self.dropped[node.name] = self.tensor(a[0])
         elif t == aten.masked_fill.Scalar and isinstance(a[1], torch.fx.Node) and a[1].name in self.dropped \
-                and a[2] == -math.inf and all(u.target in (aten.softmax.int, aten._softmax.default) for u in node.users):
+                and a[2] == -math.inf and all(u.target in SOFTMAX_TARGETS for u in node.users):
             self.masked[node.name] = (self.tensor(a[0]), self.dropped[a[1].name])
         elif t == aten.select.int:
             self.select(node, mod)
@@ -353,21 +378,102 @@ class _Capture:
             return
         self.emit(node, "scale", [x], (mod or "scale") + ":scale", factor=factor)
 
-    def embedding_offset(self, node) -> bool:
-        """`embedding(ids) + P` with P a parameter or buffer (position rows): P joins the embedding's
-        constant offset. False when the add is not of that form."""
-        x, p = node.args[0], node.args[1]
-        if not (isinstance(x, torch.fx.Node) and isinstance(p, torch.fx.Node) and x.name in self.alias
-                and (p.name in self.params or p.name in self.constants)):
+    def constant_add(self, node, mod) -> bool:
+        """`x + P` with P a constant tensor (position rows): P joins the constant of the embedding or
+        `offset` op that produces x and has no other user, else it becomes an `offset` op of its own.
+        False when neither operand is a constant."""
+        a = node.args
+        if len(a) < 2 or not isinstance(a[0], torch.fx.Node) or not isinstance(a[1], torch.fx.Node):
             return False
+        p, x = (a[1], a[0]) if self.constant(a[1]) is not None else (a[0], a[1])
+        value = self.constant(p)
+        if value is None or x.name not in self.alias:
+            return False
+        if (len(a) > 2 and a[2] != 1) or node.kwargs.get("alpha", 1) != 1:
+            raise UnsupportedOpError(f"add with alpha is not supported ({mod})")
+        out_shape = _shape(node)[1:]
+        if len(_shape(p)) == len(_shape(node)):  # P has a batch dimension of its own: of size 1, it is one sample
+            if value.shape[0] != 1:
+                raise UnsupportedOpError(f"add of a constant with {value.shape[0]} samples is not supported ({mod})")
+            value = value.reshape(value.shape[1:])
+        if tuple(np.broadcast_shapes(value.shape, out_shape)) != tuple(out_shape):
+            raise UnsupportedOpError(f"add of a constant of shape {list(value.shape)} broadcasts the activation ({mod})")
+        value = np.broadcast_to(value, out_shape)
         prod = self.producer(self.alias[x.name])
-        if prod is None or prod.kind != "embedding" or self.n_consumers.get(prod.output, 0) != 1:
-            return False
-        _, offset = self.param(p)
-        prod.params["offset"] = (prod.params["offset"] + np.broadcast_to(offset, prod.params["offset"].shape)).astype(np.float32)
-        prod.output = node.name
-        self.alias[node.name] = node.name
+        if prod is not None and prod.kind in ("embedding", "offset") and self.n_consumers.get(prod.output, 0) == 1 \
+                and prod.attrs.get("act") is None:
+            prod.params["offset"] = (prod.params["offset"] + value).astype(np.float32)
+            prod.output = node.name
+            self.alias[node.name] = node.name
+        else:
+            op = self.emit(node, "offset", [self.tensor(x)], (mod or "add") + ":add", pads=[0, 0] * len(out_shape))
+            op.params = {"offset": value.astype(np.float32)}
         return True
+
+    def expand(self, node, mod):
+        """A constant broadcast over the batch (a class token, `token.expand(n, -1, -1)`) is kept for
+        the concatenation that reads it; an activation may only keep its shape."""
+        src, shape, out = node.args[0], _shape(node.args[0]), _shape(node)
+        value = self.constant(src)
+        if value is not None and len(shape) == len(out) and shape[0] == 1 and shape[1:] == out[1:]:
+            self.broadcast[node.name] = value
+        elif value is None and shape == out:
+            self.alias[node.name] = self.tensor(src)
+        else:
+            raise UnsupportedOpError(f"expand from {list(shape)} to {list(out)} is not supported, only a constant over "
+                                     f"the batch ({mod or '<top>'})")
+
+    def constant_rows(self, node, dim, mod):
+        """cat of constant rows (class tokens) and one activation: an `offset` op that pads the
+        activation with zero rows where the constants go and adds them."""
+        parts = node.args[0]
+        acts = [x for x in parts if self.constant(x) is None]
+        if len(acts) != 1:
+            raise UnsupportedOpError(f"concatenation of constants with {len(acts)} activations is not supported, "
+                                     f"only with one ({mod or '<top>'})")
+        out_shape = _shape(node)[1:]
+        pieces, before, after, seen = [], 0, 0, False
+        for x in parts:
+            value = self.constant(x)
+            if value is None:
+                seen = True
+                pieces.append(np.zeros(_shape(x)[1:], np.float64))
+                continue
+            if value.ndim == len(out_shape) + 1:  # a parameter with a batch dimension of 1
+                value = value.reshape(value.shape[1:])
+            pieces.append(value)
+            if seen:
+                after += value.shape[dim - 1]
+            else:
+                before += value.shape[dim - 1]
+        pads = [0, 0] * (len(out_shape) - dim) + [before, after]
+        op = self.emit(node, "offset", [self.tensor(acts[0])], (mod or "cat") + ":cat", pads=pads)
+        op.params = {"offset": np.concatenate(pieces, axis=dim - 1).astype(np.float32)}
+
+    def attention(self, node, mod):
+        """scaled_dot_product_attention(q, k, v) without a mask: softmax(q·kᵀ·scale)·v as a permute of
+        k, a matmul with α = scale (1/√d by default), a softmax and a matmul."""
+        a, kw = node.args, node.kwargs
+        mask = a[3] if len(a) > 3 else kw.get("attn_mask")
+        dropout = a[4] if len(a) > 4 else kw.get("dropout_p", 0.0)
+        causal = a[5] if len(a) > 5 else kw.get("is_causal", False)
+        if mask is not None or dropout or causal or kw.get("enable_gqa", False):
+            raise UnsupportedOpError(f"scaled_dot_product_attention with a mask, causal masking, dropout or grouped "
+                                     f"query heads is not supported ({mod or '<top>'})")
+        q, k, v = (self.tensor(x) for x in a[:3])
+        qs, ks = _shape(a[0]), _shape(a[1])
+        if len(qs) < 3 or len(ks) != len(qs):
+            raise UnsupportedOpError(f"scaled_dot_product_attention on rank-{len(qs)} queries is not supported ({mod})")
+        scale = kw.get("scale")
+        perm = list(range(len(ks)))
+        perm[-2], perm[-1] = perm[-1], perm[-2]
+        base = mod or "attention"
+        keys = self.step(base + ":keys", "permute", [k], node.name + "__keys", [*ks[1:-2], ks[-1], ks[-2]], perm=perm)
+        scores = [*qs[1:-1], ks[-2]]
+        s = self.step(base + ":scores", "matmul", [q, keys], node.name + "__scores", scores,
+                      alpha=float(scale) if scale is not None else 1.0 / math.sqrt(qs[-1]))
+        p = self.step(base + ":softmax", "softmax", [s], node.name + "__probs", scores)
+        self.emit(node, "matmul", [p, v], base + ":context", alpha=1.0)
 
     def select(self, node, mod):
         """x.select(dim, i): a one-wide slice, then a reshape that drops the dimension."""
@@ -431,8 +537,10 @@ def capture(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
     name = type(model).__name__
     example = torch.zeros(1, *input_shape)
     try:
-        with torch.no_grad(), _quiet_torch():
+        with torch.no_grad(), _quiet_torch(), explicit_attention(model):
             ep = torch.export.export(model, (example,))
+    except UnsupportedOpError:
+        raise
     except Exception as exc:  # torch raises many types; all mean "this model cannot be captured"
         raise _capture_error(model, tuple(input_shape), exc) from exc
     out_spec = ep.call_spec.out_spec

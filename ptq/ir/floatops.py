@@ -121,6 +121,7 @@ def float_kernels(dtype: torch.dtype = torch.float32) -> dict[str, Kernel]:
         "softmax": lambda op, xs: torch.softmax(masked_scores(xs), dim=-1),
         "embedding": lambda op, xs: F.embedding(xs[0].long(), torch.from_numpy(op.params["table"]).to(dtype))
         + torch.from_numpy(op.params["offset"]).to(dtype),
+        "offset": lambda op, xs: apply_act(op, pad(op, xs[0], 0.0) + torch.from_numpy(op.params["offset"]).to(dtype)),
         "permute": lambda op, xs: permute(op, xs[0]),
         "slice": lambda op, xs: slice_(op, xs[0]),
     })

@@ -42,6 +42,7 @@ OP_TABLE: dict[str, OpKind] = {k.name: k for k in (
     OpKind("layernorm", 1, True, False, ("norm", "clamp")),
     OpKind("softmax", None, True, False, ("exp",)),  # scores, and optionally a keep mask (0 drops a key)
     OpKind("embedding", 1, True, False, ("embedding",)),
+    OpKind("offset", 1, True, False, ("requant", "offset", "clamp")),  # x padded with constant rows, plus a constant
     OpKind("permute", 1, False, False, ()),
     OpKind("slice", 1, False, False, ()),
 )}

@@ -230,6 +230,18 @@ def _embedding(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict
                           "offset": m.put(f"{op.name}/offset", offset.astype(np.int32))}}
 
 
+def _offset(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
+    """x rescaled to the output scale by one dyadic multiplier, padded with zeros where the constant
+    rows go, plus the constant rounded to the output scale (int32): y = pad(round(u·s_x/s_y)) + K + z_y."""
+    x, y = enc[op.inputs[0]], enc[op.output]
+    mult, shift = dyadic_shared(np.array([[x.scale / y.scale]]))
+    k = np.floor(op.params["offset"].astype(np.float64) / y.scale + 0.5)
+    if np.abs(k).max(initial=0) >= 2**31:
+        raise ValueError(f"op {op.name}: constant too large for int32 codes at scale {y.scale:.3g}")
+    return {"requant": {"multiplier": [int(mult[0, 0])], "shift": int(shift[0])},
+            "offset": m.put(f"{op.name}/offset", k.astype(np.int32)), "clamp": clamp_bounds(op.attrs.get("act"), y)}
+
+
 # the kind-specific fields of each op's manifest record (the op table lists which fields each kind has)
 RECORDERS = require_all("manifest", {
     "conv": _weighted, "linear": _weighted, "add": _add_or_concat, "concat": _add_or_concat,
@@ -239,7 +251,7 @@ RECORDERS = require_all("manifest", {
     "maxpool": lambda m, op, enc, ctx: {"pad_value": enc[op.output].qmin},
     "reshape": lambda m, op, enc, ctx: {},
     "matmul": _scaling, "scale": _scaling, "layernorm": _layernorm, "softmax": _softmax, "embedding": _embedding,
-    "permute": lambda m, op, enc, ctx: {}, "slice": lambda m, op, enc, ctx: {},
+    "offset": _offset, "permute": lambda m, op, enc, ctx: {}, "slice": lambda m, op, enc, ctx: {},
 })
 
 

@@ -10,7 +10,10 @@ from .fields import fail, need
 from ..ir.grids import ROUNDINGS
 from ..ir.ops import WEIGHTED_KINDS
 
-MODEL_KINDS = ("torchvision", "efficientnet_lite", "minilm", "factory", "file", "module")
+MODEL_KINDS = ("torchvision", "efficientnet_lite", "minilm", "bert", "factory", "file", "module")
+# models on packed (token ids, attention mask) inputs whose output, the last hidden state, is pooled
+# into a sentence embedding (metrics.sentence_embeddings): evaluation and level 2 compare embeddings
+SENTENCE_EMBEDDING_KINDS = ("minilm", "bert")
 ACC_MODES = ("exact", "wrap", "saturate")
 BOUNDS = ("data-type", "weight-level", "none")
 # the recipe sections and leaves the card and the commands read from a manifest
@@ -38,6 +41,8 @@ def check_model(d: dict, input_shape: list) -> None:
     if shape != input_shape:
         raise fail("model.input_shape", f"is {shape!r} but the graph's input shape is {input_shape!r}")
     _optional(m, "weights", str, "model")
+    if kind == "bert":  # a Hugging Face folder, rebuilt from its config.json
+        need(m, "folder", str, "model")
     seed = need(m, "seed", int, "model")
     if not 0 <= seed < 2**63:
         raise fail("model.seed", f"must be in [0, 2^63), got {seed}")

@@ -117,6 +117,11 @@ def _shape_kernels(m: Manifest) -> dict[str, Callable]:
             tensor(m, op.record["norm"][k], f"graph.ops[{op.name}].norm.{k}", "float" if k in ("gamma", "beta") else "int", (d,))
         return xs[0].clone()
 
+    def offset(op, xs):
+        y = pad(op, xs[0], 0.0)
+        tensor(m, op.record["offset"], f"graph.ops[{op.name}].offset", "int", tuple(y.shape[1:]))
+        return y
+
     def embedding(op, xs):
         r, d = op.record["embedding"], op.attrs["out_shape"][-1]
         rows = tensor(m, r["table"], f"graph.ops[{op.name}].embedding.table", "int", None)
@@ -132,7 +137,7 @@ def _shape_kernels(m: Manifest) -> dict[str, Callable]:
         "reshape": lambda op, xs: reshape(op, xs[0]), "pad": lambda op, xs: pad(op, xs[0], 0.0),
         "matmul": lambda op, xs: torch.matmul(xs[0], xs[1]), "scale": lambda op, xs: xs[0].clone(),
         "layernorm": layernorm, "softmax": lambda op, xs: (xs[0] + xs[1]) if len(xs) == 2 else xs[0].clone(),
-        "embedding": embedding,
+        "embedding": embedding, "offset": offset,
         "permute": lambda op, xs: permute(op, xs[0]), "slice": lambda op, xs: slice_(op, xs[0]),
     })
 
@@ -274,8 +279,8 @@ def _check_pad_value(m: Manifest, op: dict, w: str) -> None:
         raise fail(f"{w}.pad_value", f"must be a code of the output encoding, got {v}")
 
 
-def _check_scaling(m: Manifest, op: dict, w: str) -> None:
-    """matmul and scale: one dyadic multiplier (alpha·s_a·s_b/s_y or factor·s_x/s_y), and a clamp."""
+def _check_one_requant(m: Manifest, op: dict, w: str, factor: float) -> None:
+    """One dyadic multiplier for factor·Π s_inputs / s_y, and a clamp."""
     r = need(op, "requant", dict, w)
     mult = need(r, "multiplier", list, f"{w}.requant")
     if len(mult) != 1 or not all(isinstance(v, int) and 0 <= v < 2**31 for v in mult):
@@ -283,14 +288,26 @@ def _check_scaling(m: Manifest, op: dict, w: str) -> None:
     sh = need(r, "shift", int, f"{w}.requant")
     if not 1 <= sh <= 62:
         raise fail(f"{w}.requant.shift", f"must be 1..62, got {sh}")
-    a = op["attrs"]
-    key = "alpha" if op["kind"] == "matmul" else "factor"
-    f = need(a, key, (int, float), f"{w}.attrs")
-    if not (math.isfinite(f) and f > 0):
-        raise fail(f"{w}.attrs.{key}", f"must be positive and finite, got {f}")
-    ratio = f * math.prod(m.encoding(t)["scale"] for t in op["inputs"]) / m.encoding(op["output"])["scale"]
+    ratio = factor * math.prod(m.encoding(t)["scale"] for t in op["inputs"]) / m.encoding(op["output"])["scale"]
     _check_dyadic(np.array(mult), np.array([sh]), np.array([ratio]), f"{w}.requant")
     _check_clamp(m, op, w)
+
+
+def _check_scaling(m: Manifest, op: dict, w: str) -> None:
+    """matmul and scale: one dyadic multiplier (alpha·s_a·s_b/s_y or factor·s_x/s_y), and a clamp."""
+    key = "alpha" if op["kind"] == "matmul" else "factor"
+    f = need(op["attrs"], key, (int, float), f"{w}.attrs")
+    if not (math.isfinite(f) and f > 0):
+        raise fail(f"{w}.attrs.{key}", f"must be positive and finite, got {f}")
+    _check_one_requant(m, op, w, f)
+
+
+def _check_offset(m: Manifest, op: dict, w: str) -> None:
+    """One dyadic multiplier s_x/s_y, a clamp and the pads (the constant's shape: in the dry run)."""
+    pads = need(op["attrs"], "pads", list, f"{w}.attrs")
+    if len(pads) % 2 or not all(type(v) is int and v >= 0 for v in pads):
+        raise fail(f"{w}.attrs.pads", f"must be (begin, end) pairs of non-negative integers, got {pads}")
+    _check_one_requant(m, op, w, 1.0)
 
 
 def _check_layernorm(m: Manifest, op: dict, w: str) -> None:
@@ -361,5 +378,5 @@ CHECKS: dict[str, Callable[[Manifest, dict, str], None]] = require_all("validate
     "lut": _check_lut, "clamp": _check_clamp, "maxpool": _check_pad_value, "pad": _check_pad_value,
     "reshape": lambda m, op, w: None,
     "matmul": _check_scaling, "scale": _check_scaling, "layernorm": _check_layernorm, "softmax": _check_softmax,
-    "permute": _check_permute, "slice": _check_slice, "embedding": _check_embedding,
+    "permute": _check_permute, "slice": _check_slice, "embedding": _check_embedding, "offset": _check_offset,
 })

@@ -107,6 +107,11 @@ def reference_kernels(m: Manifest, dtype: torch.dtype = torch.float64) -> dict[s
         table, offset = (torch.from_numpy(m.tensor(r[k]).astype(np.float64)).to(dtype) * s for k in ("table", "offset"))
         return codec.quantize(table[xs[0].long()] + offset, op.output)
 
+    def offset(op, xs):
+        """The padded input plus the constant at its integer value (a parameter, as the weights are)."""
+        k = torch.from_numpy(m.tensor(op.record["offset"]).astype(np.float64)).to(dtype) * codec.params(op.output)[0]
+        return codec.quantize(pad(op, codec.dequantize(xs[0], op.inputs[0]), 0.0) + k, op.output, op.record["clamp"])
+
     return require_all("reference", {
         "conv": weighted, "linear": weighted, "add": add, "concat": concat, "avgpool": avgpool, "lut": lut,
         "clamp": lambda op, xs: torch.clamp(xs[0], *op.record["clamp"]),
@@ -114,7 +119,7 @@ def reference_kernels(m: Manifest, dtype: torch.dtype = torch.float64) -> dict[s
         "reshape": lambda op, xs: reshape(op, xs[0]),
         "pad": lambda op, xs: pad(op, xs[0], float(op.record["pad_value"])),
         "matmul": matmul, "scale": scale, "layernorm": layernorm, "softmax": softmax, "embedding": embedding,
-        "permute": lambda op, xs: permute(op, xs[0]), "slice": lambda op, xs: slice_(op, xs[0]),
+        "offset": offset, "permute": lambda op, xs: permute(op, xs[0]), "slice": lambda op, xs: slice_(op, xs[0]),
     })
 
 

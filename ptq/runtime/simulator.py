@@ -300,6 +300,15 @@ class Simulator:
         y = table[xs[0].to(torch.int64)] + offset + self._enc(op.output)[0]
         return y.clamp_(0, self._enc(op.output)[1]).to(CODE)
 
+    def _offset(self, op: Op, xs):
+        """pad(round(u·m / 2^n), 0) + K + z_y, clamped."""
+        r = op.record["requant"]
+        u = xs[0].to(torch.float64) - self._enc(op.inputs[0])[0]
+        y = dyadic_sum([u], [torch.tensor(r["multiplier"][0])], torch.tensor(r["shift"]),
+                       [float(1 << self.m.encoding(op.inputs[0])["bits"])])
+        k = torch.from_numpy(self.m.tensor(op.record["offset"]).astype(np.float64))
+        return (pad(op, y, 0) + k).add_(self._enc(op.output)[0]).clamp_(*op.record["clamp"]).to(CODE)
+
     def kernels(self) -> dict[str, Kernel]:
         return require_all("simulator", {
             "conv": self._weighted, "linear": self._weighted, "add": self._add, "concat": self._concat,
@@ -309,7 +318,7 @@ class Simulator:
             "reshape": lambda op, xs: reshape(op, xs[0]),
             "pad": lambda op, xs: pad(op, xs[0], int(op.record["pad_value"])),
             "matmul": self._matmul, "scale": self._scale, "layernorm": self._layernorm, "softmax": self._softmax,
-            "embedding": self._embedding,
+            "embedding": self._embedding, "offset": self._offset,
             "permute": lambda op, xs: permute(op, xs[0]), "slice": lambda op, xs: slice_(op, xs[0]),
         })
 
