@@ -164,7 +164,7 @@ def test_swis_learned_integers_stay_on_their_group_sets(digits_prepared):
     assert moved
 
 
-@pytest.mark.parametrize("recipe", ["w4a8", "swis", "multipoint"])
+@pytest.mark.parametrize("recipe", ["w4a8", "w4a8-learned", "swis", "multipoint"])
 def test_learned_manifest_loads_and_verifies(digits, digits_prepared, recipe, tmp_path):
     xte = digits[3]
     qm = quantize_prepared(digits_prepared, recipe, overrides=FAST)
