@@ -3,12 +3,13 @@ streams, the reductions that merge the ranks' statistics, agreement on failures,
 
 Ranks start under torchrun (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment, on one
 machine or several) or from `workers=N` (`ptq quantize --workers N`): the calling process is rank 0,
-hosts the rendezvous store on a port the system picks, and spawns N − 1 helpers that join it. Rank r streams a contiguous run of whole calibration
-batches (`Shard.part`), so every batch is the batch one process would see. Ranges merge by min/max,
-histogram counts and fixed-point moment sums (`calib.exactsum`) by integer addition, and per-batch
-Fisher terms are gathered and added in batch order: the statistics are the same bits at any rank
-count. A failure on any rank is agreed on before the next reduction (`Shard.agreed`): rank 0 reports
-it in one line and every rank exits with its code, none waits for a peer that is gone.
+hosts the rendezvous store on a port the system picks, and spawns N − 1 helpers that join it. Rank r
+streams a contiguous run of whole calibration batches (`Shard.part`), so every batch is the batch one
+process sees. Ranges merge by min/max, histogram counts and fixed-point moment sums
+(`calib.exactsum`) by integer addition, and per-batch Fisher terms are gathered and added in batch
+order: the statistics are the bits one process computes at the ranks' thread count. A failure on
+any rank is agreed on before the next reduction (`Shard.agreed`): rank 0 reports it in one line and
+every rank exits with its code; none waits for a peer that is gone.
 """
 from __future__ import annotations
 
@@ -155,8 +156,8 @@ def ranks(workers: int | None, helper: Callable[..., None], helper_args: tuple =
     import torch.distributed as dist
     if world > 1 or dist.is_initialized():
         if workers is not None:
-            raise PtqError("--workers / workers= starts ranks itself; under torchrun leave it out "
-                           "(--nproc-per-node sets the ranks)")
+            raise PtqError("--workers / workers= starts ranks itself; under torchrun (or in a process with a "
+                           "torch.distributed group) leave it out: the ranks are already there")
         if dist.is_initialized():  # someone else's group (a helper_rank, a user's script): theirs to end
             yield Shard(dist.get_rank(), dist.get_world_size(), joined=True)
             return
