@@ -4,6 +4,10 @@ Pass 1: min/max of every tensor. Pass 2: fixed-range histograms of every tensor,
 conv/linear layer the second moment H = E[x xᵀ] and the mean E[x] of its input patches, the
 quantities every weight method's output error is built on. Patches are subsampled per image at
 seeded positions, so the cost and memory are bounded however large the feature maps are.
+
+Every merge is exact: min/max, whole histogram counts, and the moments as fixed-point sums
+(`calib.exactsum`), so the statistics are the same bits however the batches are split over
+calibration ranks (`calib.distributed`), and the same bits as one process.
 """
 from __future__ import annotations
 
@@ -16,9 +20,11 @@ import torch
 
 from ..ir import Graph, Op, execute
 from ..ir.floatops import float_kernels
+from .distributed import Shard
+from .exactsum import FixedSum
 from .observers import Histogram
 from .progress import progress
-from .sensitivity import channel_fisher
+from .sensitivity import fisher_mean, fisher_terms
 from .sources import DataSource
 
 MAX_POSITIONS = 256  # patches sampled per image and layer for H
@@ -113,60 +119,144 @@ def patch_moments(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
 
 
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,
-                       positions: int = MAX_POSITIONS, sensitivity_samples: int = 0) -> Statistics:
+                       positions: int = MAX_POSITIONS, sensitivity_samples: int = 0,
+                       shard: Shard | None = None, fisher_now: bool = False) -> Statistics:
     """Two passes over `source`: ranges, then histograms and per-layer input moments; the
     per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: none) is measured
-    when a method first asks for it."""
+    when a method first asks for it, by this process alone.
+
+    With a `shard` of several ranks (`calib.distributed`), this rank streams only its batches and
+    every rank ends with the same totals, the bits one process gets; `fisher_now` measures the
+    Fisher sensitivity now, split over the ranks (for a method that reads it)."""
+    shard = shard or Shard()
     stats = Statistics(samples=len(source))
     kernels = float_kernels(torch.float32)
-    n_batches = (len(source) + batch_size - 1) // batch_size
+    mine = shard.part(-(-len(source) // batch_size))
+    names = [graph.input] + [op.output for op in graph.ops]
+    index = {t: i for i, t in enumerate(names)}
+    lo, hi = np.full(len(names), np.inf), np.full(len(names), -np.inf)
 
     def track_range(name: str, t: torch.Tensor):
-        lo, hi = (float(v) for v in torch.aminmax(t))  # one read of the tensor for both
-        if not (np.isfinite(lo) and np.isfinite(hi)):
+        low, high = (float(v) for v in torch.aminmax(t))  # one read of the tensor for both
+        if not (np.isfinite(low) and np.isfinite(high)):
             from ptq.errors import DataError
             raise DataError(f"tensor {name} became NaN/Inf on calibration data; check the data and the weights")
-        old = stats.ranges.get(name)
-        stats.ranges[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+        i = index[name]
+        lo[i], hi[i] = min(lo[i], low), max(hi[i], high)
 
-    with torch.no_grad(), progress("calibration pass 1/2 (ranges)", n_batches) as advance:
-        for xb in source.batches(batch_size):
+    with shard.agreed(), torch.no_grad(), progress("calibration pass 1/2 (ranges)", len(mine)) as advance:
+        for xb in source.batches(batch_size, mine):
             track_range(graph.input, xb)
             execute(graph, xb, kernels, on_output=lambda op, xs, y: track_range(op.output, y))
             advance()
+    shard.minimum(lo)
+    shard.maximum(hi)
+    stats.ranges = {t: (float(lo[i]), float(hi[i])) for t, i in index.items()}
 
     stats.histograms = {t: Histogram.empty(*r) for t, r in stats.ranges.items()}
+    sums = {op.name: MomentSums(graph, op, stats.ranges, len(source), positions) for op in graph.ops if op.weight is not None}
     gen = torch.Generator().manual_seed(seed)
+    skip_positions(graph, positions, gen, mine.start)
 
     def observe(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
         stats.histograms[op.output].add(y)
         if op.weight is not None:
-            cur = stats.layer_inputs.get(op.name)
-            new = patch_moments(op, xs[0], positions, gen)
-            stats.layer_inputs[op.name] = new if cur is None else cur.merge(new)
+            sums[op.name].add(patch_moments(op, xs[0], positions, gen))
 
-    with torch.no_grad(), progress("calibration pass 2/2 (histograms, layer inputs)", n_batches) as advance:
-        for xb in source.batches(batch_size):
+    with shard.agreed(), torch.no_grad(), progress("calibration pass 2/2 (histograms, layer inputs)", len(mine)) as advance:
+        for xb in source.batches(batch_size, mine):
             stats.histograms[graph.input].add(xb)
             execute(graph, xb, kernels, on_output=observe)
             advance()
-    stats.replay = lambda n, b: _head(source.batches(b), min(n, len(source)), lambda: None)
+    counts = np.stack([h.counts for h in stats.histograms.values()])
+    shard.add(counts)  # whole counts in float64: exact in any order
+    for h, c in zip(stats.histograms.values(), counts):
+        h.counts = c
+    stats.layer_inputs = MomentSums.merged(sums, shard)
+    stats.replay = lambda n, b: _head(source.batches(b), min(n, len(source)))
     if sensitivity_samples > 0:
         n = min(sensitivity_samples, len(source))
 
-        def measure() -> dict[str, np.ndarray]:
-            with progress("sensitivity (one backward pass)", (n + batch_size - 1) // batch_size) as advance:
-                return channel_fisher(graph, _head(source.batches(batch_size), n, advance), seed)
-        stats.measure_fisher = measure
+        def measure(part: Shard) -> dict[str, np.ndarray]:
+            batches = part.part(-(-n // batch_size))
+            with progress("sensitivity (one backward pass)", len(batches)) as advance:
+                terms = []
+                with part.agreed():
+                    heads = (xb[:n - b * batch_size] for b, xb in zip(batches, source.batches(batch_size, batches)))
+                    for term in fisher_terms(graph, heads, seed, batches.start, batch_size):
+                        terms.append(term)
+                        advance()
+                return fisher_mean(part.gather(terms))
+        stats.measure_fisher = lambda: measure(Shard())
+        if fisher_now:
+            stats._fisher = measure(shard)
     return stats
 
 
-def _head(batches, n: int, advance):
-    """The first n samples of a batch stream, ticking the progress bar."""
+class MomentSums:
+    """A layer's sums of x xᵀ and x over its input patches as fixed-point sums (`calib.exactsum`),
+    bounded by the patch rows the whole calibration set gives and its input's range from pass 1,
+    so that ranks and batches add up to the same bits in any grouping."""
+
+    def __init__(self, graph: Graph, op: Op, ranges: dict[str, tuple[float, float]], samples: int, positions: int):
+        self.rows = samples * _rows_per_sample(graph, op, positions)
+        peak = max(abs(ranges[op.inputs[0]][0]), abs(ranges[op.inputs[0]][1]))
+        groups = op.attrs["groups"] if op.kind == "conv" else 1
+        k = op.weight_matrix_shape[1]
+        # 2×: a float32 sum of products may round above the exact bound it approximates
+        self.xx = FixedSum((groups, k, k), 2.0 * self.rows * peak * peak)
+        self.x = FixedSum((groups, k), 2.0 * self.rows * peak)
+        self.count = 0
+
+    def add(self, m: LayerInputStats) -> None:
+        self.xx.add(m.xx)
+        self.x.add(m.x)
+        self.count += m.count
+
+    @staticmethod
+    def merged(sums: dict[str, "MomentSums"], shard: Shard) -> dict[str, LayerInputStats]:
+        """Every layer's totals over all ranks, as float64 LayerInputStats."""
+        counts = np.array([s.count for s in sums.values()], np.int64)
+        shard.add(counts)
+        out = {}
+        for (name, s), count in zip(sums.items(), counts):
+            if count > s.rows:
+                raise RuntimeError(f"layer {name} gave {count} patch rows, more than the {s.rows} its sums were bounded for")
+            shard.add(s.xx.units)
+            shard.add(s.x.units)
+            out[name] = LayerInputStats(s.xx.value(), s.x.value(), int(count))
+            s.xx = s.x = None  # free the integers layer by layer
+        return out
+
+
+def _rows_per_sample(graph: Graph, op: Op, positions: int) -> int:
+    """Patch rows one sample gives `layer_patches`: the sampled output positions of a conv, every
+    leading position of a linear input."""
+    if op.kind == "conv":
+        _, oh, ow = op.attrs["out_shape"]
+        return min(positions, oh * ow)
+    producer = graph.producers().get(op.inputs[0])
+    shape = graph.input_shape if producer is None else producer.attrs["out_shape"]
+    return int(np.prod(shape[:-1], dtype=np.int64))
+
+
+def skip_positions(graph: Graph, positions: int, gen: torch.Generator, batches: int) -> None:
+    """Advance `gen` past what `batches` batches of pass 2 draw (one `layer_patches` randperm per
+    conv with more output positions than `positions`), so a rank starting at a later batch samples
+    the positions one process samples there."""
+    totals = [op.attrs["out_shape"][1] * op.attrs["out_shape"][2] for op in graph.ops
+              if op.weight is not None and op.kind == "conv"]
+    for _ in range(batches):
+        for total in totals:
+            if total > positions:
+                torch.randperm(total, generator=gen)
+
+
+def _head(batches, n: int):
+    """The first n samples of a batch stream."""
     got = 0
     for xb in batches:
         if got >= n:
             return
         yield xb[:n - got]
         got += xb.shape[0]
-        advance()

@@ -26,6 +26,18 @@ def set_quiet(quiet: bool) -> None:
     _state["quiet"] = quiet
 
 
+@contextmanager
+def muted() -> Iterator[None]:
+    """Nothing on stderr inside, warnings included (a calibration rank other than 0: rank 0 prints
+    them); errors raised out of the block print as usual."""
+    quiet, console.quiet = _state["quiet"], True
+    _state["quiet"] = True
+    try:
+        yield
+    finally:
+        console.quiet, _state["quiet"] = False, quiet
+
+
 def _silent() -> bool:
     return _state["quiet"] or bool(os.environ.get("PTQ_NO_PROGRESS"))
 

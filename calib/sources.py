@@ -46,8 +46,11 @@ class DataSource:
     def __len__(self) -> int:
         return self.count
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        for start in range(0, self.count, batch_size):
+    def batches(self, batch_size: int, part: range | None = None) -> Iterator[torch.Tensor]:
+        """The samples in batches of `batch_size`; only the batches numbered in `part` when given
+        (a calibration rank's shard, `calib.distributed`), so a rank reads only its own samples."""
+        for b in range(-(-self.count // batch_size)) if part is None else part:
+            start = b * batch_size
             yield torch.from_numpy(np.ascontiguousarray(self._get(start, min(start + batch_size, self.count))))
 
     def tensor(self) -> torch.Tensor:

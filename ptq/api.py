@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from rich.markup import escape
 from . import bitserial
 from .biascorrect import choose_and_correct
 from .calib.collect import Statistics, collect_statistics
+from .calib.distributed import helper_rank, launched, ranks  # noqa: F401  (launched: the CLI asks which rank it is)
 from .calib.preprocess import Preprocess
-from .calib.progress import console, note, progress, stage
+from .calib.progress import console, muted, note, progress, stage
 from . import minilm
 from .calib.sources import DataSource, check_float_dtype, check_labels, float_samples, open_source, sample_shape, shape_mismatch
 from .card import bits_png, planes_png, render_card
@@ -111,6 +113,13 @@ def check_eval_size(value: Any) -> None:
 
 
 VERIFY_MODES = ("sample", "full")  # level 2 on the recipe's calibration.verify_size first samples, or on all
+
+
+def check_workers(value: Any) -> None:
+    """Calibration processes on this machine: a positive integer, or None (torchrun's ranks if it
+    started this process, else one)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+        raise PtqError(f"workers (--workers) must be a positive integer, the number of calibration processes; got {value!r}")
 
 
 def check_verify(mode: Any) -> None:
@@ -303,6 +312,8 @@ class Prepared:
     eval_size: int
     calibration_seconds: float
     seconds: float
+    rank: int = 0  # this process's calibration rank: only rank 0 goes on to quantize
+    ranks: int = 1  # how many processes collected the statistics
 
 
 def _resolve(recipe: str | dict, overrides: dict[str, Any] | None, kw_overrides: dict[str, Any],
@@ -317,18 +328,37 @@ def _resolve(recipe: str | dict, overrides: dict[str, Any] | None, kw_overrides:
 def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | dict = "w8a8", *,
             weights: str | None = None, calib_size: int | None = None, seed: int = 0,
             eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
-            trust_model_file: bool = False, overrides: dict[str, Any] | None = None, **kw_overrides: Any) -> Prepared:
+            trust_model_file: bool = False, workers: int | None = None, overrides: dict[str, Any] | None = None,
+            **kw_overrides: Any) -> Prepared:
     """Load and capture `model` and collect its calibration statistics (the recipe's [calibration]).
-    `trust_model_file` allows unpickling a saved module file (it runs code stored in the file)."""
+    `trust_model_file` allows unpickling a saved module file (it runs code stored in the file).
+
+    `workers=N` collects them in N processes on this machine (this one is rank 0; the model and the
+    data must pickle: a spec, a path, an array or a module); under torchrun every rank calls this,
+    and each streams its share of the calibration batches (`calib.distributed`). The statistics are
+    the same bits as one process's; the result's `rank` says which process this is."""
     t0 = time.perf_counter()
     check_count(calib_size, "calibration size (--calib-size / calib_size=)", optional=True)
     check_eval_size(eval_size)
     check_seed(seed)
+    check_workers(workers)
     input_shape = check_input_shape(input_shape)
     r = _resolve(recipe, overrides, kw_overrides, calib_size)
     if input_shape is None and (isinstance(model, torch.nn.Module) or spec_kind(model) in ("factory", "file")):
         input_shape = check_input_shape(sample_shape(calib))  # a model of the user's takes what its data holds
-    with stage("load and capture"):
+    if workers is not None and workers > 1 and isinstance(calib, DataSource):
+        raise PtqError("workers= needs the calibration data as a path, an array or a tensor (a DataSource does not pickle)")
+    helper = dict(model=model, calib=calib, recipe=recipe, weights=weights, calib_size=calib_size, seed=seed,
+                  input_shape=input_shape, trust_model_file=trust_model_file, overrides=overrides, **kw_overrides)
+    with ranks(workers, _helper, (helper,)) as shard:
+        prep = _prepare(model, calib, r, weights, seed, eval_data, eval_size, input_shape, trust_model_file, shard)
+    prep.seconds = time.perf_counter() - t0
+    return prep
+
+
+def _prepare(model, calib, r, weights, seed, eval_data, eval_size, input_shape, trust_model_file, shard) -> Prepared:
+    t0 = time.perf_counter()
+    with stage("load and capture"), shard.agreed():
         if isinstance(model, torch.nn.Module):
             shape = input_shape
             if shape is None:
@@ -340,7 +370,7 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
             lm = load_model(model, weights, seed, input_shape, trust_model_file)
         cal = r["calibration"]
         src = as_source(calib, lm.spec, cal["size"], seed, split="calib")
-        if len(src) < 16:
+        if len(src) < 16 and shard.rank == 0:
             console.print(f"[yellow]warning:[/] only {len(src)} calibration samples; statistics will be noisy (use 64 or more)")
         ev = None if eval_data is None or eval_size == 0 else as_source(eval_data, lm.spec, eval_size, seed, split="eval")
         graph = capture(lm.module, lm.input_shape)
@@ -349,9 +379,24 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
             ev.check_label_range(int(np.prod(logits.attrs["out_shape"])))
     t_cal = time.perf_counter()
     with stage("statistics"):
-        stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"])
+        stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"],
+                                   shard, fisher_now=shard.world > 1 and METHODS[r["method"]].reads_fisher(r))
     t_stats = time.perf_counter() - t_cal
-    return Prepared(lm, graph, stats, src, r, seed, ev, eval_size, t_stats, time.perf_counter() - t0)
+    return Prepared(lm, graph, stats, src, r, seed, ev, eval_size, t_stats, time.perf_counter() - t0, shard.rank, shard.world)
+
+
+def _helper(index: int, world: int, port: int, threads: int, kwargs: dict) -> None:
+    """A calibration rank that `workers=N` spawned: its share of the statistics, then exit (rank 0
+    quantizes). A failure rank 0 reports (agreed on) exits with its code and prints nothing."""
+    rank = index + 1
+    try:
+        with muted(), helper_rank(index, world, port, threads):
+            prepare(**kwargs)
+    except PtqError as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # lost touch with rank 0: it is gone or failed outside an agreed step
+        console.print(f"[red]error:[/] calibration rank {rank}: {escape(f'{type(exc).__name__}: {exc}')}", soft_wrap=True)
+        sys.exit(1)
 
 
 class _StageClock:
@@ -399,7 +444,8 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
         verdict = stage_verification(m, prep.source, r, verify)
         m.data["verification"] = {k: verdict[k] for k in ("structural", "numeric")}
     qm = QuantizedModel(m, prep.model.module)
-    report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": prep.model.spec["name"]}
+    report: dict[str, Any] = {"recipe": r["name"], "method": r["method"], "model": prep.model.spec["name"],
+                              "calibration_ranks": prep.ranks}
     report.update({k: v for k, v in weight_summary(m).items() if k != "layers"})
     report.update(weights.timings)
     if prep.eval_size == 0:
@@ -505,7 +551,7 @@ def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str |
              weights: str | None = None, calib_size: int | None = None, seed: int = 0,
              eval_data: Any = None, eval_size: int = 64, input_shape: tuple[int, ...] | None = None,
              trust_model_file: bool = False, overrides: dict[str, Any] | None = None, strict: bool = False,
-             verify: str = "sample", **kw_overrides: Any) -> QuantizedModel:
+             verify: str = "sample", workers: int | None = None, **kw_overrides: Any) -> QuantizedModel | None:
     """Quantize `model` with `recipe` on calibration data; verify it; measure its fidelity.
 
     Overrides are recipe keys, as a dict ({"weights.bits": 4}) or keywords (weights__bits=4).
@@ -513,11 +559,15 @@ def quantize(model: str | torch.nn.Module, calib: Any = "samples", recipe: str |
     `strict=True` refuses [[overrides]] layer patterns that match no layer (else a warning).
     `verify="full"` runs level 2 on every calibration sample instead of the fixed first
     `calibration.verify_size`; `eval_size=0` skips the evaluation stage.
+    `workers=N` collects the statistics in N processes on this machine (`prepare`); under torchrun
+    every rank calls this, and ranks other than 0 return None once the statistics are shared.
     """
     check_verify(verify)
     prep = prepare(model, calib, recipe, weights=weights, calib_size=calib_size, seed=seed, eval_data=eval_data,
                    eval_size=eval_size, input_shape=input_shape, trust_model_file=trust_model_file,
-                   overrides=overrides, **kw_overrides)
+                   workers=workers, overrides=overrides, **kw_overrides)
+    if prep.rank != 0:
+        return None
     return quantize_prepared(prep, strict=strict, verify=verify)
 
 

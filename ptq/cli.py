@@ -101,19 +101,49 @@ def _factory_path(spec: str | None) -> None:
         import_from(Path.cwd(), spec)
 
 
+def _workers(text: str | None) -> int | None:
+    """--workers text as an integer; the API checks its value (ptq.api.check_workers)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise PtqError(f"--workers must be a positive integer, the number of calibration processes; got {text!r}") from None
+
+
 def cmd_quantize(args) -> int:
+    """Under torchrun every rank runs this: ranks other than 0 share the statistics, then exit 0
+    without writing or printing (a failure they share is rank 0's to report)."""
+    from .api import launched
+    from .calib.progress import muted
+    rank, _ = launched()
+    if rank == 0:
+        return _quantize(args)
+    try:
+        with muted():
+            _quantize(args, rank)
+    except PtqError as exc:
+        return exc.exit_code
+    return 0
+
+
+def _quantize(args, rank: int = 0) -> int:
     import ptq
     from .api import check_output, end_to_end_text
+    workers = _workers(args.workers)
     _factory_path(args.model)
     overrides = _parse_sets(args.set)
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-{Path(args.recipe).stem}")
     inputs = [p for p in (args.model, args.calib, args.data, args.weights) if p]
-    check_output(out, args.force, inputs)  # fail before the run; the save decides again, atomically
+    if rank == 0:
+        check_output(out, args.force, inputs)  # fail before the run; the save decides again, atomically
     t0 = time.perf_counter()
     qm = ptq.quantize(args.model, args.calib, args.recipe, weights=args.weights, calib_size=args.calib_size,
                       seed=args.seed, eval_data=args.data, eval_size=args.eval_size,
                       input_shape=_shape(args.input_shape), trust_model_file=args.trust_model_file, overrides=overrides,
-                      strict=args.strict, verify=args.verify)
+                      strict=args.strict, verify=args.verify, workers=workers)
+    if qm is None:  # a calibration rank other than 0: rank 0 writes the output
+        return 0
     qm.save(out, force=args.force, protect=inputs)
     r = qm.report
     v = r["verification"]
@@ -323,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level 2 (simulator vs reference) on the first calibration.verify_size calibration samples "
                         "(sample, default 32) or on all of them (full); level 1 always runs in full")
     q.add_argument("--input-shape", help="per-sample input shape for models without a known one, e.g. 1,8,8")
+    q.add_argument("--workers", metavar="N", help="collect the calibration statistics in N processes on this machine "
+                                                  "(torch.distributed, gloo; the same bits as one process); under "
+                                                  "torchrun leave it out: every rank runs `ptq quantize` and rank 0 writes")
     q.add_argument("--force", action="store_true", help="replace an existing output directory (atomically)")
     q.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     q.add_argument("--strict", action="store_true", help="refuse [[overrides]] layer patterns that match no layer (default: warn)")

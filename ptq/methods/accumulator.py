@@ -146,7 +146,8 @@ def _naive(layers: list[LayerChoices], p: int) -> dict[str, Candidate]:
     raise BudgetError(f"no single (weight bits, input bits) pair fits a {p}-bit accumulator in every layer without projection")
 
 
-@register("accumulator", sections={"allocator": ALLOCATOR_SECTION}, override_keys=("allocator.weight_bits", "allocator.input_bits"))
+@register("accumulator", sections={"allocator": ALLOCATOR_SECTION}, override_keys=("allocator.weight_bits", "allocator.input_bits"),
+          reads_fisher=True)
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     al, p = recipe["allocator"], recipe["accumulator"]["bits"]
     if al["min_weight_bits"] > al["max_weight_bits"] or al["min_input_bits"] > al["max_input_bits"]:

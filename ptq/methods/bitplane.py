@@ -120,7 +120,8 @@ def layer_candidates(op: Op, stats, recipe: dict, input_max: int | None, input_s
     return out
 
 
-@register("bitplane", sections={"bitplane": BITPLANE_SECTION}, override_keys=("bitplane.layer_bits",))
+@register("bitplane", sections={"bitplane": BITPLANE_SECTION}, override_keys=("bitplane.layer_bits",),
+          reads_fisher=lambda recipe: recipe["bitplane"]["error"] == "output")
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     bp, act = recipe["bitplane"], recipe["activations"]
     if bp["min_bits"] > bp["bits"]:

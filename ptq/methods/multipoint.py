@@ -298,7 +298,8 @@ def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
     return plans
 
 
-@register("multipoint", sections={"multipoint": MULTIPOINT_SECTION}, override_keys=("multipoint.bits", "multipoint.extra_bits", "multipoint.max_points", "multipoint.sensitivity"))
+@register("multipoint", sections={"multipoint": MULTIPOINT_SECTION}, override_keys=("multipoint.bits", "multipoint.extra_bits", "multipoint.max_points", "multipoint.sensitivity"),
+          reads_fisher=lambda recipe: recipe["multipoint"]["priority"] == "fisher")
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     mp = recipe["multipoint"]
     if mp["budget"] > max(1, mp["max_points"]) and mp["budget_scope"] == "layer":

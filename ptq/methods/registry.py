@@ -23,6 +23,9 @@ class Method:
     quantize: Callable
     sections: dict[str, dict[str, Field]] = field(default_factory=dict)
     override_keys: tuple[str, ...] = ()
+    # whether it reads the Fisher sensitivity under a resolved recipe: calibration ranks then measure
+    # it with the statistics (one process measures it on first use whatever this says)
+    reads_fisher: Callable[[dict], bool] = lambda recipe: False
 
 
 METHODS: dict[str, Method] = {}
@@ -30,14 +33,16 @@ METHODS: dict[str, Method] = {}
 ENGINE_KEYS = ("weights.rounding",)  # per-layer keys every method accepts: the rounding engine reads them
 
 
-def register(name: str, sections: dict[str, dict[str, Field]] | None = None,
-             override_keys: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Decorator: register `fn` as method `name` with its recipe sections."""
+def register(name: str, sections: dict[str, dict[str, Field]] | None = None, override_keys: tuple[str, ...] = (),
+             reads_fisher: bool | Callable[[dict], bool] = False) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` as method `name` with its recipe sections; `reads_fisher` says
+    whether it reads `stats.fisher` (always, or under the recipe given)."""
     def deco(fn: Callable) -> Callable:
         for key in override_keys:  # keys of base sections are checked against the schema by ptq.recipe
             section, _, k = key.partition(".")
             if section in (sections or {}) and k not in sections[section]:
                 raise KeyError(f"method {name}: override key {key} is not one of its recipe keys")
-        METHODS[name] = Method(name, fn, dict(sections or {}), tuple(override_keys) + ENGINE_KEYS)
+        reads = reads_fisher if callable(reads_fisher) else (lambda recipe: bool(reads_fisher))
+        METHODS[name] = Method(name, fn, dict(sections or {}), tuple(override_keys) + ENGINE_KEYS, reads)
         return fn
     return deco

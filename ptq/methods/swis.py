@@ -313,7 +313,8 @@ def _check_n(n: int, bits: int, key: str, layer: str) -> None:
                           f"(a group keeps N of the {bits - 1} magnitude positions)")
 
 
-@register("swis", sections={"swis": SWIS_SECTION}, override_keys=("swis.shared_bits", "swis.min_shared_bits", "swis.max_shared_bits"))
+@register("swis", sections={"swis": SWIS_SECTION}, override_keys=("swis.shared_bits", "swis.min_shared_bits", "swis.max_shared_bits"),
+          reads_fisher=True)
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     sw = recipe["swis"]
     bits, group, lanes = sw["bits"], sw["group"], sw["lanes"]
