@@ -3,7 +3,8 @@
 Pass 1: min/max of every tensor. Pass 2: fixed-range histograms of every tensor, and for every
 conv/linear layer the second moment H = E[x xᵀ] and the mean E[x] of its input patches, the
 quantities every weight method's output error is built on. Patches are subsampled per image at
-seeded positions, so the cost and memory are bounded however large the feature maps are.
+seeded positions, so the cost and memory are bounded however large the feature maps are. In a text
+encoder with an attention mask, both passes observe the kept tokens only (`calib.tokens`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .observers import Histogram
 from .progress import progress
 from .sensitivity import channel_fisher
 from .sources import DataSource
+from .tokens import at_kept, kept_tokens
 
 MAX_POSITIONS = 256  # patches sampled per image and layer for H
 
@@ -119,6 +121,7 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     when a method first asks for it."""
     stats = Statistics(samples=len(source))
     kernels = float_kernels(torch.float32)
+    tokens = kept_tokens(graph)
     n_batches = (len(source) + batch_size - 1) // batch_size
 
     def track_range(name: str, t: torch.Tensor):
@@ -131,24 +134,26 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
 
     with torch.no_grad(), progress("calibration pass 1/2 (ranges)", n_batches) as advance:
         for xb in source.batches(batch_size):
+            keep = tokens(xb) if tokens else None
             track_range(graph.input, xb)
-            execute(graph, xb, kernels, on_output=lambda op, xs, y: track_range(op.output, y))
+            execute(graph, xb, kernels, on_output=lambda op, xs, y: track_range(op.output, at_kept(y, keep)))
             advance()
 
     stats.histograms = {t: Histogram.empty(*r) for t, r in stats.ranges.items()}
     gen = torch.Generator().manual_seed(seed)
 
-    def observe(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
-        stats.histograms[op.output].add(y)
+    def observe(op: Op, xs: list[torch.Tensor], y: torch.Tensor, keep: torch.Tensor | None):
+        stats.histograms[op.output].add(at_kept(y, keep))
         if op.weight is not None:
             cur = stats.layer_inputs.get(op.name)
-            new = patch_moments(op, xs[0], positions, gen)
+            new = patch_moments(op, at_kept(xs[0], keep), positions, gen)
             stats.layer_inputs[op.name] = new if cur is None else cur.merge(new)
 
     with torch.no_grad(), progress("calibration pass 2/2 (histograms, layer inputs)", n_batches) as advance:
         for xb in source.batches(batch_size):
+            keep = tokens(xb) if tokens else None
             stats.histograms[graph.input].add(xb)
-            execute(graph, xb, kernels, on_output=observe)
+            execute(graph, xb, kernels, on_output=lambda op, xs, y: observe(op, xs, y, keep))
             advance()
     stats.replay = lambda n, b: _head(source.batches(b), min(n, len(source)), lambda: None)
     if sensitivity_samples > 0:
