@@ -1,16 +1,20 @@
 """What moved all-MiniLM-L6-v2 to its fidelity targets (BENCHMARKS.md, Transformers), on tiny models:
-calibration statistics over kept tokens only."""
+calibration statistics over kept tokens only, and the wider GEMM inputs of an encoder
+(`encoder.gemm_input_bits`) with their accumulator bound, in the simulator and the integer twin."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+import ptq
 from ptq.calib.collect import collect_statistics
 from ptq.calib.sources import DataSource
 from ptq.calib.tokens import kept_tokens
+from ptq.export import export, onnxruntime_runner
 from ptq.ir import execute
 from ptq.ir.capture import capture
 from ptq.ir.floatops import float_kernels
+from ptq.recipe import resolve
 
 
 def _source(x: np.ndarray) -> DataSource:
@@ -41,3 +45,56 @@ def test_calibration_statistics_ignore_padded_positions():
 def test_graphs_without_a_masked_softmax_keep_every_position(tiny_encoder):
     model, shape, _, _ = tiny_encoder
     assert kept_tokens(capture(model, shape)) is None
+
+
+def _gemm_fed(m, kinds):
+    """Tensors produced by ops of `kinds` that a linear layer reads."""
+    made = {op["output"] for op in m.ops if op["kind"] in kinds}
+    return {op["inputs"][0] for op in m.weighted_ops()} & made
+
+
+def test_encoder_gemm_inputs_are_wider_and_keep_their_accumulator_bound(tiny_encoder_w8a8):
+    """LayerNorm and GELU outputs that feed a linear layer get 12 bits (the default); the GELU's
+    input (a lookup table's) stays at 8; every layer's data-free bound still fits 32 bits."""
+    m = tiny_encoder_w8a8.manifest
+    assert m.data["recipe"]["encoder"] == {"gemm_input_bits": 12}
+    fed = _gemm_fed(m, ("layernorm", "lut"))
+    assert len(fed) == 3 and {m.encoding(t)["bits"] for t in fed} == {12}
+    lut_in = {op["inputs"][0] for op in m.ops if op["kind"] == "lut"}
+    assert {m.encoding(t)["bits"] for t in lut_in} == {8}
+    for op in m.weighted_ops():
+        acc = op["accumulator"]
+        assert acc["bound"] in ("data-type", "weight-level") and acc["data_free_bits"] <= acc["bits"] == 32
+    assert m.data["verification"]["structural"]["ok"]
+
+
+def test_16_bit_gemm_inputs_run_exactly_in_the_integer_twin(tiny_encoder):
+    """At 16 bits the float32 accumulation of the integer twin is no longer provably exact (bound
+    ≥ 2^24): those linear layers accumulate in float64, and the twin still equals the simulator."""
+    model, _, calib, held_out = tiny_encoder
+    qm = ptq.quantize(model, calib, "w8a8", eval_size=0,
+                      overrides={"calibration.sensitivity_samples": 0, "encoder.gemm_input_bits": 16})
+    m = qm.manifest
+    assert {m.encoding(t)["bits"] for t in _gemm_fed(m, ("layernorm", "lut"))} == {16}
+    assert max(op["accumulator"]["data_free_max"] for op in m.weighted_ops()) >= 2**24
+    assert m.data["verification"]["structural"]["ok"] and m.data["verification"]["numeric"]["max_lsb_error"] <= 1
+    casts = {a.i for n in export(m, "int").graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    assert 11 in casts  # TensorProto.DOUBLE
+    x = torch.from_numpy(held_out)
+    assert np.array_equal(onnxruntime_runner(m, fmt="int")(x), qm.simulate(x))
+
+
+def test_gemm_input_bits_8_restores_8_bit_gemm_inputs(tiny_encoder):
+    model, _, calib, _ = tiny_encoder
+    qm = ptq.quantize(model, calib, "w8a8", eval_size=0,
+                      overrides={"calibration.sensitivity_samples": 0, "encoder.gemm_input_bits": 8})
+    m = qm.manifest
+    assert {m.encoding(t)["bits"] for t in _gemm_fed(m, ("layernorm", "lut"))} == {8}
+
+
+def test_a_cnn_manifest_records_no_encoder_section(digits_quantized):
+    """[encoder] applies only to graphs with LayerNorm: a CNN's manifest does not carry it (its bytes
+    stay those of a recipe without the section), while the resolved recipe has it."""
+    qm, _ = digits_quantized
+    assert "encoder" not in qm.manifest.data["recipe"] and resolve("w8a8")["encoder"] == {"gemm_input_bits": 12}
+    assert {e["bits"] for e in qm.manifest.graph["encodings"].values()} <= {8, 16}
