@@ -122,6 +122,7 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     stats = Statistics(samples=len(source))
     kernels = float_kernels(torch.float32)
     tokens = kept_tokens(graph)
+    scores = {op.inputs[0] for op in graph.ops if op.kind == "softmax" and len(op.inputs) == 2}
     n_batches = (len(source) + batch_size - 1) // batch_size
 
     def track_range(name: str, t: torch.Tensor):
@@ -136,14 +137,15 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
         for xb in source.batches(batch_size):
             keep = tokens(xb) if tokens else None
             track_range(graph.input, xb)
-            execute(graph, xb, kernels, on_output=lambda op, xs, y: track_range(op.output, at_kept(y, keep)))
+            execute(graph, xb, kernels,
+                    on_output=lambda op, xs, y: track_range(op.output, at_kept(y, keep, op.output in scores)))
             advance()
 
     stats.histograms = {t: Histogram.empty(*r) for t, r in stats.ranges.items()}
     gen = torch.Generator().manual_seed(seed)
 
     def observe(op: Op, xs: list[torch.Tensor], y: torch.Tensor, keep: torch.Tensor | None):
-        stats.histograms[op.output].add(at_kept(y, keep))
+        stats.histograms[op.output].add(at_kept(y, keep, op.output in scores))
         if op.weight is not None:
             cur = stats.layer_inputs.get(op.name)
             new = patch_moments(op, at_kept(xs[0], keep), positions, gen)

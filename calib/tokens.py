@@ -5,7 +5,9 @@ An encoder whose input carries an attention mask (a masked softmax's second inpu
 them, yet they are most of a batch of short sentences (65 % of the bundled calibration sentences'
 tokens at 32 positions), and statistics taken over them set the activation ranges and the layer
 input moments H of positions that never matter. `kept_tokens` gives, per batch, the (N, T) mask of
-kept tokens; the statistics of every (N, T, C) tensor are taken at those rows only.
+kept tokens; `at_kept` takes a tensor's values there: the rows of an (N, T, C) hidden state, the
+kept query rows of a per-head (N, H, T, X) tensor, and of attention scores also the kept keys (the
+softmax drops the others). Padded positions then change no statistic.
 """
 from __future__ import annotations
 
@@ -48,8 +50,13 @@ def kept_tokens(graph: Graph) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return keep
 
 
-def at_kept(y: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """The rows of a (N, T, C) tensor at kept tokens, (kept, C); any other tensor unchanged."""
-    if keep is None or y.dim() != 3 or tuple(y.shape[:2]) != tuple(keep.shape):
+def at_kept(y: torch.Tensor, keep: torch.Tensor | None, keys: bool = False) -> torch.Tensor:
+    """y's values at kept tokens: an (N, T, C) tensor's kept rows (kept, C); a per-head (N, H, T, X)
+    tensor's values at kept queries, flattened, and with `keys` (attention scores, X = T) only those
+    at kept keys too; any other tensor unchanged."""
+    if keep is None or y.dim() not in (3, 4) or y.shape[0] != keep.shape[0] or y.shape[y.dim() - 2] != keep.shape[1]:
         return y
-    return y[keep]
+    if y.dim() == 3:
+        return y[keep]
+    mask = keep[:, None, :, None] & keep[:, None, None, :] if keys else keep[:, None, :, None]
+    return y[mask.expand_as(y)]

@@ -23,7 +23,8 @@ def _source(x: np.ndarray) -> DataSource:
 
 def test_calibration_statistics_ignore_padded_positions():
     """Other token ids at the padded positions change the hidden states there, but not one
-    statistic of a per-token tensor, nor any layer's input moments H."""
+    statistic an encoding is chosen from (every requantizing op's output), nor any layer's input
+    moments H."""
     from conftest import tiny_bert
     model, x = tiny_bert()
     g = capture(model, x.shape[1:])
@@ -34,12 +35,30 @@ def test_calibration_statistics_ignore_padded_positions():
     a, b = (execute(g, torch.from_numpy(v), float_kernels(), keep=per_token) for v in (x, other))
     assert any(not torch.equal(a[t], b[t]) for t in per_token)  # the padded rows do differ
     s, t = (collect_statistics(g, _source(v), batch_size=32) for v in (x, other))
-    for name in per_token:
+    sources = set(g.encoding_source().values()) - {g.input}
+    assert len(sources) == 16 and {"matmul", "softmax"} <= {g.producers()[t].kind for t in sources}
+    for name in sources:
         assert s.ranges[name] == t.ranges[name] and np.array_equal(s.histograms[name].counts, t.histograms[name].counts)
     assert s.layer_inputs.keys() == t.layer_inputs.keys()
     for name, st in s.layer_inputs.items():
         assert st.count == t.layer_inputs[name].count == int(x[..., 1].sum())
         assert np.array_equal(st.xx, t.layer_inputs[name].xx)
+
+
+def test_padding_changes_no_bias_correction():
+    """Bias correction measures each layer's shift, and `auto` its candidates, at kept tokens only:
+    other ids at the padded positions give the same corrected biases and the same choice."""
+    from conftest import tiny_bert
+    model, x = tiny_bert()
+    other = x.copy()
+    other[..., 0] = np.where(x[..., 1] == 0, 7, x[..., 0])
+    over = {"calibration.sensitivity_samples": 0, "weights.bits": 4, "weights.rounding": "nearest",
+            "calibration.verify_size": 8}
+    ms = [ptq.quantize(model, v[:48], "w8a8", eval_size=0, overrides=over).manifest for v in (x, other)]
+    assert ms[0].data["bias_correction"] == ms[1].data["bias_correction"]
+    assert ms[0].data["bias_correction"]["chosen"] != "none" and ms[0].data["bias_correction"]["corrected"]
+    for a, b in zip(ms[0].weighted_ops(), ms[1].weighted_ops()):
+        assert np.array_equal(ms[0].tensor(a["bias"]["q"]), ms[1].tensor(b["bias"]["q"]))
 
 
 def test_graphs_without_a_masked_softmax_keep_every_position(tiny_encoder):
