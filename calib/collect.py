@@ -3,7 +3,8 @@
 Pass 1: min/max of every tensor. Pass 2: fixed-range histograms of every tensor, and for every
 conv/linear layer the second moment H = E[x xᵀ] and the mean E[x] of its input patches, the
 quantities every weight method's output error is built on. Patches are subsampled per image at
-seeded positions, so the cost and memory are bounded however large the feature maps are.
+seeded positions, so the cost and memory are bounded however large the feature maps are. In a text
+encoder with an attention mask, both passes observe the kept tokens only (`calib.tokens`).
 
 Every merge is exact: min/max, whole histogram counts, and the moments as fixed-point sums
 (`calib.exactsum`), so the statistics are the same bits however the batches are split over
@@ -26,6 +27,7 @@ from .observers import Histogram
 from .progress import progress
 from .sensitivity import fisher_mean, fisher_terms
 from .sources import DataSource
+from .tokens import at_kept, kept_tokens
 
 MAX_POSITIONS = 256  # patches sampled per image and layer for H
 
@@ -135,6 +137,8 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     names = [graph.input] + [op.output for op in graph.ops]
     index = {t: i for i, t in enumerate(names)}
     lo, hi = np.full(len(names), np.inf), np.full(len(names), -np.inf)
+    tokens = kept_tokens(graph)
+    scores = {op.inputs[0] for op in graph.ops if op.kind == "softmax" and len(op.inputs) == 2}
 
     def track_range(name: str, t: torch.Tensor):
         low, high = (float(v) for v in torch.aminmax(t))  # one read of the tensor for both
@@ -146,8 +150,10 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
 
     with shard.agreed(), torch.no_grad(), progress("calibration pass 1/2 (ranges)", len(mine)) as advance:
         for xb in source.batches(batch_size, mine):
+            keep = tokens(xb) if tokens else None
             track_range(graph.input, xb)
-            execute(graph, xb, kernels, on_output=lambda op, xs, y: track_range(op.output, y))
+            execute(graph, xb, kernels,
+                    on_output=lambda op, xs, y: track_range(op.output, at_kept(y, keep, op.output in scores)))
             advance()
     shard.minimum(lo)
     shard.maximum(hi)
@@ -158,15 +164,16 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     gen = torch.Generator().manual_seed(seed)
     skip_positions(graph, positions, gen, mine.start)
 
-    def observe(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
-        stats.histograms[op.output].add(y)
+    def observe(op: Op, xs: list[torch.Tensor], y: torch.Tensor, keep: torch.Tensor | None):
+        stats.histograms[op.output].add(at_kept(y, keep, op.output in scores))
         if op.weight is not None:
-            sums[op.name].add(patch_moments(op, xs[0], positions, gen))
+            sums[op.name].add(patch_moments(op, at_kept(xs[0], keep), positions, gen))
 
     with shard.agreed(), torch.no_grad(), progress("calibration pass 2/2 (histograms, layer inputs)", len(mine)) as advance:
         for xb in source.batches(batch_size, mine):
+            keep = tokens(xb) if tokens else None
             stats.histograms[graph.input].add(xb)
-            execute(graph, xb, kernels, on_output=observe)
+            execute(graph, xb, kernels, on_output=lambda op, xs, y: observe(op, xs, y, keep))
             advance()
     counts = np.stack([h.counts for h in stats.histograms.values()])
     shard.add(counts)  # whole counts in float64: exact in any order

@@ -22,6 +22,9 @@ OBSERVERS = ("minmax", "percentile", "mse")
 # fewer than WIDE_BITS: none feeds a GEMM, so the width costs only memory traffic.
 WIDE_INPUT_KINDS = ("layernorm", "softmax")
 WIDE_BITS = 16
+# In a graph with LayerNorm (an encoder), the GEMM inputs a LayerNorm or a lookup table (GELU) produces
+# are encoded at no fewer than the recipe's `encoder.gemm_input_bits` (`encoder_gemm_inputs`): at 8 bits
+# they carried most of all-MiniLM-L6-v2's error (BENCHMARKS.md, Transformers).
 # An embedding's input has the identity encoding (16 bits, scale 1, zero point 0): its codes are the
 # token ids, and those of the tensors sharing it (an attention mask packed beside them) their values.
 
@@ -142,12 +145,32 @@ def residual_addends(graph: Graph, src: Mapping[str, str]) -> set[str]:
             for t in op.inputs if src[t] not in gemm_inputs}
 
 
-def choose_encodings(graph: Graph, histograms: Mapping[str, Histogram], act: dict,
+def is_encoder(graph: Graph) -> bool:
+    """A graph with a LayerNorm: the [encoder] recipe settings apply to it."""
+    return any(op.kind == "layernorm" for op in graph.ops)
+
+
+def encoder_gemm_inputs(graph: Graph, src: Mapping[str, str]) -> set[str]:
+    """In a graph with LayerNorm, the outputs of LayerNorms and lookup tables (an encoder's normalised
+    hidden states and its GELU) that a GEMM reads and no lookup table does (a table needs ≤ 8-bit
+    inputs). Empty for other graphs, so a CNN's hardswish outputs are untouched."""
+    if not is_encoder(graph):
+        return set()
+    made = {src[op.output] for op in graph.ops if op.kind in ("layernorm", "lut")}
+    gemm_inputs = {src[op.inputs[0]] for op in graph.weighted_ops()} | \
+        {src[t] for op in graph.ops if op.kind == "matmul" for t in op.inputs}
+    tables = {src[op.inputs[0]] for op in graph.ops if op.kind == "lut"}
+    return (made & gemm_inputs) - tables
+
+
+def choose_encodings(graph: Graph, histograms: Mapping[str, Histogram], recipe: Mapping[str, Any],
                      weights: Mapping[str, Any] | None = None) -> dict[str, Encoding]:
-    """Every tensor's encoding by the recipe's [activations] `act`: each encoding source gets its
-    own (the output at `output_bits`, a layer's input at the width a method chose for it in
-    `weights[name].input_bits`), a pass-through tensor shares its source's. Shared by the manifest
-    builder and the learned rounding's fake-quant model, so both quantize the same tensors alike."""
+    """Every tensor's encoding by the recipe's [activations] (and, in an encoder, [encoder]): each
+    encoding source gets its own (the output at `output_bits`, a layer's input at the width a method
+    chose for it in `weights[name].input_bits`), a pass-through tensor shares its source's. Shared by
+    the manifest builder and the learned rounding's fake-quant model, so both quantize the same
+    tensors alike."""
+    act = recipe["activations"]
     src = graph.encoding_source()
     producers = graph.producers()
     output_sources = {src[o] for o in graph.outputs}
@@ -155,12 +178,15 @@ def choose_encodings(graph: Graph, histograms: Mapping[str, Histogram], act: dic
               if weights is not None and weights[op.name].input_bits is not None}
     wide = {src[op.inputs[0]] for op in graph.ops if op.kind in WIDE_INPUT_KINDS}
     wide |= residual_addends(graph, src)
+    gemm = encoder_gemm_inputs(graph, src)
     ids = {src[op.inputs[0]] for op in graph.ops if op.kind == "embedding"}
     own: dict[str, Encoding] = {}
     for t in sorted(set(src.values())):
         bits = widths.get(t, act["output_bits"] if t in output_sources else act["bits"])
         if t in wide:
             bits = max(bits, WIDE_BITS)
+        if t in gemm and t not in widths:
+            bits = max(bits, recipe["encoder"]["gemm_input_bits"])
         fused = producers[t].attrs.get("act") if t in producers else None
         own[t] = Encoding(16, 1.0, 0) if t in ids else \
             choose_encoding(histograms[t], bits, act["observer"], act["percentile"], fused)

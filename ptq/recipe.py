@@ -2,7 +2,7 @@
 
 The schema is the base sections below plus the sections each registered method declares
 (`ptq.methods.register`). Every default is written out in the resolved recipe (it goes into the
-manifest), unknown keys are errors naming the closest valid key, and `--set key=value` overrides
+manifest; the [encoder] section only for graphs it applies to), unknown keys are errors naming the closest valid key, and `--set key=value` overrides
 any leaf. A recipe is data: reading one never imports or runs code it names.
 """
 from __future__ import annotations
@@ -56,6 +56,11 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
         "observer": Field("mse", str, ("minmax", "percentile", "mse")),
         "percentile": Field(99.99, float, lo=50.0, hi=100.0),
         "output_bits": Field(16, int, lo=2, hi=16, help="bits of the model's output tensor (logits)"),
+    },
+    "encoder": {
+        "gemm_input_bits": Field(12, int, lo=2, hi=16,
+                                 help="graphs with LayerNorm: bits (at least activations.bits) of the GEMM inputs a LayerNorm "
+                                      "or GELU produces; recorded in their manifests only"),
     },
     "bias_correction": {
         "mode": Field("auto", str, ("auto", "layer", "all", "depthwise", "none"),

@@ -25,7 +25,9 @@ format carries the codes themselves and repeats the simulator's arithmetic with 
   act on the codes.
 - layers whose inputs have more than 8 bits, or weights more than 8, run as a float32 Conv/Gemm on
   integer-valued tensors, which is exact because the data-free bound Σ|q|·max|x - z| + |b| is
-  checked to be below 2^24 at export (otherwise the export is refused with the layer's name).
+  checked to be below 2^24 at export; a linear layer whose bound passes 2^24 (an encoder's 12-bit
+  GEMM inputs) runs in float64, exact below 2^52 (beyond either, the export is refused with the
+  layer's name).
 
 The first output is the dequantized logits in float64. Saturating accumulators are exported only
 where the data-free bound proves that no partial sum can saturate. Node metadata are those of the
@@ -40,7 +42,7 @@ from typing import Callable
 from ..errors import ManifestError
 from ..intmath import qmax
 from ..manifest import Manifest
-from ..runtime.simulator import F32_EXACT
+from ..runtime.simulator import EXACT_LIMIT, F32_EXACT
 from .onnxgraph import INPUT_NAME, GraphBuilder, slice_consts, torch_pads_to_onnx, weight_metadata
 
 
@@ -199,13 +201,18 @@ class IntegerBuilder(GraphBuilder):
                 acc = f"{name}/term{term}/digits"
                 self.node("Add", [f"{acc32}/hi16", acc_lo], [acc], f"{name}/term{term}/digits", name, kind)
         else:
-            if float(bound.max()) >= F32_EXACT:
-                raise ManifestError(f"layer {name}: {ex['bits']}-bit inputs or {bits}-bit weights need a float32 "
-                                    "accumulation that is not provably exact (bound ≥ 2^24); export --format qdq instead")
-            xf = f"{name}/x.f32"
-            self.node("Cast", [self.centred(t, name, kind)], [xf], f"{name}/cast:x", name, kind,
-                      to=self.onnx.TensorProto.FLOAT)
-            wf = self.const(f"{name}/w{term}.f32", q.astype(np.float32))
+            # float32 while the bound keeps every partial sum below 2^24; a linear layer beyond it (an
+            # encoder's 12-bit GEMM inputs) accumulates in float64, exact below 2^52
+            wide = float(bound.max()) >= F32_EXACT
+            if wide and (conv or float(bound.max()) >= EXACT_LIMIT):
+                limit = "2^24" if conv else "2^52"
+                raise ManifestError(f"layer {name}: {ex['bits']}-bit inputs or {bits}-bit weights need a float "
+                                    f"accumulation that is not provably exact (bound ≥ {limit}); export --format qdq instead")
+            ftype, fsuffix = (self.onnx.TensorProto.DOUBLE, "f64") if wide else (self.onnx.TensorProto.FLOAT, "f32")
+            fdtype = np.float64 if wide else np.float32
+            xf = f"{name}/x.{fsuffix}"
+            self.node("Cast", [self.centred(t, name, kind)], [xf], f"{name}/cast:x", name, kind, to=ftype)
+            wf = self.const(f"{name}/w{term}.{fsuffix}", q.astype(fdtype))
             accf = f"{name}/term{term}/accf"
             if conv:
                 ph, pw = a["padding"]
@@ -215,7 +222,7 @@ class IntegerBuilder(GraphBuilder):
             elif len(a["out_shape"]) == 1:
                 self.node("Gemm", [xf, wf], [accf], f"{name}/term{term}", name, kind, meta, transB=1)
             else:  # (N, ..., K) inputs: Gemm takes matrices only
-                wt = self.const(f"{name}/w{term}.f32T", np.ascontiguousarray(q.reshape(q.shape[0], -1).T.astype(np.float32)))
+                wt = self.const(f"{name}/w{term}.{fsuffix}T", np.ascontiguousarray(q.reshape(q.shape[0], -1).T.astype(fdtype)))
                 self.node("MatMul", [xf, wt], [accf], f"{name}/term{term}", name, kind, meta)
             acc = self.as_int64(accf, name, kind)
         view = (-1, 1, 1) if conv else (-1,)

@@ -14,7 +14,7 @@ import torch
 
 from .. import accbound, intnorm
 from ..calib.collect import Statistics
-from ..calib.observers import Encoding, choose_encodings
+from ..calib.observers import Encoding, choose_encodings, is_encoder
 from ..intmath import dyadic_shared, round_half_up
 from ..ir import Graph, Op, WeightQuant, require_all
 from ..ir.grids import onto_grid
@@ -259,11 +259,17 @@ def _head(op: Op) -> dict[str, Any]:
     return {"name": op.name, "kind": op.kind, "inputs": list(op.inputs), "output": op.output}
 
 
+def recorded_recipe(graph: Graph, recipe: dict) -> dict:
+    """The recipe as the manifest records it: the [encoder] section only where it applies (a graph
+    with LayerNorm), so a CNN's manifest carries no setting that cannot affect it."""
+    return recipe if is_encoder(graph) else {k: v for k, v in recipe.items() if k != "encoder"}
+
+
 def build_manifest(graph: Graph, stats: Statistics, recipe: dict, weights: dict[str, WeightQuant],
                    header: dict[str, Any]) -> Manifest:
     """Assemble the manifest; `header` carries model, calibration and provenance fields."""
-    enc = choose_encodings(graph, stats.histograms, recipe["activations"], weights)
-    m = Manifest({"format": FORMAT, "version": VERSION, **header, "recipe": recipe})
+    enc = choose_encodings(graph, stats.histograms, recipe, weights)
+    m = Manifest({"format": FORMAT, "version": VERSION, **header, "recipe": recorded_recipe(graph, recipe)})
     shapes = {graph.input: list(graph.input_shape)}
     for op in graph.ops:
         shapes[op.output] = op.attrs["out_shape"]

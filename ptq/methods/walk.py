@@ -54,7 +54,7 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
     every tensor's code bounds)` for each block and `on_layer(op, quantized input)` before each of
     `layers` runs."""
     settings = recipe["rounding"]
-    enc = choose_encodings(graph, stats.histograms, recipe["activations"], weights)
+    enc = choose_encodings(graph, stats.histograms, recipe, weights)
     producers = graph.producers()
     quant = {t: bounds(e, producers[t].attrs.get("act") if t in producers else None) for t, e in enc.items()}
     layers = set(layers)
