@@ -119,7 +119,7 @@ def test_workers_under_torchrun_is_refused(monkeypatch, capsys, tmp_path):
     """torchrun started the ranks: --workers would start more; refused before any rank joins."""
     for k, v in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(ptq.PtqError, match="under torchrun leave it out"):
+    with pytest.raises(ptq.PtqError, match=r"under torchrun \(or in a process with a torch.distributed group\) leave it out"):
         ptq.quantize("efficientnet_lite0", workers=2)
     with pytest.raises(ptq.PtqError, match="workers .* must be a positive integer"):
         ptq.quantize("efficientnet_lite0", workers=True)
