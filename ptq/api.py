@@ -357,6 +357,7 @@ def prepare(model: str | torch.nn.Module, calib: Any = "samples", recipe: str | 
 
 
 def _prepare(model, calib, r, weights, seed, eval_data, eval_size, input_shape, trust_model_file, shard) -> Prepared:
+    """`prepare` on this rank: loading is agreed on by every rank before the statistics reduce."""
     t0 = time.perf_counter()
     with stage("load and capture"), shard.agreed():
         if isinstance(model, torch.nn.Module):

@@ -16,6 +16,7 @@ import torch
 import ptq
 from ptq.api import prepare, quantize_prepared
 from ptq.cli import main
+from ptq.manifest import save
 
 ROOT = Path(__file__).resolve().parent.parent
 # 72 samples: 5 batches of 16 (the last of 8), split 2 + 3 over two ranks; 16 positions per image,
@@ -50,7 +51,7 @@ def test_two_gloo_ranks_give_the_statistics_and_manifest_of_one_process(digits, 
     assert a.fisher.keys() == b.fisher.keys() and all(np.array_equal(a.fisher[k], b.fisher[k]) for k in b.fisher)
     qa, qb = quantize_prepared(two), quantize_prepared(one)
     assert qa.report["verification"]["verified"] and qa.report["calibration_ranks"] == 2
-    da, db = qa.save(tmp_path / "two"), qb.save(tmp_path / "one")
+    da, db = save(qa.manifest, tmp_path / "two"), save(qb.manifest, tmp_path / "one")
     for f in ("manifest.json", "tensors.safetensors"):
         assert (da / f).read_bytes() == (db / f).read_bytes(), f
 
