@@ -11,6 +11,13 @@ This turns per-layer output errors into one network-wide currency: methods that 
 across layers (multipoint's extra points, the allocator's candidates) rank by F_c · e_c instead of
 relative errors, which ignore that an error in a layer feeding a residual stream, or in the logits,
 costs far more than the same relative error elsewhere.
+
+**Sentence encoders (ours).** A text encoder's output is token states, not logits: a softmax over
+all T·D of them models nothing. Its output is used as the normalised mean of the states over the
+kept tokens (`calib.tokens`, `ptq.metrics.sentence_embeddings`), so there the model's output is
+taken to be that embedding u with unit Gaussian noise, N(u, I), whose Fisher is JᵀJ: drawing
+ε ~ N(0, I) and back-propagating ε·u gives g = Jᵀε with E[g²] its diagonal. Padded tokens then get
+no gradient, as they feed no embedding.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import torch
 
 from ..ir import Graph, Op, execute
 from ..ir.floatops import apply_act, conv_float, float_kernels, linear_float
+from .tokens import kept_tokens
 
 
 def channel_fisher(graph: Graph, batches, seed: int = 0) -> dict[str, np.ndarray]:
@@ -42,28 +50,56 @@ def fisher_terms(graph: Graph, batches, seed: int = 0, skip: int = 0,
     def weighted(op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
         w, b = params[op.name]
         z = (conv_float if op.kind == "conv" else linear_float)(op, xs[0], w, b)
-        z.retain_grad()
+        if z.requires_grad:
+            z.retain_grad()
+        else:  # nothing upstream carries a gradient (a layer fed by an embedding lookup of token ids)
+            z.requires_grad_(True)
         pre[op.name] = z
         return apply_act(op, z)
 
     kernels = {**kernels, "conv": weighted, "linear": weighted}
+    tokens = kept_tokens(graph)
     gen = torch.Generator().manual_seed(seed)
     for xb in batches:
         pre.clear()
         with torch.enable_grad():
-            logits = execute(graph, xb.float().requires_grad_(True), kernels)[graph.outputs[0]]
-            logits = logits.reshape(logits.shape[0], -1)
-            for _ in range(skip):  # the same call on the skipped batches' shape draws what they drew
-                torch.multinomial(torch.ones(skip_size, logits.shape[1]), 1, generator=gen)
+            out = execute(graph, xb.float().requires_grad_(True), kernels)[graph.outputs[0]]
+            keep = tokens(xb) if tokens is not None else None
+            if keep is not None and out.dim() == 3 and out.shape[1] == keep.shape[1]:
+                _embedding_loss(out, keep, gen, skip, skip_size).backward()
+            else:
+                _class_loss(out.reshape(out.shape[0], -1), gen, skip, skip_size).backward()
             skip = 0
-            y = torch.multinomial(torch.softmax(logits.detach().double(), -1).float(), 1, generator=gen)[:, 0]
-            torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
         terms = {}
         for name, z in pre.items():
             g2 = z.grad.double() ** 2
             ch = 1 if z.dim() == 4 else z.dim() - 1  # conv channels on dim 1, linear features last
             terms[name] = g2.sum(dim=tuple(d for d in range(g2.dim()) if d != ch)).numpy()
         yield xb.shape[0], terms
+
+
+def _class_loss(logits: torch.Tensor, gen: torch.Generator, skip: int, skip_size: int) -> torch.Tensor:
+    """−log p(y|x) summed over the batch, y drawn from the model's own softmax (after advancing the
+    generator past `skip` batches of `skip_size` samples: the same call on their shape draws what
+    they drew)."""
+    for _ in range(skip):
+        torch.multinomial(torch.ones(skip_size, logits.shape[1]), 1, generator=gen)
+    y = torch.multinomial(torch.softmax(logits.detach().double(), -1).float(), 1, generator=gen)[:, 0]
+    return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+
+def _embedding_loss(hidden: torch.Tensor, keep: torch.Tensor, gen: torch.Generator, skip: int,
+                    skip_size: int) -> torch.Tensor:
+    """Σ ε·u over the batch: u the normalised mean of the states (N, T, D) over the kept tokens, ε
+    unit Gaussian noise drawn per sample (after the draws of `skip` earlier batches)."""
+    d = hidden.shape[-1]
+    for _ in range(skip):
+        torch.randn(skip_size, d, generator=gen, dtype=torch.float64)
+    m = keep.to(hidden.dtype)[..., None]
+    e = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    u = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    eps = torch.randn(len(hidden), d, generator=gen, dtype=torch.float64).to(hidden.dtype)
+    return (eps * u).sum()
 
 
 def fisher_mean(terms: Iterable[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
