@@ -13,12 +13,14 @@ calibration ranks (`calib.distributed`), and the same bits as one process.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from collections.abc import Iterator
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ..determinism import fixed_order
 from ..ir import Graph, Op, execute
 from ..ir.floatops import float_kernels
 from .distributed import Shard
@@ -50,6 +52,20 @@ class LayerInputStats:
     @property
     def mean(self) -> np.ndarray:
         return self.x / max(self.count, 1)
+
+    @cached_property
+    def factor(self) -> np.ndarray | None:
+        """F (G, r, K) with H = FᵀF from H's r leading eigenpairs, where the inputs seen bound its rank
+        to r ≤ count ≤ K/4 (one input per sample to a classifier after pooling); None otherwise,
+        where the full H is as cheap. Exact up to rounding: the other eigenvalues are zero."""
+        k = self.xx.shape[-1]
+        if self.count == 0 or 4 * self.count > k:
+            return None
+        with fixed_order():
+            lam, u = torch.linalg.eigh(torch.from_numpy(self.hessian))  # ascending, per group
+        r = self.count
+        lam, u = lam[:, -r:].clamp_min(0.0).numpy(), u[:, :, -r:].numpy()
+        return (u * np.sqrt(lam)[:, None, :]).transpose(0, 2, 1).copy()
 
 
 @dataclass

@@ -53,18 +53,20 @@ def l1_radius(bits: int, input_max: int, bias_q: np.ndarray) -> np.ndarray:
 def project_l1(v: np.ndarray, radius: np.ndarray) -> np.ndarray:
     """Euclidean projection of each row of v (C, K) onto {‖x‖₁ ≤ radius_c}; rows already inside are kept."""
     a = np.abs(v)
-    inside = a.sum(1) <= radius
-    if inside.all():
-        return v.copy()
+    out = v.copy()
+    rows = np.flatnonzero(a.sum(1) > radius)
+    if rows.size == 0:
+        return out
+    a, r = a[rows], radius[rows]
     u = -np.sort(-a, axis=1)
     css = np.cumsum(u, axis=1)
     j = np.arange(1, v.shape[1] + 1)
-    cond = u - (css - radius[:, None]) / j > 0
+    cond = u - (css - r[:, None]) / j > 0
     rho = np.maximum(cond.shape[1] - 1 - np.argmax(cond[:, ::-1], axis=1), 0)
-    theta = np.maximum((css[np.arange(len(v)), rho] - radius) / (rho + 1), 0.0)
-    theta = np.where(radius > 0, theta, np.inf)  # radius 0: the ball is the origin
-    out = np.sign(v) * np.maximum(a - theta[:, None], 0.0)
-    return np.where(inside[:, None], v, out)
+    theta = np.maximum((css[np.arange(len(rows)), rho] - r) / (rho + 1), 0.0)
+    theta = np.where(r > 0, theta, np.inf)  # radius 0: the ball is the origin
+    out[rows] = np.sign(v[rows]) * np.maximum(a - theta[:, None], 0.0)
+    return out
 
 
 def fit_l1(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
@@ -83,12 +85,13 @@ def fit_l1(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
     up = frac >= 0.5
     mag = fl + up
     excess = np.maximum(mag.sum(1) - radius, 0).astype(np.int64)
-    if excess.any():
-        key = np.where(up, frac, np.inf)  # only rounded-up entries are candidates; smallest frac first
+    rows = np.flatnonzero(excess)
+    if rows.size:
+        key = np.where(up[rows], frac[rows], np.inf)  # only rounded-up entries are candidates; smallest frac first
         order = np.argsort(key, axis=1, kind="stable")
         rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.arange(v.shape[1])[None].repeat(len(v), 0), axis=1)
-        mag = mag - (up & (rank < excess[:, None]))
+        np.put_along_axis(rank, order, np.arange(v.shape[1])[None].repeat(len(rows), 0), axis=1)
+        mag[rows] -= up[rows] & (rank < excess[rows, None])
     return (np.sign(p) * mag).astype(np.int64)
 
 

@@ -21,6 +21,7 @@ fraction of the 8×8-bit BOPs (0: none). Recipe pins: per-layer `allocator.weigh
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..calib.observers import choose_encoding
 
@@ -68,6 +69,7 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
     out = []
     for m in wbits:
         clipped = clip_search(w, m, err)
+        plain_errors: dict[bytes, np.ndarray] = {}  # by step: input widths whose bias leaves the step alone share it
         for n in ibits:
             e = encs[n]
             xmax = max(e.zero_point - e.qmin, e.qmax - e.zero_point)
@@ -80,11 +82,15 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
             if p < 32:
                 radius = l1_radius(p, xmax, bq)
                 if np.any(np.abs(plain).sum(1) > radius):
-                    q, scale = fit_with_step(w, scale, bias, e.scale, p, xmax, m, err)
+                    q, scale, e_w = fit_with_step(w, scale, bias, e.scale, p, xmax, m, err)
                     projected = True
             need = int(bits_for(weight_level_bound(q, xmax, bq).max()))
             what = q * scale[:, None]
-            e_w = err((w - what).astype(np.float32))
+            if not projected:
+                key = scale.tobytes()
+                if key not in plain_errors:
+                    plain_errors[key] = err((w - what).astype(np.float32))
+                e_w = plain_errors[key]
             e_a = (e.scale ** 2 / 12.0) * (what ** 2).sum(1)
             error = float(np.sum(weight * (e_w + e_a)))
             wq = WeightQuant({"scheme": "uniform", "bits": m, "narrow_range": True},
@@ -105,29 +111,29 @@ def _budget(q: np.ndarray, bias: np.ndarray, bias_scale: np.ndarray, p: int, xma
 
 
 def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scale: float, p: int, xmax: int,
-                  bits: int, err) -> tuple[np.ndarray, np.ndarray]:
+                  bits: int, err) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Make every channel fit the P-bit bound, choosing per channel between shrinking its weights onto
     the L1 ball at the clipped step and a coarser step (which needs less shrinking and leaves the bias
-    more room): the least output error of `STEP_GROWTH` multiples of the step wins.
+    more room): the least output error of `STEP_GROWTH` multiples of the step wins (the first of
+    equal ones). Returns the integers, the steps and each channel's output error.
 
     The bound is on the integers (Σ|q| and the bias code), not on the step, so once q is fixed the
     step is refitted by least squares on the output error (projection shrinks every weight; a
     larger step gives the magnitude back). Only larger steps are taken: they shrink the bias code,
-    so the bound still holds."""
-    best_q = best_s = best_e = None
-    for g in STEP_GROWTH:
-        s = scale * g
-        bq = round_half_up(bias / (input_scale * s))
-        q = fit_l1(w / s[:, None], l1_radius(p, xmax, bq), qmax(bits))
-        s = np.maximum(s, err.refit_scale(w, q, s))
-        e = err((w - q * s[:, None]).astype(np.float32))
-        if best_e is None:
-            best_q, best_s, best_e = q, s, e
-            continue
-        better = e < best_e
-        best_q = np.where(better[:, None], q, best_q)
-        best_s, best_e = np.where(better, s, best_s), np.where(better, e, best_e)
-    return best_q, best_s
+    so the bound still holds. Every growth is evaluated in one batch."""
+    c, k = w.shape
+    s = scale[None] * np.asarray(STEP_GROWTH)[:, None]  # (S, C)
+    bq = round_half_up(bias[None] / (input_scale * s))
+    q = fit_l1((w[None] / s[..., None]).reshape(-1, k), l1_radius(p, xmax, bq).reshape(-1), qmax(bits))
+    q = q.reshape(len(STEP_GROWTH), c, k)
+    hq = err.hmul(q)  # the refit's qᵀHq and qᵀHw share one product
+    qq = (hq * torch.from_numpy(q.astype(np.float32))).sum(-1).double().numpy()
+    qw = (hq * torch.from_numpy(np.ascontiguousarray(w, np.float32))).sum(-1).double().numpy()
+    s = np.maximum(s, np.where(qq > 0, qw / np.where(qq > 0, qq, 1.0), s))
+    e = err((w[None] - q * s[..., None]).astype(np.float32))  # (S, C)
+    best = np.argmin(e, axis=0)
+    ch = np.arange(c)
+    return q[best, ch], s[best, ch], e[best, ch]
 
 
 def _naive(layers: list[LayerChoices], p: int) -> dict[str, Candidate]:

@@ -11,7 +11,7 @@ from .errormodel import ErrorModel
 def layer_error(op: Op, stats, output_error: bool = True) -> ErrorModel:
     """The layer's error evaluator: output error from its input moments H, or weight MSE."""
     li = stats.layer_inputs.get(op.name) if stats is not None and output_error else None
-    return ErrorModel(None if li is None else li.hessian, op.weight.shape[0])
+    return ErrorModel(None if li is None else li.hessian, op.weight.shape[0], None if li is None else li.factor)
 
 
 def error_weights(op: Op, stats, err: ErrorModel, w: np.ndarray) -> np.ndarray | float:

@@ -10,27 +10,11 @@ thread count.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
+from ..determinism import fixed_order
 from ..intmath import qmax, round_half_up
-
-
-@contextlib.contextmanager
-def fixed_order() -> Iterator[None]:
-    """Run torch's reductions single-threaded inside: its BLAS picks a kernel, and so a summation
-    order, by the number of threads (float32 and float64 GEMMs of a few rows differ in the last
-    bits between 1 and 2 threads), and a last-bit difference here flips a near-tied choice or a
-    recorded scale. Single-threaded, the same inputs give the same bytes at any thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
@@ -40,27 +24,48 @@ def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarra
 
 
 class ErrorModel:
-    """Evaluates (w − ŵ)ᵀ H (w − ŵ) per output channel for one layer, batched over candidates."""
+    """Evaluates (w − ŵ)ᵀ H (w − ŵ) per output channel for one layer, batched over candidates.
 
-    def __init__(self, hessian: np.ndarray | None, channels: int):
-        self.h = None if hessian is None else torch.from_numpy(hessian).float()  # (G, K, K)
+    Where H is known to have rank r well below K (a classifier after global pooling sees one input
+    per calibration sample: r ≤ N), it is used as H = FᵀF with F the (r, K) factor of its leading
+    eigenvectors: a product costs r/K of the full one, what makes a 1280-wide classifier cheap."""
+
+    def __init__(self, hessian: np.ndarray | None, channels: int, factor: np.ndarray | None = None):
         self.groups = 1 if hessian is None else hessian.shape[0]
+        self.f = None if factor is None else torch.from_numpy(factor).float()  # (G, r, K), H = FᵀF
+        self.h = None if hessian is None or factor is not None else torch.from_numpy(hessian).float()  # (G, K, K)
         self.channels = channels
+        self.known = hessian is not None
+
+    def _grouped(self, d: torch.Tensor) -> torch.Tensor:
+        """(..., C, K) → (G, rows, K), each group's channels with every leading index."""
+        k, g = d.shape[-1], self.groups
+        return d.reshape(-1, g, self.channels // g, k).permute(1, 0, 2, 3).reshape(g, -1, k)
+
+    def _ungrouped(self, t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        g = self.groups
+        return t.reshape(g, -1, self.channels // g, t.shape[-1]).permute(1, 0, 2, 3).reshape(*lead, self.channels, t.shape[-1])
 
     def hmul(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
         """H a for every channel of (..., C, K) (a itself when no H is known), float32."""
         d = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, np.float32))
-        if self.h is None:
+        if not self.known:
             return d
-        lead, k, g = d.shape[:-2], d.shape[-1], self.groups
-        dg = d.reshape(-1, g, self.channels // g, k).permute(1, 0, 2, 3).reshape(g, -1, k)
+        dg = self._grouped(d)
         with fixed_order():
-            hd = torch.bmm(dg, self.h)  # H is symmetric: rows of dg·H are H·d
-        return hd.reshape(g, -1, self.channels // g, k).permute(1, 0, 2, 3).reshape(*lead, self.channels, k)
+            if self.f is not None:
+                hd = torch.bmm(torch.bmm(dg, self.f.transpose(1, 2)), self.f)
+            else:
+                hd = torch.bmm(dg, self.h)  # H is symmetric: rows of dg·H are H·d
+        return self._ungrouped(hd, d.shape[:-2])
 
     def __call__(self, diff: np.ndarray) -> np.ndarray:
         """diff: (..., C, K) → (..., C); plain squared error when no H is known."""
         d = torch.from_numpy(np.ascontiguousarray(diff, np.float32))
+        if self.f is not None:
+            with fixed_order():
+                fd = torch.bmm(self._grouped(d), self.f.transpose(1, 2))  # (G, rows, r)
+            return self._ungrouped(fd, d.shape[:-2]).pow(2).sum(-1).double().numpy()
         return (self.hmul(d) * d).sum(-1).double().numpy()
 
     def energy(self, w: np.ndarray) -> np.ndarray:
@@ -69,7 +74,7 @@ class ErrorModel:
 
     def inner(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """aᵀ H b per output channel for (C, K) arrays (plain dot products when no H is known)."""
-        if self.h is None:
+        if not self.known:
             return (np.asarray(a, np.float64) * np.asarray(b, np.float64)).sum(-1)
         return (self.hmul(a) * torch.from_numpy(np.ascontiguousarray(b, np.float32))).sum(-1).double().numpy()
 
@@ -79,26 +84,27 @@ class ErrorModel:
         qq = self.inner(q, q)
         return np.where(qq > 0, self.inner(q, w) / np.where(qq > 0, qq, 1.0), scale)
 
-
 def ratio_grid(bits: int) -> np.ndarray:
     lo = 0.5 if bits >= 6 else 0.25
     return np.linspace(lo, 1.0, 40)
 
 
+CHUNK_ELEMENTS = 1 << 23  # candidate weights evaluated per batched error call (32 MB of float32)
+
+
 def clip_search(w: np.ndarray, bits: int, err: ErrorModel | None) -> np.ndarray:
-    """Per-channel scale: the clip ratio of max|w| with the least error (output error if `err`)."""
+    """Per-channel scale: the clip ratio of max|w| with the least error (output error if `err`; the
+    first of equal ones), the ratios evaluated in batches."""
     m = qmax(bits)
     amax = np.abs(w).max(axis=1)
     amax = np.where(amax > 0, amax, 1.0)
     if err is None:
         return amax / m
-    best_scale = amax / m
-    best_err = np.full(w.shape[0], np.inf)
-    for r in ratio_grid(bits):
-        scale = amax * r / m
-        d = w - quantize_symmetric(w, scale, bits) * scale[:, None]
-        e = err(d)
-        better = e < best_err
-        best_err = np.where(better, e, best_err)
-        best_scale = np.where(better, scale, best_scale)
-    return best_scale
+    ratios = ratio_grid(bits)
+    errors = np.empty((len(ratios), w.shape[0]))
+    step = max(1, CHUNK_ELEMENTS // max(w.size, 1))
+    for i in range(0, len(ratios), step):
+        scale = amax[None] * ratios[i:i + step, None] / m  # (R, C)
+        q = np.clip(round_half_up(w[None] / scale[..., None]), -m, m)
+        errors[i:i + step] = err(w[None] - q * scale[..., None])
+    return amax * ratios[np.argmin(errors, axis=0)] / m
