@@ -211,8 +211,8 @@ class IntegerBuilder(GraphBuilder):
             ftype, fsuffix = (self.onnx.TensorProto.DOUBLE, "f64") if wide else (self.onnx.TensorProto.FLOAT, "f32")
             fdtype = np.float64 if wide else np.float32
             xf = f"{name}/x.{fsuffix}"
-            if xf not in self._made:  # once per layer: a multipoint layer's terms read the same input
-                self.node("Cast", [self.centred(t, name, kind)], [xf], f"{name}/cast:x", name, kind, to=ftype)
+            if xf not in self._made:  # once per layer and type: a multipoint layer's terms read the same input
+                self.node("Cast", [self.centred(t, name, kind)], [xf], f"{name}/cast:x.{fsuffix}", name, kind, to=ftype)
                 self._made.add(xf)
             wf = self.const(f"{name}/w{term}.{fsuffix}", q.astype(fdtype))
             accf = f"{name}/term{term}/accf"
