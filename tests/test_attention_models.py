@@ -102,6 +102,29 @@ def test_transformer_encoder_quantize_simulate_verify(encoder_quantized):
     _verified_and_twins(model, x, qm, 25.0)
 
 
+class _MeanPooled(TinyTransformer):
+    """The same encoder with its tokens mean-pooled (`x.mean(1)`) before the head."""
+
+    def forward(self, x):
+        return self.head(self.enc(self.inp(x)).mean(1))
+
+
+def test_mean_pooling_over_tokens():
+    """`x.mean(1)` on (N, T, D) becomes a permute, a view and the global average pool (no new integer
+    op); the pooled model verifies and its integer twin is exact."""
+    torch.manual_seed(0)
+    model = _MeanPooled().eval()
+    calib, held_out = _data((10, 8))
+    g = capture(model, (10, 8))
+    pool = next(op for op in g.ops if op.kind == "avgpool")
+    assert pool.attrs["global"] and pool.attrs["out_shape"] == [32, 1, 1]
+    with torch.no_grad():
+        xt = torch.from_numpy(held_out)
+        assert np.abs(run_float(g, xt).numpy() - model(xt).numpy()).max() < 1e-5
+    qm = ptq.quantize(model, calib, "w8a8", eval_size=0, overrides={"calibration.sensitivity_samples": 0})
+    _verified_and_twins(model, held_out, qm, 25.0)
+
+
 class _Sdpa(nn.Module):
     def __init__(self, **kw):
         super().__init__()

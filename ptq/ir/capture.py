@@ -509,6 +509,9 @@ class _Capture:
         in_shape, out_shape = _shape(a[0]), _shape(node)
         if node.target == aten.mean.dim:
             dims = sorted(int(d) % len(in_shape) for d in a[1])
+            if dims == [1] and len(in_shape) == 3:
+                self.token_mean(node, mod, in_shape, out_shape)
+                return
             if dims != [2, 3] or len(in_shape) != 4:
                 raise UnsupportedOpError(f"mean over dims {a[1]} is not supported ({mod})")
             op = self.emit(node, "avgpool", [self.tensor(a[0])], (mod or "mean") + ":mean", **{"global": True})
@@ -529,6 +532,19 @@ class _Capture:
             self.emit(node, "avgpool", [self.tensor(a[0])], mod or "avgpool", kernel=k, stride=k, padding=[0, 0])
         else:
             raise UnsupportedOpError(f"adaptive_avg_pool2d from {ih}x{iw} to {oh}x{ow} is not supported ({mod})")
+
+
+    def token_mean(self, node, mod, in_shape, out_shape):
+        """The mean over the tokens of (N, T, D) hidden states (`x.mean(1)`: pooling without a mask)
+        as ops the integer contract already has: a permute to (N, D, T), a view as (N, D, T, 1), the
+        global average pool, a view as the output."""
+        _, t, d = in_shape
+        base = mod or "mean"
+        x = self.step(base + ":tokens_last", "permute", [self.tensor(node.args[0])], node.name + "__dt", [d, t], perm=[0, 2, 1])
+        x = self.step(base + ":as_map", "reshape", [x], node.name + "__map", [d, t, 1], shape=[d, t, 1])
+        x = self.step(base + ":mean", "avgpool", [x], node.name + "__pooled", [d, 1, 1], **{"global": True})
+        self.step(base + ":reshape", "reshape", [x], node.name, list(out_shape[1:]), shape=list(out_shape[1:]))
+        self.alias[node.name] = node.name
 
 
 def capture(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
