@@ -290,15 +290,17 @@ def test_minilm_data_specs(tmp_path):
         as_source(str(tmp_path / "images"), spec, None, 0, "calib")
 
 
-# Measured (issue 23, 2026-12-03): w8a8 sentence cosine 0.9894 (min 0.9834), Spearman 0.9858 on the 100
-# held-out bundled sentences; every tensor within 1 LSB of the reference; 7–14 min on two busy cores.
+# Measured (issue 23, 2026-12-04, kept-token statistics, 12-bit GEMM inputs): w8a8 sentence cosine 0.9987
+# (min 0.9971), Spearman 0.9979; w4a8 0.9817 (min 0.9697), Spearman 0.9772, on the 100 held-out bundled
+# sentences; every tensor within 1 LSB of the reference; 5–14 min each on two busy cores.
 @needs_minilm
 @pytest.mark.slow
-def test_minilm_w8a8_end_to_end():
-    qm = ptq.quantize("minilm", "samples", "w8a8", eval_data="samples:eval", eval_size=100,
-                      overrides={"calibration.sensitivity_samples": 0, "calibration.verify_size": 8})
+@pytest.mark.parametrize("recipe, cosine, spearman", [("w8a8", 0.997, 0.996), ("w4a8", 0.978, 0.97)])
+def test_minilm_end_to_end(recipe, cosine, spearman):
+    qm = ptq.quantize("minilm", "samples", recipe, eval_data="samples:eval", eval_size=100,
+                      overrides={"calibration.verify_size": 8})
     ev = qm.report["fidelity"]
-    assert ev["sentence_cosine"] >= 0.985 and ev["similarity_spearman"] >= 0.98
+    assert ev["sentence_cosine"] >= cosine and ev["similarity_spearman"] >= spearman
     num = qm.report["verification"]["numeric"]
     # level 2 per tensor, and end to end on the pooled sentence embeddings (measured 0.985 at worst on
     # 32 calibration sentences, 2026-12-04), not an argmax over 32×384 hidden values
