@@ -30,7 +30,8 @@ def run(recipe: str, overrides: dict) -> dict:
     x = as_source("samples:eval", qm.manifest.data["model"], 100, 0, "eval").tensor()
     same = bool(np.array_equal(onnxruntime_runner(qm.manifest, fmt="int")(x), qm.simulate(x)))
     num = qm.manifest.data["verification"]["numeric"]
-    return {"recipe": recipe, "overrides": overrides, "sentence_cosine": ev["sentence_cosine"],
+    return {"recipe": recipe, "overrides": overrides, "mean_weight_bits": qm.report["mean_weight_bits"],
+            "sentence_cosine": ev["sentence_cosine"],
             "sentence_cosine_min": ev["sentence_cosine_min"], "similarity_spearman": ev["similarity_spearman"],
             "verified": qm.report["verification"]["verified"], "max_lsb_error": num["max_lsb_error"],
             "int_twin_identical": same, "seconds": time.perf_counter() - t0}
@@ -47,7 +48,7 @@ def main() -> None:
     for recipe in a.recipes.split(","):
         rows.append(run(recipe, overrides))
         r = rows[-1]
-        print(f"{recipe:10s} cosine {r['sentence_cosine']:.4f} (min {r['sentence_cosine_min']:.4f}) "
+        print(f"{recipe:10s} {r['mean_weight_bits']:.2f} bits cosine {r['sentence_cosine']:.4f} (min {r['sentence_cosine_min']:.4f}) "
               f"spearman {r['similarity_spearman']:.4f} max LSB {r['max_lsb_error']} int twin identical "
               f"{r['int_twin_identical']} ({r['seconds']:.0f} s)", flush=True)
     if a.json:
