@@ -88,9 +88,13 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args()
     extra = {k: json.loads(v) if v[:1] in "0123456789[{" else v for k, v in (s.split("=", 1) for s in a.set)}
-    rows = [row(m, r, a.calib_size, a.eval_size, extra, a.weights) for m in a.models.split(",") for r in a.recipes.split(",")]
     print(f"ratios to one FP32 pass over the calibration data ({a.calib_size} samples; eval {a.eval_size})")
-    print(table(rows))
+    print(table([]), flush=True)
+    rows = []
+    for m in a.models.split(","):
+        for r in a.recipes.split(","):  # each row printed as it lands: a long run shows its progress
+            rows.append(row(m, r, a.calib_size, a.eval_size, extra, a.weights))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1, sort_keys=True)
