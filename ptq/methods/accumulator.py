@@ -21,7 +21,6 @@ fraction of the 8×8-bit BOPs (0: none). Recipe pins: per-layer `allocator.weigh
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..calib.observers import choose_encoding
 
@@ -126,10 +125,7 @@ def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scal
     bq = round_half_up(bias[None] / (input_scale * s))
     q = fit_l1((w[None] / s[..., None]).reshape(-1, k), l1_radius(p, xmax, bq).reshape(-1), qmax(bits))
     q = q.reshape(len(STEP_GROWTH), c, k)
-    hq = err.hmul(q)  # the refit's qᵀHq and qᵀHw share one product
-    qq = (hq * torch.from_numpy(q.astype(np.float32))).sum(-1).double().numpy()
-    qw = (hq * torch.from_numpy(np.ascontiguousarray(w, np.float32))).sum(-1).double().numpy()
-    s = np.maximum(s, np.where(qq > 0, qw / np.where(qq > 0, qq, 1.0), s))
+    s = np.maximum(s, err.refit_scale(w, q, s))
     e = err((w[None] - q * s[..., None]).astype(np.float32))  # (S, C)
     best = np.argmin(e, axis=0)
     ch = np.arange(c)

@@ -18,9 +18,10 @@ from ..intmath import qmax, round_half_up
 
 
 def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
-    """Round (C, K) weights to the narrow grid with per-channel scales; int64 result."""
+    """Round (C, K) weights to the narrow grid with per-channel scales (C,), or with candidate scales
+    (..., C) in one batch (..., C, K); int64 result."""
     m = qmax(bits)
-    return np.clip(round_half_up(w / scale[:, None]), -m, m).astype(np.int64)
+    return np.clip(round_half_up(w / scale[..., None]), -m, m).astype(np.int64)
 
 
 class ErrorModel:
@@ -80,9 +81,15 @@ class ErrorModel:
 
     def refit_scale(self, w: np.ndarray, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
         """Per-channel s minimising the output error of s·q against w: qᵀHw / qᵀHq (the old scale
-        where q is all zero)."""
-        qq = self.inner(q, q)
-        return np.where(qq > 0, self.inner(q, w) / np.where(qq > 0, qq, 1.0), scale)
+        where q is all zero). q (..., C, K) and scale (..., C) may hold a batch of candidates for the
+        one w (C, K); qᵀHq and qᵀHw share one product Hq."""
+        if not self.known:
+            qq, qw = self.inner(q, q), self.inner(q, np.broadcast_to(w, q.shape))
+        else:
+            hq = self.hmul(q)
+            qq = (hq * torch.from_numpy(np.ascontiguousarray(q, np.float32))).sum(-1).double().numpy()
+            qw = (hq * torch.from_numpy(np.ascontiguousarray(w, np.float32))).sum(-1).double().numpy()
+        return np.where(qq > 0, qw / np.where(qq > 0, qq, 1.0), scale)
 
 def ratio_grid(bits: int) -> np.ndarray:
     lo = 0.5 if bits >= 6 else 0.25
@@ -105,6 +112,5 @@ def clip_search(w: np.ndarray, bits: int, err: ErrorModel | None) -> np.ndarray:
     step = max(1, CHUNK_ELEMENTS // max(w.size, 1))
     for i in range(0, len(ratios), step):
         scale = amax[None] * ratios[i:i + step, None] / m  # (R, C)
-        q = np.clip(round_half_up(w[None] / scale[..., None]), -m, m)
-        errors[i:i + step] = err(w[None] - q * scale[..., None])
+        errors[i:i + step] = err(w[None] - quantize_symmetric(w, scale, bits) * scale[..., None])
     return amax * ratios[np.argmin(errors, axis=0)] / m
