@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..determinism import fixed_order
+from ..determinism import fixed_order, single_threaded_map
 from ..ir import Graph, Op, execute
 from ..ir.floatops import float_kernels
 from .distributed import Shard
@@ -156,20 +156,28 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     tokens = kept_tokens(graph)
     scores = {op.inputs[0] for op in graph.ops if op.kind == "softmax" and len(op.inputs) == 2}
 
-    def track_range(name: str, t: torch.Tensor):
-        low, high = (float(v) for v in torch.aminmax(t))  # one read of the tensor for both
-        if not (np.isfinite(low) and np.isfinite(high)):
-            from ptq.errors import DataError
-            raise DataError(f"tensor {name} became NaN/Inf on calibration data; check the data and the weights")
-        i = index[name]
-        lo[i], hi[i] = min(lo[i], low), max(hi[i], high)
+    def ranges_of(xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One batch's min and max of every tensor."""
+        low, high = np.full(len(names), np.inf), np.full(len(names), -np.inf)
 
-    with shard.agreed(), torch.no_grad(), progress("calibration pass 1/2 (ranges)", len(mine)) as advance:
-        for xb in source.batches(batch_size, mine):
+        def track(name: str, t: torch.Tensor):
+            a, b = (float(v) for v in torch.aminmax(t))  # one read of the tensor for both
+            if not (np.isfinite(a) and np.isfinite(b)):
+                from ptq.errors import DataError
+                raise DataError(f"tensor {name} became NaN/Inf on calibration data; check the data and the weights")
+            i = index[name]
+            low[i], high[i] = min(low[i], a), max(high[i], b)
+
+        with torch.no_grad():
             keep = tokens(xb) if tokens else None
-            track_range(graph.input, xb)
-            execute(graph, xb, kernels,
-                    on_output=lambda op, xs, y: track_range(op.output, at_kept(y, keep, op.output in scores)))
+            track(graph.input, xb)
+            execute(graph, xb, kernels, on_output=lambda op, xs, y: track(op.output, at_kept(y, keep, op.output in scores)))
+        return low, high
+
+    with shard.agreed(), progress("calibration pass 1/2 (ranges)", len(mine)) as advance:
+        for low, high in single_threaded_map(ranges_of, source.batches(batch_size, mine)):
+            np.minimum(lo, low, out=lo)
+            np.maximum(hi, high, out=hi)
             advance()
     shard.minimum(lo)
     shard.maximum(hi)
@@ -180,16 +188,36 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     gen = torch.Generator().manual_seed(seed)
     skip_positions(graph, positions, gen, mine.start)
 
-    def observe(op: Op, xs: list[torch.Tensor], y: torch.Tensor, keep: torch.Tensor | None):
-        stats.histograms[op.output].add(at_kept(y, keep, op.output in scores))
-        if op.weight is not None:
-            sums[op.name].add(patch_moments(op, at_kept(xs[0], keep), positions, gen))
+    def seeded(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each batch with the patch positions' generator state it starts from, as one process draws them."""
+        for xb in batches:
+            state = gen.get_state()
+            skip_positions(graph, positions, gen, 1)
+            yield xb, state
 
-    with shard.agreed(), torch.no_grad(), progress("calibration pass 2/2 (histograms, layer inputs)", len(mine)) as advance:
-        for xb in source.batches(batch_size, mine):
+    def observe(item: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, LayerInputStats]]:
+        """One batch's histogram counts of every tensor and input moments of every layer."""
+        xb, state = item
+        g = torch.Generator().set_state(state)
+        counts = {graph.input: stats.histograms[graph.input].counts_of(xb)}
+        moments = {}
+
+        def on_output(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
+            counts[op.output] = stats.histograms[op.output].counts_of(at_kept(y, keep, op.output in scores))
+            if op.weight is not None:
+                moments[op.name] = patch_moments(op, at_kept(xs[0], keep), positions, g)
+
+        with torch.no_grad():
             keep = tokens(xb) if tokens else None
-            stats.histograms[graph.input].add(xb)
-            execute(graph, xb, kernels, on_output=lambda op, xs, y: observe(op, xs, y, keep))
+            execute(graph, xb, kernels, on_output=on_output)
+        return counts, moments
+
+    with shard.agreed(), progress("calibration pass 2/2 (histograms, layer inputs)", len(mine)) as advance:
+        for counts, moments in single_threaded_map(observe, seeded(source.batches(batch_size, mine))):
+            for t, c in counts.items():
+                stats.histograms[t].counts += c
+            for name, m in moments.items():
+                sums[name].add(m)
             advance()
     counts = np.stack([h.counts for h in stats.histograms.values()])
     shard.add(counts)  # whole counts in float64: exact in any order

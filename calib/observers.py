@@ -74,11 +74,14 @@ class Histogram:
         return Histogram(float(lo), float(hi), np.zeros(HIST_BINS, dtype=np.float64))
 
     def add(self, x: torch.Tensor) -> None:
+        self.counts += self.counts_of(x)
+
+    def counts_of(self, x: torch.Tensor) -> np.ndarray:
+        """The counts x adds (whole numbers in float64: any order of adding them gives the same bits)."""
         flat = x.detach().float().flatten()
         if flat.numel() > HIST_SAMPLE:
             flat = flat[:: (flat.numel() + HIST_SAMPLE - 1) // HIST_SAMPLE]
-        h = torch.histc(flat, bins=HIST_BINS, min=self.lo, max=self.hi)
-        self.counts += h.double().cpu().numpy()
+        return torch.histc(flat, bins=HIST_BINS, min=self.lo, max=self.hi).double().cpu().numpy()
 
     def merge(self, other: "Histogram") -> "Histogram":
         assert (self.lo, self.hi) == (other.lo, other.hi)

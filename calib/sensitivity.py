@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..determinism import fixed_order
 from ..ir import Graph, Op, execute
 from ..ir.floatops import apply_act, conv_float, float_kernels, linear_float
 from .tokens import kept_tokens
@@ -62,7 +63,7 @@ def fisher_terms(graph: Graph, batches, seed: int = 0, skip: int = 0,
     gen = torch.Generator().manual_seed(seed)
     for xb in batches:
         pre.clear()
-        with torch.enable_grad():
+        with torch.enable_grad(), fixed_order():  # conv backward's sums otherwise follow the thread count
             out = execute(graph, xb.float().requires_grad_(True), kernels)[graph.outputs[0]]
             keep = tokens(xb) if tokens is not None else None
             if keep is not None and out.dim() == 3 and out.shape[1] == keep.shape[1]:

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -21,4 +27,25 @@ def fixed_order() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-__all__ = ["fixed_order"]
+def single_threaded_map(work: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
+    """work(item) for each item, in item order, each call single-threaded (`fixed_order`) but up to
+    `workers` calls at once (default: torch's thread count) on a thread pool, at most two per worker
+    in flight. Each call's arithmetic is then the same at any thread count, and the cores still all
+    work: torch releases the GIL inside its ops. Grad mode is per thread: `work` sets its own."""
+    n = workers or torch.get_num_threads()
+    with fixed_order():
+        if n <= 1:
+            for item in items:
+                yield work(item)
+            return
+        with ThreadPoolExecutor(n) as pool:
+            pending: deque = deque()
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) >= 2 * n:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+
+__all__ = ["fixed_order", "single_threaded_map"]

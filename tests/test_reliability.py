@@ -340,6 +340,29 @@ def test_same_seed_and_any_thread_count_give_identical_bytes(digits, tmp_path):
     assert codes[0].dtype == np.int64 and np.array_equal(codes[0], codes[1]) and np.array_equal(codes[0], codes[2])
 
 
+def test_the_statistics_are_the_same_bits_at_any_thread_count(digits):
+    """Batches of 8 with 16 patch positions: torch's float32 conv picks another summation order at 2
+    threads than at 1 for this shape; each batch computed single-threaded keeps every range, count
+    and moment, the Fisher terms and so the manifests the same bits."""
+    from ptq.api import prepare, quantize_prepared
+    model, xtr, _, xte, _ = digits
+    over = {"calibration.positions": 16, "calibration.batch_size": 8}
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            prep = prepare(model, xtr[:96], "w8a8", seed=5, eval_data=xte[:16], overrides=over)
+            li = prep.stats.layer_inputs
+            got.append((prep.stats.ranges, {t: h.counts.tobytes() for t, h in prep.stats.histograms.items()},
+                        {k: (v.xx.tobytes(), v.x.tobytes()) for k, v in li.items()},
+                        {k: v.tobytes() for k, v in prep.stats.fisher.items()},
+                        [quantize_prepared(prep, r, overrides=over).manifest.data for r in ("w8a8", "acc16")]))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1]
+
+
 THREADS_CHILD = r"""
 import hashlib, json, sys, tempfile
 import numpy as np, torch
