@@ -12,6 +12,7 @@ calibration ranks (`calib.distributed`), and the same bits as one process.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from collections.abc import Iterator
@@ -195,29 +196,31 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
             skip_positions(graph, positions, gen, 1)
             yield xb, state
 
-    def observe(item: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, LayerInputStats]]:
-        """One batch's histogram counts of every tensor and input moments of every layer."""
+    merging = threading.Lock()
+
+    def observe(item: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Add one batch's histogram counts of every tensor and input moments of every layer, each
+        as soon as it is computed (whole counts and fixed-point sums: exact in any order)."""
         xb, state = item
         g = torch.Generator().set_state(state)
-        counts = {graph.input: stats.histograms[graph.input].counts_of(xb)}
-        moments = {}
 
         def on_output(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
-            counts[op.output] = stats.histograms[op.output].counts_of(at_kept(y, keep, op.output in scores))
-            if op.weight is not None:
-                moments[op.name] = patch_moments(op, at_kept(xs[0], keep), positions, g)
+            counts = stats.histograms[op.output].counts_of(at_kept(y, keep, op.output in scores))
+            m = patch_moments(op, at_kept(xs[0], keep), positions, g) if op.weight is not None else None
+            with merging:
+                stats.histograms[op.output].counts += counts
+                if m is not None:
+                    sums[op.name].add(m)
 
         with torch.no_grad():
             keep = tokens(xb) if tokens else None
+            counts = stats.histograms[graph.input].counts_of(xb)
+            with merging:
+                stats.histograms[graph.input].counts += counts
             execute(graph, xb, kernels, on_output=on_output)
-        return counts, moments
 
     with shard.agreed(), progress("calibration pass 2/2 (histograms, layer inputs)", len(mine)) as advance:
-        for counts, moments in single_threaded_map(observe, seeded(source.batches(batch_size, mine))):
-            for t, c in counts.items():
-                stats.histograms[t].counts += c
-            for name, m in moments.items():
-                sums[name].add(m)
+        for _ in single_threaded_map(observe, seeded(source.batches(batch_size, mine))):
             advance()
     counts = np.stack([h.counts for h in stats.histograms.values()])
     shard.add(counts)  # whole counts in float64: exact in any order
