@@ -222,7 +222,8 @@ def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: to
 
 
 def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, layers: list[str],
-                   visit: Iterable[str] = (), on_layer: LayerHook | None = None) -> dict[str, dict]:
+                   visit: Iterable[str] = (), on_layer: LayerHook | None = None,
+                   float_inputs: bool = False) -> dict[str, dict]:
     """Re-decide the named layers' integers by block-wise AdaRound (in place; module docstring);
     per layer its output error with nearest and learned integers, and its block's. `on_layer` is
     called on the walk before each layer of `visit` runs (the sequential feedback rounding)."""
@@ -236,7 +237,7 @@ def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, lay
             weight = output_weight(block, stats, settings, target.dim())
             rec = learn_block(block, weights, x, target, quant, settings, gen, advance, weight)
             report.update({op.name: rec for op in block.layers})
-        walk(graph, stats, recipe, weights, blocks, on_block, visit, on_layer)
+        walk(graph, stats, recipe, weights, blocks, on_block, visit, on_layer, float_inputs)
     out: dict[str, dict] = {}
     ops = {op.name: op for op in graph.weighted_ops()}
     for name in layers:

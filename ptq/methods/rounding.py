@@ -13,10 +13,17 @@ integers per layer by `weights.rounding` (per layer through [[overrides]]):
   they lower its output error on the calibration H (sampled H can make feedback worse on a channel).
   With `rounding.sequential`, each feedback layer's H is measured instead on its inputs in the
   model quantized so far (earlier layers' integers as decided, every tensor fake-quantized: the
-  walk of `ptq.methods.walk`) over the first `rounding.samples` calibration samples: the layer's
-  own error on the inputs it will see (it does not target the FP32 output, which would need the
-  cross moment of quantized and FP32 inputs); its recorded errors are on that H. Measured on the
-  digits CNN it is slightly worse than the FP32 H, hence off by default.
+  walk of `ptq.methods.walk`) over the first `rounding.samples` calibration samples. Its target
+  (`rounding.target`) is either the layer's own output on those quantized inputs (`layer`: min
+  ‖W·x_q − Q·x_q‖) or the FP32 model's output of the layer (`float`: min ‖W·x_fp − Q·x_q‖, as in
+  GPTAQ, Li et al. 2025), which lets a layer also undo the error its input carries. The float
+  target reduces to the first on a moved weight: with H = Σ x_q x_qᵀ and D = Σ (x_fp − x_q) x_qᵀ over
+  the same patches, ‖W·x_fp − Q·x_q‖² = ‖(W̃ − Q)·x_q‖² + const for W̃ = W + W·D·H⁻¹, so feedback
+  rounds W̃ on H. W̃ is a least-squares fit to the patches of the first `rounding.samples` samples
+  (Lite0's last 1×1 convs have K = 1152 inputs and 49 positions per sample), so it is ridge-damped
+  by `rounding.target_damp` · mean diag H, heavily by default (BENCHMARKS.md has the measured
+  dampings). The recorded errors are on that H and target. Measured on the digits CNN the layer
+  target is slightly worse than the FP32 H, hence sequential statistics are off by default.
 - `learned`: block-wise AdaRound (`ptq.methods.learned`).
 
 Every scheme reaches the engine through its grid (`ptq.ir.grids`): uniform and bit-plane windows on
@@ -31,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calib.collect import patch_moments
+from ..calib.collect import layer_patches
 from ..calib.progress import progress
+from ..errors import RecipeError
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..ir.grids import Grid, settle, term_grids
 from .base import error_record, rounding_targets
@@ -104,11 +112,13 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
     return out.reshape(c, k).numpy().astype(np.int64)
 
 
-def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings: dict) -> dict[str, float]:
+def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings: dict,
+                   target: np.ndarray | None = None) -> dict[str, float]:
     """Re-decide one layer's integers with error feedback through its input second moment `hessian`
-    (in place); the output error before and after. Without H (no inputs seen) nothing changes."""
+    (in place); the output error before and after. `target` (C, K): the real weights the integers
+    aim at (default the layer's own). Without H (no inputs seen) nothing changes."""
     c = op.weight.shape[0]
-    w = op.weight.reshape(c, -1).astype(np.float64)
+    w = op.weight.reshape(c, -1).astype(np.float64) if target is None else target
     err = ErrorModel(hessian, c)
     before = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
     if hessian is None:
@@ -116,9 +126,9 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
     grids = term_grids(wq)
     budget = wq.l1_budget
     current = before  # each channel's error with the integers it has so far
-    for t, rows, target in rounding_targets(wq, w):
+    for t, rows, aim in rounding_targets(wq, w):
         q, s = wq.terms[t]
-        new = feedback_integers(target / s[:, None], hessian, grids[t], settings["order"], settings["damp"],
+        new = feedback_integers(aim / s[:, None], hessian, grids[t], settings["order"], settings["damp"],
                                 settings["block"], budget)  # a budget comes only with single-term layers
         trial = wq.terms[:t] + [(np.where(rows[:, None], new, q.reshape(c, -1)).reshape(q.shape), s)] + wq.terms[t + 1:]
         e_new = err((w - WeightQuant(wq.scheme, trial, wq.bits, wq.extra).dequantized().reshape(c, -1)).astype(np.float32))
@@ -129,15 +139,39 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
     return error_record(before, current, err, w)
 
 
-def sequential_hessian(op: Op, x: torch.Tensor, positions: int, size: int) -> np.ndarray:
-    """H of a layer's input patches (`calib.collect.patch_moments`, seeded positions) over x, the
-    layer's input in the model quantized so far, `size` samples at a time."""
+def sequential_moments(op: Op, xq: torch.Tensor, xf: torch.Tensor | None, positions: int,
+                       size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """H = E[x_q x_qᵀ] over a layer's input patches (`calib.collect.layer_patches`, seeded positions)
+    in the model quantized so far, `size` samples at a time, and with its FP32 input `xf` the cross
+    moment D = E[(x_fp − x_q) x_qᵀ] over the same patches (each group's (K, K))."""
     gen = torch.Generator().manual_seed(SEED)
-    total = None
-    for i in range(0, x.shape[0], size):
-        m = patch_moments(op, x[i:i + size], positions, gen)
-        total = m if total is None else total.merge(m)
-    return total.hessian
+    h = d = None
+    rows = 0
+    for i in range(0, xq.shape[0], size):
+        state = gen.get_state()
+        pq = layer_patches(op, xq[i:i + size], positions, gen)
+        rows += pq.shape[1]
+        part = torch.bmm(pq.transpose(1, 2), pq).double()
+        h = part if h is None else h + part
+        if xf is not None:
+            pf = layer_patches(op, xf[i:i + size], positions, torch.Generator().set_state(state))
+            part = torch.bmm((pf - pq).transpose(1, 2), pq).double()
+            d = part if d is None else d + part
+    return (h / rows).numpy(), None if d is None else (d / rows).numpy()
+
+
+def float_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: float) -> np.ndarray:
+    """W̃ = W + W·D·(H + λI)⁻¹ per group (module docstring), λ = damp·mean(diag H): the real weights
+    whose output on the quantized inputs is nearest, in least squares, to W's on the FP32 inputs."""
+    c, k = w.shape
+    g = hessian.shape[0]
+    with fixed_order():
+        h = torch.from_numpy(hessian)
+        lam = max(damp, 1e-6) * torch.diagonal(h, dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+        hd = h + lam[:, None, None] * torch.eye(k, dtype=h.dtype)
+        wg = torch.from_numpy(w).reshape(g, c // g, k)
+        moved = torch.linalg.solve(hd, torch.bmm(wg, torch.from_numpy(cross)).transpose(1, 2)).transpose(1, 2)
+    return w + moved.reshape(c, k).numpy()
 
 
 def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> None:
@@ -153,10 +187,19 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> 
     feedback = [name for name, m in modes.items() if m == "feedback"]
     sequential = settings["sequential"] and bool(feedback)
 
+    if settings["target"] == "float" and not settings["sequential"] and feedback:
+        raise RecipeError("rounding.target = 'float' needs the FP32 and quantized inputs of the sequential pass: "
+                          "set rounding.sequential = true as well")
+    to_float = sequential and settings["target"] == "float"
+
     with progress("error-feedback rounding (layers)", len(feedback)) as advance:
-        def on_layer(op: Op, x: torch.Tensor) -> None:  # sequential: H from the model quantized so far
-            h = sequential_hessian(op, x, recipe["calibration"]["positions"], settings["batch_size"])
-            report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings)}
+        def on_layer(op: Op, xq: torch.Tensor, xf: torch.Tensor | None) -> None:  # H from the model quantized so far
+            h, d = sequential_moments(op, xq, xf if to_float else None, recipe["calibration"]["positions"],
+                                      settings["batch_size"])
+            c = op.weight.shape[0]
+            aim = None if d is None else float_target(op.weight.reshape(c, -1).astype(np.float64), h, d,
+                                                         settings["target_damp"])
+            report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings, aim)}
             advance()
 
         if not sequential:
@@ -169,13 +212,13 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> 
         visit = feedback if sequential else []
         if learned:
             from .learned import learn_rounding
-            for name, rec in learn_rounding(graph, stats, recipe, weights, learned, visit, on_layer).items():
+            for name, rec in learn_rounding(graph, stats, recipe, weights, learned, visit, on_layer, to_float).items():
                 report[name] = {"rounding": "learned", **rec}
         elif sequential:
-            walk(graph, stats, recipe, weights, [], layers=visit, on_layer=on_layer)
+            walk(graph, stats, recipe, weights, [], layers=visit, on_layer=on_layer, float_inputs=to_float)
     for op in graph.weighted_ops():
         report.setdefault(op.name, {"rounding": "nearest"})
     weights.info["rounding"] = report
 
 
-__all__ = ["apply_rounding", "feedback_integers", "feedback_layer", "sequential_hessian"]
+__all__ = ["apply_rounding", "feedback_integers", "feedback_layer", "float_target", "sequential_moments"]

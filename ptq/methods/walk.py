@@ -2,10 +2,11 @@
 feedback rounding decide a layer's integers.
 
 One walk in op order runs two streams over the first `rounding.samples` calibration samples: the
-FP32 model (the learned blocks' targets; it runs only when there are blocks) and the model quantized
+FP32 model (the learned blocks' targets and the float-target feedback's reference inputs; it runs
+only when one of them asks) and the model quantized
 so far (every layer's dequantized integers as they stand, every tensor fake-quantized with the
 encodings the manifest will have, `blocks.fake_quant`). A hook sees a block's quantized-stream input
-and FP32 output, or a layer's quantized-stream input, and may change those layers' integers; the
+and FP32 output, or a layer's quantized-stream and FP32 inputs, and may change those layers' integers; the
 quantized stream then runs on through them with the new integers. Only the tensors a later step
 still needs stay alive, and the walk stops after its last hook, so its memory is a few feature maps
 of the sample set. It runs single-threaded (`errormodel.fixed_order`), hooks included.
@@ -22,7 +23,7 @@ from .blocks import FLOAT, Block, Bounds, bounds, fake_quant, pre_act
 from .errormodel import fixed_order
 
 BlockHook = Callable[[Block, torch.Tensor, torch.Tensor, dict[str, Bounds]], None]
-LayerHook = Callable[[Op, torch.Tensor], None]
+LayerHook = Callable[[Op, torch.Tensor, torch.Tensor | None], None]
 
 
 def chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int) -> torch.Tensor:
@@ -49,10 +50,10 @@ def _inputs(step: Op | Block) -> list[str]:
 
 
 def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[Block], on_block: BlockHook | None = None,
-         layers: Iterable[str] = (), on_layer: LayerHook | None = None) -> None:
+         layers: Iterable[str] = (), on_layer: LayerHook | None = None, float_inputs: bool = False) -> None:
     """Run the two streams (module docstring), calling `on_block(block, quantized input, FP32 output,
-    every tensor's code bounds)` for each block and `on_layer(op, quantized input)` before each of
-    `layers` runs."""
+    every tensor's code bounds)` for each block and `on_layer(op, quantized input, FP32 input or None)`
+    before each of `layers` runs; the FP32 input is there when `float_inputs` asks for it."""
     settings = recipe["rounding"]
     enc = choose_encodings(graph, stats.histograms, recipe, weights)
     producers = graph.producers()
@@ -67,7 +68,7 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
 
     with fixed_order(), torch.no_grad():
         x = torch.cat(list(stats.replay(settings["samples"], size))).float()
-        fp = {graph.input: x} if blocks else None
+        fp = {graph.input: x} if blocks or float_inputs else None
         qx = {graph.input: fake_quant(x, quant[graph.input])}
         for i, s in enumerate(steps):
             if isinstance(s, Block):
@@ -78,7 +79,7 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
                 fp[s.output] = target
             else:
                 if s.name in layers:
-                    on_layer(s, qx[s.inputs[0]])
+                    on_layer(s, qx[s.inputs[0]], None if fp is None else fp[s.inputs[0]])
                 if fp is not None:
                     fp[s.output] = FLOAT[s.kind](s, [fp[t] for t in s.inputs])
                 w = None if s.weight is None else dequantized(s)
