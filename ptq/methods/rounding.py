@@ -17,8 +17,8 @@ integers per layer by `weights.rounding` (per layer through [[overrides]]):
   (`rounding.target`) is either the layer's own output on those quantized inputs (`layer`: min
   ‖W·x_q − Q·x_q‖) or the FP32 model's output of the layer (`float`: min ‖W·x_fp − Q·x_q‖, as in
   GPTAQ, Li et al. 2025), which lets a layer also undo the error its input carries. The float
-  target reduces to the first on a moved weight: with H = Σ x_q x_qᵀ and D = Σ (x_fp − x_q) x_qᵀ over
-  the same patches, ‖W·x_fp − Q·x_q‖² = ‖(W̃ − Q)·x_q‖² + const for W̃ = W + W·D·H⁻¹, so feedback
+  target reduces to the first on a moved weight: with H = E[x_q x_qᵀ] and D = E[(x_fp − x_q) x_qᵀ]
+  over the same patches, ‖W·x_fp − Q·x_q‖² = ‖(W̃ − Q)·x_q‖² + const for W̃ = W + W·D·H⁻¹, so feedback
   rounds W̃ on H. W̃ is a least-squares fit to the patches of the first `rounding.samples` samples
   (Lite0's last 1×1 convs have K = 1152 inputs and 49 positions per sample), so it is ridge-damped
   by `rounding.target_damp` · mean diag H, heavily by default (BENCHMARKS.md has the measured

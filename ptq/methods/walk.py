@@ -3,11 +3,11 @@ feedback rounding decide a layer's integers.
 
 One walk in op order runs two streams over the first `rounding.samples` calibration samples: the
 FP32 model (the learned blocks' targets and the float-target feedback's reference inputs; it runs
-only when one of them asks) and the model quantized
-so far (every layer's dequantized integers as they stand, every tensor fake-quantized with the
-encodings the manifest will have, `blocks.fake_quant`). A hook sees a block's quantized-stream input
-and FP32 output, or a layer's quantized-stream and FP32 inputs, and may change those layers' integers; the
-quantized stream then runs on through them with the new integers. Only the tensors a later step
+only when one of them asks) and the model quantized so far (every layer's dequantized integers as
+they stand, every tensor fake-quantized with the encodings the manifest will have,
+`blocks.fake_quant`). A hook sees a block's quantized-stream input and FP32 output, or a layer's
+quantized-stream and FP32 inputs, and may change those layers' integers; the quantized stream then
+runs on through them with the new integers. Only the tensors a later step
 still needs stay alive, and the walk stops after its last hook, so its memory is a few feature maps
 of the sample set. It runs single-threaded (`errormodel.fixed_order`), hooks included.
 """
