@@ -131,10 +131,14 @@ def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
     return patches.reshape(g, n * p, (c // g) * kh * kw)
 
 
+def moments_of(p: torch.Tensor) -> LayerInputStats:
+    """The sums of x xᵀ and x over patches p (G, rows, K)."""
+    return LayerInputStats(torch.bmm(p.transpose(1, 2), p).double().numpy(), p.sum(1).double().numpy(), p.shape[1])
+
+
 def patch_moments(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Generator | None) -> LayerInputStats:
     """The sums of x xᵀ and x over a batch's input patches of a conv/linear layer (`layer_patches`)."""
-    p = layer_patches(op, x, positions, gen)
-    return LayerInputStats(torch.bmm(p.transpose(1, 2), p).double().numpy(), p.sum(1).double().numpy(), p.shape[1])
+    return moments_of(layer_patches(op, x, positions, gen))
 
 
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,

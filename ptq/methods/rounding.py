@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calib.collect import layer_patches
+from ..calib.collect import layer_patches, moments_of
 from ..calib.progress import progress
 from ..errors import RecipeError
 from ..ir import Graph, LayerWeights, Op, WeightQuant
@@ -52,15 +52,18 @@ from .walk import walk
 SEED = 0  # the patch positions' seed of the sequential H
 
 
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + λI per group (G, K, K), λ = damp·mean(diag H) (at least 10⁻⁶ of it)."""
+    mean = torch.diagonal(h, dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
+    return h + (max(damp, 1e-6) * mean)[:, None, None] * torch.eye(h.shape[-1], dtype=h.dtype)
+
+
 def _cholesky_inverse_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ per group, λ = damp·mean(diag H); λ grows ten-fold until
     H + λI is positive definite (sampled H of a layer with few patches can be singular)."""
-    diag = torch.diagonal(h, dim1=1, dim2=2)
-    mean = diag.mean(-1).clamp_min(1e-12)
-    eye = torch.eye(h.shape[-1], dtype=h.dtype)
     lam = max(damp, 1e-6)
     for _ in range(8):
-        l, info = torch.linalg.cholesky_ex(h + lam * mean[:, None, None] * eye)
+        l, info = torch.linalg.cholesky_ex(_damped(h, lam))
         if not bool(info.any()):
             return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
         lam *= 10
@@ -113,12 +116,15 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
 
 
 def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings: dict,
-                   target: np.ndarray | None = None) -> dict[str, float]:
+                   cross: np.ndarray | None = None) -> dict[str, float]:
     """Re-decide one layer's integers with error feedback through its input second moment `hessian`
-    (in place); the output error before and after. `target` (C, K): the real weights the integers
-    aim at (default the layer's own). Without H (no inputs seen) nothing changes."""
+    (in place); the output error before and after. With the cross moment `cross` (D) the integers
+    aim at the float target (`float_target`), else at the layer's own weights. Without H (no inputs
+    seen) nothing changes."""
     c = op.weight.shape[0]
-    w = op.weight.reshape(c, -1).astype(np.float64) if target is None else target
+    w = op.weight.reshape(c, -1).astype(np.float64)
+    if cross is not None:
+        w = float_target(w, hessian, cross, settings["target_damp"])
     err = ErrorModel(hessian, c)
     before = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
     if hessian is None:
@@ -145,19 +151,17 @@ def sequential_moments(op: Op, xq: torch.Tensor, xf: torch.Tensor | None, positi
     in the model quantized so far, `size` samples at a time, and with its FP32 input `xf` the cross
     moment D = E[(x_fp − x_q) x_qᵀ] over the same patches (each group's (K, K))."""
     gen = torch.Generator().manual_seed(SEED)
-    h = d = None
-    rows = 0
+    total, d = None, None
     for i in range(0, xq.shape[0], size):
         state = gen.get_state()
         pq = layer_patches(op, xq[i:i + size], positions, gen)
-        rows += pq.shape[1]
-        part = torch.bmm(pq.transpose(1, 2), pq).double()
-        h = part if h is None else h + part
+        m = moments_of(pq)
+        total = m if total is None else total.merge(m)
         if xf is not None:
             pf = layer_patches(op, xf[i:i + size], positions, torch.Generator().set_state(state))
             part = torch.bmm((pf - pq).transpose(1, 2), pq).double()
             d = part if d is None else d + part
-    return (h / rows).numpy(), None if d is None else (d / rows).numpy()
+    return total.hessian, None if d is None else (d / total.count).numpy()
 
 
 def float_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: float) -> np.ndarray:
@@ -166,10 +170,8 @@ def float_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: fl
     c, k = w.shape
     g = hessian.shape[0]
     with fixed_order():
-        h = torch.from_numpy(hessian)
-        lam = max(damp, 1e-6) * torch.diagonal(h, dim1=1, dim2=2).mean(-1).clamp_min(1e-12)
-        hd = h + lam[:, None, None] * torch.eye(k, dtype=h.dtype)
         wg = torch.from_numpy(w).reshape(g, c // g, k)
+        hd = _damped(torch.from_numpy(hessian), damp)
         moved = torch.linalg.solve(hd, torch.bmm(wg, torch.from_numpy(cross)).transpose(1, 2)).transpose(1, 2)
     return w + moved.reshape(c, k).numpy()
 
@@ -196,10 +198,7 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> 
         def on_layer(op: Op, xq: torch.Tensor, xf: torch.Tensor | None) -> None:  # H from the model quantized so far
             h, d = sequential_moments(op, xq, xf if to_float else None, recipe["calibration"]["positions"],
                                       settings["batch_size"])
-            c = op.weight.shape[0]
-            aim = None if d is None else float_target(op.weight.reshape(c, -1).astype(np.float64), h, d,
-                                                         settings["target_damp"])
-            report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings, aim)}
+            report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings, d)}
             advance()
 
         if not sequential:
