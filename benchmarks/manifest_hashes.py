@@ -1,7 +1,7 @@
 """sha256 of manifest.json and tensors.safetensors for every shipped recipe, on the digits CNN and
 EfficientNet-Lite0: the check that a refactoring changed no manifest byte.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.manifest_hashes OUT_DIR [--recipes a,b] [--json FILE]
+    OMP_NUM_THREADS=1 python -m benchmarks.manifest_hashes OUT_DIR [--recipes a,b] [--models digits] [--json FILE]
 
 Run it on two checkouts (e.g. `git worktree add /tmp/old REV` and `PYTHONPATH=/tmp/old`) and compare
 the JSON files. Lite0 uses 32 bundled calibration crops; the digits CNN is trained once per run
@@ -26,13 +26,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--recipes", help="comma-separated (default: every recipe in recipes/)")
+    ap.add_argument("--models", default="digits,efficientnet_lite0", help="comma-separated: digits, efficientnet_lite0")
     ap.add_argument("--json", type=Path, help="write {model/recipe: {file: sha256}} here (default OUT/hashes.json)")
     a = ap.parse_args()
     recipes = a.recipes.split(",") if a.recipes else builtin_names()
     xtr, _, xte, _ = digits_data()
     digits = train()
     res = {}
-    for model in ("digits", "efficientnet_lite0"):
+    for model in a.models.split(","):
         for r in recipes:
             t0 = time.perf_counter()
             if model == "digits":

@@ -33,6 +33,7 @@ from .sources import DataSource
 from .tokens import at_kept, kept_tokens
 
 MAX_POSITIONS = 256  # patches sampled per image and layer for H
+_MEASURING_FISHER = threading.Lock()  # layers searched on several threads may ask for it at once
 
 
 @dataclass
@@ -85,8 +86,9 @@ class Statistics:
         """Per-channel Fisher sensitivity (calib.sensitivity), measured on first use: only the
         allocator methods and multipoint's Fisher priority read it, so uniform recipes never pay
         for its backward pass. Empty when the recipe sets no sensitivity samples."""
-        if self._fisher is None:
-            self._fisher = self.measure_fisher() if self.measure_fisher is not None else {}
+        with _MEASURING_FISHER:
+            if self._fisher is None:
+                self._fisher = self.measure_fisher() if self.measure_fisher is not None else {}
         return self._fisher
 
 

@@ -35,7 +35,7 @@ from ..intmath import qmax
 from .errormodel import clip_search, quantize_symmetric
 from .registry import register
 from ..ir import LayerWeights, WeightQuant
-from .base import error_weights, layer_error
+from .base import error_weights, layer_error, per_layer
 
 BIAS_SHARE = 0.5  # most of a P-bit accumulator the int bias may take; the weights get the rest
 
@@ -158,15 +158,17 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     ibits = list(range(al["min_input_bits"], al["max_input_bits"] + 1))
     matches = override_matches(graph, recipe["overrides"])
     src, producers = graph.encoding_source(), graph.producers()
-    layers = []
-    for op in graph.weighted_ops():
+
+    def choices(op: Op) -> LayerChoices:
         t = src[op.inputs[0]]
         pin_w = layer_setting(recipe, "allocator.weight_bits", op.name, matches)
         pin_i = layer_setting(recipe, "allocator.input_bits", op.name, matches)
         prod = producers.get(t)
         cands = layer_candidates(op, stats, recipe, t, prod.attrs.get("act") if prod is not None else None, p,
                                  [pin_w] if pin_w else wbits, [pin_i] if pin_i else ibits)
-        layers.append(LayerChoices(op.name, t, cands))
+        return LayerChoices(op.name, t, cands)
+
+    layers = per_layer(choices, graph.weighted_ops())
     if al["mode"] == "naive":
         choice = _naive(layers, p)
         pair = next(iter(choice.values())).knobs

@@ -2,10 +2,23 @@
 and what the rounding engines (rounding, learned) decide and record per layer."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
 import numpy as np
 
+from ..determinism import single_threaded_map
 from ..ir import Op, WeightQuant
 from .errormodel import ErrorModel
+
+R = TypeVar("R")
+
+
+def per_layer(work: Callable[[Op], R], ops: Iterable[Op]) -> list[R]:
+    """work(op) for every op, in op order, with as many layers at once as torch has threads, each
+    single-threaded (`single_threaded_map`): a method's per-layer search uses every core and gives
+    the bits of one loop at any thread count. `work` must not depend on another layer's result."""
+    return list(single_threaded_map(work, ops))
 
 
 def layer_error(op: Op, stats, output_error: bool = True) -> ErrorModel:

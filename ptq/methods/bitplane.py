@@ -33,7 +33,7 @@ from .selectors import override_matches
 from .errormodel import ErrorModel, clip_search, quantize_symmetric
 from .registry import register
 from ..ir import LayerWeights, WeightQuant
-from .base import error_weights, layer_error
+from .base import error_weights, layer_error, per_layer
 
 BITPLANE_SECTION = {
     "bits": Field(8, int, lo=3, hi=8, help="b₀: the grid every layer starts from"),
@@ -129,8 +129,9 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     p = recipe["accumulator"]["bits"]
     matches = override_matches(graph, recipe["overrides"])
     src, producers = graph.encoding_source(), graph.producers()
-    layers, params = [], 0.0
-    for op in graph.weighted_ops():
+    ops = graph.weighted_ops()
+
+    def candidates(op: Op) -> list[Candidate]:
         xmax = xscale = None
         if p < 32:  # candidates must fit the accumulator with the recipe's activation widths
             t = src[op.inputs[0]]
@@ -138,7 +139,10 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
             e = choose_encoding(stats.histograms[t], act["bits"], act["observer"], act["percentile"],
                                 prod.attrs.get("act") if prod is not None else None)
             xmax, xscale = max(e.zero_point - e.qmin, e.qmax - e.zero_point), e.scale
-        cands = layer_candidates(op, stats, recipe, xmax, xscale)
+        return layer_candidates(op, stats, recipe, xmax, xscale)
+
+    layers, params = [], 0.0
+    for op, cands in zip(ops, per_layer(candidates, ops)):
         pin = layer_setting(recipe, "bitplane.layer_bits", op.name, matches)
         lc = LayerChoices(op.name, None, cands)
         if pin:

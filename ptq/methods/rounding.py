@@ -43,7 +43,7 @@ from ..calib.progress import progress
 from ..errors import RecipeError
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..ir.grids import Grid, settle, term_grids
-from .base import error_record, rounding_targets
+from .base import error_record, per_layer, rounding_targets
 from .errormodel import ErrorModel, fixed_order
 from .fields import layer_setting
 from .selectors import override_matches
@@ -202,12 +202,14 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> 
             advance()
 
         if not sequential:
-            for op in graph.weighted_ops():
-                if op.name in feedback:
-                    li = stats.layer_inputs.get(op.name) if stats is not None else None
-                    h = None if li is None else li.hessian
-                    report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings)}
-                    advance()
+            def decide(op: Op) -> dict:
+                li = stats.layer_inputs.get(op.name) if stats is not None else None
+                return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings)
+
+            ops = [op for op in graph.weighted_ops() if op.name in feedback]
+            for op, rec in zip(ops, per_layer(decide, ops)):
+                report[op.name] = {"rounding": "feedback", **rec}
+                advance()
         visit = feedback if sequential else []
         if learned:
             from .learned import learn_rounding

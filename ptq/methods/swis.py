@@ -52,7 +52,7 @@ from ..intmath import qmax
 from .errormodel import ErrorModel, clip_search, fixed_order
 from .registry import register
 from ..ir import LayerWeights, WeightQuant
-from .base import error_weights, layer_error
+from .base import error_weights, layer_error, per_layer
 
 CHUNK = 1 << 22  # sets × groups × G table values gathered at once (float32: 16 MB)
 
@@ -328,26 +328,28 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
 
     budgeted = sw["cycles"] > 0 or sw["mean_weight_bits"] > 0
     if sw["mode"] == "fixed" and not budgeted:
-        out = {}
-        cycles = {}
+        shared = {op.name: layer_setting(recipe, "swis.shared_bits", op.name, matches) for op in ops}
         for op in ops:
-            n = layer_setting(recipe, "swis.shared_bits", op.name, matches)
-            _check_n(n, bits, "shared_bits", op.name)
-            lay = run(op, n)
-            out[op.name] = build(lay, op, bits, group, sw["positions"])
-            cycles[op.name] = lay.schedule
+            _check_n(shared[op.name], bits, "shared_bits", op.name)
+        lays = per_layer(lambda op: run(op, shared[op.name]), ops)
+        out = {op.name: build(lay, op, bits, group, sw["positions"]) for op, lay in zip(ops, lays)}
+        cycles = {op.name: lay.schedule for op, lay in zip(ops, lays)}
         return LayerWeights(out, {"swis": {"mode": "fixed", **bitserial.totals(cycles)}})
 
     n_ref = sw["shared_bits"]  # the N whose everywhere-cost sets the budgets left at 0
     if n_ref >= bits:
         raise RecipeError(f"swis.shared_bits = {n_ref} must be below swis.bits = {bits} (it sets the default budgets)")
-    layers = []
+    spans = {}
     for op in ops:
         lo = layer_setting(recipe, "swis.min_shared_bits", op.name, matches)
         hi = min(layer_setting(recipe, "swis.max_shared_bits", op.name, matches), bits - 1)
         _check_n(lo, bits, "min_shared_bits", op.name)
         if lo > hi:
             raise RecipeError(f"swis.min_shared_bits = {lo} exceeds swis.max_shared_bits = {hi} for layer {op.name}")
+        spans[op.name] = lo, hi
+
+    def choices(op: Op) -> LayerChoices:
+        lo, hi = spans[op.name]
         c, k = op.weight_matrix_shape
         w = op.weight.reshape(c, k).astype(np.float32)
         err = layer_error(op, stats, output_error=sw["objective"] == "output")
@@ -359,7 +361,9 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
             cost = {"cycles": float(lay.schedule["cycles"]),
                     "weight_bits": float(c * k * bitserial.storage_bits(bits, n, group))}
             cands.append(Candidate({"shared_bits": n}, float(np.sum(weight * lay.errors)), cost, 0, (lay, op)))
-        layers.append(LayerChoices(op.name, None, cands))
+        return LayerChoices(op.name, None, cands)
+
+    layers = per_layer(choices, ops)
     budgets = {}
     params = sum(float(op.weight.size) for op in ops)
     base_cycles = sum(float(lc.candidates[0].payload[0].schedule["baseline_cycles"]) for lc in layers)

@@ -9,17 +9,16 @@ from .selectors import override_matches
 from .errormodel import clip_search, quantize_symmetric
 from .registry import register
 from ..ir import WeightQuant
-from .base import layer_error
+from .base import layer_error, per_layer
 
 
 @register("uniform", override_keys=("weights.bits",))
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     matches = override_matches(graph, recipe["overrides"])
-    out = {}
-    for op in graph.weighted_ops():
-        bits = layer_setting(recipe, "weights.bits", op.name, matches)
-        out[op.name] = uniform_layer(op, stats, bits, recipe["weights"]["clip"])
-    return out
+    ops = graph.weighted_ops()
+    return dict(zip((op.name for op in ops), per_layer(
+        lambda op: uniform_layer(op, stats, layer_setting(recipe, "weights.bits", op.name, matches), recipe["weights"]["clip"]),
+        ops)))
 
 
 def uniform_layer(op, stats, bits: int, clip: str) -> WeightQuant:
