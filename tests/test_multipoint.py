@@ -49,6 +49,34 @@ def test_greedy_error_decreases_with_points_under_h():
     assert err(w - what) == pytest.approx(pts.errors[-1], rel=1e-3, abs=1e-9)
 
 
+def test_the_screen_is_the_error_where_h_has_at_most_16_directions():
+    """`ErrorModel.screen` keeps H's 16 leading directions exactly: an H of rank ≤ 16 (a 3×3 depthwise
+    kernel, a layer that saw 10 inputs) is screened without error, per group."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 200, 9))  # three groups of a depthwise conv, K = 9
+    low = rng.standard_normal((10, 64))  # rank 10 in K = 64
+    for h, c in (((x.transpose(0, 2, 1) @ x) / 200, 6), ((low.T @ low / 10)[None], 5)):
+        err = ErrorModel(h, c)
+        d = rng.standard_normal((2, c, h.shape[-1])).astype(np.float32)
+        assert err.screen(d) == pytest.approx(err(d), rel=1e-4)
+
+
+def test_a_screened_coefficient_search_loses_almost_nothing():
+    """Four 2-bit extra points on a post-ReLU-like input (a mean and a shared component): screening
+    each round to 4 candidates moves the summed error of every depth by under 5% (3.1% the most
+    measured) and of all four seeds and depths together by under 1% (+0.2% measured)."""
+    ratios = []
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        x = np.maximum(rng.standard_normal((3000, 144)) + 0.7 * rng.standard_normal((3000, 1)) + 0.3, 0)
+        err = ErrorModel((x.T @ x / 3000)[None], 48)
+        w = rng.standard_normal((48, 144)) * 0.05
+        full = mp.greedy_points(w, 4, 4, err, extra_bits=2)
+        screened = mp.greedy_points(w, 4, 4, err, extra_bits=2, screen=4)
+        ratios.append(screened.errors.sum(1) / full.errors.sum(1))
+    assert np.max(ratios) < 1.05 and np.mean(ratios) < 1.01
+
+
 def test_refit_is_never_worse_and_is_what_the_weights_become():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((400, 20))

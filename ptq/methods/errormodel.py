@@ -10,6 +10,9 @@ thread count.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cached_property
+
 import numpy as np
 import torch
 
@@ -22,6 +25,9 @@ def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarra
     (..., C) in one batch (..., C, K); int64 result."""
     m = qmax(bits)
     return np.clip(round_half_up(w / scale[..., None]), -m, m).astype(np.int64)
+
+
+SCREEN_RANK = 16  # leading directions of H that `ErrorModel.screen` keeps exactly
 
 
 class ErrorModel:
@@ -69,6 +75,42 @@ class ErrorModel:
             return self._ungrouped(fd, d.shape[:-2]).pow(2).sum(-1).double().numpy()
         return (self.hmul(d) * d).sum(-1).double().numpy()
 
+    def screen(self, diff: np.ndarray) -> np.ndarray:
+        """An estimate of the error per channel of (..., C, K), for ranking candidates (`least_error`):
+        exact on H's SCREEN_RANK leading directions (the input mean's among them, which dominates
+        the H of a layer after a ReLU), diagonal on the rest: dᵀUUᵀd + Σ_k (H − UUᵀ)_kk d_k². A
+        product of rank SCREEN_RANK instead of K; exact when no H is known."""
+        d = torch.from_numpy(np.ascontiguousarray(diff, np.float32))
+        if not self.known:
+            return d.pow(2).sum(-1).double().numpy()
+        u, rest = self._screen
+        dg = self._grouped(d)
+        with fixed_order():
+            e = torch.bmm(dg, u).pow(2).sum(-1) + (dg * dg * rest[:, None, :]).sum(-1)  # (G, rows)
+        return self._ungrouped(e[..., None], d.shape[:-2])[..., 0].double().numpy()
+
+    @cached_property
+    def _screen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U (G, K, r) with UUᵀ ≈ H on its leading directions, diag(H − UUᵀ) (G, K)): a seeded range
+        finder with two power steps and a Rayleigh–Ritz projection, deterministic and O(K²r)."""
+        g, k = self.groups, (self.h if self.h is not None else self.f).shape[-1]
+        r = min(SCREEN_RANK, k)
+        omega = torch.randn(k, min(2 * r, k), generator=torch.Generator().manual_seed(0)).expand(g, -1, -1)
+        with fixed_order():
+            y = self._hmat(self._hmat(omega))
+            q = torch.linalg.qr(y).Q
+            lam, v = torch.linalg.eigh(torch.bmm(q.transpose(1, 2), self._hmat(q)).double())
+            u = torch.bmm(q.double(), v[:, :, -r:]) * lam[:, -r:].clamp_min(0).sqrt()[:, None, :]
+            diag = (self.f * self.f).sum(1) if self.f is not None else torch.diagonal(self.h, dim1=1, dim2=2)
+            rest = (diag.double() - u.pow(2).sum(-1)).clamp_min(0)
+        return u.float(), rest.float()
+
+    def _hmat(self, x: torch.Tensor) -> torch.Tensor:
+        """H X for X (G, K, m)."""
+        if self.f is not None:
+            return torch.bmm(self.f.transpose(1, 2), torch.bmm(self.f, x))
+        return torch.bmm(self.h, x)
+
     def energy(self, w: np.ndarray) -> np.ndarray:
         """wᵀ H w per channel: the channel's output energy, for relative errors."""
         return self(w)
@@ -97,6 +139,28 @@ def ratio_grid(bits: int) -> np.ndarray:
 
 
 CHUNK_ELEMENTS = 1 << 23  # candidate weights evaluated per batched error call (32 MB of float32)
+
+
+def least_error(err: ErrorModel, residual: Callable[[np.ndarray], np.ndarray], scales: np.ndarray,
+                keep: int | None = None, chunk: int = CHUNK_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the candidate of `scales` (T, C) whose residual (`residual(s)`: (t, C) → (t, C, K))
+    has the least error, as (index into T, its error); the first of equal ones. With `keep`, every
+    candidate is ranked by `err.screen` and only each channel's `keep` best are evaluated in full:
+    the full product, rank K instead of SCREEN_RANK, is what a coefficient search spends its time on."""
+    t, c = scales.shape
+    k = residual(scales[:1]).shape[-1]
+    step = max(1, chunk // max(c * k, 1))
+    cols = np.arange(c)
+    if keep is not None and keep < t and err.known:
+        proxy = np.concatenate([err.screen(residual(scales[i:i + step])) for i in range(0, t, step)])
+        pick = np.sort(np.argpartition(proxy, keep - 1, axis=0)[:keep], axis=0)  # (keep, C), in T order
+    else:
+        pick = np.broadcast_to(np.arange(t)[:, None], (t, c))
+    errors = np.empty(pick.shape)
+    for i in range(0, len(pick), step):
+        errors[i:i + step] = err(residual(scales[pick[i:i + step], cols]))
+    best = errors.argmin(0)
+    return pick[best, cols], errors[best, cols]
 
 
 def clip_search(w: np.ndarray, bits: int, err: ErrorModel | None) -> np.ndarray:

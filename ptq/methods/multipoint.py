@@ -38,10 +38,10 @@ from ..ir import Graph
 from .fields import Field, layer_setting
 from .selectors import override_matches
 from ..intmath import qmax
-from .errormodel import ErrorModel
+from .errormodel import ErrorModel, least_error
 from .registry import register
 from ..ir import WeightQuant
-from .base import layer_error
+from .base import layer_error, per_layer
 
 GRID = 100  # coefficient candidates per point
 GRID_LO = 0.05  # smallest candidate, as a fraction of max|r| / qmax
@@ -67,6 +67,9 @@ MULTIPOINT_SECTION = {
                       help="rank extra points by Fisher-weighted output-error reduction per weight, or by "
                            "error relative to the layer's output energy"),
     "max_points": Field(4, int, lo=1, hi=16, help="most points a channel can have"),
+    "screen": Field(4, int, lo=0, hi=1000,
+                    help="coefficient candidates per channel and search round whose output error is computed in "
+                         "full, the best by the error's diagonal terms (0: every candidate in full)"),
     "objective": Field("output", str, ("output", "mse"), help="coefficient search by output error (H) or weight MSE"),
     "sensitivity": Field(1.0, float, lo=0.0, hi=1e6, help="per-layer weight of its errors in the global ranking"),
     "seed": Field(0, int, lo=0, hi=2**31 - 1, help="seed of the random channel choice"),
@@ -79,7 +82,7 @@ class Points:
     coefficient scales[i, c]; a channel that keeps n points uses the coefficients coef[n − 1, :n, c]
     (the greedy ones, or refitted jointly) and has output error errors[n − 1, c]."""
 
-    q: np.ndarray  # (P, C, K) int64
+    q: np.ndarray  # (P, C, K) int8 (a point has at most 8 bits)
     scales: np.ndarray  # (P, C) float64, positive
     errors: np.ndarray  # (P, C): output error with 1..P points
     energy: np.ndarray  # (C,): wᵀHw (or ‖w‖²)
@@ -92,38 +95,39 @@ def _errors(err: ErrorModel, d: np.ndarray) -> np.ndarray:
 
 
 def _search(r: np.ndarray, ratios: np.ndarray, base: np.ndarray, m: int, err: ErrorModel,
-            best_e: np.ndarray, best_a: np.ndarray) -> None:
-    """Try a = ratios[t, c] · base[c] (ratios (T, C) or (T,)); keep the best a per channel in place."""
-    c, k = r.shape
-    ratios = np.broadcast_to(ratios.reshape(len(ratios), -1), (len(ratios), c))
+            best_e: np.ndarray, best_a: np.ndarray, keep: int | None = None) -> None:
+    """Try a = ratios[t, c] · base[c] (ratios (T, C) or (T,)); keep the best a per channel in place,
+    each channel's `keep` best by the screen (`least_error`) evaluated exactly."""
+    c = r.shape[0]
+    a = (np.broadcast_to(ratios.reshape(len(ratios), -1), (len(ratios), c)) * base[None, :]).astype(np.float32)
     r32 = r.astype(np.float32)
-    cols = np.arange(c)
-    step = max(1, CHUNK // max(c * k, 1))
-    for lo in range(0, len(ratios), step):
-        a = (ratios[lo:lo + step] * base[None, :]).astype(np.float32)  # (T, C)
-        v = np.clip(np.floor(r32[None] / a[..., None] + 0.5), -m, m)
-        e = _errors(err, r32[None] - a[..., None] * v)  # (T, C)
-        i = e.argmin(0)
-        e_min = e[i, cols]
-        better = e_min < best_e
-        best_e[better] = e_min[better]
-        best_a[better] = a[i, cols][better]
+
+    def residual(s: np.ndarray) -> np.ndarray:
+        return r32[None] - s[..., None] * np.clip(np.floor(r32[None] / s[..., None] + 0.5), -m, m)
+
+    i, e_min = least_error(err, residual, a, keep, CHUNK)
+    better = e_min < best_e
+    best_e[better] = e_min[better]
+    best_a[better] = a[i, np.arange(c)][better]
 
 
 def greedy_points(w: np.ndarray, bits: int, points: int, err: ErrorModel,
-                  grid: np.ndarray | None = None, extra_bits: int = 0) -> Points:
+                  grid: np.ndarray | None = None, extra_bits: int = 0, screen: int = 0) -> Points:
     """The greedy multipoint sequence of every channel of a (C, K) weight, `points` deep; the first
     point on the `bits` grid, the others on the `extra_bits` grid (0: the same).
 
     The coefficient of each point is searched on ratios of max|r|/qmax: the explicit `grid` if
     given, else (ours) a geometric grid of 100 values over [0.05, 1] searched coarse to fine — 25
     values, then 16 around each channel's best (BENCHMARKS.md, multipoint: as fine as the full grid, cheaper).
+    With `screen`, each round evaluates only each channel's `screen` best candidates by the error's
+    diagonal in full (`least_error`).
     """
     point_bits = np.array([bits] + [extra_bits or bits] * (points - 1))
+    keep = screen or None
     c, k = w.shape
     w = w.astype(np.float64)
     r = w.copy()
-    qs = np.zeros((points, c, k), np.int64)
+    qs = np.zeros((points, c, k), np.int8)
     scales = np.zeros((points, c))
     errors = np.zeros((points, c))
     cur = _errors(err, r)
@@ -139,17 +143,17 @@ def greedy_points(w: np.ndarray, bits: int, points: int, err: ErrorModel,
         best_e = np.full(c, np.inf)
         best_a = base.copy()
         if grid is not None:
-            _search(r, np.asarray(grid, np.float64), base, m, err, best_e, best_a)
+            _search(r, np.asarray(grid, np.float64), base, m, err, best_e, best_a, keep)
         else:
-            _search(r, coarse, base, m, err, best_e, best_a)
+            _search(r, coarse, base, m, err, best_e, best_a, keep)
             fine = np.geomspace(1 / spread, spread, 16)[:, None] * (best_a / base)[None, :]
-            _search(r, np.minimum(fine, 1.0), base, m, err, best_e, best_a)
+            _search(r, np.minimum(fine, 1.0), base, m, err, best_e, best_a, keep)
         v = np.clip(np.floor(r / best_a[:, None] + 0.5), -m, m)
         e = _errors(err, r - best_a[:, None] * v)
         worse = e >= cur  # a point must not make a channel worse: leave it at zero
         v[worse] = 0
         e = np.where(worse, cur, e)
-        qs[p] = v.astype(np.int64)
+        qs[p] = v.astype(np.int8)
         scales[p] = best_a
         errors[p] = e
         r = r - best_a[:, None] * v
@@ -258,7 +262,7 @@ def build(pts: Points, counts: np.ndarray, shape: tuple) -> WeightQuant:
     chans = np.arange(len(counts))
     for t in range(used):
         active = counts > t
-        q = np.where(active[:, None], pts.q[t], 0).reshape(shape)
+        q = np.where(active[:, None], pts.q[t], 0).astype(np.int64).reshape(shape)
         scale = np.where(active, pts.coef[np.maximum(counts, t + 1) - 1, t, chans], pts.scales[t])
         terms.append((q, scale))
     point_bits = [int(b) for b in pts.bits[:used]]
@@ -274,10 +278,14 @@ def channel_errors(pts: Points, counts: np.ndarray) -> np.ndarray:
 
 
 def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
+    """Every layer's greedy points (refitted where the recipe says), the layers searched at once."""
     mp = recipe["multipoint"]
     matches = override_matches(graph, recipe["overrides"])
-    plans = []
-    for op in graph.weighted_ops():
+    if mp["priority"] == "fisher" and not all(op.name in getattr(stats, "fisher", {}) for op in graph.weighted_ops()):
+        raise RecipeError("multipoint.priority = 'fisher' needs the Fisher sensitivity: set calibration.sensitivity_samples > 0 "
+                          "(or multipoint.priority = 'energy')")
+
+    def plan(op) -> LayerPlan:
         bits = layer_setting(recipe, "multipoint.bits", op.name, matches)
         extra_bits = layer_setting(recipe, "multipoint.extra_bits", op.name, matches)
         maxp = layer_setting(recipe, "multipoint.max_points", op.name, matches)
@@ -285,17 +293,13 @@ def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
         err = layer_error(op, stats, output_error=mp["objective"] == "output")
         c, k = op.weight_matrix_shape
         w = op.weight.reshape(c, k)
-        pts = greedy_points(w, bits, maxp, err, extra_bits=min(extra_bits, bits))
+        pts = greedy_points(w, bits, maxp, err, extra_bits=min(extra_bits, bits), screen=mp["screen"])
         if mp["coefficients"] == "refit":
             pts = refit_coefficients(w, pts, err)
-        fisher = None
-        if mp["priority"] == "fisher":
-            if op.name not in getattr(stats, "fisher", {}):
-                raise RecipeError("multipoint.priority = 'fisher' needs the Fisher sensitivity: set calibration.sensitivity_samples > 0 "
-                                  "(or multipoint.priority = 'energy')")
-            fisher = stats.fisher[op.name]
-        plans.append(LayerPlan(op.name, pts, bits, maxp, sens, k, fisher))
-    return plans
+        fisher = stats.fisher[op.name] if mp["priority"] == "fisher" else None
+        return LayerPlan(op.name, pts, bits, maxp, sens, k, fisher)
+
+    return per_layer(plan, graph.weighted_ops())
 
 
 @register("multipoint", sections={"multipoint": MULTIPOINT_SECTION}, override_keys=("multipoint.bits", "multipoint.extra_bits", "multipoint.max_points", "multipoint.sensitivity"),
