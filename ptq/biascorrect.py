@@ -60,7 +60,7 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
         for t in op.inputs:
             last_use[t] = i
     fp = {graph.input: x.to(dtype)}
-    fqs = [{graph.input: codec.quantize(x.to(dtype), graph.input)} for _, _, _, codec, _ in runs]
+    fqs = [{graph.input: _compact(codec, graph.input, codec.quantize(x.to(dtype), graph.input))} for _, _, _, codec, _ in runs]
     kept: list[dict[str, bool]] = [{} for _ in runs]
     with torch.no_grad(), progress(f"bias correction ({len(runs)} candidate(s), ops)", len(graph.ops)) as advance:
         for i, op in enumerate(graph.ops):
@@ -76,12 +76,13 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                 y_fp = fk[op.kind](op, xs_fp)
             for (m, mode, rk, codec, rec_of), fq, kp in zip(runs, fqs, kept):
                 rec = rec_of[op.name]
-                xs_fq = [fq[t] for t in op.inputs]
+                xs_fq = [fq[t].to(dtype) for t in op.inputs]
                 if pre_fp is not None and mode != "none" and (mode != "depthwise" or is_depthwise(op)):
-                    fq[op.output], kp[op.name] = _correct_layer(op, rec, m, codec, b, pre_fp, y_fp, xs_fq[0], dtype, mode, keep)
+                    y, kp[op.name] = _correct_layer(op, rec, m, codec, b, pre_fp, y_fp, xs_fq[0], dtype, mode, keep)
                 else:
                     qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=rec)
-                    fq[op.output] = rk[op.kind](qop, xs_fq)
+                    y = rk[op.kind](qop, xs_fq)
+                fq[op.output] = _compact(codec, op.output, y)
             fp[op.output] = y_fp
             for t in set(op.inputs):
                 if last_use.get(t) == i and t not in graph.outputs:
@@ -89,7 +90,14 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                     for fq in fqs:
                         fq.pop(t, None)
     out = graph.outputs[0]
-    return kept, fp[out], [fq[out] for fq in fqs]
+    return kept, fp[out], [fq[out].to(dtype) for fq in fqs]
+
+
+def _compact(codec: Codec, t: str, codes: torch.Tensor) -> torch.Tensor:
+    """Codes of a tensor of at most 8 bits as uint8 (exact: whole numbers in [0, 255]), so the
+    candidates' fake-quant streams take a quarter of the FP32 stream's memory; wider ones as they are."""
+    e = codec.enc.get(t)
+    return codes.to(torch.uint8) if e is not None and e["bits"] <= 8 else codes
 
 
 def _keep(graph: Graph, x: torch.Tensor) -> torch.Tensor | None:
