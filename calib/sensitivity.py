@@ -44,25 +44,26 @@ def fisher_terms(graph: Graph, batches, seed: int = 0, skip: int = 0,
     `skip_size` samples first advances it past their draws, so each batch's terms are the bits one
     process computes for it."""
     kernels = float_kernels(torch.float32)
-    pre: dict[str, torch.Tensor] = {}
+    order: list[str] = []  # the layers in forward order
+    terms: dict[str, np.ndarray] = {}
     params = {op.name: (torch.from_numpy(op.weight).float(),
                         None if op.bias is None else torch.from_numpy(op.bias).float()) for op in graph.weighted_ops()}
 
     def weighted(op: Op, xs: list[torch.Tensor]) -> torch.Tensor:
         w, b = params[op.name]
         z = (conv_float if op.kind == "conv" else linear_float)(op, xs[0], w, b)
-        if z.requires_grad:
-            z.retain_grad()
-        else:  # nothing upstream carries a gradient (a layer fed by an embedding lookup of token ids)
+        if not z.requires_grad:  # nothing upstream carries a gradient (a layer fed by an embedding lookup of token ids)
             z.requires_grad_(True)
-        pre[op.name] = z
+        z.register_hook(_squared_sums(op.name, 1 if z.dim() == 4 else z.dim() - 1, terms))
+        order.append(op.name)
         return apply_act(op, z)
 
     kernels = {**kernels, "conv": weighted, "linear": weighted}
     tokens = kept_tokens(graph)
     gen = torch.Generator().manual_seed(seed)
     for xb in batches:
-        pre.clear()
+        order.clear()
+        terms.clear()
         with torch.enable_grad(), fixed_order():  # conv backward's sums otherwise follow the thread count
             out = execute(graph, xb.float().requires_grad_(True), kernels)[graph.outputs[0]]
             keep = tokens(xb) if tokens is not None else None
@@ -71,12 +72,17 @@ def fisher_terms(graph: Graph, batches, seed: int = 0, skip: int = 0,
             else:
                 _class_loss(out.reshape(out.shape[0], -1), gen, skip, skip_size).backward()
             skip = 0
-        terms = {}
-        for name, z in pre.items():
-            g2 = z.grad.double() ** 2
-            ch = 1 if z.dim() == 4 else z.dim() - 1  # conv channels on dim 1, linear features last
-            terms[name] = g2.sum(dim=tuple(d for d in range(g2.dim()) if d != ch)).numpy()
-        yield xb.shape[0], terms
+        yield xb.shape[0], {name: terms[name] for name in order}
+
+
+def _squared_sums(name: str, ch: int, terms: dict[str, np.ndarray]):
+    """A gradient hook that stores Σ g² per channel (dim `ch`: 1 for a conv, the last for a linear)
+    as soon as the layer's gradient is complete: no layer's gradient is held until the end of the
+    backward pass, and the sums are the bits `retain_grad` gave."""
+    def hook(g: torch.Tensor) -> None:
+        g2 = g.double() ** 2
+        terms[name] = g2.sum(dim=tuple(d for d in range(g2.dim()) if d != ch)).numpy()
+    return hook
 
 
 def _class_loss(logits: torch.Tensor, gen: torch.Generator, skip: int, skip_size: int) -> torch.Tensor:
