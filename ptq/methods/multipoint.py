@@ -69,7 +69,7 @@ MULTIPOINT_SECTION = {
     "max_points": Field(4, int, lo=1, hi=16, help="most points a channel can have"),
     "screen": Field(4, int, lo=0, hi=1000,
                     help="coefficient candidates per channel and search round whose output error is computed in "
-                         "full, the best by the error's diagonal terms (0: every candidate in full)"),
+                         "full, the best by an estimate exact on H's 16 leading directions (0: every candidate in full)"),
     "objective": Field("output", str, ("output", "mse"), help="coefficient search by output error (H) or weight MSE"),
     "sensitivity": Field(1.0, float, lo=0.0, hi=1e6, help="per-layer weight of its errors in the global ranking"),
     "seed": Field(0, int, lo=0, hi=2**31 - 1, help="seed of the random channel choice"),
@@ -119,8 +119,8 @@ def greedy_points(w: np.ndarray, bits: int, points: int, err: ErrorModel,
     The coefficient of each point is searched on ratios of max|r|/qmax: the explicit `grid` if
     given, else (ours) a geometric grid of 100 values over [0.05, 1] searched coarse to fine — 25
     values, then 16 around each channel's best (BENCHMARKS.md, multipoint: as fine as the full grid, cheaper).
-    With `screen`, each round evaluates only each channel's `screen` best candidates by the error's
-    diagonal in full (`least_error`).
+    With `screen`, each round evaluates in full only each channel's `screen` best candidates by the
+    estimate of `ErrorModel.screen` (`least_error`).
     """
     point_bits = np.array([bits] + [extra_bits or bits] * (points - 1))
     keep = screen or None
