@@ -15,8 +15,7 @@ import threading
 import time
 
 import ptq
-
-STAGES = ("load_and_capture", "statistics", "method", "manifest", "bias_correction", "verification", "evaluation")
+from benchmarks.speed import STAGES
 
 
 def rss_gib() -> float:

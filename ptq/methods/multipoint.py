@@ -281,7 +281,8 @@ def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
     """Every layer's greedy points (refitted where the recipe says), the layers searched at once."""
     mp = recipe["multipoint"]
     matches = override_matches(graph, recipe["overrides"])
-    if mp["priority"] == "fisher" and not all(op.name in getattr(stats, "fisher", {}) for op in graph.weighted_ops()):
+    fisher = getattr(stats, "fisher", {}) if mp["priority"] == "fisher" else None
+    if fisher is not None and not all(op.name in fisher for op in graph.weighted_ops()):
         raise RecipeError("multipoint.priority = 'fisher' needs the Fisher sensitivity: set calibration.sensitivity_samples > 0 "
                           "(or multipoint.priority = 'energy')")
 
@@ -296,8 +297,7 @@ def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
         pts = greedy_points(w, bits, maxp, err, extra_bits=min(extra_bits, bits), screen=mp["screen"])
         if mp["coefficients"] == "refit":
             pts = refit_coefficients(w, pts, err)
-        fisher = stats.fisher[op.name] if mp["priority"] == "fisher" else None
-        return LayerPlan(op.name, pts, bits, maxp, sens, k, fisher)
+        return LayerPlan(op.name, pts, bits, maxp, sens, k, None if fisher is None else fisher[op.name])
 
     return per_layer(plan, graph.weighted_ops())
 
