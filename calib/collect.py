@@ -24,6 +24,7 @@ import torch
 from ..determinism import fixed_order, single_threaded_map
 from ..ir import Graph, Op, execute
 from ..ir.floatops import float_kernels
+from ..memory import release_freed_memory
 from .distributed import Shard
 from .exactsum import FixedSum
 from .observers import Histogram
@@ -89,6 +90,7 @@ class Statistics:
         with _MEASURING_FISHER:
             if self._fisher is None:
                 self._fisher = self.measure_fisher() if self.measure_fisher is not None else {}
+                release_freed_memory()  # the backward pass's activations, before the method's searches
         return self._fisher
 
 

@@ -36,6 +36,7 @@ from .ir.capture import capture
 from .manifest import Manifest, load as load_manifest, save as save_manifest, weight_summary
 from .manifest.build import build_manifest
 from .manifest.header import SENTENCE_EMBEDDING_KINDS
+from .memory import release_freed_memory
 from .manifest.publish import check_output  # noqa: F401  (API: refuse an output place before a long run)
 from .methods import METHODS
 from .methods.selectors import is_structural, override_matches, select
@@ -382,6 +383,7 @@ def _prepare(model, calib, r, weights, seed, eval_data, eval_size, input_shape, 
     with stage("statistics"):
         stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"],
                                    shard, fisher_now=shard.world > 1 and METHODS[r["method"]].reads_fisher(r))
+    release_freed_memory()  # the fixed-point sums' integers
     t_stats = time.perf_counter() - t_cal
     return Prepared(lm, graph, stats, src, r, seed, ev, eval_size, t_stats, time.perf_counter() - t0, shard.rank, shard.world)
 
@@ -402,7 +404,8 @@ def _helper(index: int, world: int, port: int, threads: int, kwargs: dict) -> No
 
 class _StageClock:
     """Wall seconds of each named stage, for report.json (never the manifest: it stays byte-identical),
-    with the stage's progress line (`calib.progress.stage`)."""
+    with the stage's progress line (`calib.progress.stage`); what a stage freed goes back to the OS
+    before the next one starts (`ptq.memory`)."""
 
     def __init__(self, before: dict[str, float]):
         self.seconds = dict(before)
@@ -412,6 +415,7 @@ class _StageClock:
         t = time.perf_counter()
         with stage(name.replace("_", " ")):
             yield
+        release_freed_memory()
         self.seconds[name] = time.perf_counter() - t
 
 

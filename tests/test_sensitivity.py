@@ -49,3 +49,20 @@ def test_same_seed_same_fisher():
     x = torch.randn(64, 6)
     a, b = channel_fisher(g, x.split(16), seed=3), channel_fisher(g, x.split(16), seed=3)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_batch_is_back_propagated_in_chunks_whose_terms_add_up(monkeypatch):
+    """The backward pass holds every layer's activations of the samples it runs, so a calibration batch
+    runs in chunks of FISHER_CHUNK samples; their terms add up to what one sample at a time gives."""
+    import ptq.calib.sensitivity as sens
+    torch.manual_seed(0)
+    g = capture(TwoLayer().eval(), (6,))
+    x = torch.randn(10, 6)
+    seen = []
+    execute = sens.execute
+    monkeypatch.setattr(sens, "execute", lambda graph, xb, kernels: seen.append(len(xb)) or execute(graph, xb, kernels))
+    batched = channel_fisher(g, [x], seed=5)
+    assert seen == [4, 4, 2] and sens.FISHER_CHUNK == 4
+    single = channel_fisher(g, x.split(1), seed=5)
+    for name in batched:
+        np.testing.assert_allclose(batched[name], single[name], rtol=1e-6)
