@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = {ROOT / "ptq": "ptq", ROOT / "calib": "ptq.calib"}
 # data-flow order; a module may import from its own layer or an earlier one
 LAYERS = [
-    {"ptq.errors", "ptq.version", "ptq.intmath", "ptq.intnorm", "ptq.determinism", "ptq.accbound", "ptq.bitserial", "ptq.metrics"},
+    {"ptq.errors", "ptq.version", "ptq.intmath", "ptq.intnorm", "ptq.determinism", "ptq.memory", "ptq.accbound", "ptq.bitserial", "ptq.metrics"},
     {"ptq.ir"},
     {"ptq.calib"},
     {"ptq.methods"},
