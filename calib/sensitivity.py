@@ -5,7 +5,7 @@ every position. To second order, the expected divergence of the model's output d
 the FP32 one grows by ½ · F_c · δw_cᵀ H δw_c, where H = E[x xᵀ] is the layer's input moment (already
 collected) and F_c = Σ_positions E[g²] is the Fisher information of the channel's pre-activation:
 g is the gradient of −log p(y|x) with y drawn from the model's own softmax, so E[g gᵀ] is the Fisher
-and its diagonal is measured with one backward pass per batch for every layer at once.
+and its diagonal is measured with one backward pass per chunk of FISHER_CHUNK samples for every layer at once.
 
 This turns per-layer output errors into one network-wide currency: methods that spend a bit budget
 across layers (multipoint's extra points, the allocator's candidates) rank by F_c · e_c instead of
