@@ -42,7 +42,8 @@ def variants(prep, a):
     recipes = builtin_names() if a.recipes == "all" else a.recipes.split(",")
     for recipe in recipes:
         for rounding in a.roundings.split(","):
-            yield f"{Path(recipe).stem} {rounding}", recipe, {"weights.rounding": rounding}
+            name = Path(recipe).stem if recipe.endswith(".toml") else recipe  # "bitplane-4.5" is a name, not a file
+            yield f"{name} {rounding}", recipe, {"weights.rounding": rounding}
 
 
 def timing(qm) -> dict:
