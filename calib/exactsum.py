@@ -25,7 +25,8 @@ class FixedSum:
         self.units = np.zeros(shape, np.int64)
 
     def add(self, x: np.ndarray) -> None:
-        self.units += np.rint(np.ldexp(x, -self.exp)).astype(np.int64)
+        scaled = np.ldexp(x, -self.exp)
+        self.units += np.rint(scaled, out=scaled).astype(np.int64)
 
     def value(self) -> np.ndarray:
         """The sum as float64 (rounded once, from the exact integer total)."""

@@ -25,3 +25,17 @@ def test_patches_are_the_unfolded_input_of_each_group(c, o, k, s, p, d, g):
     assert torch.equal(a, b) and a.shape == (g, 3 * min(7, want.shape[1] // 3), want.shape[2])
     rows = {tuple(r.tolist()) for r in want[0]}
     assert all(tuple(r.tolist()) in rows for r in a[0])
+
+
+@pytest.mark.parametrize("positions", [None, 9])
+def test_a_depthwise_layer_s_moments_taken_a_few_groups_at_a_time_are_those_of_all_its_patches(monkeypatch, positions):
+    import ptq.calib.collect as collect
+    op = SimpleNamespace(kind="conv", weight=torch.zeros(20, 1, 3, 3), attrs={"stride": (2, 2), "padding": (1, 1), "dilation": (1, 1), "groups": 20})
+    op.weight_matrix_shape = (20, 9)
+    x = torch.randn(4, 20, 9, 10)
+    whole = collect.moments_of(layer_patches(op, x, positions, torch.Generator().manual_seed(5)))
+    monkeypatch.setattr(collect, "PART_ELEMENTS", 1)  # parts of 8, 8 and 4 groups
+    parts = collect.patch_moments(op, x, positions, torch.Generator().manual_seed(5))
+    assert np.array_equal(parts.xx, whole.xx) and np.array_equal(parts.x, whole.x) and parts.count == whole.count == 4 * (positions or 25)
+    p = layer_patches(op, x, positions, torch.Generator().manual_seed(5)).double()
+    assert np.allclose(parts.xx, (p.transpose(1, 2) @ p).numpy(), rtol=1e-5, atol=1e-4)
