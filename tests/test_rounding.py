@@ -217,3 +217,34 @@ def test_sequential_cross_moment_is_taken_on_the_same_patches():
         hh, dd = hh + pq.T @ pq / 42, dd + (pf - pq).T @ pq / 42
     assert np.allclose(h[0], hh.numpy(), rtol=1e-5, atol=1e-4) and np.allclose(d[0], dd.numpy(), rtol=1e-5, atol=1e-4)
     assert np.abs(d).max() > 0
+
+
+def test_a_layer_with_a_large_h_is_re_decided_alone_and_to_the_same_integers(prepared, monkeypatch):
+    """Layers whose H is over `ALONE_BYTES` never run their feedback at the same time (each holds
+    several K×K float64 matrices); the integers are those of the unlimited run."""
+    import threading
+    import time
+    from ptq.methods import rounding
+
+    free = quantize_prepared(prepared, "w4a8", overrides={"weights.rounding": "feedback"})
+    running, most, lock = [0], [0], threading.Lock()
+    real = rounding.feedback_layer
+
+    def counted(*a, **k):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # long enough for a second worker to enter if it could
+        try:
+            return real(*a, **k)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(rounding, "feedback_layer", counted)
+    monkeypatch.setattr(rounding, "ALONE_BYTES", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two layers at once if allowed
+    alone = quantize_prepared(prepared, "w4a8", overrides={"weights.rounding": "feedback"})
+    assert most[0] == 1
+    assert free.manifest.tensors.keys() == alone.manifest.tensors.keys()
+    assert all(np.array_equal(v, alone.manifest.tensors[k]) for k, v in free.manifest.tensors.items())

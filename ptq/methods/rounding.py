@@ -33,6 +33,8 @@ running L1 budget per channel, so its bound holds by construction (AXE, Colbert 
 """
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,10 @@ from .selectors import override_matches
 from .walk import walk
 
 SEED = 0  # the patch positions' seed of the sequential H
+# A layer whose H takes more than this in float64 is re-decided alone: its factor work holds about
+# four such matrices (a 3×3 conv of 512 channels: 170 MB each), and two at once put resnet50 over 4 GB.
+ALONE_BYTES = 64 << 20
+_ALONE = threading.Lock()
 
 
 def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -58,14 +64,26 @@ def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     return h + (max(damp, 1e-6) * mean)[:, None, None] * torch.eye(h.shape[-1], dtype=h.dtype)
 
 
-def _cholesky_inverse_upper(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ per group, λ = damp·mean(diag H); λ grows ten-fold until
-    H + λI is positive definite (sampled H of a layer with few patches can be singular)."""
+def _inverse_factor(h: torch.Tensor, perm: torch.Tensor, diag: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H_p + λI)⁻¹ per group, H_p = H with rows and columns in the order
+    `perm` and its diagonal replaced by `diag` (already in that order), λ = damp·mean(diag H_p); λ
+    grows ten-fold until H_p + λI is positive definite (sampled H of a layer with few patches can be
+    singular). At most two K×K matrices live at once besides H: a 3×3 conv of 512 channels has
+    K = 4608, 170 MB per matrix in float64."""
+    g, k = perm.shape
+    hp = h.gather(1, perm[:, :, None].expand(g, k, k))
+    hp = hp.gather(2, perm[:, None, :].expand(g, k, k))
+    on_diag = torch.diagonal(hp, dim1=1, dim2=2)
+    mean = diag.mean(-1).clamp_min(1e-12)
     lam = max(damp, 1e-6)
     for _ in range(8):
-        l, info = torch.linalg.cholesky_ex(_damped(h, lam))
+        on_diag.copy_(diag + (lam * mean)[:, None])  # H_p + λI, in place
+        l, info = torch.linalg.cholesky_ex(hp)
         if not bool(info.any()):
-            return torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+            del hp, on_diag
+            inverse = torch.cholesky_inverse(l)
+            del l
+            return torch.linalg.cholesky(inverse, upper=True)
         lam *= 10
     raise RuntimeError("the layer's input second moment stays singular after damping")
 
@@ -79,16 +97,14 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
     g = hessian.shape[0]
     cg = c // g
     with fixed_order():
-        h = torch.from_numpy(np.array(hessian, np.float64))
-        diag = torch.diagonal(h, dim1=1, dim2=2)
-        dead = diag <= 0
-        diag[dead] = 1.0  # an input that is always zero: nothing flows through it
+        h = torch.from_numpy(np.asarray(hessian, np.float64))
+        diag = torch.diagonal(h, dim1=1, dim2=2).clone()
+        diag[diag <= 0] = 1.0  # an input that is always zero: nothing flows through it
         if order == "diag":
             perm = torch.argsort(-diag, dim=1, stable=True)
         else:
             perm = torch.arange(k).expand(g, k)
-        hp = h.gather(1, perm[:, :, None].expand(g, k, k)).gather(2, perm[:, None, :].expand(g, k, k))
-        u = _cholesky_inverse_upper(hp, damp)
+        u = _inverse_factor(h, perm, diag.gather(1, perm), damp)
         cols = perm[:, None, :].expand(g, cg, k)
         xp = torch.from_numpy(np.array(x, np.float64)).reshape(g, cg, k).gather(2, cols).contiguous()
         q = torch.zeros_like(xp)
@@ -204,7 +220,8 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> 
         if not sequential:
             def decide(op: Op) -> dict:
                 li = stats.layer_inputs.get(op.name) if stats is not None else None
-                return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings)
+                with _ALONE if li is not None and li.xx.nbytes > ALONE_BYTES else nullcontext():
+                    return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings)
 
             ops = [op for op in graph.weighted_ops() if op.name in feedback]
             for op, rec in zip(ops, per_layer(decide, ops)):
