@@ -50,7 +50,11 @@ def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str) ->
 
 def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: list[str]):
     """Update each manifest's biases in place, manifest i in modes[i], all in one sweep that shares
-    the FP32 side; returns (kept per layer of each, FP32 output, fake-quant output of each)."""
+    the FP32 side; returns (kept per layer of each, FP32 output, fake-quant output of each).
+
+    Candidates whose fake-quant tensors are still the same share one stream, computed once, until a
+    layer's decision parts them: `none` and `depthwise` on a network without depthwise convs never
+    part, `all` and `layer` only where the layer mode first rejects a correction."""
     dtype = torch.float32
     fk = float_kernels(dtype)
     keep = _keep(graph, x)
@@ -60,7 +64,8 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
         for t in op.inputs:
             last_use[t] = i
     fp = {graph.input: x.to(dtype)}
-    fqs = [{graph.input: _compact(codec, graph.input, codec.quantize(x.to(dtype), graph.input))} for _, _, _, codec, _ in runs]
+    codec0 = runs[0][3]  # the candidates differ in biases only: one set of encodings
+    streams = [({graph.input: _compact(codec0, graph.input, codec0.quantize(x.to(dtype), graph.input))}, list(range(len(runs))))]
     kept: list[dict[str, bool]] = [{} for _ in runs]
     with torch.no_grad(), progress(f"bias correction ({len(runs)} candidate(s), ops)", len(graph.ops)) as advance:
         for i, op in enumerate(graph.ops):
@@ -74,23 +79,43 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                 y_fp = apply_act(op, pre_fp)
             else:
                 y_fp = fk[op.kind](op, xs_fp)
-            for (m, mode, rk, codec, rec_of), fq, kp in zip(runs, fqs, kept):
-                rec = rec_of[op.name]
+            parted = []
+            for fq, members in streams:
                 xs_fq = [fq[t].to(dtype) for t in op.inputs]
-                if pre_fp is not None and mode != "none" and (mode != "depthwise" or is_depthwise(op)):
-                    y, kp[op.name] = _correct_layer(op, rec, m, codec, b, pre_fp, y_fp, xs_fq[0], dtype, mode, keep)
-                else:
-                    qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=rec)
-                    y = rk[op.kind](qop, xs_fq)
-                fq[op.output] = _compact(codec, op.output, y)
+                correcting = [j for j in members if pre_fp is not None and runs[j][1] != "none"
+                              and (runs[j][1] != "depthwise" or is_depthwise(op))]
+                outputs = []  # (members, y)
+                plain = [j for j in members if j not in correcting]
+                if plain:
+                    _, _, rk, _, rec_of = runs[plain[0]]
+                    qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=rec_of[op.name])
+                    outputs.append((plain, rk[op.kind](qop, xs_fq)))
+                if correcting:
+                    m, _, _, codec, rec_of = runs[correcting[0]]
+                    judge = any(runs[j][1] == "layer" for j in correcting)
+                    delta, y0, y1, better = _measure_layer(op, rec_of[op.name], m, codec, b, pre_fp, y_fp, xs_fq[0], dtype,
+                                                           judge, keep)
+                    for j in correcting:
+                        kept[j][op.name] = runs[j][1] != "layer" or better
+                        if kept[j][op.name]:
+                            m_j, rec_j = runs[j][0], runs[j][4][op.name]
+                            set_bias(m_j, rec_j, op.bias.astype(np.float64) + delta.double().numpy(), corrected=True)
+                    outputs += [(js, y) for js, y in (([j for j in correcting if kept[j][op.name]], y1),
+                                                     ([j for j in correcting if not kept[j][op.name]], y0)) if js]
+                for n, (js, y) in enumerate(outputs):
+                    part = fq if n == len(outputs) - 1 else dict(fq)  # the tensors themselves are shared
+                    part[op.output] = _compact(codec0, op.output, y)
+                    parted.append((part, js))
+            streams = parted
             fp[op.output] = y_fp
             for t in set(op.inputs):
                 if last_use.get(t) == i and t not in graph.outputs:
                     fp.pop(t, None)
-                    for fq in fqs:
+                    for fq, _ in streams:
                         fq.pop(t, None)
     out = graph.outputs[0]
-    return kept, fp[out], [fq[out].to(dtype) for fq in fqs]
+    fq_out = {j: fq[out].to(dtype) for fq, js in streams for j in js}
+    return kept, fp[out], [fq_out[j] for j in range(len(runs))]
 
 
 def _compact(codec: Codec, t: str, codes: torch.Tensor) -> torch.Tensor:
@@ -106,9 +131,10 @@ def _keep(graph: Graph, x: torch.Tensor) -> torch.Tensor | None:
     return tokens(x) if tokens is not None else None
 
 
-def _correct_layer(op, rec, m: Manifest, codec: Codec, b, pre_fp, y_fp, x_fq, dtype, mode: str, tokens=None):
-    """(fake-quant output after the decision, whether the correction was kept); `b` is the FP32 bias;
-    `tokens` the kept tokens of a text encoder's (N, T, C) tensors."""
+def _measure_layer(op, rec, m: Manifest, codec: Codec, b, pre_fp, y_fp, x_fq, dtype, judge: bool, tokens=None):
+    """(mean shift δ, fake-quant output without and with δ added, whether δ lowers the layer's own
+    output error — asked only when `judge`); `b` is the FP32 bias; `tokens` the kept tokens of a text
+    encoder's (N, T, C) tensors."""
     f = conv_float if op.kind == "conv" else linear_float
     pre_q = f(op, codec.dequantize(x_fq, op.inputs[0]), dequantized_weight(m, rec, dtype), b)
     dims = [0, 2, 3] if pre_q.dim() == 4 else list(range(pre_q.dim() - 1))  # linear: features last
@@ -120,12 +146,8 @@ def _correct_layer(op, rec, m: Manifest, codec: Codec, b, pre_fp, y_fp, x_fq, dt
         return codec.quantize(pre, op.output, rec["clamp"])
 
     y0, y1 = quantized(pre_q), quantized(pre_q + delta.reshape(view))
-    if mode == "layer":
-        e0 = float(((at_kept(codec.dequantize(y0, op.output) - y_fp, tokens)) ** 2).mean())
-        e1 = float(((at_kept(codec.dequantize(y1, op.output) - y_fp, tokens)) ** 2).mean())
-        keep = e1 < e0
-    else:
-        keep = True
-    if keep:
-        set_bias(m, rec, op.bias.astype(np.float64) + delta.double().numpy(), corrected=True)
-    return (y1 if keep else y0), keep
+    if not judge:
+        return delta, y0, y1, None
+    e0 = float(((at_kept(codec.dequantize(y0, op.output) - y_fp, tokens)) ** 2).mean())
+    e1 = float(((at_kept(codec.dequantize(y1, op.output) - y_fp, tokens)) ** 2).mean())
+    return delta, y0, y1, e1 < e0

@@ -1,0 +1,55 @@
+"""Bias correction (ptq/biascorrect.py): the `auto` candidates computed in one sweep."""
+import copy
+
+import numpy as np
+import torch
+
+from ptq.api import prepare, stage_manifest, stage_method
+from ptq.biascorrect import correct_biases
+from ptq.manifest import Manifest
+
+MODES = ["none", "depthwise", "all", "layer"]
+
+
+def _depthwise_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU6(),
+        torch.nn.Conv2d(8, 12, 1), torch.nn.ReLU(),
+        torch.nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(12 * 4 * 4, 10)).eval()
+
+
+def _copy(m: Manifest) -> Manifest:
+    return Manifest(copy.deepcopy(m.data), dict(m.tensors))
+
+
+def test_candidates_sharing_their_stream_get_what_each_gets_alone(digits, monkeypatch):
+    """`none`/`depthwise` and `all`/`layer` share their fake-quant tensors until a decision parts
+    them; each candidate's biases, decisions and output are those of a sweep with it alone."""
+    import ptq.biascorrect as bc
+    _, xtr, _, _, _ = digits
+    x = xtr[:64]
+    prep = prepare(_depthwise_cnn(), x, "w4a8", eval_size=0)
+    m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
+    xt = torch.from_numpy(x)
+    second = prep.graph.weighted_ops()[2].name  # the 1×1 conv after the first depthwise one
+    measure = bc._measure_layer
+
+    def rejecting(op, *a, **k):  # the layer mode turns this correction down (it lowers the error here)
+        delta, y0, y1, better = measure(op, *a, **k)
+        return delta, y0, y1, (False if op.name == second and better is not None else better)
+
+    monkeypatch.setattr(bc, "_measure_layer", rejecting)
+    trials = [_copy(m) for _ in MODES]
+    kept, fp, fqs = correct_biases(prep.graph, trials, xt, MODES)
+    assert kept[0] == {} and set(kept[1]) < set(kept[2]) and kept[2][second] and not kept[3][second]
+    for mode, trial, k, fq in zip(MODES, trials, kept, fqs):
+        alone = _copy(m)
+        (k1,), fp1, (fq1,) = correct_biases(prep.graph, [alone], xt, [mode])
+        assert k1 == k and torch.equal(fp1, fp) and torch.equal(fq1, fq), mode
+        for a, b in zip(alone.weighted_ops(), trial.weighted_ops()):
+            assert a["bias"] == b["bias"], (mode, a["name"])
+        assert alone.tensors.keys() == trial.tensors.keys()
+        assert all(np.array_equal(v, trial.tensors[r]) for r, v in alone.tensors.items())
