@@ -7,8 +7,8 @@ The machine is shared, so absolute seconds mean little: each row divides `report
 `stage_seconds` by the wall time of one FP32 forward pass (torch, batches of the recipe's
 calibration batch size, after a warm-up batch) over the calibration tensors of that run, the
 faster of one measured before the quantize and one after it. A fresh process's pass can be twice as
-slow as the same pass later (resnet50 at batch 16: 5.7–6.5 s, then 3.3 s once the process has
-allocated and freed its large tensors a few times), and a ratio to the slow one flatters ptq. The digits
+slow as the same pass later (resnet50 at batch 16: 5.7–6.5 s cold, 3.3–5.2 s after a quantize:
+glibc's mmap threshold and page faults), and a ratio to the slow one flatters ptq. The digits
 CNN is trained once (deterministic); named models (Lite0, a torchvision name such as vit_b_16 with
 `--weights random`) calibrate on the bundled sample crops. Peak RSS is the
 process's own high-water mark after the row (rows run in one process, so it only grows).
