@@ -105,7 +105,7 @@ def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
     if op.kind == "linear":  # (N, ..., K): every leading position is one input row
         return x.reshape(1, -1, x.shape[-1])
     if op.attrs["groups"] > 1:
-        return next(_grouped_patches(op, x, positions, gen, op.attrs["groups"]))
+        return next(_grouped_patches(op, x, positions, gen))
     a = op.attrs
     kh, kw = op.weight.shape[2], op.weight.shape[3]
     (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
@@ -139,9 +139,11 @@ def _sampled_positions(total: int, positions: int | None, gen: torch.Generator |
 
 
 def _grouped_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Generator | None,
-                     groups_per_part: int) -> Iterator[torch.Tensor]:
-    """A grouped conv's patches (`layer_patches`) in parts of `groups_per_part` groups: each part's
-    windows are copied out of a strided view of the padded map, keeping each group's rows together."""
+                     part_elements: int | None = None) -> Iterator[torch.Tensor]:
+    """A grouped conv's patches (`layer_patches`): all groups at once, or in parts of about
+    `part_elements` elements, a whole multiple of 8 groups each (measured to give the bits of one
+    bmm call; other part sizes did not). Each part's windows are copied out of a strided view of the
+    padded map, keeping each group's rows together."""
     a = op.attrs
     kh, kw = op.weight.shape[2], op.weight.shape[3]
     (sh, sw), (ph, pw), (dh, dw), g = a["stride"], a["padding"], a["dilation"], a["groups"]
@@ -153,11 +155,13 @@ def _grouped_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.
     cg = c // g
     windows = xp.as_strided((g, n, oh, ow, cg, kh, kw), (cg * s_c, s_n, sh * s_y, sw * s_x, s_c, dh * s_y, dw * s_x))
     rows = n * (oh * ow if pos is None else pos.numel())
-    for start in range(0, g, groups_per_part):
-        part = windows[start:start + groups_per_part]
+    k = cg * kh * kw
+    per_part = g if part_elements is None else max(8, part_elements // (rows * k) // 8 * 8)
+    for start in range(0, g, per_part):
+        part = windows[start:start + per_part]
         if pos is not None:
             part = part[:, :, pos // ow, pos % ow]
-        yield part.reshape(part.shape[0], rows, cg * kh * kw)
+        yield part.reshape(part.shape[0], rows, k)
 
 
 def moments_of(p: torch.Tensor) -> LayerInputStats:
@@ -175,13 +179,8 @@ def patch_moments(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
     once, and twice as fast on a depthwise layer whose patches outgrow the cache."""
     if op.kind != "conv" or op.attrs["groups"] == 1:
         return moments_of(layer_patches(op, x, positions, gen))
-    k = op.weight_matrix_shape[1]
-    n, _, h, w = x.shape
-    oh, ow = _out_size(op, h, w)
-    rows = n * min(oh * ow, positions if positions is not None else oh * ow)
-    per_part = max(8, PART_ELEMENTS // (rows * k) // 8 * 8)  # whole 8s of groups: measured the bits of one bmm call
-    parts = [moments_of(p) for p in _grouped_patches(op, x, positions, gen, per_part)]
-    return LayerInputStats(np.concatenate([m.xx for m in parts]), np.concatenate([m.x for m in parts]), rows)
+    parts = [moments_of(p) for p in _grouped_patches(op, x, positions, gen, PART_ELEMENTS)]
+    return LayerInputStats(np.concatenate([m.xx for m in parts]), np.concatenate([m.x for m in parts]), parts[0].count)
 
 
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,

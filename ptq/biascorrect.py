@@ -58,16 +58,17 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
     dtype = torch.float32
     fk = float_kernels(dtype)
     keep = _keep(graph, x)
-    runs = [(m, mode, reference_kernels(m, dtype), Codec(m), {r["name"]: r for r in m.ops}) for m, mode in zip(ms, modes)]
+    kernels = [reference_kernels(m, dtype) for m in ms]
+    records = [{r["name"]: r for r in m.ops} for m in ms]
+    codec = Codec(ms[0])  # the candidates differ in biases only: one set of encodings
     last_use = {}
     for i, op in enumerate(graph.ops):
         for t in op.inputs:
             last_use[t] = i
     fp = {graph.input: x.to(dtype)}
-    codec0 = runs[0][3]  # the candidates differ in biases only: one set of encodings
-    streams = [({graph.input: _compact(codec0, graph.input, codec0.quantize(x.to(dtype), graph.input))}, list(range(len(runs))))]
-    kept: list[dict[str, bool]] = [{} for _ in runs]
-    with torch.no_grad(), progress(f"bias correction ({len(runs)} candidate(s), ops)", len(graph.ops)) as advance:
+    streams = [({graph.input: _compact(codec, graph.input, codec.quantize(x.to(dtype), graph.input))}, list(range(len(ms))))]
+    kept: list[dict[str, bool]] = [{} for _ in ms]
+    with torch.no_grad(), progress(f"bias correction ({len(ms)} candidate(s), ops)", len(graph.ops)) as advance:
         for i, op in enumerate(graph.ops):
             advance()
             xs_fp = [fp[t] for t in op.inputs]
@@ -82,29 +83,27 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
             parted = []
             for fq, members in streams:
                 xs_fq = [fq[t].to(dtype) for t in op.inputs]
-                correcting = [j for j in members if pre_fp is not None and runs[j][1] != "none"
-                              and (runs[j][1] != "depthwise" or is_depthwise(op))]
+                correcting = [j for j in members if pre_fp is not None and modes[j] != "none"
+                              and (modes[j] != "depthwise" or is_depthwise(op))]
                 outputs = []  # (members, y)
                 plain = [j for j in members if j not in correcting]
                 if plain:
-                    _, _, rk, _, rec_of = runs[plain[0]]
-                    qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=rec_of[op.name])
-                    outputs.append((plain, rk[op.kind](qop, xs_fq)))
+                    qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=records[plain[0]][op.name])
+                    outputs.append((plain, kernels[plain[0]][op.kind](qop, xs_fq)))
                 if correcting:
-                    m, _, _, codec, rec_of = runs[correcting[0]]
-                    judge = any(runs[j][1] == "layer" for j in correcting)
-                    delta, y0, y1, better = _measure_layer(op, rec_of[op.name], m, codec, b, pre_fp, y_fp, xs_fq[0], dtype,
-                                                           judge, keep)
+                    first = correcting[0]
+                    judge = any(modes[j] == "layer" for j in correcting)
+                    delta, y0, y1, better = _measure_layer(op, records[first][op.name], ms[first], codec, b, pre_fp, y_fp,
+                                                           xs_fq[0], dtype, judge, keep)
                     for j in correcting:
-                        kept[j][op.name] = runs[j][1] != "layer" or better
+                        kept[j][op.name] = modes[j] != "layer" or better
                         if kept[j][op.name]:
-                            m_j, rec_j = runs[j][0], runs[j][4][op.name]
-                            set_bias(m_j, rec_j, op.bias.astype(np.float64) + delta.double().numpy(), corrected=True)
+                            set_bias(ms[j], records[j][op.name], op.bias.astype(np.float64) + delta.double().numpy(), corrected=True)
                     outputs += [(js, y) for js, y in (([j for j in correcting if kept[j][op.name]], y1),
                                                      ([j for j in correcting if not kept[j][op.name]], y0)) if js]
                 for n, (js, y) in enumerate(outputs):
                     part = fq if n == len(outputs) - 1 else dict(fq)  # the tensors themselves are shared
-                    part[op.output] = _compact(codec0, op.output, y)
+                    part[op.output] = _compact(codec, op.output, y)
                     parted.append((part, js))
             streams = parted
             fp[op.output] = y_fp
@@ -115,7 +114,7 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                         fq.pop(t, None)
     out = graph.outputs[0]
     fq_out = {j: fq[out].to(dtype) for fq, js in streams for j in js}
-    return kept, fp[out], [fq_out[j] for j in range(len(runs))]
+    return kept, fp[out], [fq_out[j] for j in range(len(ms))]
 
 
 def _compact(codec: Codec, t: str, codes: torch.Tensor) -> torch.Tensor:
