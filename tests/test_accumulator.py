@@ -42,6 +42,48 @@ def test_bounds_in_closed_form():
     assert limit(16) == 32767
 
 
+def test_projection_threshold_holds_when_the_support_reaches_past_the_first_sorted_magnitudes():
+    """Rows of 1,500 weights whose projected support is 0, a few, a few hundred or over a thousand
+    entries: each projection spends exactly its radius and keeps the signs."""
+    rng = np.random.default_rng(2)
+    v = rng.normal(size=(5, 1500)) * 3
+    r = np.array([0.0, 4.0, 900.0, 2500.0, 1e6])
+    p = project_l1(v, r)
+    np.testing.assert_allclose(np.abs(p[:4]).sum(1), r[:4], rtol=1e-12)
+    assert np.all(p * v >= 0)
+    assert (p[3] != 0).sum() > 1024 and 256 < (p[2] != 0).sum() < 1500
+    np.testing.assert_array_equal(p[4], v[4])
+
+
+def test_fit_l1_rounds_down_the_smallest_fractions_first_and_the_lower_column_among_equal_ones():
+    v = np.array([[1.5, 1.5, 1.5, 1.5], [2.6, -1.9, 0.7, 0.5]])
+    q = fit_l1(v, np.array([6.0, 5.0]), qmax=7)
+    np.testing.assert_array_equal(q, [[1, 1, 2, 2], [2, -2, 1, 0]])  # row 2: projected to (2.425, -1.725, .525, .325)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense", "grouped", "factor", "unknown"])
+def test_expanded_error_and_refitted_step_equal_the_direct_ones(kind):
+    """The accumulator's candidates are scored by wᵀHw − 2s·qᵀHw + s²·qᵀHq with H's block gathered
+    over their nonzeros; that must be the error of s·q itself, on every form of H."""
+    from ptq.methods.errormodel import ErrorModel, Expansion
+    rng = np.random.default_rng(3)
+    g, k, c = {"sparse": (1, 1500, 6), "dense": (1, 300, 6), "grouped": (3, 9, 6), "factor": (1, 40, 4),
+               "unknown": (1, 30, 4)}[kind]
+    x = np.maximum(rng.normal(size=(g, 400, k)), 0)
+    h = np.einsum("gnk,gnj->gkj", x, x) / 400
+    f = x[:, :24] / np.sqrt(24) if kind == "factor" else None
+    if f is not None:
+        h = np.einsum("grk,grj->gkj", f, f)
+    err = ErrorModel(None if kind == "unknown" else h, c, f)
+    w = rng.normal(size=(c, k)) * 0.1
+    s = np.abs(w).max(1)[None] / 7 * np.array([1.0, 1.5, 2.5])[:, None]
+    q = fit_l1((w[None] / s[..., None]).reshape(-1, k), np.full(3 * c, 12.0), 7).reshape(3, c, k)
+    step, e = Expansion(err, w).refit(q, s)
+    np.testing.assert_allclose(step, np.maximum(s, err.refit_scale(w, q, s)), rtol=2e-6)
+    np.testing.assert_allclose(e, err((w[None] - q * step[..., None]).astype(np.float32)), rtol=2e-5)
+    assert np.all(step >= s)
+
+
 class Wide(nn.Module):
     """A layer a naive 8×8-bit quantization cannot fit in 16 bits: K = 256 large positive weights."""
 

@@ -32,7 +32,7 @@ from ..intmath import round_half_up
 from .fields import Field, layer_setting
 from .selectors import override_matches
 from ..intmath import qmax
-from .errormodel import clip_search, quantize_symmetric
+from .errormodel import Expansion, clip_search, quantize_symmetric
 from .registry import register
 from ..ir import LayerWeights, WeightQuant
 from .base import error_weights, layer_error, per_layer
@@ -50,6 +50,8 @@ ALLOCATOR_SECTION = {
     "bops": Field(0.0, float, lo=0.0, hi=1.0, help="budget: bit operations as a fraction of 8×8-bit (0: none)"),
     "weight_bits": Field(0, int, lo=0, hi=8, help="per-layer pin of the weight bits (0: free)"),
     "input_bits": Field(0, int, lo=0, hi=8, help="per-layer pin of the input activation bits (0: free)"),
+    "screen": Field(4, int, lo=0, hi=40,
+                    help="clip ratios per channel and width evaluated exactly, the best by a low-rank estimate (0: all 40)"),
 }
 
 
@@ -66,8 +68,9 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
     encs = {n: choose_encoding(stats.histograms[input_tensor], n, act["observer"], act["percentile"], producer_act)
             for n in ibits}
     out = []
+    expansion = None  # built once, at the layer's first projected candidate
     for m in wbits:
-        clipped = clip_search(w, m, err)
+        clipped = clip_search(w, m, err, recipe["allocator"]["screen"])
         plain_errors: dict[bytes, np.ndarray] = {}  # by step: input widths whose bias leaves the step alone share it
         for n in ibits:
             e = encs[n]
@@ -81,7 +84,8 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
             if p < 32:
                 radius = l1_radius(p, xmax, bq)
                 if np.any(np.abs(plain).sum(1) > radius):
-                    q, scale, e_w = fit_with_step(w, scale, bias, e.scale, p, xmax, m, err)
+                    expansion = expansion or Expansion(err, w)
+                    q, scale, e_w = fit_with_step(w, scale, bias, e.scale, p, xmax, m, expansion)
                     projected = True
             need = int(bits_for(weight_level_bound(q, xmax, bq).max()))
             what = q * scale[:, None]
@@ -110,7 +114,7 @@ def _budget(q: np.ndarray, bias: np.ndarray, bias_scale: np.ndarray, p: int, xma
 
 
 def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scale: float, p: int, xmax: int,
-                  bits: int, err) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  bits: int, expansion: Expansion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Make every channel fit the P-bit bound, choosing per channel between shrinking its weights onto
     the L1 ball at the clipped step and a coarser step (which needs less shrinking and leaves the bias
     more room): the least output error of `STEP_GROWTH` multiples of the step wins (the first of
@@ -119,14 +123,14 @@ def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scal
     The bound is on the integers (Σ|q| and the bias code), not on the step, so once q is fixed the
     step is refitted by least squares on the output error (projection shrinks every weight; a
     larger step gives the magnitude back). Only larger steps are taken: they shrink the bias code,
-    so the bound still holds. Every growth is evaluated in one batch."""
+    so the bound still holds. Every growth is evaluated in one batch, its errors from the layer's
+    `Expansion` (the projected integers are mostly zero)."""
     c, k = w.shape
     s = scale[None] * np.asarray(STEP_GROWTH)[:, None]  # (S, C)
     bq = round_half_up(bias[None] / (input_scale * s))
     q = fit_l1((w[None] / s[..., None]).reshape(-1, k), l1_radius(p, xmax, bq).reshape(-1), qmax(bits))
     q = q.reshape(len(STEP_GROWTH), c, k)
-    s = np.maximum(s, err.refit_scale(w, q, s))
-    e = err((w[None] - q * s[..., None]).astype(np.float32))  # (S, C)
+    s, e = expansion.refit(q, s)  # (S, C)
     best = np.argmin(e, axis=0)
     ch = np.arange(c)
     return q[best, ch], s[best, ch], e[best, ch]
