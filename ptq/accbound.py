@@ -1,18 +1,26 @@
 """Accumulator bounds, and making integer weights fit a P-bit accumulator without training.
 
-A conv/linear output accumulates acc = Σ q_w·(q_x − z_x) + q_b. With |q_x − z_x| ≤ X (X = 2^N − 1
-for N-bit inputs whose zero point sits at an end of the range, as after ReLU):
+A conv/linear output accumulates acc = Σ q_w·(q_x − z_x) + q_b, with q_x − z_x in [lo, hi]
+(lo = −z_x ≤ 0 ≤ hi = 2^N − 1 − z_x for N-bit codes; lo = 0 after a ReLU). X = max(−lo, hi).
 
 - data-type bound (de Bruin et al. 2020): |acc| ≤ K · X · (2^(M−1) − 1) + |q_b|: needs only the
   widths N, M and the dot length K; conservative.
-- weight-level bound (A2Q, Colbert et al. 2023): |acc| ≤ ‖q_w‖₁ · X + |q_b| per output channel;
-  exact in the worst case over inputs and tighter by the weights' sparsity. A channel fits P bits
-  when this is ≤ 2^(P−1) − 1, so ‖q_w‖₁ ≤ (2^(P−1) − 1 − |q_b|) / X.
+- weight-level bound (A2Q, Colbert et al. 2023): |acc| ≤ ‖q_w‖₁ · X + |q_b| per output channel.
+- **(ours, after A2Q+, Colbert et al. 2024)** the worst case over the input span, per channel, of
+  every partial sum (any order, the bias anywhere): acc ≤ Σq⁺·hi + Σq⁻·(−lo) + max(q_b, 0) and
+  −acc ≤ Σq⁺·(−lo) + Σq⁻·hi + max(−q_b, 0), with Σq⁺ and Σq⁻ the masses of the positive and
+  negative integers (`worst_accumulator`). With a symmetric span it is
+  A2Q's bound; with one-sided inputs (after a ReLU) each sign's mass bounds one side alone, so a
+  channel whose signs balance gets twice A2Q's room — the point of A2Q+'s zero-centred bound, without
+  its centring.
 
-`fit_l1` makes every channel meet the weight-level bound: project the real-valued integer-domain
-weights w/s onto the L1 ball of the allowed radius (the sort-based simplex projection of Duchi et
-al. 2008, vectorised over channels), round to nearest, and where rounding up in magnitude breaks the
-bound, round those entries toward zero instead, least damaging first (AXE-style L1 control).
+A channel fits P bits when the worst case is ≤ 2^(P−1) − 1; `mass_budgets` turns that into the most
+mass per sign (one-sided inputs) or in total (two-sided ones) each channel may carry. `fit_budget`
+makes every channel meet them: project the real-valued integer-domain weights w/s onto the ℓ1 ball
+of the allowed radius — each sign's part onto its own ball when the budget is per sign — (the
+sort-based simplex projection of Duchi et al. 2008, vectorised over channels), round to nearest,
+and where rounding up in magnitude breaks the bound, round those entries toward zero instead, least
+damaging first (AXE-style ℓ1 control).
 """
 from __future__ import annotations
 
@@ -37,17 +45,60 @@ def datatype_bound(k: int, input_max: int, weight_bits: int, bias_max: float = 0
     return int(k * input_max * qmax(weight_bits) + bias_max)
 
 
-def weight_level_bound(q: np.ndarray, input_max: int, bias_q: np.ndarray | None = None) -> np.ndarray:
-    """Worst |acc| per output channel (A2Q): ‖q_c‖₁ · X + |q_b,c|."""
-    q = np.asarray(q).reshape(q.shape[0], -1).astype(np.float64)
-    b = np.zeros(q.shape[0]) if bias_q is None else np.abs(np.asarray(bias_q, np.float64))
-    return np.abs(q).sum(1) * input_max + b
+def input_span(bits: int, zero_point: int) -> tuple[int, int]:
+    """(lo, hi) of q_x − z_x for N-bit codes in [0, 2^N − 1] with zero point z."""
+    return -int(zero_point), (1 << int(bits)) - 1 - int(zero_point)
 
 
-def l1_radius(bits: int, input_max: int, bias_q: np.ndarray) -> np.ndarray:
-    """Per channel, the largest ‖q_c‖₁ whose worst case fits `bits`: ⌊(2^(P−1) − 1 − |q_b|) / X⌋ (≥ 0)."""
-    room = limit(bits) - np.abs(np.asarray(bias_q, np.float64))
-    return np.floor(np.maximum(room, 0.0) / max(input_max, 1))
+def sign_masses(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Σq⁺, Σq⁻) per output channel: the masses of the positive and of the negative integers."""
+    q = np.asarray(q).reshape(q.shape[0], -1)
+    return np.maximum(q, 0).sum(1).astype(np.float64), np.maximum(-q, 0).sum(1).astype(np.float64)
+
+
+def reach(pos: np.ndarray, neg: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(largest acc, largest −acc) per channel from its weights alone, over inputs in [lo, hi]:
+    Σq⁺·hi + Σq⁻·(−lo) and Σq⁺·(−lo) + Σq⁻·hi."""
+    return pos * hi - neg * lo, neg * hi - pos * lo
+
+
+def worst_from_reach(up: np.ndarray, down: np.ndarray, bias_q: np.ndarray | None = None) -> np.ndarray:
+    """Worst |partial sum| of acc per channel, in any order and with the bias anywhere in it, from the
+    weights' `reach`: every product's range holds 0, so a partial sum reaches at most `up` or `down`
+    plus the bias where it pushes the same way."""
+    b = np.zeros(len(up)) if bias_q is None else np.asarray(bias_q, np.float64)
+    return np.maximum(up + np.maximum(b, 0.0), down + np.maximum(-b, 0.0))
+
+
+def worst_accumulator(q: np.ndarray, lo: int, hi: int, bias_q: np.ndarray | None = None) -> np.ndarray:
+    """Worst |partial sum of acc| per output channel over every input with q_x − z_x in [lo, hi]
+    (`worst_from_reach`): exact for the final sum whenever the bias has a sign's room to spare."""
+    return worst_from_reach(*reach(*sign_masses(q), lo, hi), bias_q)
+
+
+def mass_budgets(bits: int, lo: int, hi: int, bias_q: np.ndarray) -> np.ndarray:
+    """(C, 3) per channel: the most Σq⁺, Σq⁻ and Σ|q| it may carry and still fit `bits` (∞: no limit
+    of that kind), all ≥ 0. One-sided inputs (lo = 0 or hi = 0) limit each sign's mass alone, to
+    ⌊(2^(P−1) − 1 − the bias's push on that side) / X⌋; two-sided ones limit the total to A2Q's
+    ℓ1 radius ⌊(2^(P−1) − 1 − |q_b|) / X⌋. Both are sufficient for the exact bound, and both only
+    widen as |q_b| shrinks: a coarser step, whose bias code is smaller, keeps the bound."""
+    b = np.asarray(bias_q, np.float64)
+    top, inf = float(limit(bits)), np.full(b.shape, np.inf)
+    if lo == 0 or hi == 0:
+        x = max(hi, -lo, 1)
+        with_bias = np.floor(np.maximum(top - np.maximum(b, 0.0), 0.0) / x)  # the side the bias pushes up
+        against = np.floor(np.maximum(top - np.maximum(-b, 0.0), 0.0) / x)
+        # acc's maximum comes from the positive weights if the inputs are ≥ 0, the negative ones if ≤ 0
+        pos, neg = (with_bias, against) if lo == 0 else (against, with_bias)
+        return np.stack([pos, neg, inf], axis=1)
+    total = np.floor(np.maximum(top - np.abs(b), 0.0) / max(hi, -lo))
+    return np.stack([inf, inf, total], axis=1)
+
+
+def exceeds(q: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """Per channel, whether integers q (C, K) carry more than `mass_budgets` allows."""
+    pos, neg = sign_masses(q)
+    return (pos > budget[:, 0]) | (neg > budget[:, 1]) | (pos + neg > budget[:, 2])
 
 
 TOP_FIRST = 256  # the largest magnitudes sorted first per row; the rest only where the support is wider
@@ -113,6 +164,21 @@ def fit_l1(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
     return out
 
 
+def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int) -> np.ndarray:
+    """Integers q (C, K) with |q| ≤ qmax within each channel's `mass_budgets` (C, 3), close to v (C, K):
+    `fit_l1` on the total where that is the limit, else on each sign's part alone."""
+    out = np.empty(v.shape, np.int64)
+    split = np.isfinite(budget[:, 0]) | np.isfinite(budget[:, 1])
+    if (~split).any():
+        out[~split] = fit_l1(v[~split], budget[~split, 2], qmax)
+    if split.any():
+        vs, n = v[split], int(split.sum())
+        parts = fit_l1(np.concatenate([np.maximum(vs, 0.0), np.maximum(-vs, 0.0)]),
+                       np.concatenate([budget[split, 0], budget[split, 1]]), qmax)
+        out[split] = parts[:n] - parts[n:]
+    return out
+
+
 def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
     p = project_l1(np.clip(v, -qmax, qmax), radius)
     a = np.abs(p)
@@ -135,14 +201,5 @@ def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
     return np.copysign(mag, p).astype(np.int64)
 
 
-def datatype_bits(k: int, input_max: int, weight_bits: int, bias_max: float = 0.0) -> int:
-    return int(bits_for(datatype_bound(k, input_max, weight_bits, bias_max)))
-
-
-def input_max_for(bits: int) -> int:
-    """X for unsigned N-bit activations with the zero point at an end of the range (the worst case)."""
-    return (1 << bits) - 1
-
-
-__all__ = ["limit", "bits_for", "datatype_bound", "datatype_bits", "weight_level_bound", "l1_radius",
-           "project_l1", "fit_l1", "input_max_for"]
+__all__ = ["limit", "bits_for", "datatype_bound", "input_span", "sign_masses", "reach", "worst_from_reach",
+           "worst_accumulator", "mass_budgets", "exceeds", "project_l1", "fit_l1", "fit_budget"]

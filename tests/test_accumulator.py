@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import ptq
-from ptq.accbound import datatype_bound, fit_l1, l1_radius, limit, project_l1, weight_level_bound
+from ptq.accbound import (datatype_bound, fit_budget, fit_l1, limit, mass_budgets, project_l1, sign_masses,
+                          worst_accumulator)
 from ptq.runtime.simulator import Simulator
 
 
@@ -36,9 +37,15 @@ def test_fit_l1_meets_the_bound_exactly_and_rounds_to_nearest_when_it_can():
 
 def test_bounds_in_closed_form():
     q = np.array([[3, -4, 0], [127, 127, -127]])
-    np.testing.assert_array_equal(weight_level_bound(q, 255, np.array([10, -5])), [7 * 255 + 10, 381 * 255 + 5])
+    b = np.array([10, -5])
+    np.testing.assert_array_equal(worst_accumulator(q, -127, 127, b), [7 * 127 + 10, 381 * 127 + 5])  # A2Q's
+    # after a ReLU each sign's mass counts alone, the bias where it pushes: max(3·255 + 10, 4·255), max(254·255, 127·255 + 5)
+    np.testing.assert_array_equal(worst_accumulator(q, 0, 255, b), [4 * 255, 254 * 255])
+    np.testing.assert_array_equal(worst_accumulator(q, -255, 0, b), [4 * 255 + 10, 254 * 255 + 5])  # inputs ≤ 0: mirrored
     assert datatype_bound(3, 255, 8) == 3 * 255 * 127
-    np.testing.assert_array_equal(l1_radius(16, 255, np.array([0, 32767, 40000])), [128, 0, 0])
+    np.testing.assert_array_equal(mass_budgets(16, -128, 127, np.array([0, -32767, 40000]))[:, 2], [255, 0, 0])
+    np.testing.assert_array_equal(mass_budgets(16, 0, 255, np.array([0, 32767, -2000])),
+                                  [[128, 128, np.inf], [0, 128, np.inf], [128, 120, np.inf]])
     assert limit(16) == 32767
 
 
@@ -59,6 +66,28 @@ def test_fit_l1_rounds_down_the_smallest_fractions_first_and_the_lower_column_am
     v = np.array([[1.5, 1.5, 1.5, 1.5], [2.6, -1.9, 0.7, 0.5]])
     q = fit_l1(v, np.array([6.0, 5.0]), qmax=7)
     np.testing.assert_array_equal(q, [[1, 1, 2, 2], [2, -2, 1, 0]])  # row 2: projected to (2.425, -1.725, .525, .325)
+
+
+@pytest.mark.parametrize("span", [(0, 255), (-255, 0), (-128, 127), (0, 15), (-3, 12)])
+def test_fitted_integers_meet_the_exact_bound_and_one_sided_inputs_leave_more_weight(span):
+    """Random layers and biases at P = 12 and 16: every fitted channel's worst partial sum, each
+    product at its extreme input, fits; after a ReLU a channel keeps more of its weight than A2Q's
+    ℓ1 ball would leave it."""
+    rng = np.random.default_rng(4)
+    lo, hi = span
+    for p in (12, 16):
+        v = rng.normal(size=(64, 300)) * rng.uniform(0.5, 20, size=(64, 1))
+        b = np.round(rng.normal(size=64) * limit(p) * 0.2)
+        q = fit_budget(v, mass_budgets(p, lo, hi, b), qmax=127)
+        top = np.maximum(q * lo, q * hi).sum(1) + np.maximum(b, 0)
+        bottom = -np.minimum(q * lo, q * hi).sum(1) + np.maximum(-b, 0)
+        assert max(top.max(), bottom.max()) <= limit(p)
+        assert np.array_equal(worst_accumulator(q, lo, hi, b), np.maximum(top, bottom))
+        a2q = fit_l1(v, np.floor(np.maximum(limit(p) - np.abs(b), 0) / max(hi, -lo)), qmax=127)
+        if lo == 0 or hi == 0:
+            assert np.abs(q).sum() > 1.5 * np.abs(a2q).sum()
+        else:
+            assert np.array_equal(q, a2q)
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense", "grouped", "factor", "unknown"])
@@ -163,10 +192,14 @@ def test_digits_data_free_bound_holds_for_every_channel(digits, recipe, p):
     m = qm.manifest
     for rec in m.weighted_ops():
         e = m.encoding(rec["inputs"][0])
-        xmax = max(e["zero_point"], (1 << e["bits"]) - 1 - e["zero_point"])
-        q = m.tensor(rec["weight"]["terms"][0]["q"])
-        bound = weight_level_bound(q, xmax, m.tensor(rec["bias"]["q"]))
-        assert bound.max() <= limit(p), rec["name"]
+        lo, hi = -e["zero_point"], (1 << e["bits"]) - 1 - e["zero_point"]
+        q = m.tensor(rec["weight"]["terms"][0]["q"]).astype(np.int64)
+        q = q.reshape(q.shape[0], -1)
+        b = m.tensor(rec["bias"]["q"]).astype(np.int64)
+        # every partial sum, each product at its extreme input, the bias where it pushes the same way
+        top = np.maximum(q * lo, q * hi).sum(1) + np.maximum(b, 0)
+        bottom = -np.minimum(q * lo, q * hi).sum(1) + np.maximum(-b, 0)
+        assert max(top.max(), bottom.max()) <= limit(p), rec["name"]
         assert rec["accumulator"]["bits"] == p and rec["accumulator"]["bound"] in ("weight-level", "data-type")
     sim = Simulator(m, "wrap", p)
     out = sim(torch.from_numpy(np.asarray(xte)))

@@ -24,7 +24,7 @@ format carries the codes themselves and repeats the simulator's arithmetic with 
   the requantizer in int64, a Pad with zeros and an Add of its int32 constant; permutes and slices
   act on the codes.
 - layers whose inputs have more than 8 bits, or weights more than 8, run as a float32 Conv/Gemm on
-  integer-valued tensors, which is exact because the data-free bound Σ|q|·max|x - z| + |b| is
+  integer-valued tensors, which is exact because the data-free bound on every partial sum (`accbound`) is
   checked to be below 2^24 at export; a linear layer whose bound passes 2^24 (an encoder's 12-bit
   GEMM inputs) runs in float64, exact below 2^52 (beyond either, the export is refused with the
   layer's name).
@@ -39,6 +39,7 @@ import numpy as np
 
 from typing import Callable
 
+from ..accbound import input_span, worst_accumulator
 from ..errors import ManifestError
 from ..intmath import qmax
 from ..manifest import Manifest
@@ -184,7 +185,7 @@ class IntegerBuilder(GraphBuilder):
         bias = self.m.tensor(rec["bias"]["q"]).astype(np.int64) if term == 0 else np.zeros(q.shape[0], np.int64)
         meta = {**weight_metadata(rec), "ptq.term": term}
         acc32 = f"{name}/term{term}/acc32"
-        bound = np.abs(q.reshape(q.shape[0], -1)).sum(1).astype(np.float64) * self.xmax(t) + np.abs(bias)
+        bound = worst_accumulator(q, *input_span(ex["bits"], z), bias)  # every partial sum, any order
         if ex["bits"] <= 8 and bits <= 8 and np.abs(q).max(initial=0) <= 127:
             # u8×s8 kernels without VNNI sum adjacent products in saturating int16 (onnxruntime's
             # MLAS on AVX2): exact only while 2·255·max|q| ≤ 32767. Wider weights run as two digits,

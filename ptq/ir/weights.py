@@ -23,7 +23,7 @@ class WeightQuant:
     bits: float
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     input_bits: int | None = None  # a width chosen for the input tensor (allocator methods), else the recipe's
-    l1_budget: np.ndarray | None = None  # (C,) most Σ|q| per channel that keeps its accumulator bound (not stored)
+    acc_budget: np.ndarray | None = None  # (C, 3) most Σq⁺, Σq⁻, Σ|q| per channel that keep its accumulator bound (not stored)
 
     def dequantized(self) -> np.ndarray:
         out = None

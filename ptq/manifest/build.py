@@ -39,10 +39,6 @@ def clamp_bounds(act: list | None, e: Encoding) -> list[int]:
     return [lo, hi]
 
 
-def max_input_magnitude(e: Encoding) -> int:
-    return max(e.zero_point - e.qmin, e.qmax - e.zero_point)
-
-
 def int_dtype(bits: int) -> np.dtype:
     return np.dtype(np.int8) if bits <= 8 else np.dtype(np.int16) if bits <= 16 else np.dtype(np.int32)
 
@@ -53,45 +49,51 @@ def set_bias(m: Manifest, rec: dict, bias: np.ndarray, corrected: bool | None = 
     s_x = m.encoding(rec["inputs"][0])["scale"]
     s0 = m.tensor(rec["weight"]["terms"][0]["scale"])
     q = round_half_up(bias / (s_x * s0))
-    room = np.full(q.shape, float(INT32_MAX))
+    up = down = np.full(q.shape, float(INT32_MAX))
     p = rec.get("accumulator", {}).get("bits", 32)
-    if p < 32:  # keep the declared accumulator overflow-free: the bias gets what the weights leave
-        room = np.maximum(accbound.limit(p) - weight_l1(m, rec) * input_max(m, rec), 0.0)
-    saturated = int(np.sum(np.abs(q) > room))
-    q = np.clip(q, -room, room).astype(np.int32)
+    if p < 32:  # keep the declared accumulator overflow-free: the bias gets what the weights leave on each side
+        reach_up, reach_down = weight_reach(m, rec)
+        up, down = np.maximum(accbound.limit(p) - reach_up, 0.0), np.maximum(accbound.limit(p) - reach_down, 0.0)
+    saturated = int(np.sum((q > up) | (q < -down)))
+    q = np.clip(q, -down, up).astype(np.int32)
     rec["bias"] = {"q": m.put(f"{name}/bias.q", q), "float": m.put(f"{name}/bias.float", bias.astype(np.float64)),
                    "bits": 32, "saturated": saturated,
                    "corrected": rec.get("bias", {}).get("corrected", False) if corrected is None else corrected}
     rec["accumulator"] = data_free_bound(m, rec)
 
 
-def input_max(m: Manifest, rec: dict) -> int:
-    return max_input_magnitude(Encoding(**{k: v for k, v in m.encoding(rec["inputs"][0]).items() if k != "signed"}))
+def input_span(m: Manifest, rec: dict) -> tuple[int, int]:
+    e = m.encoding(rec["inputs"][0])
+    return accbound.input_span(e["bits"], e["zero_point"])
 
 
-def weight_l1(m: Manifest, rec: dict) -> np.ndarray:
-    """Σ|q| per output channel over all terms (multipoint points add up in one accumulator)."""
-    total = 0.0
+def weight_reach(m: Manifest, rec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel, the largest acc and −acc from the weights alone over the layer's input span
+    (`accbound.reach`; the sign masses summed over all terms: multipoint points add up in one
+    accumulator)."""
+    pos = neg = 0.0
     for t in rec["weight"]["terms"]:
-        q = m.tensor(t["q"]).astype(np.float64)
-        total = total + np.abs(q.reshape(q.shape[0], -1)).sum(1)
-    return total
+        p_t, n_t = accbound.sign_masses(m.tensor(t["q"]))
+        pos, neg = pos + p_t, neg + n_t
+    return accbound.reach(pos, neg, *input_span(m, rec))
 
 
 def data_free_bound(m: Manifest, rec: dict) -> dict:
-    """Σ|q|·max|x − z| + |bias| per channel (over all terms): the accumulator width that never overflows.
+    """The worst |partial sum| of acc per channel over every input in the span, in any order, with the
+    bias (`accbound.worst_from_reach`, over all terms): the accumulator width that never overflows.
 
     `bound` names the tightest bound the layer meets at its declared width: "data-type" (from the
-    widths alone, de Bruin), "weight-level" (from its integer weights, A2Q) or "none".
+    widths alone, de Bruin), "weight-level" (from its integer weights, exact over the input span:
+    A2Q's for two-sided inputs, A2Q+'s per sign for one-sided ones) or "none".
     """
-    xmax = input_max(m, rec)
-    bias = np.abs(m.tensor(rec["bias"]["q"]).astype(np.float64))
-    worst = int((weight_l1(m, rec) * xmax + bias).max())
+    lo, hi = input_span(m, rec)
+    bias = m.tensor(rec["bias"]["q"]).astype(np.float64)
+    worst = int(accbound.worst_from_reach(*weight_reach(m, rec), bias).max(initial=0))
     prev = rec.get("accumulator", {})
     p = prev.get("bits", 32)
     w = rec["weight"]
     k = int(np.prod(w["shape"][1:]))
-    by_type = len(w["terms"]) * accbound.datatype_bound(k, xmax, int(w.get("bits", 8)), float(bias.max(initial=0)))
+    by_type = len(w["terms"]) * accbound.datatype_bound(k, max(hi, -lo), int(w.get("bits", 8)), float(np.abs(bias).max(initial=0)))
     bound = "data-type" if by_type <= accbound.limit(p) else "weight-level" if worst <= accbound.limit(p) else "none"
     return {"bits": p, "mode": prev.get("mode", "exact"), "bound": bound,
             "data_free_max": worst, "data_free_bits": int(math.ceil(math.log2(worst + 1))) + 1}

@@ -2,11 +2,13 @@
 
 Every conv/linear must fit the recipe's P-bit accumulator (`accumulator.bits`) for any input. For
 each layer and each pair (weight bits M, input activation bits N) we build a candidate: weights
-clipped by output error at M bits, then made to meet the weight-level bound ‖q_c‖₁·X_N + |q_b| ≤
-2^(P−1) − 1 by L1 projection and toward-zero rounding (`ptq.accbound.fit_l1`), with X_N and the
-input scale taken from the encoding the pipeline will choose at N bits. With 8-bit inputs after a
-ReLU (X = 255) and P = 16 that leaves ‖q_c‖₁ ≤ 128 per channel, so wide layers must trade input bits
-for weight mass; that trade is what the allocator decides.
+clipped by output error at M bits, then made to meet the exact worst-case accumulator bound over
+the input span (`ptq.accbound`: A2Q's ‖q_c‖₁·X_N + |q_b| ≤ 2^(P−1) − 1 for two-sided inputs, each
+sign's mass alone for one-sided ones) by ℓ1 projection and toward-zero rounding
+(`ptq.accbound.fit_budget`), with the span and the input scale taken from the encoding the pipeline
+will choose at N bits. With 8-bit inputs after a ReLU (X = 255) and P = 16 that leaves Σq⁺ ≤ 128
+and Σq⁻ ≤ 128 per channel, so wide layers must trade input bits for weight mass; that trade is what
+the allocator decides.
 
 Error model (ours): the expected growth of the output divergence, in one currency across layers,
     E = Σ_c F_c · ( δw_cᵀ H δw_c  +  Δ_N²/12 · ‖ŵ_c‖² )
@@ -24,7 +26,7 @@ import numpy as np
 
 from ..calib.observers import choose_encoding
 
-from ..accbound import bits_for, fit_l1, l1_radius, limit, weight_level_bound
+from ..accbound import mass_budgets, bits_for, exceeds, fit_budget, input_span, limit, sign_masses, worst_accumulator
 from .allocator import Candidate, LayerChoices, solve_allocation
 from ..errors import BudgetError, RecipeError
 from ..ir import Graph, Op
@@ -74,20 +76,18 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
         plain_errors: dict[bytes, np.ndarray] = {}  # by step: input widths whose bias leaves the step alone share it
         for n in ibits:
             e = encs[n]
-            xmax = max(e.zero_point - e.qmin, e.qmax - e.zero_point)
+            lo, hi = input_span(e.bits, e.zero_point)
             # a channel whose bias alone would take more than BIAS_SHARE of the accumulator gets a coarser
             # step (its output is bias-dominated: typically a near-dead channel after BatchNorm folding)
             scale = np.maximum(clipped, np.abs(bias) / (e.scale * limit(p) * BIAS_SHARE)) if p < 32 else clipped
             plain = quantize_symmetric(w, scale, m)
             bq = round_half_up(bias / (e.scale * scale))
             q, projected = plain, False
-            if p < 32:
-                radius = l1_radius(p, xmax, bq)
-                if np.any(np.abs(plain).sum(1) > radius):
-                    expansion = expansion or Expansion(err, w)
-                    q, scale, e_w = fit_with_step(w, scale, bias, e.scale, p, xmax, m, expansion)
-                    projected = True
-            need = int(bits_for(weight_level_bound(q, xmax, bq).max()))
+            if p < 32 and np.any(exceeds(plain, mass_budgets(p, lo, hi, bq))):
+                expansion = expansion or Expansion(err, w)
+                q, scale, e_w = fit_with_step(w, scale, bias, e.scale, p, (lo, hi), m, expansion)
+                projected = True
+            need = int(bits_for(worst_accumulator(q, lo, hi, round_half_up(bias / (e.scale * scale))).max()))
             what = q * scale[:, None]
             if not projected:
                 key = scale.tobytes()
@@ -98,7 +98,7 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
             error = float(np.sum(weight * (e_w + e_a)))
             wq = WeightQuant({"scheme": "uniform", "bits": m, "narrow_range": True},
                              [(q.reshape(op.weight.shape).astype(np.int64), scale)], float(m), input_bits=n,
-                             l1_budget=_budget(q, bias, e.scale * scale, p, xmax) if p < 32 else None)
+                             acc_budget=_budget(q, bias, e.scale * scale, p, (lo, hi)) if p < 32 else None)
             out.append(Candidate({"weight_bits": m, "input_bits": n, "projected": projected}, error,
                                  {"weight_bits": float(params * m), "bops": macs * m * n}, need, wq))
     return out
@@ -107,28 +107,29 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
 STEP_GROWTH = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)  # coarser steps tried for channels that must shrink
 
 
-def _budget(q: np.ndarray, bias: np.ndarray, bias_scale: np.ndarray, p: int, xmax: int) -> np.ndarray:
-    """Per channel, the most Σ|q| the rounding engine may spend: the P-bit bound's L1 radius at the
-    final step (never below what the method's own integers spend)."""
-    return np.maximum(l1_radius(p, xmax, round_half_up(bias / bias_scale)), np.abs(q).sum(1))
+def _budget(q: np.ndarray, bias: np.ndarray, bias_scale: np.ndarray, p: int, span: tuple[int, int]) -> np.ndarray:
+    """Per channel, the most Σq⁺, Σq⁻ and Σ|q| the rounding engine may spend (`accbound.mass_budgets`): the
+    P-bit bound's at the final step, never below what the method's own integers spend."""
+    pos, neg = sign_masses(q)
+    return np.maximum(mass_budgets(p, *span, round_half_up(bias / bias_scale)), np.stack([pos, neg, pos + neg], axis=1))
 
 
-def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scale: float, p: int, xmax: int,
-                  bits: int, expansion: Expansion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scale: float, p: int,
+                  span: tuple[int, int], bits: int, expansion: Expansion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Make every channel fit the P-bit bound, choosing per channel between shrinking its weights onto
-    the L1 ball at the clipped step and a coarser step (which needs less shrinking and leaves the bias
+    its budgets at the clipped step and a coarser step (which needs less shrinking and leaves the bias
     more room): the least output error of `STEP_GROWTH` multiples of the step wins (the first of
     equal ones). Returns the integers, the steps and each channel's output error.
 
-    The bound is on the integers (Σ|q| and the bias code), not on the step, so once q is fixed the
-    step is refitted by least squares on the output error (projection shrinks every weight; a
-    larger step gives the magnitude back). Only larger steps are taken: they shrink the bias code,
+    The bound is on the integers (their sign masses and the bias code), not on the step, so once q
+    is fixed the step is refitted by least squares on the output error (projection shrinks every
+    weight; a larger step gives the magnitude back). Only larger steps are taken: they shrink the bias code,
     so the bound still holds. Every growth is evaluated in one batch, its errors from the layer's
     `Expansion` (the projected integers are mostly zero)."""
     c, k = w.shape
     s = scale[None] * np.asarray(STEP_GROWTH)[:, None]  # (S, C)
     bq = round_half_up(bias[None] / (input_scale * s))
-    q = fit_l1((w[None] / s[..., None]).reshape(-1, k), l1_radius(p, xmax, bq).reshape(-1), qmax(bits))
+    q = fit_budget((w[None] / s[..., None]).reshape(-1, k), mass_budgets(p, *span, bq.reshape(-1)), qmax(bits))
     q = q.reshape(len(STEP_GROWTH), c, k)
     s, e = expansion.refit(q, s)  # (S, C)
     best = np.argmin(e, axis=0)

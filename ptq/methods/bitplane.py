@@ -23,7 +23,7 @@ import numpy as np
 
 from ..calib.observers import choose_encoding
 
-from ..accbound import bits_for, weight_level_bound
+from ..accbound import bits_for, input_span, worst_accumulator
 from .allocator import Candidate, LayerChoices, solve_allocation
 from ..errors import BudgetError, RecipeError
 from ..ir import Graph, Op
@@ -70,7 +70,7 @@ def window(w: np.ndarray, step: np.ndarray, keep: int, lsb: int) -> np.ndarray:
     return quantize_symmetric(w, step * float(1 << lsb), keep + 1)
 
 
-def layer_candidates(op: Op, stats, recipe: dict, input_max: int | None, input_scale: float | None) -> list[Candidate]:
+def layer_candidates(op: Op, stats, recipe: dict, span: tuple[int, int] | None, input_scale: float | None) -> list[Candidate]:
     """One candidate per kept width b: the best plane window at b bits, with its error and cost."""
     bp = recipe["bitplane"]
     b0 = bp["bits"]
@@ -108,9 +108,9 @@ def layer_candidates(op: Op, stats, recipe: dict, input_max: int | None, input_s
             if e2 < e:
                 e, q, s, grid = e2, q2, s2, "reclipped"
         need = 0
-        if input_max is not None:
+        if span is not None:
             bq = round_half_up(bias / (input_scale * s))
-            need = int(bits_for(weight_level_bound(q, input_max, bq).max()))
+            need = int(bits_for(worst_accumulator(q, *span, bq).max()))
         info = {"grid": grid, "kept_planes": [lsb, lsb + keep - 1], "msb_free": b0 - 1 - planes, "msb_clipped": clip,
                 "lsb_dropped": lsb, "density": [round(v, 6) for v in density],
                 "slice2_sparsity": round(slice_sparsity(q, b), 6)}
@@ -132,14 +132,14 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     ops = graph.weighted_ops()
 
     def candidates(op: Op) -> list[Candidate]:
-        xmax = xscale = None
+        span = xscale = None
         if p < 32:  # candidates must fit the accumulator with the recipe's activation widths
             t = src[op.inputs[0]]
             prod = producers.get(t)
             e = choose_encoding(stats.histograms[t], act["bits"], act["observer"], act["percentile"],
                                 prod.attrs.get("act") if prod is not None else None)
-            xmax, xscale = max(e.zero_point - e.qmin, e.qmax - e.zero_point), e.scale
-        return layer_candidates(op, stats, recipe, xmax, xscale)
+            span, xscale = input_span(e.bits, e.zero_point), e.scale
+        return layer_candidates(op, stats, recipe, span, xscale)
 
     layers, params = [], 0.0
     for op, cands in zip(ops, per_layer(candidates, ops)):

@@ -50,7 +50,7 @@ block with its new integers.
 
 **Guards (ours).** A block keeps its learned integers only where its output error on the samples is
 no larger than with the method's (nearest) integers; an accumulator layer's channel keeps its
-method's integers where the learned ones would exceed its L1 budget (its bound holds by
+method's integers where the learned ones would exceed its budgets (its bound holds by
 construction). Each layer records its output error (H-based, as for feedback) and its block's
 relative output error on the samples, with nearest and with the learned integers.
 
@@ -67,6 +67,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from ..accbound import exceeds
 from ..calib.progress import progress
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..errors import RecipeError
@@ -126,13 +127,12 @@ class Relaxed:
 
     def integers(self) -> np.ndarray:
         """The learned choice (C, K); an accumulator layer's channel keeps its method's integers where
-        the learned ones would exceed its L1 budget."""
+        the learned ones would exceed its accumulator budgets."""
         with torch.no_grad():
             q = np.where(self.h().numpy() >= 0.5, self.up, self.down)
-        budget = self.wq.l1_budget
+        budget = self.wq.acc_budget
         if budget is not None:
-            over = np.abs(q).sum(1) > budget
-            q = np.where(over[:, None], self.nearest, q)
+            q = np.where(exceeds(q, budget)[:, None], self.nearest, q)
         return q
 
     def weight(self, q: np.ndarray) -> torch.Tensor:

@@ -29,7 +29,8 @@ integers per layer by `weights.rounding` (per layer through [[overrides]]):
 Every scheme reaches the engine through its grid (`ptq.ir.grids`): uniform and bit-plane windows on
 their b-bit grid; SWIS magnitudes on the shift sets the method chose; multipoint on each channel's
 last point, against the residual of its earlier points; the accumulator method's layers with a
-running L1 budget per channel, so its bound holds by construction (AXE, Colbert et al. 2024).
+running budget per channel (total ℓ1 mass, or each sign's for one-sided inputs), so its bound holds
+by construction (AXE, Colbert et al. 2024).
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
                       block: int = 128, budget: np.ndarray | None = None) -> np.ndarray:
     """Integers (C, K) for real weights x (C, K) in units of their scale, decided column by column
     with error feedback through the layer's input second moment `hessian` (G, K, K), one per conv
-    group (channels c·G/C..). `budget` (C,): a running L1 budget per channel, Σ|q| ≤ budget."""
+    group (channels c·G/C..). `budget` (C, 3): running budgets per channel of Σq⁺, Σq⁻ and Σ|q|
+    (`accbound.mass_budgets`; ∞ where there is no limit of that kind)."""
     c, k = x.shape
     g = hessian.shape[0]
     cg = c // g
@@ -108,7 +110,7 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
         cols = perm[:, None, :].expand(g, cg, k)
         xp = torch.from_numpy(np.array(x, np.float64)).reshape(g, cg, k).gather(2, cols).contiguous()
         q = torch.zeros_like(xp)
-        left = None if budget is None else torch.from_numpy(np.asarray(budget, np.float64)).reshape(g, cg).clone()
+        left = None if budget is None else torch.from_numpy(np.array(budget, np.float64)).reshape(g, cg, 3)
         for i1 in range(0, k, block):
             i2 = min(i1 + block, k)
             w1 = xp[:, :, i1:i2].clone()
@@ -117,10 +119,12 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
             for j in range(i2 - i1):
                 col = w1[:, :, j]
                 qj = grid.project(col.reshape(c, 1), cols[:, :, i1 + j].reshape(c, 1)).reshape(g, cg)
-                if left is not None:  # AXE: never spend more of the channel's L1 budget than is left
-                    mag = torch.minimum(qj.abs(), left)
-                    qj = torch.sign(qj) * mag
-                    left = left - mag
+                if left is not None:  # AXE: never spend more of the channel's budgets than is left
+                    sign = torch.sign(qj)
+                    side = torch.where(sign > 0, left[..., 0], left[..., 1])
+                    mag = torch.minimum(qj.abs(), torch.minimum(side, left[..., 2]))
+                    qj = sign * mag
+                    left = left - torch.stack([mag * (sign > 0), mag * (sign < 0), mag], dim=-1)
                 q[:, :, i1 + j] = qj
                 e = (col - qj) / u1[:, j, j][:, None]
                 w1[:, :, j:] -= e[:, :, None] * u1[:, None, j, j:]
@@ -146,7 +150,7 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
     if hessian is None:
         return error_record(before, before, err, w)
     grids = term_grids(wq)
-    budget = wq.l1_budget
+    budget = wq.acc_budget
     current = before  # each channel's error with the integers it has so far
     for t, rows, aim in rounding_targets(wq, w):
         q, s = wq.terms[t]
