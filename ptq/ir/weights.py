@@ -3,7 +3,7 @@ per-channel scales and the scheme's own fields. It sits in the IR layer because 
 (which produce it) and the manifest (which stores it) use it, and neither may import the other."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,12 @@ class WeightQuant:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     input_bits: int | None = None  # a width chosen for the input tensor (allocator methods), else the recipe's
     acc_budget: np.ndarray | None = None  # (C, 3) most Σq⁺, Σq⁻, Σ|q| per channel that keep its accumulator bound (not stored)
+
+    def stored(self, dtype: type = np.int8) -> "WeightQuant":
+        """The same weights with each term's integers held as `dtype`: an allocator's candidates are
+        kept in int8 (their widths are ≤ 8 bits) until one per layer is chosen, then widened back to
+        int64 — several candidates per layer of a 25 M-weight network would take gigabytes in int64."""
+        return replace(self, terms=[(q.astype(dtype), s) for q, s in self.terms])
 
     def dequantized(self) -> np.ndarray:
         out = None

@@ -98,7 +98,7 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
             error = float(np.sum(weight * (e_w + e_a)))
             wq = WeightQuant({"scheme": "uniform", "bits": m, "narrow_range": True},
                              [(q.reshape(op.weight.shape).astype(np.int64), scale)], float(m), input_bits=n,
-                             acc_budget=_budget(q, bias, e.scale * scale, p, (lo, hi)) if p < 32 else None)
+                             acc_budget=_budget(q, bias, e.scale * scale, p, (lo, hi)) if p < 32 else None).stored()
             out.append(Candidate({"weight_bits": m, "input_bits": n, "projected": projected}, error,
                                  {"weight_bits": float(params * m), "bops": macs * m * n}, need, wq))
     return out
@@ -177,7 +177,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     if al["mode"] == "naive":
         choice = _naive(layers, p)
         pair = next(iter(choice.values())).knobs
-        return LayerWeights({k: c.payload for k, c in choice.items()},
+        return LayerWeights({k: c.payload.stored(np.int64) for k, c in choice.items()},
                             {"allocator": "naive", "weight_bits": pair["weight_bits"], "input_bits": pair["input_bits"]})
     params = sum(float(op.weight.size) for op in graph.weighted_ops())
     budgets = {}
@@ -198,4 +198,5 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
             raise BudgetError(f"allocator.bops = {al['bops']:g} cannot be met: the least is {least:.4f} of the 8x8-bit BOPs; "
                               f"set allocator.bops >= {least:.4f}", "allocator.bops", least) from exc
         raise
-    return LayerWeights({name: c.payload for name, c in a.choice.items()}, {"allocator": a.summary()}, a.timings())
+    return LayerWeights({name: c.payload.stored(np.int64) for name, c in a.choice.items()}, {"allocator": a.summary()},
+                        a.timings())

@@ -115,7 +115,7 @@ def layer_candidates(op: Op, stats, recipe: dict, span: tuple[int, int] | None, 
                 "lsb_dropped": lsb, "density": [round(v, 6) for v in density],
                 "slice2_sparsity": round(slice_sparsity(q, b), 6)}
         wq = WeightQuant({"scheme": "uniform", "bits": b, "narrow_range": True, "bitplanes": info},
-                         [(q.reshape(op.weight.shape).astype(np.int64), s)], float(b))
+                         [(q.reshape(op.weight.shape), s)], float(b)).stored()
         out.append(Candidate({"weight_bits": b}, e, {"weight_bits": float(w.size * b)}, need, wq))
     return out
 
@@ -159,7 +159,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
                               f"the least is {least:.3f}; "
                               f"set bitplane.mean_bits >= {least:.3f}", "bitplane.mean_bits", least) from exc
         raise
-    chosen = {name: c.payload for name, c in a.choice.items()}
+    chosen = {name: c.payload.stored(np.int64) for name, c in a.choice.items()}
     kept = sum(c.costs["weight_bits"] for c in a.choice.values())
     info = {"allocator": a.summary(), "compression": 32.0 * params / max(kept, 1.0),
             "slice2_sparsity": float(sum(wq.scheme["bitplanes"]["slice2_sparsity"] * wq.terms[0][0].size
