@@ -166,16 +166,23 @@ def fit_l1(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
 
 def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int) -> np.ndarray:
     """Integers q (C, K) with |q| ≤ qmax within each channel's `mass_budgets` (C, 3), close to v (C, K):
-    `fit_l1` on the total where that is the limit, else on each sign's part alone."""
+    `fit_l1` on the total where that is the limit, else on each sign's part alone (the positive and
+    the negative part of a row fitted as two rows). Rows are fitted a batch at a time."""
     out = np.empty(v.shape, np.int64)
-    split = np.isfinite(budget[:, 0]) | np.isfinite(budget[:, 1])
-    if (~split).any():
-        out[~split] = fit_l1(v[~split], budget[~split, 2], qmax)
-    if split.any():
-        vs, n = v[split], int(split.sum())
-        parts = fit_l1(np.concatenate([np.maximum(vs, 0.0), np.maximum(-vs, 0.0)]),
-                       np.concatenate([budget[split, 0], budget[split, 1]]), qmax)
-        out[split] = parts[:n] - parts[n:]
+    radius = np.floor(budget)
+    per_sign = np.isfinite(budget[:, 0]) | np.isfinite(budget[:, 1])
+    step = max(1, FIT_ELEMENTS // max(v.shape[1], 1))
+    joint = np.flatnonzero(~per_sign)
+    for i in range(0, len(joint), step):
+        r = joint[i:i + step]
+        out[r] = _fit_rows(v[r], radius[r, 2], qmax)
+    split = np.flatnonzero(per_sign)
+    for i in range(0, len(split), max(1, step // 2)):
+        r = split[i:i + max(1, step // 2)]
+        x = v[r]
+        parts = _fit_rows(np.concatenate([np.maximum(x, 0.0), np.maximum(-x, 0.0)]),
+                          np.concatenate([radius[r, 0], radius[r, 1]]), qmax)
+        out[r] = parts[:len(r)] - parts[len(r):]
     return out
 
 
