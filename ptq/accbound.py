@@ -171,14 +171,12 @@ def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int) -> np.ndarray:
     out = np.empty(v.shape, np.int64)
     radius = np.floor(budget)
     per_sign = np.isfinite(budget[:, 0]) | np.isfinite(budget[:, 1])
-    step = max(1, FIT_ELEMENTS // max(v.shape[1], 1))
-    joint = np.flatnonzero(~per_sign)
-    for i in range(0, len(joint), step):
-        r = joint[i:i + step]
-        out[r] = _fit_rows(v[r], radius[r, 2], qmax)
+    if (~per_sign).any():
+        out[~per_sign] = fit_l1(v[~per_sign], radius[~per_sign, 2], qmax)
     split = np.flatnonzero(per_sign)
-    for i in range(0, len(split), max(1, step // 2)):
-        r = split[i:i + max(1, step // 2)]
+    step = max(1, FIT_ELEMENTS // max(2 * v.shape[1], 1))  # two rows each
+    for i in range(0, len(split), step):
+        r = split[i:i + step]
         x = v[r]
         parts = _fit_rows(np.concatenate([np.maximum(x, 0.0), np.maximum(-x, 0.0)]),
                           np.concatenate([radius[r, 0], radius[r, 1]]), qmax)

@@ -87,7 +87,8 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
                 expansion = expansion or Expansion(err, w)
                 q, scale, e_w = fit_with_step(w, scale, bias, e.scale, p, (lo, hi), m, expansion)
                 projected = True
-            need = int(bits_for(worst_accumulator(q, lo, hi, round_half_up(bias / (e.scale * scale))).max()))
+                bq = round_half_up(bias / (e.scale * scale))  # the refitted steps' bias codes
+            need = int(bits_for(worst_accumulator(q, lo, hi, bq).max()))
             what = q * scale[:, None]
             if not projected:
                 key = scale.tobytes()
@@ -97,8 +98,8 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
             e_a = (e.scale ** 2 / 12.0) * (what ** 2).sum(1)
             error = float(np.sum(weight * (e_w + e_a)))
             wq = WeightQuant({"scheme": "uniform", "bits": m, "narrow_range": True},
-                             [(q.reshape(op.weight.shape).astype(np.int64), scale)], float(m), input_bits=n,
-                             acc_budget=_budget(q, bias, e.scale * scale, p, (lo, hi)) if p < 32 else None).stored()
+                             [(q.reshape(op.weight.shape), scale)], float(m), input_bits=n,
+                             acc_budget=_budget(q, bq, p, (lo, hi)) if p < 32 else None).stored()
             out.append(Candidate({"weight_bits": m, "input_bits": n, "projected": projected}, error,
                                  {"weight_bits": float(params * m), "bops": macs * m * n}, need, wq))
     return out
@@ -107,11 +108,12 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
 STEP_GROWTH = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)  # coarser steps tried for channels that must shrink
 
 
-def _budget(q: np.ndarray, bias: np.ndarray, bias_scale: np.ndarray, p: int, span: tuple[int, int]) -> np.ndarray:
-    """Per channel, the most Σq⁺, Σq⁻ and Σ|q| the rounding engine may spend (`accbound.mass_budgets`): the
-    P-bit bound's at the final step, never below what the method's own integers spend."""
+def _budget(q: np.ndarray, bias_q: np.ndarray, p: int, span: tuple[int, int]) -> np.ndarray:
+    """Per channel, the most Σq⁺, Σq⁻ and Σ|q| the rounding engine may spend (`accbound.mass_budgets`):
+    the P-bit bound's with the bias code of the final step, never below what the method's own
+    integers spend."""
     pos, neg = sign_masses(q)
-    return np.maximum(mass_budgets(p, *span, round_half_up(bias / bias_scale)), np.stack([pos, neg, pos + neg], axis=1))
+    return np.maximum(mass_budgets(p, *span, bias_q), np.stack([pos, neg, pos + neg], axis=1))
 
 
 def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scale: float, p: int,

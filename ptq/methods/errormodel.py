@@ -27,6 +27,7 @@ def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarra
     return np.clip(round_half_up(w / scale[..., None]), -m, m).astype(np.int64)
 
 
+DENSE_BLOCK = 1 << 22  # entries of H converted to float64 at a time for a dense product (32 MB)
 SCREEN_RANK = 16  # leading directions of H that `ErrorModel.screen` keeps exactly
 
 
@@ -53,18 +54,28 @@ class ErrorModel:
         g = self.groups
         return t.reshape(g, -1, self.channels // g, t.shape[-1]).permute(1, 0, 2, 3).reshape(*lead, self.channels, t.shape[-1])
 
-    def hmul(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """H a for every channel of (..., C, K) (a itself when no H is known), float32."""
-        d = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, np.float32))
+    def hmul(self, a: np.ndarray | torch.Tensor, dtype: type = np.float32) -> torch.Tensor:
+        """H a for every channel of (..., C, K) (a itself when no H is known), in `dtype` (an array
+        is converted; a tensor is taken as it is)."""
+        d = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, dtype))
         if not self.known:
             return d
-        dg = self._grouped(d)
+        return self._ungrouped(self.rows_times_h(self._grouped(d)), d.shape[:-2])
+
+    def rows_times_h(self, dg: torch.Tensor) -> torch.Tensor:
+        """H d for each row of (G, n, K), in the rows' dtype: float32 in one product, float64 with H's
+        columns converted a block at a time (no float64 copy of a large H)."""
         with fixed_order():
             if self.f is not None:
-                hd = torch.bmm(torch.bmm(dg, self.f.transpose(1, 2)), self.f)
-            else:
-                hd = torch.bmm(dg, self.h)  # H is symmetric: rows of dg·H are H·d
-        return self._ungrouped(hd, d.shape[:-2])
+                f = self.f.to(dg.dtype)
+                return torch.bmm(torch.bmm(dg, f.transpose(1, 2)), f)
+            if dg.dtype == self.h.dtype:
+                return torch.bmm(dg, self.h)  # H is symmetric: rows of dg·H are H·d
+            hd = torch.empty_like(dg)
+            step = max(1, DENSE_BLOCK // self.h.shape[1])
+            for j in range(0, self.h.shape[2], step):
+                hd[..., j:j + step] = torch.bmm(dg, self.h[:, :, j:j + step].to(dg.dtype))
+        return hd
 
     def __call__(self, diff: np.ndarray) -> np.ndarray:
         """diff: (..., C, K) → (..., C); plain squared error when no H is known."""
@@ -134,9 +145,6 @@ class ErrorModel:
         return np.where(qq > 0, qw / np.where(qq > 0, qq, 1.0), scale)
 
 
-DENSE_BLOCK = 1 << 22  # entries of H converted to float64 at a time for a dense product (32 MB)
-
-
 def gathers_cheaper(nnz: np.ndarray, k: int) -> np.ndarray:
     """Whether qᵀHq of a row with `nnz` nonzeros is cheaper from its nnz×nnz block of H than from a
     dense product with all of H. Measured on one core (float64 BLAS, K = 4608): a dense row costs
@@ -156,28 +164,8 @@ class Expansion:
     def __init__(self, err: ErrorModel, w: np.ndarray):
         self.err = err
         w = np.asarray(w, np.float64)
-        self.hw = self._dense(w)
+        self.hw = err.hmul(w, np.float64).numpy()
         self.whw = (self.hw * w).sum(-1)
-
-    def _dense(self, a: np.ndarray) -> np.ndarray:
-        """H a per channel of (..., C, K), float64 (a itself when no H is known)."""
-        if not self.err.known:
-            return a
-        d = self.err._grouped(torch.from_numpy(np.ascontiguousarray(a, np.float64)))
-        return self.err._ungrouped(self._product(d), a.shape[:-2]).numpy()
-
-    def _product(self, d: torch.Tensor) -> torch.Tensor:
-        """H d for (G, n, K) float64 rows, H's columns converted a block at a time."""
-        err = self.err
-        with fixed_order():
-            if err.f is not None:
-                f = err.f.double()
-                return torch.bmm(torch.bmm(d, f.transpose(1, 2)), f)
-            hd = torch.empty_like(d)
-            step = max(1, DENSE_BLOCK // err.h.shape[1])
-            for j in range(0, err.h.shape[2], step):
-                hd[..., j:j + step] = torch.bmm(d, err.h[:, :, j:j + step].double())
-        return hd
 
     def terms(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(qᵀHw, qᵀHq) per channel for integer candidates q (..., C, K) of this layer's w. A
@@ -186,7 +174,7 @@ class Expansion:
         qhw = (qf * self.hw).sum(-1)
         err, k = self.err, qf.shape[-1]
         if not err.known or err.f is not None or err.groups > 1:  # small products: dense throughout
-            return qhw, (self._dense(qf) * qf).sum(-1)
+            return qhw, (err.hmul(qf, np.float64).numpy() * qf).sum(-1)
         cand = qf.reshape(-1, err.channels, k)  # (S, C, K)
         qhq = np.empty(cand.shape[:2])
         used = (cand != 0).any(0)  # (C, K): columns any candidate of the channel uses
@@ -194,7 +182,7 @@ class Expansion:
         dense = np.flatnonzero(~sparse)
         if dense.size:
             rows = cand[:, dense].reshape(-1, k)
-            qhq[:, dense] = (self._product(torch.from_numpy(rows)[None])[0].numpy() * rows).sum(-1).reshape(len(cand), -1)
+            qhq[:, dense] = (err.rows_times_h(torch.from_numpy(rows)[None])[0].numpy() * rows).sum(-1).reshape(len(cand), -1)
         h = err.h[0]
         with fixed_order():
             for c in np.flatnonzero(sparse):

@@ -124,7 +124,9 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
                     side = torch.where(sign > 0, left[..., 0], left[..., 1])
                     mag = torch.minimum(qj.abs(), torch.minimum(side, left[..., 2]))
                     qj = sign * mag
-                    left = left - torch.stack([mag * (sign > 0), mag * (sign < 0), mag], dim=-1)
+                    left[..., 0] -= mag * (sign > 0)
+                    left[..., 1] -= mag * (sign < 0)
+                    left[..., 2] -= mag
                 q[:, :, i1 + j] = qj
                 e = (col - qj) / u1[:, j, j][:, None]
                 w1[:, :, j:] -= e[:, :, None] * u1[:, None, j, j:]
