@@ -169,17 +169,16 @@ def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int) -> np.ndarray:
     `fit_l1` on the total where that is the limit, else on each sign's part alone (the positive and
     the negative part of a row fitted as two rows). Rows are fitted a batch at a time."""
     out = np.empty(v.shape, np.int64)
-    radius = np.floor(budget)
     per_sign = np.isfinite(budget[:, 0]) | np.isfinite(budget[:, 1])
     if (~per_sign).any():
-        out[~per_sign] = fit_l1(v[~per_sign], radius[~per_sign, 2], qmax)
+        out[~per_sign] = fit_l1(v[~per_sign], budget[~per_sign, 2], qmax)
     split = np.flatnonzero(per_sign)
-    step = max(1, FIT_ELEMENTS // max(2 * v.shape[1], 1))  # two rows each
+    step = max(1, FIT_ELEMENTS // max(2 * v.shape[1], 1))  # two rows each: one batch of fit_l1
     for i in range(0, len(split), step):
         r = split[i:i + step]
         x = v[r]
-        parts = _fit_rows(np.concatenate([np.maximum(x, 0.0), np.maximum(-x, 0.0)]),
-                          np.concatenate([radius[r, 0], radius[r, 1]]), qmax)
+        parts = fit_l1(np.concatenate([np.maximum(x, 0.0), np.maximum(-x, 0.0)]),
+                       np.concatenate([budget[r, 0], budget[r, 1]]), qmax)
         out[r] = parts[:len(r)] - parts[len(r):]
     return out
 
