@@ -1,13 +1,14 @@
-"""Collect calibration statistics over a captured graph in two streaming passes.
+"""Collect calibration statistics over a captured graph in one streaming pass.
 
-Pass 1: min/max of every tensor. Pass 2: fixed-range histograms of every tensor, and for every
-conv/linear layer the second moment H = E[x xᵀ] and the mean E[x] of its input patches, the
+The min, max and histogram of every tensor (`calib.observers.Histogram`, whose bins coarsen as the
+range grows), and for every conv/linear layer the second moment H = E[x xᵀ] and the mean E[x] of
+its input patches, the
 quantities every weight method's output error is built on. Patches are subsampled per image at
 seeded positions, so the cost and memory are bounded however large the feature maps are. In a text
-encoder with an attention mask, both passes observe the kept tokens only (`calib.tokens`).
+encoder with an attention mask, the pass observes the kept tokens only (`calib.tokens`).
 
-Every merge is exact: min/max, whole histogram counts, and the moments as fixed-point sums
-(`calib.exactsum`), so the statistics are the same bits however the batches are split over
+Every merge is exact: min/max, whole histogram counts on power-of-two bins, and the moments as
+fixed-point sums (`calib.exactsum`), so the statistics are the same bits however the batches are split over
 calibration ranks (`calib.distributed`), and the same bits as one process.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..ir.floatops import float_kernels
 from ..memory import release_freed_memory
 from .distributed import Shard
 from .exactsum import FixedSum
-from .observers import Histogram
+from .observers import Histogram, histogram_grid
 from .progress import progress
 from .sensitivity import fisher_mean, fisher_terms
 from .sources import DataSource
@@ -186,7 +187,7 @@ def patch_moments(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,
                        positions: int = MAX_POSITIONS, sensitivity_samples: int = 0,
                        shard: Shard | None = None, fisher_now: bool = False) -> Statistics:
-    """Two passes over `source`: ranges, then histograms and per-layer input moments; the
+    """One pass over `source`: ranges, histograms and per-layer input moments; the
     per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: none) is measured
     when a method first asks for it, by this process alone.
 
@@ -198,40 +199,10 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     kernels = float_kernels(torch.float32)
     mine = shard.part(-(-len(source) // batch_size))
     names = [graph.input] + [op.output for op in graph.ops]
-    index = {t: i for i, t in enumerate(names)}
-    lo, hi = np.full(len(names), np.inf), np.full(len(names), -np.inf)
     tokens = kept_tokens(graph)
     scores = {op.inputs[0] for op in graph.ops if op.kind == "softmax" and len(op.inputs) == 2}
-
-    def ranges_of(xb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """One batch's min and max of every tensor."""
-        low, high = np.full(len(names), np.inf), np.full(len(names), -np.inf)
-
-        def track(name: str, t: torch.Tensor):
-            a, b = (float(v) for v in torch.aminmax(t))  # one read of the tensor for both
-            if not (np.isfinite(a) and np.isfinite(b)):
-                from ptq.errors import DataError
-                raise DataError(f"tensor {name} became NaN/Inf on calibration data; check the data and the weights")
-            i = index[name]
-            low[i], high[i] = min(low[i], a), max(high[i], b)
-
-        with torch.no_grad():
-            keep = tokens(xb) if tokens else None
-            track(graph.input, xb)
-            execute(graph, xb, kernels, on_output=lambda op, xs, y: track(op.output, at_kept(y, keep, op.output in scores)))
-        return low, high
-
-    with shard.agreed(), progress("calibration pass 1/2 (ranges)", len(mine)) as advance:
-        for low, high in single_threaded_map(ranges_of, source.batches(batch_size, mine)):
-            np.minimum(lo, low, out=lo)
-            np.maximum(hi, high, out=hi)
-            advance()
-    shard.minimum(lo)
-    shard.maximum(hi)
-    stats.ranges = {t: (float(lo[i]), float(hi[i])) for t, i in index.items()}
-
-    stats.histograms = {t: Histogram.empty(*r) for t, r in stats.ranges.items()}
-    sums = {op.name: MomentSums(graph, op, stats.ranges, len(source), positions) for op in graph.ops if op.weight is not None}
+    stats.histograms = {t: Histogram.empty() for t in names}
+    sums = {op.name: MomentSums(graph, op, len(source), positions) for op in graph.ops if op.weight is not None}
     gen = torch.Generator().manual_seed(seed)
     skip_positions(graph, positions, gen, mine.start)
 
@@ -245,33 +216,38 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     merging = threading.Lock()
 
     def observe(item: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Add one batch's histogram counts of every tensor and input moments of every layer, each
-        as soon as it is computed (whole counts and fixed-point sums: exact in any order)."""
+        """Merge one batch's histogram of every tensor and input moments of every layer, each as soon
+        as it is computed (exact merges: the same totals in any order)."""
         xb, state = item
         g = torch.Generator().set_state(state)
 
-        def on_output(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
-            counts = stats.histograms[op.output].counts_of(at_kept(y, keep, op.output in scores))
-            m = patch_moments(op, at_kept(xs[0], keep), positions, g) if op.weight is not None else None
+        def merge(name: str, x: torch.Tensor) -> None:
+            h = Histogram.of(x)
+            if not (np.isfinite(h.lo) and np.isfinite(h.hi)) and x.numel():
+                from ptq.errors import DataError
+                raise DataError(f"tensor {name} became NaN/Inf on calibration data; check the data and the weights")
             with merging:
-                stats.histograms[op.output].counts += counts
-                if m is not None:
-                    sums[op.name].add(m)
+                stats.histograms[name] = stats.histograms[name].merge(h)
+
+        def on_output(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
+            merge(op.output, at_kept(y, keep, op.output in scores))
+            if op.weight is not None:
+                x = at_kept(xs[0], keep)
+                m = patch_moments(op, x, positions, g)
+                peak = max(abs(float(v)) for v in torch.aminmax(x)) if x.numel() else 0.0
+                with merging:
+                    sums[op.name].add(m, peak)
 
         with torch.no_grad():
             keep = tokens(xb) if tokens else None
-            counts = stats.histograms[graph.input].counts_of(xb)
-            with merging:
-                stats.histograms[graph.input].counts += counts
+            merge(graph.input, xb)
             execute(graph, xb, kernels, on_output=on_output)
 
-    with shard.agreed(), progress("calibration pass 2/2 (histograms, layer inputs)", len(mine)) as advance:
+    with shard.agreed(), progress("calibration pass (ranges, histograms, layer inputs)", len(mine)) as advance:
         for _ in single_threaded_map(observe, seeded(source.batches(batch_size, mine))):
             advance()
-    counts = np.stack([h.counts for h in stats.histograms.values()])
-    shard.add(counts)  # whole counts in float64: exact in any order
-    for h, c in zip(stats.histograms.values(), counts):
-        h.counts = c
+    stats.histograms = merged_histograms(stats.histograms, shard)
+    stats.ranges = {t: (h.lo, h.hi) for t, h in stats.histograms.items()}
     stats.layer_inputs = MomentSums.merged(sums, shard)
     stats.replay = lambda n, b: _head(source.batches(b), min(n, len(source)))
     if sensitivity_samples > 0:
@@ -293,37 +269,65 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     return stats
 
 
-class MomentSums:
-    """A layer's sums of x xᵀ and x over its input patches as fixed-point sums (`calib.exactsum`),
-    bounded by the patch rows the whole calibration set gives and its input's range from pass 1,
-    so that ranks and batches add up to the same bits in any grouping."""
+def merged_histograms(histograms: dict[str, Histogram], shard: Shard) -> dict[str, Histogram]:
+    """Every tensor's histogram over all ranks: the ranks agree on each tensor's min and max, coarsen
+    their counts to that range's grid, and add them (whole counts in float64: exact in any order)."""
+    lo = np.array([h.lo for h in histograms.values()])
+    hi = np.array([h.hi for h in histograms.values()])
+    shard.minimum(lo)
+    shard.maximum(hi)
+    grids = [histogram_grid(a, b) if a <= b else None for a, b in zip(lo, hi)]
+    counts = np.concatenate([h.regridded(*grid) if grid else np.zeros(0) for h, grid in zip(histograms.values(), grids)])
+    shard.add(counts)
+    out, at = {}, 0
+    for (name, h), a, b, grid in zip(histograms.items(), lo, hi, grids):
+        if grid is None:
+            out[name] = Histogram.empty()
+            continue
+        exp, start, n = grid
+        out[name] = Histogram(float(a), float(b), exp, start, counts[at:at + n])
+        at += n
+    return out
 
-    def __init__(self, graph: Graph, op: Op, ranges: dict[str, tuple[float, float]], samples: int, positions: int):
+
+class MomentSums:
+    """A layer's sums of x xᵀ and x over its input patches as fixed-point sums (`calib.exactsum`):
+    a batch's are bounded by the patch rows the whole calibration set gives times the batch's own
+    peak input, so that ranks and batches add up to the same bits in any grouping, in one pass."""
+
+    def __init__(self, graph: Graph, op: Op, samples: int, positions: int):
         self.rows = samples * _rows_per_sample(graph, op, positions)
-        peak = max(abs(ranges[op.inputs[0]][0]), abs(ranges[op.inputs[0]][1]))
         groups = op.attrs["groups"] if op.kind == "conv" else 1
         k = op.weight_matrix_shape[1]
-        # 2×: a float32 sum of products may round above the exact bound it approximates
-        self.xx = FixedSum((groups, k, k), 2.0 * self.rows * peak * peak)
-        self.x = FixedSum((groups, k), 2.0 * self.rows * peak)
+        self.xx = FixedSum((groups, k, k))
+        self.x = FixedSum((groups, k))
         self.count = 0
 
-    def add(self, m: LayerInputStats) -> None:
-        self.xx.add(m.xx)
-        self.x.add(m.x)
+    def add(self, m: LayerInputStats, peak: float) -> None:
+        """A batch's sums, whose inputs are at most `peak` in magnitude."""
+        # 2×: a float32 sum of products may round above the exact bound it approximates
+        self.xx.add(m.xx, 2.0 * self.rows * peak * peak)
+        self.x.add(m.x, 2.0 * self.rows * peak)
         self.count += m.count
 
     @staticmethod
     def merged(sums: dict[str, "MomentSums"], shard: Shard) -> dict[str, LayerInputStats]:
-        """Every layer's totals over all ranks, as float64 LayerInputStats."""
+        """Every layer's totals over all ranks, as float64 LayerInputStats: the ranks agree on which
+        unit exponents any of them used, then add each exponent's integers."""
         counts = np.array([s.count for s in sums.values()], np.int64)
         shard.add(counts)
+        used: dict[tuple[str, str], set[int]] = {}
+        for name, part, exps in shard.gather([(name, part, sorted(getattr(s, part).units))
+                                              for name, s in sums.items() for part in ("xx", "x")]):
+            used.setdefault((name, part), set()).update(exps)
         out = {}
         for (name, s), count in zip(sums.items(), counts):
             if count > s.rows:
                 raise RuntimeError(f"layer {name} gave {count} patch rows, more than the {s.rows} its sums were bounded for")
-            shard.add(s.xx.units)
-            shard.add(s.x.units)
+            for part in ("xx", "x"):
+                total = getattr(s, part)
+                for e in sorted(used[(name, part)]):
+                    shard.add(total.units.setdefault(e, np.zeros(total.shape, np.int64)))
             out[name] = LayerInputStats(s.xx.value(), s.x.value(), int(count))
             s.xx = s.x = None  # free the integers layer by layer
         return out
@@ -341,7 +345,7 @@ def _rows_per_sample(graph: Graph, op: Op, positions: int) -> int:
 
 
 def skip_positions(graph: Graph, positions: int, gen: torch.Generator, batches: int) -> None:
-    """Advance `gen` past what `batches` batches of pass 2 draw (one `layer_patches` randperm per
+    """Advance `gen` past what `batches` batches of the pass draw (one `layer_patches` randperm per
     conv with more output positions than `positions`), so a rank starting at a later batch samples
     the positions one process samples there."""
     totals = [op.attrs["out_shape"][1] * op.attrs["out_shape"][2] for op in graph.ops

@@ -1,11 +1,13 @@
 """Streaming, mergeable activation statistics and the encodings chosen from them.
 
-Pass 1 keeps min/max per tensor; pass 2 fills a fixed-range histogram over that range. Both merge
-by simple reduction, so calibration can be split over batches or processes in bounded memory.
+One streaming pass keeps each tensor's min/max and a histogram whose power-of-two bins coarsen as
+its range grows; both merge exactly, so calibration can be split over batches or processes in
+bounded memory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 from ..errors import RecipeError
 from ..ir import Graph
 
-HIST_BINS = 2048
+HIST_BINS = 2048  # at most this many bins per tensor (`Histogram`)
 HIST_SAMPLE = 1 << 20  # values per batch and tensor that enter the histogram (strided subsample)
 OBSERVERS = ("minmax", "percentile", "mse")
 # LayerNorm inputs (residual sums, whose outlier channels an 8-bit grid crushes), the addends of those
@@ -61,35 +63,83 @@ class Encoding:
 
 @dataclass
 class Histogram:
-    """Counts of a tensor's values in HIST_BINS equal bins over [lo, hi] (fixed in pass 2)."""
+    """A tensor's exact min and max, and counts of its values in bins [i·2^exp, (i+1)·2^exp) for
+    i = start, …, start + len(counts) − 1.
+
+    The bin width is the narrowest power of two at which [lo, hi] spans at most HIST_BINS bins
+    (`histogram_grid`), so it follows from lo and hi alone. Halving the resolution adds pairs of bins exactly,
+    so two histograms merge by coarsening both to the grid of their union: one streaming pass needs
+    no range in advance, and any order or grouping of batches (threads, ranks) gives the same counts,
+    those of the whole data's grid. The bins are 1 to 2 times as wide as HIST_BINS equal bins over
+    [lo, hi] would be."""
 
     lo: float
     hi: float
-    counts: np.ndarray
+    exp: int = 0
+    start: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @staticmethod
-    def empty(lo: float, hi: float) -> "Histogram":
-        if hi <= lo:
-            hi = lo + 1e-6
-        return Histogram(float(lo), float(hi), np.zeros(HIST_BINS, dtype=np.float64))
+    def empty() -> "Histogram":
+        """The histogram of no values (its range is empty until a value arrives)."""
+        return Histogram(np.inf, -np.inf)
 
-    def add(self, x: torch.Tensor) -> None:
-        self.counts += self.counts_of(x)
-
-    def counts_of(self, x: torch.Tensor) -> np.ndarray:
-        """The counts x adds (whole numbers in float64: any order of adding them gives the same bits)."""
+    @staticmethod
+    def of(x: torch.Tensor) -> "Histogram":
+        """x's histogram: its min and max over every value, counts of a strided sample of at most
+        HIST_SAMPLE values (whole numbers in float64: any order of adding them gives the same bits)."""
         flat = x.detach().float().flatten()
+        if flat.numel() == 0:
+            return Histogram.empty()
+        a, b = (float(v) for v in torch.aminmax(flat))
+        if not (np.isfinite(a) and np.isfinite(b)):
+            return Histogram(a, b)  # no counts: the caller names the tensor in its error
+        exp, start, n = histogram_grid(a, b)
         if flat.numel() > HIST_SAMPLE:
             flat = flat[:: (flat.numel() + HIST_SAMPLE - 1) // HIST_SAMPLE]
-        return torch.histc(flat, bins=HIST_BINS, min=self.lo, max=self.hi).double().cpu().numpy()
+        scale = 2.0 ** -exp
+        scaled = (flat if scale < 2.0 ** 100 else flat.double()) * scale  # a power of two: exact, |·| < 2^41
+        idx = scaled.floor_().long() - start
+        return Histogram(a, b, exp, start, torch.bincount(idx, minlength=n).double().numpy())
 
     def merge(self, other: "Histogram") -> "Histogram":
-        assert (self.lo, self.hi) == (other.lo, other.hi)
-        return Histogram(self.lo, self.hi, self.counts + other.counts)
+        """The histogram of both histograms' values, on the grid of their union."""
+        lo, hi = min(self.lo, other.lo), max(self.hi, other.hi)
+        if not lo <= hi:
+            return Histogram.empty()
+        exp, start, n = histogram_grid(lo, hi)
+        return Histogram(lo, hi, exp, start, self.regridded(exp, start, n) + other.regridded(exp, start, n))
+
+    def regridded(self, exp: int, start: int, n: int) -> np.ndarray:
+        """The counts on the coarser (or same) grid of n bins of 2^exp from index `start`."""
+        if self.counts.size == 0:
+            return np.zeros(n)
+        shift = min(exp - self.exp, 62)  # |index| < 2^42 (`histogram_grid`): a larger shift gives the same bins
+        assert shift >= 0, "a histogram only coarsens"
+        idx = (np.arange(self.start, self.start + self.counts.size, dtype=np.int64) >> shift) - start
+        return np.bincount(idx, weights=self.counts, minlength=n)
 
     def centers(self) -> np.ndarray:
-        w = (self.hi - self.lo) / HIST_BINS
-        return self.lo + w * (np.arange(HIST_BINS) + 0.5)
+        return (self.start + np.arange(self.counts.size) + 0.5) * 2.0 ** self.exp
+
+
+MIN_EXP = -200  # the bin exponent of a tensor of zeros: below that of any nonzero float32 range
+
+
+def histogram_grid(lo: float, hi: float) -> tuple[int, int, int]:
+    """(exp, start, n) of [lo, hi]'s bins: the smallest exp at which floor(hi/2^exp) − floor(lo/2^exp)
+    < HIST_BINS, and no finer than 2^-40 of the largest magnitude (so a constant tensor gets one bin
+    and every index fits float64 and int64 exactly). Nondecreasing as [lo, hi] grows, which is what
+    lets histograms merge exactly."""
+    peak = max(abs(lo), abs(hi))
+    exp = MIN_EXP if peak == 0 else math.frexp(peak)[1] - 40
+    span = hi - lo
+    if span > 0:
+        exp = max(exp, math.frexp(span / HIST_BINS)[1] - 1)
+    while math.floor(hi * 2.0 ** -exp) - math.floor(lo * 2.0 ** -exp) >= HIST_BINS:
+        exp += 1
+    start = math.floor(lo * 2.0 ** -exp)
+    return exp, start, math.floor(hi * 2.0 ** -exp) - start + 1
 
 
 def _quant_error(values: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
@@ -117,8 +167,8 @@ def choose_encoding(hist: Histogram, bits: int, observer: str = "mse", percentil
     if observer == "percentile":
         cdf = np.cumsum(counts) / counts.sum()
         q = percentile / 100.0
-        p_lo = values[min(np.searchsorted(cdf, 1 - q), HIST_BINS - 1)]
-        p_hi = values[min(np.searchsorted(cdf, q), HIST_BINS - 1)]
+        p_lo = values[min(np.searchsorted(cdf, 1 - q), values.size - 1)]
+        p_hi = values[min(np.searchsorted(cdf, q), values.size - 1)]
         return Encoding.from_range(max(lo, p_lo) if lo < 0 else lo, min(hi, p_hi), bits)
     if observer != "mse":
         raise ValueError(f"unknown observer {observer!r}")

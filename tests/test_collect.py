@@ -39,3 +39,59 @@ def test_a_depthwise_layer_s_moments_taken_a_few_groups_at_a_time_are_those_of_a
     assert np.array_equal(parts.xx, whole.xx) and np.array_equal(parts.x, whole.x) and parts.count == whole.count == 4 * (positions or 25)
     p = layer_patches(op, x, positions, torch.Generator().manual_seed(5)).double()
     assert np.allclose(parts.xx, (p.transpose(1, 2) @ p).numpy(), rtol=1e-5, atol=1e-4)
+
+
+def _split(x: torch.Tensor, rng: np.random.Generator) -> list[torch.Tensor]:
+    """x cut at random points into pieces, in a random order."""
+    cuts = np.sort(rng.choice(np.arange(1, x.numel()), size=6, replace=False))
+    pieces = list(torch.tensor_split(x.flatten(), cuts.tolist()))
+    return [pieces[i] for i in rng.permutation(len(pieces))]
+
+
+@pytest.mark.parametrize("values", [
+    lambda g: torch.randn(5000, generator=g),  # two-sided
+    lambda g: torch.rand(5000, generator=g) * 6.0,  # ReLU6-like, one-sided
+    lambda g: -torch.rand(5000, generator=g) * 1e-30,  # tiny and negative
+    lambda g: torch.randn(5000, generator=g) * 1e30,  # huge
+    lambda g: torch.cat([torch.randn(4999, generator=g), torch.tensor([3e4])]),  # one far outlier
+    lambda g: torch.full((5000,), 0.7),  # constant
+    lambda g: torch.zeros(5000),  # dead
+], ids=["normal", "relu6", "tiny", "huge", "outlier", "constant", "zeros"])
+def test_histograms_merged_in_any_grouping_and_order_are_the_histogram_of_all_values(values):
+    """One streaming pass merges each batch's histogram into the running one: the counts must be those
+    of the whole data's grid, however the values arrive, and the grid must resolve the range."""
+    from ptq.calib.observers import HIST_BINS, Histogram
+    x = values(torch.Generator().manual_seed(0))
+    whole = Histogram.of(x)
+    assert (whole.lo, whole.hi) == (float(x.min()), float(x.max()))
+    assert whole.counts.sum() == x.numel() and whole.counts.size <= HIST_BINS
+    width = 2.0 ** whole.exp
+    if whole.hi > whole.lo:  # bins at most twice as wide as HIST_BINS equal bins would be
+        assert width <= 2 * (whole.hi - whole.lo) / HIST_BINS
+    centers = whole.centers()
+    assert centers[0] - width / 2 <= whole.lo and whole.hi < centers[-1] + width / 2
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        merged = Histogram.empty()
+        for piece in _split(x, rng):
+            merged = merged.merge(Histogram.of(piece))
+        assert (merged.lo, merged.hi, merged.exp, merged.start) == (whole.lo, whole.hi, whole.exp, whole.start)
+        assert np.array_equal(merged.counts, whole.counts)
+
+
+def test_fixed_point_moment_sums_are_the_same_bits_in_any_grouping_and_close_to_the_float64_sum():
+    """Each addend picks its own unit from its own bound, so the sum of batches whose peaks differ by
+    orders of magnitude is one set of integers whatever the order."""
+    from ptq.calib.exactsum import FixedSum
+    rng = np.random.default_rng(0)
+    addends = [(rng.standard_normal((3, 4)) * s).astype(np.float32).astype(np.float64) for s in (1e-3, 1.0, 7.0, 1e3, 0.5)]
+    bounds = [2.0 * 100 * np.abs(a).max() for a in addends]
+    totals = []
+    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 4, 1, 3]):
+        s = FixedSum((3, 4))
+        for i in order:
+            s.add(addends[i], bounds[i])
+        totals.append(s.value())
+    assert all(np.array_equal(t, totals[0]) for t in totals)
+    exact = np.sum(addends, axis=0)
+    assert np.allclose(totals[0], exact, rtol=0, atol=1e-12 * np.abs(exact).max())
