@@ -232,3 +232,38 @@ def test_infeasible_size_budget_says_the_least_that_works(digits, tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and "the least is 2.000" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_the_chosen_candidate_rebuilt_from_its_payload_is_the_one_the_search_measured(digits):
+    """The allocator's candidates keep (M, N, clipped steps), not integers; `LayerFit.weights` rebuilds
+    a candidate. Every candidate of every layer, rebuilt, needs the accumulator width and has the
+    output error the search recorded, within the bound it was fitted to."""
+    from ptq.api import prepare
+    from ptq.accbound import bits_for
+    from ptq.methods.accumulator import LayerFit, layer_candidates
+    from ptq.methods.base import error_weights
+    model, xtr, *_ = digits
+    prep = prepare(model, xtr[:128], "acc12", eval_size=0)
+    g, r = prep.graph, prep.recipe
+    src, producers = g.encoding_source(), g.producers()
+    projected = 0
+    for op in g.weighted_ops():
+        t = src[op.inputs[0]]
+        act = producers[t].attrs.get("act") if t in producers else None
+        cands = layer_candidates(LayerFit(op, prep.stats, r, t, act, 12), prep.stats, r, [3, 5, 8], [4, 8])
+        for c in cands:
+            fit = LayerFit(op, prep.stats, r, t, act, 12)
+            wq = fit.weights(*c.payload)
+            (q, s), = wq.terms
+            q = q.reshape(q.shape[0], -1)
+            assert q.dtype == np.int64 and np.abs(q).max() <= (1 << (c.knobs["weight_bits"] - 1)) - 1
+            e = fit.encoding(c.knobs["input_bits"])
+            lo, hi = -e.zero_point, (1 << e.bits) - 1 - e.zero_point
+            bq = np.floor(fit.bias / (e.scale * s) + 0.5).astype(np.int64)
+            assert int(bits_for(worst_accumulator(q, lo, hi, bq).max())) == c.acc_bits <= 12
+            what = q * s[:, None]
+            e_w = fit.err((fit.w - what).astype(np.float32))
+            error = float(np.sum(error_weights(op, prep.stats, fit.err, fit.w) * (e_w + e.scale ** 2 / 12.0 * (what ** 2).sum(1))))
+            assert np.isclose(error, c.error, rtol=1e-3 if c.knobs["projected"] else 1e-9, atol=0), (op.name, c.knobs)
+            projected += c.knobs["projected"]
+    assert projected > 0  # the rebuilt fits include projected ones

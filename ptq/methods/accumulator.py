@@ -22,6 +22,8 @@ fraction of the 8×8-bit BOPs (0: none). Recipe pins: per-layer `allocator.weigh
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..calib.observers import choose_encoding
@@ -57,37 +59,65 @@ ALLOCATOR_SECTION = {
 }
 
 
-def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_act, p: int,
-                     wbits: list[int], ibits: list[int]) -> list[Candidate]:
-    """Every (M, N) candidate of one layer, fitted to a P-bit accumulator, with error and costs."""
-    act = recipe["activations"]
-    c = op.weight.shape[0]
-    w = op.weight.reshape(c, -1).astype(np.float64)
+class LayerFit:
+    """What every (M, N) candidate of one layer is fitted from, and the fit itself: shared by the
+    candidate search and by `LayerFit.weights`, which rebuilds the allocator's chosen candidate
+    instead of every candidate's integers being held until the solve (35 int8 copies of a 25 M-weight
+    network's weights were 0.9 GB of the accumulator recipes' peak)."""
+
+    def __init__(self, op: Op, stats, recipe: dict, input_tensor: str, producer_act, p: int):
+        act = recipe["activations"]
+        self.op, self.p = op, p
+        c = op.weight.shape[0]
+        self.w = op.weight.reshape(c, -1).astype(np.float64)
+        self.err = layer_error(op, stats)
+        self.bias = op.bias.astype(np.float64) if op.bias is not None else np.zeros(c)
+        self._encoding = lambda n: choose_encoding(stats.histograms[input_tensor], n, act["observer"], act["percentile"],
+                                                   producer_act)
+        self._encodings: dict[int, Any] = {}
+        self._expansion: Expansion | None = None  # built once, at the layer's first projected candidate
+
+    def encoding(self, n: int):
+        if n not in self._encodings:
+            self._encodings[n] = self._encoding(n)
+        return self._encodings[n]
+
+    def fit(self, m: int, n: int, clipped: np.ndarray):
+        """The (M, N) candidate from the clipped steps at M bits: (integers, steps, bias codes, input
+        span, projected, each channel's output error when the projection computed it, else None)."""
+        e = self.encoding(n)
+        lo, hi, p = *input_span(e.bits, e.zero_point), self.p
+        # a channel whose bias alone would take more than BIAS_SHARE of the accumulator gets a coarser
+        # step (its output is bias-dominated: typically a near-dead channel after BatchNorm folding)
+        scale = np.maximum(clipped, np.abs(self.bias) / (e.scale * limit(p) * BIAS_SHARE)) if p < 32 else clipped
+        q = quantize_symmetric(self.w, scale, m)
+        bq = round_half_up(self.bias / (e.scale * scale))
+        if p < 32 and np.any(exceeds(q, mass_budgets(p, lo, hi, bq))):
+            self._expansion = self._expansion or Expansion(self.err, self.w)
+            q, scale, e_w = fit_with_step(self.w, scale, self.bias, e.scale, p, (lo, hi), m, self._expansion)
+            return q, scale, round_half_up(self.bias / (e.scale * scale)), (lo, hi), True, e_w  # the refitted steps' bias codes
+        return q, scale, bq, (lo, hi), False, None
+
+    def weights(self, m: int, n: int, clipped: np.ndarray) -> WeightQuant:
+        """The candidate's WeightQuant (int64), with its per-channel mass budgets for the rounding engine."""
+        q, scale, bq, span, _, _ = self.fit(m, n, clipped)
+        return WeightQuant({"scheme": "uniform", "bits": m, "narrow_range": True}, [(q.reshape(self.op.weight.shape), scale)],
+                           float(m), input_bits=n, acc_budget=_budget(q, bq, self.p, span) if self.p < 32 else None)
+
+
+def layer_candidates(fit: LayerFit, stats, recipe: dict, wbits: list[int], ibits: list[int]) -> list[Candidate]:
+    """Every (M, N) candidate of one layer, fitted to a P-bit accumulator, with error and costs; a
+    candidate's payload is (M, N, the clipped steps at M bits), from which `LayerFit.weights`
+    rebuilds its integers."""
+    op, w, err = fit.op, fit.w, fit.err
     params, macs = w.size, float(op.attrs.get("macs", w.size))
-    err = layer_error(op, stats)
     weight = error_weights(op, stats, err, w)
-    bias = op.bias.astype(np.float64) if op.bias is not None else np.zeros(c)
-    encs = {n: choose_encoding(stats.histograms[input_tensor], n, act["observer"], act["percentile"], producer_act)
-            for n in ibits}
     out = []
-    expansion = None  # built once, at the layer's first projected candidate
     for m in wbits:
         clipped = clip_search(w, m, err, recipe["allocator"]["screen"])
         plain_errors: dict[bytes, np.ndarray] = {}  # by step: input widths whose bias leaves the step alone share it
         for n in ibits:
-            e = encs[n]
-            lo, hi = input_span(e.bits, e.zero_point)
-            # a channel whose bias alone would take more than BIAS_SHARE of the accumulator gets a coarser
-            # step (its output is bias-dominated: typically a near-dead channel after BatchNorm folding)
-            scale = np.maximum(clipped, np.abs(bias) / (e.scale * limit(p) * BIAS_SHARE)) if p < 32 else clipped
-            plain = quantize_symmetric(w, scale, m)
-            bq = round_half_up(bias / (e.scale * scale))
-            q, projected = plain, False
-            if p < 32 and np.any(exceeds(plain, mass_budgets(p, lo, hi, bq))):
-                expansion = expansion or Expansion(err, w)
-                q, scale, e_w = fit_with_step(w, scale, bias, e.scale, p, (lo, hi), m, expansion)
-                projected = True
-                bq = round_half_up(bias / (e.scale * scale))  # the refitted steps' bias codes
+            q, scale, bq, (lo, hi), projected, e_w = fit.fit(m, n, clipped)
             need = int(bits_for(worst_accumulator(q, lo, hi, bq).max()))
             what = q * scale[:, None]
             if not projected:
@@ -95,13 +125,10 @@ def layer_candidates(op: Op, stats, recipe: dict, input_tensor: str, producer_ac
                 if key not in plain_errors:
                     plain_errors[key] = err((w - what).astype(np.float32))
                 e_w = plain_errors[key]
-            e_a = (e.scale ** 2 / 12.0) * (what ** 2).sum(1)
+            e_a = (fit.encoding(n).scale ** 2 / 12.0) * (what ** 2).sum(1)
             error = float(np.sum(weight * (e_w + e_a)))
-            wq = WeightQuant({"scheme": "uniform", "bits": m, "narrow_range": True},
-                             [(q.reshape(op.weight.shape), scale)], float(m), input_bits=n,
-                             acc_budget=_budget(q, bq, p, (lo, hi)) if p < 32 else None).stored()
             out.append(Candidate({"weight_bits": m, "input_bits": n, "projected": projected}, error,
-                                 {"weight_bits": float(params * m), "bops": macs * m * n}, need, wq))
+                                 {"weight_bits": float(params * m), "bops": macs * m * n}, need, (m, n, clipped)))
     return out
 
 
@@ -166,21 +193,27 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     matches = override_matches(graph, recipe["overrides"])
     src, producers = graph.encoding_source(), graph.producers()
 
-    def choices(op: Op) -> LayerChoices:
+    def fitter(op: Op) -> LayerFit:
         t = src[op.inputs[0]]
+        prod = producers.get(t)
+        return LayerFit(op, stats, recipe, t, prod.attrs.get("act") if prod is not None else None, p)
+
+    def choices(op: Op) -> LayerChoices:
         pin_w = layer_setting(recipe, "allocator.weight_bits", op.name, matches)
         pin_i = layer_setting(recipe, "allocator.input_bits", op.name, matches)
-        prod = producers.get(t)
-        cands = layer_candidates(op, stats, recipe, t, prod.attrs.get("act") if prod is not None else None, p,
-                                 [pin_w] if pin_w else wbits, [pin_i] if pin_i else ibits)
-        return LayerChoices(op.name, t, cands)
+        cands = layer_candidates(fitter(op), stats, recipe, [pin_w] if pin_w else wbits, [pin_i] if pin_i else ibits)
+        return LayerChoices(op.name, src[op.inputs[0]], cands)
+
+    def chosen(choice: dict[str, Candidate]) -> dict[str, WeightQuant]:
+        """Each layer's chosen candidate, rebuilt from its payload (the bits the search measured)."""
+        ops = [op for op in graph.weighted_ops() if op.name in choice]
+        return dict(zip((op.name for op in ops), per_layer(lambda op: fitter(op).weights(*choice[op.name].payload), ops)))
 
     layers = per_layer(choices, graph.weighted_ops())
     if al["mode"] == "naive":
         choice = _naive(layers, p)
         pair = next(iter(choice.values())).knobs
-        return LayerWeights({k: c.payload.stored(np.int64) for k, c in choice.items()},
-                            {"allocator": "naive", "weight_bits": pair["weight_bits"], "input_bits": pair["input_bits"]})
+        return LayerWeights(chosen(choice), {"allocator": "naive", "weight_bits": pair["weight_bits"], "input_bits": pair["input_bits"]})
     params = sum(float(op.weight.size) for op in graph.weighted_ops())
     budgets = {}
     if al["mean_weight_bits"] > 0:
@@ -200,5 +233,4 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
             raise BudgetError(f"allocator.bops = {al['bops']:g} cannot be met: the least is {least:.4f} of the 8x8-bit BOPs; "
                               f"set allocator.bops >= {least:.4f}", "allocator.bops", least) from exc
         raise
-    return LayerWeights({name: c.payload.stored(np.int64) for name, c in a.choice.items()}, {"allocator": a.summary()},
-                        a.timings())
+    return LayerWeights(chosen(a.choice), {"allocator": a.summary()}, a.timings())
