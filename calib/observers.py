@@ -16,7 +16,7 @@ import torch
 from ..errors import RecipeError
 from ..ir import Graph
 
-HIST_BINS = 2048  # at most this many bins per tensor (`Histogram`)
+HIST_BINS = 4096  # at most this many bins per tensor (`Histogram`): never coarser than 2048 equal bins
 HIST_SAMPLE = 1 << 20  # values per batch and tensor that enter the histogram (strided subsample)
 OBSERVERS = ("minmax", "percentile", "mse")
 # LayerNorm inputs (residual sums, whose outlier channels an 8-bit grid crushes), the addends of those
