@@ -2,14 +2,13 @@
 
 The min, max and histogram of every tensor (`calib.observers.Histogram`, whose bins coarsen as the
 range grows), and for every conv/linear layer the second moment H = E[x xᵀ] and the mean E[x] of
-its input patches, the
-quantities every weight method's output error is built on. Patches are subsampled per image at
+its input patches, the quantities every weight method's output error is built on. Patches are subsampled per image at
 seeded positions, so the cost and memory are bounded however large the feature maps are. In a text
 encoder with an attention mask, the pass observes the kept tokens only (`calib.tokens`).
 
 Every merge is exact: min/max, whole histogram counts on power-of-two bins, and the moments as
-fixed-point sums (`calib.exactsum`), so the statistics are the same bits however the batches are split over
-calibration ranks (`calib.distributed`), and the same bits as one process.
+fixed-point sums (`calib.exactsum`), so the statistics are the same bits however the batches are
+split over calibration ranks (`calib.distributed`), and the same bits as one process.
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@ Ranks start under torchrun (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the
 machine or several) or from `workers=N` (`ptq quantize --workers N`): the calling process is rank 0,
 hosts the rendezvous store on a port the system picks, and spawns N − 1 helpers that join it. Rank r
 streams a contiguous run of whole calibration batches (`Shard.part`), so every batch is the batch one
-process sees. Ranges merge by min/max, histogram counts and fixed-point moment sums
-(`calib.exactsum`) by integer addition, and per-batch Fisher terms are gathered and added in batch
-order: the statistics are the bits one process computes at the ranks' thread count. A failure on
+process sees. Ranges merge by min/max; histogram counts (coarsened to the merged range's bins) and
+fixed-point moment sums (`calib.exactsum`, each unit the ranks used) by integer addition; and
+per-batch Fisher terms are gathered and added in batch order: the statistics are the bits one process computes at the ranks' thread count. A failure on
 any rank is agreed on before the next reduction (`Shard.agreed`): rank 0 reports it in one line and
 every rank exits with its code; none waits for a peer that is gone.
 """
