@@ -219,12 +219,14 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
         as it is computed (exact merges: the same totals in any order)."""
         xb, state = item
         g = torch.Generator().set_state(state)
+        peaks: dict[str, float] = {}  # this batch's largest magnitude of each tensor its histogram saw
 
         def merge(name: str, x: torch.Tensor) -> None:
             h = Histogram.of(x)
             if not (np.isfinite(h.lo) and np.isfinite(h.hi)) and x.numel():
                 from ptq.errors import DataError
                 raise DataError(f"tensor {name} became NaN/Inf on calibration data; check the data and the weights")
+            peaks[name] = max(abs(h.lo), abs(h.hi)) if x.numel() else 0.0
             with merging:
                 stats.histograms[name] = stats.histograms[name].merge(h)
 
@@ -233,7 +235,8 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
             if op.weight is not None:
                 x = at_kept(xs[0], keep)
                 m = patch_moments(op, x, positions, g)
-                peak = max(abs(float(v)) for v in torch.aminmax(x)) if x.numel() else 0.0
+                # the input's histogram saw x or more of it, except attention scores (kept keys only)
+                peak = peaks[op.inputs[0]] if op.inputs[0] not in scores else float(x.abs().max())
                 with merging:
                     sums[op.name].add(m, peak)
 

@@ -240,6 +240,7 @@ def test_the_chosen_candidate_rebuilt_from_its_payload_is_the_one_the_search_mea
     output error the search recorded, within the bound it was fitted to."""
     from ptq.api import prepare
     from ptq.accbound import bits_for
+    from ptq.intmath import round_half_up
     from ptq.methods.accumulator import LayerFit, layer_candidates
     from ptq.methods.base import error_weights
     model, xtr, *_ = digits
@@ -259,7 +260,7 @@ def test_the_chosen_candidate_rebuilt_from_its_payload_is_the_one_the_search_mea
             assert q.dtype == np.int64 and np.abs(q).max() <= (1 << (c.knobs["weight_bits"] - 1)) - 1
             e = fit.encoding(c.knobs["input_bits"])
             lo, hi = -e.zero_point, (1 << e.bits) - 1 - e.zero_point
-            bq = np.floor(fit.bias / (e.scale * s) + 0.5).astype(np.int64)
+            bq = round_half_up(fit.bias / (e.scale * s))
             assert int(bits_for(worst_accumulator(q, lo, hi, bq).max())) == c.acc_bits <= 12
             what = q * s[:, None]
             e_w = fit.err((fit.w - what).astype(np.float32))

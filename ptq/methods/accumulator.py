@@ -22,11 +22,9 @@ fraction of the 8×8-bit BOPs (0: none). Recipe pins: per-layer `allocator.weigh
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from ..calib.observers import choose_encoding
+from ..calib.observers import Encoding, choose_encoding
 
 from ..accbound import mass_budgets, bits_for, exceeds, fit_budget, input_span, limit, sign_masses, worst_accumulator
 from .allocator import Candidate, LayerChoices, solve_allocation
@@ -66,20 +64,20 @@ class LayerFit:
     network's weights were 0.9 GB of the accumulator recipes' peak)."""
 
     def __init__(self, op: Op, stats, recipe: dict, input_tensor: str, producer_act, p: int):
-        act = recipe["activations"]
         self.op, self.p = op, p
         c = op.weight.shape[0]
         self.w = op.weight.reshape(c, -1).astype(np.float64)
         self.err = layer_error(op, stats)
         self.bias = op.bias.astype(np.float64) if op.bias is not None else np.zeros(c)
-        self._encoding = lambda n: choose_encoding(stats.histograms[input_tensor], n, act["observer"], act["percentile"],
-                                                   producer_act)
-        self._encodings: dict[int, Any] = {}
+        self._histogram, self._act, self._producer_act = stats.histograms[input_tensor], recipe["activations"], producer_act
+        self._encodings: dict[int, Encoding] = {}
         self._expansion: Expansion | None = None  # built once, at the layer's first projected candidate
 
-    def encoding(self, n: int):
+    def encoding(self, n: int) -> Encoding:
+        """The layer input's encoding at N bits, as the manifest builder will choose it."""
         if n not in self._encodings:
-            self._encodings[n] = self._encoding(n)
+            self._encodings[n] = choose_encoding(self._histogram, n, self._act["observer"], self._act["percentile"],
+                                                 self._producer_act)
         return self._encodings[n]
 
     def fit(self, m: int, n: int, clipped: np.ndarray):
