@@ -226,16 +226,21 @@ def test_sequential_cross_moment_is_taken_on_the_same_patches():
     assert np.abs(d).max() > 0
 
 
-def test_a_layer_with_a_large_h_is_re_decided_alone_and_to_the_same_integers(prepared, monkeypatch):
-    """Layers whose H is over `ALONE_BYTES` never run their feedback at the same time (each holds
-    several K×K float64 matrices); the integers are those of the unlimited run."""
+@pytest.mark.parametrize("recipe, module, function", [("w4a8", "rounding", "feedback_layer"),
+                                                      ("acc12", "accumulator", "layer_candidates")])
+def test_a_layer_with_a_large_h_is_worked_on_alone_and_to_the_same_integers(prepared, monkeypatch, recipe, module, function):
+    """Layers whose H is over `ALONE_BYTES` never run their feedback or accumulator search at the
+    same time (each holds several K×K float64 matrices); the integers are those of the unlimited run."""
+    import importlib
     import threading
     import time
-    from ptq.methods import rounding
+    from ptq.methods import base
 
-    free = quantize_prepared(prepared, "w4a8", overrides={"weights.rounding": "feedback"})
+    over = {"weights.rounding": "feedback"}
+    free = quantize_prepared(prepared, recipe, overrides=over)
     running, most, lock = [0], [0], threading.Lock()
-    real = rounding.feedback_layer
+    mod = importlib.import_module(f"ptq.methods.{module}")
+    real = getattr(mod, function)
 
     def counted(*a, **k):
         with lock:
@@ -248,10 +253,10 @@ def test_a_layer_with_a_large_h_is_re_decided_alone_and_to_the_same_integers(pre
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(rounding, "feedback_layer", counted)
-    monkeypatch.setattr(rounding, "ALONE_BYTES", 0)
+    monkeypatch.setattr(mod, function, counted)
+    monkeypatch.setattr(base, "ALONE_BYTES", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two layers at once if allowed
-    alone = quantize_prepared(prepared, "w4a8", overrides={"weights.rounding": "feedback"})
+    alone = quantize_prepared(prepared, recipe, overrides=over)
     assert most[0] == 1
     assert free.manifest.tensors.keys() == alone.manifest.tensors.keys()
     assert all(np.array_equal(v, alone.manifest.tensors[k]) for k, v in free.manifest.tensors.items())

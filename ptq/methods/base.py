@@ -2,7 +2,9 @@
 and what the rounding engines (rounding, learned) decide and record per layer."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from typing import TypeVar
 
 import numpy as np
@@ -12,13 +14,24 @@ from ..ir import Op, WeightQuant
 from .errormodel import ErrorModel
 
 R = TypeVar("R")
+# A layer whose H takes more than this in float64 is worked on alone: its search or factor work holds
+# several such matrices (a 3×3 conv of 512 channels: 170 MB each), and two at once put resnet50 over 4 GB.
+ALONE_BYTES = 64 << 20
+_ALONE = threading.Lock()
 
 
-def per_layer(work: Callable[[Op], R], ops: Iterable[Op]) -> list[R]:
+def per_layer(work: Callable[[Op], R], ops: Iterable[Op], stats=None) -> list[R]:
     """work(op) for every op, in op order, with as many layers at once as torch has threads, each
     single-threaded (`single_threaded_map`): a method's per-layer search uses every core and gives
-    the bits of one loop at any thread count. `work` must not depend on another layer's result."""
-    return list(single_threaded_map(work, ops))
+    the bits of one loop at any thread count. `work` must not depend on another layer's result.
+    With `stats`, a layer whose input moments exceed ALONE_BYTES runs while no other such layer
+    does (memory, not arithmetic: the results are the same)."""
+    def bounded(op: Op) -> R:
+        li = stats.layer_inputs.get(op.name) if stats is not None else None
+        with _ALONE if li is not None and li.xx.nbytes > ALONE_BYTES else nullcontext():
+            return work(op)
+
+    return list(single_threaded_map(bounded, ops))
 
 
 def layer_error(op: Op, stats, output_error: bool = True) -> ErrorModel:

@@ -34,8 +34,6 @@ by construction (AXE, Colbert et al. 2024).
 """
 from __future__ import annotations
 
-import threading
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -53,10 +51,6 @@ from .selectors import override_matches
 from .walk import walk
 
 SEED = 0  # the patch positions' seed of the sequential H
-# A layer whose H takes more than this in float64 is re-decided alone: its factor work holds about
-# four such matrices (a 3×3 conv of 512 channels: 170 MB each), and two at once put resnet50 over 4 GB.
-ALONE_BYTES = 64 << 20
-_ALONE = threading.Lock()
 
 
 def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -226,11 +220,10 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> 
         if not sequential:
             def decide(op: Op) -> dict:
                 li = stats.layer_inputs.get(op.name) if stats is not None else None
-                with _ALONE if li is not None and li.xx.nbytes > ALONE_BYTES else nullcontext():
-                    return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings)
+                return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings)
 
             ops = [op for op in graph.weighted_ops() if op.name in feedback]
-            for op, rec in zip(ops, per_layer(decide, ops)):
+            for op, rec in zip(ops, per_layer(decide, ops, stats)):
                 report[op.name] = {"rounding": "feedback", **rec}
                 advance()
         visit = feedback if sequential else []
