@@ -5,7 +5,7 @@ One walk in op order runs two streams over the first `rounding.samples` calibrat
 FP32 model (the learned blocks' targets and the float-target feedback's reference inputs; it runs
 only when one of them asks) and the model quantized so far (every layer's dequantized integers as
 they stand, every tensor fake-quantized with the encodings the manifest will have,
-`blocks.fake_quant`). A hook sees a block's quantized-stream input and FP32 output, or a layer's
+`blocks.fake_quant`, held as their codes: `Codes`). A hook sees a block's quantized-stream input and FP32 output, or a layer's
 quantized-stream and FP32 inputs, and may change those layers' integers; the quantized stream then
 runs on through them with the new integers. Only the tensors a later step
 still needs stay alive, and the walk stops after its last hook, so its memory is a few feature maps
@@ -19,7 +19,7 @@ import torch
 
 from ..calib.observers import choose_encodings
 from ..ir import Graph, LayerWeights, Op
-from .blocks import FLOAT, Block, Bounds, bounds, fake_quant, pre_act
+from .blocks import FLOAT, Block, Bounds, bounds, pre_act
 from .errormodel import fixed_order
 
 BlockHook = Callable[[Block, torch.Tensor, torch.Tensor, dict[str, Bounds]], None]
@@ -29,6 +29,26 @@ LayerHook = Callable[[Op, torch.Tensor, torch.Tensor | None], None]
 def chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int) -> torch.Tensor:
     """fn over x in chunks of `size` samples (bounded memory for the intermediate tensors)."""
     return torch.cat([fn(x[i:i + size]) for i in range(0, x.shape[0], size)])
+
+
+class Codes:
+    """A fake-quantized tensor held as its codes: one byte per value where the code range spans at
+    most 256 (an 8-bit tensor takes a quarter of its float32 size), else the float32 values. `real`
+    gives back the values fake quantization gave, bit for bit: the code (a whole number, exact in
+    float32) times the scale, the product fake quantization rounds too."""
+
+    def __init__(self, y: torch.Tensor, b: Bounds):
+        self.scale, self.lo = b[0], b[1]
+        narrow = b[2] - b[1] <= 255
+        self.codes = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
+        if narrow:
+            self.codes = self.codes.sub_(b[1]).to(torch.uint8)
+        self.narrow = narrow
+        self.shape = y.shape
+
+    def real(self, part: slice = slice(None)) -> torch.Tensor:
+        c = self.codes[part]
+        return c.float().add_(self.lo).mul_(self.scale) if self.narrow else c.mul(self.scale)
 
 
 def _schedule(graph: Graph, blocks: list[Block], layers: set[str]) -> list[Op | Block]:
@@ -69,21 +89,23 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
     with fixed_order(), torch.no_grad():
         x = torch.cat(list(stats.replay(settings["samples"], size))).float()
         fp = {graph.input: x} if blocks or float_inputs else None
-        qx = {graph.input: fake_quant(x, quant[graph.input])}
+        qx = {graph.input: Codes(x, quant[graph.input])}  # the quantized stream, as codes
         for i, s in enumerate(steps):
             if isinstance(s, Block):
                 target = chunked(lambda xb: s.run(xb, {}, None), fp[s.input], size)
-                on_block(s, qx[s.input], target, quant)
+                on_block(s, qx[s.input].real(), target, quant)
                 ws = {op.name: dequantized(op) for op in s.layers}
-                qx[s.output] = fake_quant(chunked(lambda xb: s.run(xb, ws, quant), qx[s.input], size), quant[s.output])
+                n = qx[s.input].shape[0]
+                qx[s.output] = Codes(torch.cat([s.run(qx[s.input].real(slice(j, j + size)), ws, quant)
+                                                for j in range(0, n, size)]), quant[s.output])
                 fp[s.output] = target
             else:
                 if s.name in layers:
-                    on_layer(s, qx[s.inputs[0]], None if fp is None else fp[s.inputs[0]])
+                    on_layer(s, qx[s.inputs[0]].real(), None if fp is None else fp[s.inputs[0]])
                 if fp is not None:
                     fp[s.output] = FLOAT[s.kind](s, [fp[t] for t in s.inputs])
                 w = None if s.weight is None else dequantized(s)
-                qx[s.output] = fake_quant(pre_act(s, [qx[t] for t in s.inputs], w), quant[s.output])
+                qx[s.output] = Codes(pre_act(s, [qx[t].real() for t in s.inputs], w), quant[s.output])
             for t in _inputs(s):
                 if last_use[t] == i:
                     qx.pop(t, None)
@@ -91,4 +113,4 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
                         fp.pop(t, None)
 
 
-__all__ = ["BlockHook", "LayerHook", "chunked", "walk"]
+__all__ = ["BlockHook", "Codes", "LayerHook", "chunked", "walk"]
