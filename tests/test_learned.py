@@ -206,14 +206,14 @@ def test_sequential_feedback_measures_h_on_the_quantized_model(digits_prepared):
 
 @pytest.mark.parametrize("bits, act", [(8, None), (8, [0.0, 6.0]), (4, None), (16, None)])
 def test_the_walks_codes_give_back_fake_quantization_bit_for_bit(bits, act):
-    """The walk holds its quantized stream as codes (a byte each up to 8 bits); reading them back
-    is exactly what fake quantization gives, whole and a mini-batch at a time."""
+    """The walk holds its quantized stream as codes (a byte each up to 8 bits), built a mini-batch at
+    a time; reading them back is exactly what fake quantization gives, whole and in part."""
     from ptq.calib.observers import Encoding
     from ptq.methods.blocks import bounds, fake_quant
     from ptq.methods.walk import Codes
     y = torch.randn(10, 3, 5, 5, generator=torch.Generator().manual_seed(bits)) * 4
     b = bounds(Encoding.from_range(-7.3, 9.1, bits), act)
-    codes = Codes(y, b)
+    codes = Codes((y[i:i + 4] for i in range(0, 10, 4)), b)
     want = fake_quant(y.clone(), b)
     assert (codes.codes.dtype == torch.uint8) == (bits <= 8)
     assert torch.equal(codes.real(), want)

@@ -33,18 +33,20 @@ def chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: i
 
 class Codes:
     """A fake-quantized tensor held as its codes: one byte per value where the code range spans at
-    most 256 (an 8-bit tensor takes a quarter of its float32 size), else the float32 values. `real`
+    most 256 (an 8-bit tensor takes a quarter of its float32 size), else the float32 codes. `real`
     gives back the values fake quantization gave, bit for bit: the code (a whole number, exact in
     float32) times the scale, the product fake quantization rounds too."""
 
-    def __init__(self, y: torch.Tensor, b: Bounds):
+    def __init__(self, parts: Iterable[torch.Tensor], b: Bounds):
+        """The codes of the real tensor whose mini-batches `parts` yields (only one is real at a time)."""
         self.scale, self.lo = b[0], b[1]
-        narrow = b[2] - b[1] <= 255
-        self.codes = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
-        if narrow:
-            self.codes = self.codes.sub_(b[1]).to(torch.uint8)
-        self.narrow = narrow
-        self.shape = y.shape
+        self.narrow = b[2] - b[1] <= 255
+        codes = []
+        for y in parts:
+            c = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
+            codes.append(c.sub_(b[1]).to(torch.uint8) if self.narrow else c)
+        self.codes = torch.cat(codes)
+        self.shape = self.codes.shape
 
     def real(self, part: slice = slice(None)) -> torch.Tensor:
         c = self.codes[part]
@@ -89,15 +91,14 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
     with fixed_order(), torch.no_grad():
         x = torch.cat(list(stats.replay(settings["samples"], size))).float()
         fp = {graph.input: x} if blocks or float_inputs else None
-        qx = {graph.input: Codes(x, quant[graph.input])}  # the quantized stream, as codes
+        parts = [slice(j, j + size) for j in range(0, x.shape[0], size)]
+        qx = {graph.input: Codes((x[p] for p in parts), quant[graph.input])}  # the quantized stream, as codes
         for i, s in enumerate(steps):
             if isinstance(s, Block):
                 target = chunked(lambda xb: s.run(xb, {}, None), fp[s.input], size)
                 on_block(s, qx[s.input].real(), target, quant)
                 ws = {op.name: dequantized(op) for op in s.layers}
-                n = qx[s.input].shape[0]
-                qx[s.output] = Codes(torch.cat([s.run(qx[s.input].real(slice(j, j + size)), ws, quant)
-                                                for j in range(0, n, size)]), quant[s.output])
+                qx[s.output] = Codes((s.run(qx[s.input].real(p), ws, quant) for p in parts), quant[s.output])
                 fp[s.output] = target
             else:
                 if s.name in layers:
@@ -105,7 +106,10 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
                 if fp is not None:
                     fp[s.output] = FLOAT[s.kind](s, [fp[t] for t in s.inputs])
                 w = None if s.weight is None else dequantized(s)
-                qx[s.output] = Codes(pre_act(s, [qx[t].real() for t in s.inputs], w), quant[s.output])
+                # a layer runs on all samples at once, as in the FP32 stream: a conv's last bits can
+                # depend on the batch it is given; the ops without weights run a mini-batch at a time
+                run = [slice(None)] if w is not None else parts
+                qx[s.output] = Codes((pre_act(s, [qx[t].real(p) for t in s.inputs], w) for p in run), quant[s.output])
             for t in _inputs(s):
                 if last_use[t] == i:
                     qx.pop(t, None)
