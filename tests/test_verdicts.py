@@ -143,7 +143,8 @@ def digit_images():
     return xtr, xte
 
 
-@pytest.mark.parametrize("recipe", ["w4a8", "w4a8-learned", "multipoint", "swis", "bitplane", "bitplane-4.5", "acc16"])
+@pytest.mark.parametrize("recipe", ["w4a8", "w4a8-learned", "multipoint", "swis", "bitplane", "bitplane-4.5", "bitplane-4.5-learned",
+                                    "acc16"])
 def test_a_near_dead_channel_stays_on_its_schemes_grid(recipe, digit_images, tmp_path):
     xtr, xte = digit_images
     qm = ptq.quantize(NearDead().eval(), xtr[:32], recipe, eval_data=xte[:8], eval_size=8)

@@ -5,11 +5,11 @@ One walk in op order runs two streams over the first `rounding.samples` calibrat
 FP32 model (the learned blocks' targets and the float-target feedback's reference inputs; it runs
 only when one of them asks) and the model quantized so far (every layer's dequantized integers as
 they stand, every tensor fake-quantized with the encodings the manifest will have,
-`blocks.fake_quant`, held as their codes: `Codes`). A hook sees a block's quantized-stream input and FP32 output, or a layer's
-quantized-stream and FP32 inputs, and may change those layers' integers; the quantized stream then
-runs on through them with the new integers. Only the tensors a later step
-still needs stay alive, and the walk stops after its last hook, so its memory is a few feature maps
-of the sample set. It runs single-threaded (`errormodel.fixed_order`), hooks included.
+`blocks.fake_quant`, and held as its codes, `Codes`). A hook sees a block's quantized-stream input
+and FP32 output, or a layer's quantized-stream and FP32 inputs, and may change those layers'
+integers; the quantized stream then runs on through them with the new integers. Only the tensors a
+later step still needs stay alive, and the walk stops after its last hook, so its memory is a few
+feature maps of the sample set. It runs single-threaded (`errormodel.fixed_order`), hooks included.
 """
 from __future__ import annotations
 
