@@ -60,7 +60,7 @@ ends near ½, so the integers are the same bytes at any thread count. It costs 1
 (0.60 s against 0.41 s per step over EfficientNet-Lite0's 18 blocks).
 
 **Defaults.** 1000 steps per block on 128 samples: on three Lite0 calibration draws `w4a8-learned`'s
-KL fell 38–54% against 300 steps on 64 samples (BENCHMARKS.md). More samples matter most: 1000 steps
+KL fell 36–42% against 300 steps on 64 samples (BENCHMARKS.md). More samples matter most: 1000 steps
 on 64 samples was worse on one draw, 300 on 128 better; 2000 steps on 128 gave the same mean KL.
 """
 from __future__ import annotations
