@@ -46,7 +46,6 @@ class Codes:
             c = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
             codes.append(c.sub_(b[1]).to(torch.uint8) if self.narrow else c)
         self.codes = torch.cat(codes)
-        self.shape = self.codes.shape
 
     def real(self, part: slice = slice(None)) -> torch.Tensor:
         c = self.codes[part]
