@@ -26,11 +26,6 @@ BlockHook = Callable[[Block, torch.Tensor, torch.Tensor, dict[str, Bounds]], Non
 LayerHook = Callable[[Op, torch.Tensor, torch.Tensor | None], None]
 
 
-def chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int) -> torch.Tensor:
-    """fn over x in chunks of `size` samples (bounded memory for the intermediate tensors)."""
-    return torch.cat([fn(x[i:i + size]) for i in range(0, x.shape[0], size)])
-
-
 class Codes:
     """A fake-quantized tensor held as its codes: one byte per value where the code range spans at
     most 256 (an 8-bit tensor takes a quarter of its float32 size), else the float32 codes. `real`
@@ -90,11 +85,11 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
     with fixed_order(), torch.no_grad():
         x = torch.cat(list(stats.replay(settings["samples"], size))).float()
         fp = {graph.input: x} if blocks or float_inputs else None
-        parts = [slice(j, j + size) for j in range(0, x.shape[0], size)]
+        parts = [slice(j, j + size) for j in range(0, x.shape[0], size)]  # mini-batches: bounded intermediates
         qx = {graph.input: Codes((x[p] for p in parts), quant[graph.input])}  # the quantized stream, as codes
         for i, s in enumerate(steps):
             if isinstance(s, Block):
-                target = chunked(lambda xb: s.run(xb, {}, None), fp[s.input], size)
+                target = torch.cat([s.run(fp[s.input][p], {}, None) for p in parts])
                 on_block(s, qx[s.input].real(), target, quant)
                 ws = {op.name: dequantized(op) for op in s.layers}
                 qx[s.output] = Codes((s.run(qx[s.input].real(p), ws, quant) for p in parts), quant[s.output])
@@ -116,4 +111,4 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
                         fp.pop(t, None)
 
 
-__all__ = ["BlockHook", "Codes", "LayerHook", "chunked", "walk"]
+__all__ = ["BlockHook", "Codes", "LayerHook", "walk"]
