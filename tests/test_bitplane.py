@@ -78,15 +78,17 @@ def test_budget_is_met_and_fidelity_holds(bitplane_digits, digits):
     assert info["compression"] == pytest.approx(32.0 / bitplane_digits[4.0].report["mean_weight_bits"], rel=1e-6)
 
 
-def test_calibrated_planes_beat_the_data_free_variant(bitplane_digits, digits):
+def test_calibrated_planes_beat_the_data_free_variant(digits):
+    """Plane costs measured on calibration data allocate better than costs from the weights alone;
+    both round to nearest, so the comparison is of the allocations, not of the rounding."""
     model, xtr, _, xte, _ = digits
-    free = ptq.quantize(model, xtr[:256], "bitplane", eval_data=xte[:200], eval_size=200,
-                        overrides={"bitplane.error": "weight"})
-    cal = bitplane_digits[4.0]
+    cal, free = (ptq.quantize(model, xtr[:256], "bitplane", eval_data=xte[:200], eval_size=200,
+                              overrides={"weights.rounding": "nearest", "bitplane.error": error})
+                 for error in ("output", "weight"))
     assert cal.report["mean_weight_bits"] <= free.report["mean_weight_bits"] + 1e-9
-    # measured at 4 bits: calibrated KL 0.0036, data-free (plane costs from the weights alone) 0.0059;
-    # on the next two draws of 256 training digits 0.0026 against 0.0062 and 0.0021 against 0.0077
-    assert cal.report["fidelity"]["kl"] < 0.75 * free.report["fidelity"]["kl"]
+    # measured at 4 bits: calibrated KL 0.0019, data-free 0.0071; on the next two draws of 256
+    # training digits 0.0027 against 0.0069 and 0.0023 against 0.0082
+    assert cal.report["fidelity"]["kl"] < 0.5 * free.report["fidelity"]["kl"]
 
 
 def test_infeasible_budget_names_the_least_that_works(digits):
