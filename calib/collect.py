@@ -27,6 +27,7 @@ from ..ir.floatops import float_kernels
 from ..memory import release_freed_memory
 from .distributed import Shard
 from .exactsum import FixedSum
+from .packed import pack_upper, unpack_upper
 from .observers import Histogram, histogram_grid
 from .progress import progress
 from .sensitivity import fisher_mean, fisher_terms
@@ -34,23 +35,38 @@ from .sources import DataSource
 from .tokens import at_kept, kept_tokens
 
 MAX_POSITIONS = 256  # patches sampled per image and layer for H
+PACK_MIN = 64  # narrower sums of x xᵀ are held whole (a depthwise layer's small blocks need not be symmetric)
 _MEASURING_FISHER = threading.Lock()  # layers searched on several threads may ask for it at once
 
 
-@dataclass
 class LayerInputStats:
-    """Sums for E[x xᵀ] and E[x] of a layer's input patches, one block per conv group."""
+    """Sums for E[x xᵀ] and E[x] of a layer's input patches, one block per conv group. The sum of
+    x xᵀ of a layer's totals (`pack`) is held as its upper triangles where it is exactly symmetric
+    and at least PACK_MIN wide (`calib.packed`: every dense layer's, half of what the statistics
+    hold through the method stage)."""
 
-    xx: np.ndarray  # (G, K, K)
-    x: np.ndarray  # (G, K)
-    count: int = 0
+    def __init__(self, xx: np.ndarray, x: np.ndarray, count: int = 0, pack: bool = False):
+        self.x, self.count, self.k, self._itemsize = x, count, xx.shape[-1], xx.itemsize
+        self._packed = pack_upper(xx) if pack and self.k >= PACK_MIN else None
+        self._xx = xx if self._packed is None else None
+
+    @property
+    def xx(self) -> np.ndarray:
+        """The sums of x xᵀ (G, K, K); a new array where they are held packed."""
+        return self._xx if self._packed is None else unpack_upper(self._packed, self.k)
+
+    @property
+    def full_nbytes(self) -> int:
+        """The bytes of the unpacked sums (what a layer's search holds while it runs)."""
+        return self.x.shape[0] * self.k * self.k * self._itemsize
 
     def merge(self, other: "LayerInputStats") -> "LayerInputStats":
         return LayerInputStats(self.xx + other.xx, self.x + other.x, self.count + other.count)
 
     @property
     def hessian(self) -> np.ndarray:
-        return self.xx / max(self.count, 1)
+        xx = self.xx
+        return np.divide(xx, max(self.count, 1), out=xx if self._packed is not None else None)
 
     @property
     def mean(self) -> np.ndarray:
@@ -330,7 +346,7 @@ class MomentSums:
                 total = getattr(s, part)
                 for e in sorted(used[(name, part)]):
                     shard.add(total.units.setdefault(e, np.zeros(total.shape, np.int64)))
-            out[name] = LayerInputStats(s.xx.value(), s.x.value(), int(count))
+            out[name] = LayerInputStats(s.xx.value(), s.x.value(), int(count), pack=True)
             s.xx = s.x = None  # free the integers layer by layer
         return out
 

@@ -95,3 +95,31 @@ def test_fixed_point_moment_sums_are_the_same_bits_in_any_grouping_and_close_to_
     assert all(np.array_equal(t, totals[0]) for t in totals)
     exact = np.sum(addends, axis=0)
     assert np.allclose(totals[0], exact, rtol=0, atol=1e-12 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("k", [1, 7, 255, 256, 257, 700])
+def test_symmetric_stacks_unpack_from_their_upper_triangles_bit_for_bit(k):
+    from ptq.calib.packed import pack_upper, unpack_upper
+    a = torch.randn(3, 2 * k + 1, k, generator=torch.Generator().manual_seed(k)).double()
+    s = (a.transpose(1, 2) @ a).numpy()  # sums of products, as the moments are
+    s = (s + s.transpose(0, 2, 1)) / 2  # exactly symmetric whatever the BLAS
+    packed = pack_upper(s)
+    assert packed.shape == (3, k * (k + 1) // 2)
+    assert np.array_equal(unpack_upper(packed, k), s)
+    s[1, 0, k - 1] += 1e-9 if k > 1 else 0.0
+    assert (pack_upper(s) is None) == (k > 1)  # not symmetric: not packed
+
+
+def test_a_dense_layer_s_moments_are_held_in_half_the_memory_with_the_same_bits():
+    from ptq.calib.collect import LayerInputStats, PACK_MIN
+    k = 2 * PACK_MIN
+    p = torch.randn(1, 500, k, generator=torch.Generator().manual_seed(0)).double()
+    xx = (p.transpose(1, 2) @ p).numpy()
+    xx = (xx + xx.transpose(0, 2, 1)) / 2
+    held = LayerInputStats(xx.copy(), p.sum(1).numpy(), 500, pack=True)
+    whole = LayerInputStats(xx.copy(), p.sum(1).numpy(), 500)
+    assert held._packed is not None and held._packed.nbytes < 0.51 * xx.nbytes
+    assert np.array_equal(held.xx, xx) and np.array_equal(held.hessian, whole.hessian)
+    assert np.array_equal(held.hessian, xx / 500) and held.full_nbytes == whole.full_nbytes == xx.nbytes
+    xx[0, 0, 1] = np.nextafter(xx[0, 0, 1], np.inf)  # one last bit off symmetry: held whole
+    assert LayerInputStats(xx, p.sum(1).numpy(), 500, pack=True)._packed is None

@@ -28,7 +28,7 @@ def per_layer(work: Callable[[Op], R], ops: Iterable[Op], stats=None) -> list[R]
     does (memory, not arithmetic: the results are the same)."""
     def bounded(op: Op) -> R:
         li = stats.layer_inputs.get(op.name) if stats is not None else None
-        with _ALONE if li is not None and li.xx.nbytes > ALONE_BYTES else nullcontext():
+        with _ALONE if li is not None and li.full_nbytes > ALONE_BYTES else nullcontext():
             return work(op)
 
     return list(single_threaded_map(bounded, ops))
