@@ -54,6 +54,9 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
         "learning_rate": Field(0.05, float, lo=1e-6, hi=1.0, help="learned: Adam step size of the rounding variables"),
         "objective": Field("mse", str, ("mse", "fisher"),
                            help="learned: each block's output error as a plain mean square, or weighted per channel by its Fisher sensitivity"),
+        "drop": Field(0.0, float, lo=0.0, hi=0.99,
+                      help="learned: during the optimisation, the probability each activation value of a block (its input "
+                           "included, from the FP32 model) keeps its float value instead of its quantized one (QDrop)"),
         "regularizer": Field(100.0, float, lo=0.0, hi=1e6,
                              help="learned: weight of the term that drives each choice to up or down, against the block's error relative to nearest rounding"),
     },

@@ -100,8 +100,9 @@ def _method_and_learned(prep, recipe: str, overrides: dict):
     return before, after
 
 
-def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(mbconv):
-    before, after = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3})
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(mbconv, drop):
+    before, after = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3, "rounding.drop": drop})
     info = after.info["rounding"]
     assert info["head"]["rounding"] == "learned"
     assert info["head"]["block_error"] < 0.5 * info["head"]["block_error_nearest"]
@@ -175,13 +176,15 @@ def test_learned_manifest_loads_and_verifies(digits, digits_prepared, recipe, tm
     assert loaded.verify(xte[:16], n=16)["verified"]
 
 
-def test_same_seed_same_manifest_bytes_at_any_thread_count(digits_prepared, tmp_path):
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_same_seed_same_manifest_bytes_at_any_thread_count(digits_prepared, tmp_path, drop):
     threads = torch.get_num_threads()
     dirs = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            dirs.append(quantize_prepared(digits_prepared, "w4a8", overrides=FAST).save(tmp_path / f"t{n}"))
+            qm = quantize_prepared(digits_prepared, "w4a8", overrides={**FAST, "rounding.drop": drop})
+            dirs.append(qm.save(tmp_path / f"t{n}"))
     finally:
         torch.set_num_threads(threads)
     for f in ("manifest.json", "tensors.safetensors"):
@@ -218,3 +221,16 @@ def test_the_walks_codes_give_back_fake_quantization_bit_for_bit(bits, act):
     assert (codes.codes.dtype == torch.uint8) == (bits <= 8)
     assert torch.equal(codes.real(), want)
     assert torch.equal(codes.real(slice(4, 8)), want[4:8])
+
+
+def test_drop_mixes_float_and_quantized_values_at_its_rate():
+    from ptq.methods.blocks import mixed
+    real = torch.arange(1.0, 20001.0)
+    quantized = -real
+    for p in (0.1, 0.5, 0.9):
+        out = mixed(real, quantized, (p, torch.Generator().manual_seed(0)))
+        kept = out > 0
+        assert torch.equal(out[kept], real[kept]) and torch.equal(out[~kept], quantized[~kept])
+        assert abs(float(kept.float().mean()) - p) < 0.015  # 20,000 draws: 4 standard deviations
+    a = mixed(real, quantized, (0.5, torch.Generator().manual_seed(3)))
+    assert torch.equal(a, mixed(real, quantized, (0.5, torch.Generator().manual_seed(3))))

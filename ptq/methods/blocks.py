@@ -53,6 +53,13 @@ class _FakeQuant(torch.autograd.Function):
 
 
 Bounds = tuple[float, float, float]  # scale, lowest and highest code relative to the zero point
+Drop = tuple[float, torch.Generator]  # the probability a value keeps its float value, and the masks' generator
+
+
+def mixed(real: torch.Tensor, quantized: torch.Tensor, drop: Drop) -> torch.Tensor:
+    """Each value float with probability drop[0], else quantized (QDrop's random drop)."""
+    keep = torch.rand(real.shape, generator=drop[1]) < drop[0]
+    return torch.where(keep, real, quantized)
 
 
 def bounds(e: Encoding, act: list | None) -> Bounds:
@@ -122,9 +129,10 @@ class Block:
         return win, pads[::-1]
 
     def run(self, x: torch.Tensor, weights: dict[str, torch.Tensor], quant: dict[str, Bounds] | None,
-            pads: list[tuple[int, int, int, int]] | None = None) -> torch.Tensor:
+            pads: list[tuple[int, int, int, int]] | None = None, drop: Drop | None = None) -> torch.Tensor:
         """The block's output (before its own quantization) for input x: float when `quant` is None,
-        else every inner tensor on its encoding; with `pads` (from `plan`), x is the input window."""
+        else every inner tensor on its encoding; with `pads` (from `plan`), x is the input window;
+        with `drop`, each inner value keeps its float value with that probability (`mixed`)."""
         for i, op in enumerate(self.ops):
             w = weights.get(op.name) if op.weight is not None else None
             if w is None and op.weight is not None:
@@ -132,8 +140,10 @@ class Block:
             x = pre_act(op, [x], w) if pads is None else _pre_act_window(op, x, w, pads[i])
             if quant is None or i == len(self.ops) - 1:
                 x = apply_act(op, x)
-            else:
+            elif drop is None:
                 x = fake_quant(x, quant[op.output])
+            else:
+                x = mixed(apply_act(op, x), fake_quant(x, quant[op.output]), drop)
         return x
 
 
@@ -220,4 +230,4 @@ def find_blocks(graph: Graph, learned: set[str]) -> list[Block]:
     return [Block(ch, shapes) for ch in chains]
 
 
-__all__ = ["FLOAT", "Block", "Bounds", "bounds", "fake_quant", "find_blocks", "pre_act"]
+__all__ = ["FLOAT", "Block", "Bounds", "Drop", "bounds", "fake_quant", "find_blocks", "mixed", "pre_act"]

@@ -22,7 +22,7 @@ from ..ir import Graph, LayerWeights, Op
 from .blocks import FLOAT, Block, Bounds, bounds, pre_act
 from .errormodel import fixed_order
 
-BlockHook = Callable[[Block, torch.Tensor, torch.Tensor, dict[str, Bounds]], None]
+BlockHook = Callable[[Block, torch.Tensor, torch.Tensor, dict[str, Bounds], torch.Tensor], None]
 LayerHook = Callable[[Op, torch.Tensor, torch.Tensor | None], None]
 
 
@@ -68,7 +68,7 @@ def _inputs(step: Op | Block) -> list[str]:
 def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[Block], on_block: BlockHook | None = None,
          layers: Iterable[str] = (), on_layer: LayerHook | None = None, float_inputs: bool = False) -> None:
     """Run the two streams (module docstring), calling `on_block(block, quantized input, FP32 output,
-    every tensor's code bounds)` for each block and `on_layer(op, quantized input, FP32 input or None)`
+    every tensor's code bounds, FP32 input)` for each block and `on_layer(op, quantized input, FP32 input or None)`
     before each of `layers` runs; the FP32 input is there when `float_inputs` asks for it."""
     settings = recipe["rounding"]
     enc = choose_encodings(graph, stats.histograms, recipe, weights)
@@ -90,7 +90,7 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
         for i, s in enumerate(steps):
             if isinstance(s, Block):
                 target = torch.cat([s.run(fp[s.input][p], {}, None) for p in parts])
-                on_block(s, qx[s.input].real(), target, quant)
+                on_block(s, qx[s.input].real(), target, quant, fp[s.input])
                 ws = {op.name: dequantized(op) for op in s.layers}
                 qx[s.output] = Codes((s.run(qx[s.input].real(p), ws, quant) for p in parts), quant[s.output])
                 fp[s.output] = target
