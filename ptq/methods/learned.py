@@ -57,7 +57,7 @@ over a neighbourhood of the activation noise it will meet, not to one instance o
 measurements and the guard below use every quantizer. Measured (BENCHMARKS.md, session 22): at
 8-bit activations on Lite0, 0.5 gave `w4a8-learned` the same mean KL over three draws with 4 points
 less mean top-1 agreement and `bitplane-4.5-learned` a higher KL on both draws tried, so it is off
-(0) by default; on the digits CNN at 4-bit activations it lowered the mean KL by 29%.
+(0) by default; on the digits CNN at 4-bit activations it lowered the mean KL by 30%.
 
 **Guards (ours).** A block keeps its learned integers only where its output error on the samples is
 no larger than with the method's (nearest) integers; an accumulator layer's channel keeps its
