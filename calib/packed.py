@@ -1,7 +1,7 @@
 """Symmetric matrices held as their upper triangles: half the memory, the same bits.
 
 A layer's input moments E[x xᵀ] are held from the statistics stage to the end of the method stage,
-every layer's at once: 0.93 GiB of float64 on resnet50. A dense layer's sum of patch products is
+every layer's at once: 0.93 GiB of float64 on resnet50 if held whole. A dense layer's sum of patch products is
 exactly symmetric (the products are formed as pᵀp), so its lower triangle repeats its upper one
 bit for bit and need not be kept. Packing and unpacking copy rows and blocks, never build an index
 array of the triangle (which would take more memory than the matrix).

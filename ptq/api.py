@@ -429,7 +429,7 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     makes an [[overrides]] layer pattern that matches no layer an error (else a warning). `verify`
     sizes level 2 (`stage_verification`); evaluation is skipped when the prepared eval_size is 0.
     `keep_statistics=False` (the one-shot `quantize`) frees the layer input moments once the method
-    has used them: on resnet50 they are 0.9 GiB, and no later stage reads them."""
+    has used them: on resnet50 they are 0.47 GiB (held packed, `calib.packed`), and no later stage reads them."""
     check_verify(verify)
     t0 = time.perf_counter()
     if recipe is None:
