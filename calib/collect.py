@@ -46,7 +46,7 @@ class LayerInputStats:
     hold through the method stage)."""
 
     def __init__(self, xx: np.ndarray, x: np.ndarray, count: int = 0, pack: bool = False):
-        self.x, self.count, self.k, self._itemsize = x, count, xx.shape[-1], xx.itemsize
+        self.x, self.count, self.k = x, count, xx.shape[-1]
         self._packed = pack_upper(xx) if pack and self.k >= PACK_MIN else None
         self._xx = xx if self._packed is None else None
 
@@ -58,7 +58,7 @@ class LayerInputStats:
     @property
     def full_nbytes(self) -> int:
         """The bytes of the unpacked sums (what a layer's search holds while it runs)."""
-        return self.x.shape[0] * self.k * self.k * self._itemsize
+        return self.x.shape[0] * self.k * self.k * self.x.itemsize  # x and its products share a dtype
 
     def merge(self, other: "LayerInputStats") -> "LayerInputStats":
         return LayerInputStats(self.xx + other.xx, self.x + other.x, self.count + other.count)
