@@ -449,6 +449,7 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
         m = stage_manifest(prep, r, weights)
     timings = weights.timings
     del weights  # the manifest holds the integers now, in their narrowest type
+    release_freed_memory()  # the method's temporaries, before bias correction's feature maps stack on them
     with clock.stage("bias_correction"):
         m.data["bias_correction"] = stage_bias_correction(prep.graph, m, prep.source, r)
     with clock.stage("verification"):

@@ -53,3 +53,41 @@ def test_candidates_sharing_their_stream_get_what_each_gets_alone(digits, monkey
             assert a["bias"] == b["bias"], (mode, a["name"])
         assert alone.tensors.keys() == trial.tensors.keys()
         assert all(np.array_equal(v, trial.tensors[r]) for r, v in alone.tensors.items())
+
+
+def _biases(m: Manifest) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {r["name"]: (m.tensor(r["bias"]["q"]), m.tensor(r["bias"]["float"])) for r in m.weighted_ops()}
+
+
+def test_mini_batches_move_no_decision_and_recomputing_moves_no_bit(digits, monkeypatch):
+    """Each op runs `CHUNK` samples at a time (bounded memory on large models). 64 samples in four
+    mini-batches keep every `layer` decision of one batch of 64, with the float biases equal to float
+    rounding and the int32 ones within one step; recomputing the quantized pre-activations instead of
+    holding them for the second pass, or giving every output a new tensor instead of an input's
+    memory, gives the same bits."""
+    import ptq.biascorrect as bc
+    _, xtr, _, _, _ = digits
+    x = xtr[:64]
+    prep = prepare(_depthwise_cnn(), x, "w4a8", eval_size=0)
+    m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
+    xt = torch.from_numpy(x)
+
+    def sweep(chunk: int, hold: int):
+        monkeypatch.setattr(bc, "CHUNK", chunk)
+        monkeypatch.setattr(bc, "HOLD_BYTES", hold)
+        trial = _copy(m)
+        (kept,), fp, (fq,) = correct_biases(prep.graph, [trial], xt, ["layer"])
+        return kept, fp, fq, _biases(trial)
+
+    whole, held, recomputed = sweep(64, 1 << 30), sweep(16, 1 << 30), sweep(16, 0)
+    stitch = bc._stitch
+    monkeypatch.setattr(bc, "_stitch", lambda parts, chunk, spare=(): stitch(parts, chunk))
+    fresh = sweep(16, 1 << 30)
+    assert whole[0] == held[0] and any(whole[0].values())
+    for name, (q, f) in whole[3].items():
+        assert np.abs(held[3][name][0].astype(np.int64) - q).max() <= 1, name
+        np.testing.assert_allclose(held[3][name][1], f, rtol=1e-5, atol=1e-6, err_msg=name)
+    for other in (recomputed, fresh):
+        assert held[0] == other[0] and torch.equal(held[1], other[1]) and torch.equal(held[2], other[2])
+        for name, (q, f) in held[3].items():
+            assert np.array_equal(other[3][name][0], q) and np.array_equal(other[3][name][1], f), name
