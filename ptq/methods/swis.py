@@ -224,7 +224,12 @@ def scale_ratios(bits: int, shared_bits: int, truncate: bool, n: int) -> np.ndar
 
 
 class _Best:
-    """Per channel, the decomposition with the least output error among the scales offered so far."""
+    """Per channel, the decomposition with the least output error among the scales offered so far.
+
+    At each scale the all-truncation decomposition (every group on the N most significant positions,
+    the largest mask) is offered too: the set search weighs inputs by diag(H) alone, and where the
+    inputs are strongly correlated (after a ReLU) its sets can have a larger full output error than
+    truncation's, which it contains; the full error, not the proxy, then decides per channel."""
 
     def __init__(self, c: int):
         self.e = np.full(c, np.inf)
@@ -234,6 +239,10 @@ class _Best:
               masks: np.ndarray, m: int, group: int) -> None:
         q, shifts = _decompose(w, s, h, tables, masks, m, group)
         self.consider(w, q, s, shifts, err)
+        if len(masks) > 1:
+            top = [int(np.argmax(masks))]
+            q, shifts = _decompose(w, s, h, tables[top], masks[top], m, group)
+            self.consider(w, q, s, shifts, err)
 
     def consider(self, w: np.ndarray, q: np.ndarray, s: np.ndarray, shifts: np.ndarray, err: ErrorModel) -> None:
         e = err((w - q * s[:, None]).astype(np.float32))
