@@ -1,7 +1,7 @@
 """Peak RSS of each quantize stage: the process's resident memory sampled every 0.2 s around one
 `ptq.quantize`, attributed to stages by their recorded wall times.
 
-    python -m benchmarks.memtrace MODEL RECIPE [--calib-size 32] [--eval-size 16]
+    python -m benchmarks.memtrace MODEL RECIPE [--calib-size 32] [--eval-size 16] [--set KEY=VALUE ...]
 
 Named torchvision models run with random weights (memory does not depend on the values);
 efficientnet_lite0 with its real ones. The attribution is by time, so a stage's figure includes
@@ -15,6 +15,7 @@ import threading
 import time
 
 import ptq
+from ptq.cli import parse_sets
 from benchmarks.speed import STAGES
 
 
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("recipe")
     ap.add_argument("--calib-size", type=int, default=32)
     ap.add_argument("--eval-size", type=int, default=16)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override, as `ptq quantize --set`")
     a = ap.parse_args()
     samples: list[tuple[float, float]] = []
     done = threading.Event()
@@ -41,7 +43,7 @@ def main() -> None:
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     qm = ptq.quantize(a.model, "samples", a.recipe, weights=None if a.model == "efficientnet_lite0" else "random",
-                      calib_size=a.calib_size, eval_size=a.eval_size)
+                      calib_size=a.calib_size, eval_size=a.eval_size, overrides=parse_sets(a.set))
     done.set()
     seconds, start = qm.report["stage_seconds"], 0.0
     print("| stage | seconds | peak RSS GiB |\n|---|---|---|")

@@ -429,7 +429,8 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     makes an [[overrides]] layer pattern that matches no layer an error (else a warning). `verify`
     sizes level 2 (`stage_verification`); evaluation is skipped when the prepared eval_size is 0.
     `keep_statistics=False` (the one-shot `quantize`) frees the layer input moments once the method
-    has used them: on resnet50 they are 0.47 GiB (held packed, `calib.packed`), and no later stage reads them."""
+    has read them for the last time (before the rounding engine's walk, where it has one): on resnet50
+    they are 0.47 GiB (held packed, `calib.packed`), and no later stage reads them."""
     check_verify(verify)
     t0 = time.perf_counter()
     if recipe is None:
@@ -442,7 +443,7 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     clock = _StageClock({"load_and_capture": prep.seconds - prep.calibration_seconds,
                          "statistics": prep.calibration_seconds})
     with clock.stage("method"):
-        weights = stage_method(prep.graph, prep.stats, r, strict)
+        weights = stage_method(prep.graph, prep.stats, r, strict, keep_statistics)
     if not keep_statistics:
         prep.stats.layer_inputs = {}
     with clock.stage("manifest"):
@@ -474,13 +475,21 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     return qm
 
 
-def stage_method(graph: Graph, stats: Statistics, recipe: dict, strict: bool = False) -> LayerWeights:
+def stage_method(graph: Graph, stats: Statistics, recipe: dict, strict: bool = False,
+                 keep_statistics: bool = True) -> LayerWeights:
     """The recipe's method: integer weights per layer (plus what it records about itself), with their
-    rounding re-decided by the rounding engine where the recipe asks for it."""
+    rounding re-decided by the rounding engine where the recipe asks for it. `keep_statistics=False`
+    frees the layer input moments as soon as the engine has read them for the last time (before its
+    walk over the model quantized so far)."""
     check_override_patterns(graph, recipe, strict)
     out = METHODS[recipe["method"]].quantize(graph, stats, recipe)
     out = out if isinstance(out, LayerWeights) else LayerWeights(out, {})
-    apply_rounding(graph, stats, recipe, out)
+
+    def moments_read() -> None:
+        stats.layer_inputs = {}
+        release_freed_memory()
+
+    apply_rounding(graph, stats, recipe, out, None if keep_statistics else moments_read)
     return out
 
 

@@ -42,7 +42,8 @@ def _emit(args, obj: dict) -> None:
         sys.stdout.write(json.dumps(_json_safe(obj), sort_keys=True) + "\n")
 
 
-def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs as recipe overrides, each value parsed as in a recipe file."""
     from .errors import RecipeError
     from .recipe import parse_value
     out = {}
@@ -132,7 +133,7 @@ def _quantize(args, rank: int = 0) -> int:
     from .api import check_output, end_to_end_text
     workers = _workers(args.workers)
     _factory_path(args.model)
-    overrides = _parse_sets(args.set)
+    overrides = parse_sets(args.set)
     out = Path(args.out or f"ptq-out/{Path(args.model).stem.replace(':', '_')}-{Path(args.recipe).stem}")
     inputs = [p for p in (args.model, args.calib, args.data, args.weights) if p]
     if rank == 0:

@@ -170,6 +170,30 @@ def test_the_float_target_on_a_small_cnn_verifies_and_needs_the_sequential_pass(
         quantize_prepared(prepared, "w4a8", overrides={"weights.rounding": "feedback", "rounding.target": "float"})
 
 
+def test_the_one_shot_path_frees_the_moments_before_the_walk_and_changes_no_bit(digits, monkeypatch):
+    """`keep_statistics=False` (what `ptq.quantize` runs) drops the layer input moments once the
+    rounding engine has read them for the last time, so that the walk's feature maps do not stack on
+    them; the integers and biases are the same bytes as with the moments kept."""
+    import ptq.methods.rounding as rounding
+    from ptq.api import prepare
+    model, xtr, _, _, _ = digits
+    over = {"weights.rounding": "feedback", "rounding.sequential": True, "rounding.samples": 32, "bias_correction.samples": 32}
+    seen = []
+    walk = rounding.walk
+
+    def spy(graph, stats, *a, **k):
+        seen.append(len(stats.layer_inputs))
+        return walk(graph, stats, *a, **k)
+
+    monkeypatch.setattr(rounding, "walk", spy)
+    kept, freed = (prepare(model, xtr[:128], "w4a8", eval_size=0) for _ in range(2))
+    a = quantize_prepared(kept, "w4a8", overrides=over)
+    b = quantize_prepared(freed, "w4a8", overrides=over, keep_statistics=False)
+    assert seen[0] == len(kept.stats.layer_inputs) > 0 and seen[1] == 0 and freed.stats.layer_inputs == {}
+    assert a.manifest.tensors.keys() == b.manifest.tensors.keys()
+    assert all(np.array_equal(a.manifest.tensor(r), b.manifest.tensor(r)) for r in a.manifest.tensors)
+
+
 def _float_target_case(seed: int, n: int = 4000, k: int = 24, c: int = 16):
     """A layer whose quantized-model inputs x_q differ from the FP32 ones x_fp by a correlated,
     input-dependent error (as an upstream quantized layer leaves): rows are samples."""

@@ -34,6 +34,7 @@ by construction (AXE, Colbert et al. 2024).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -192,9 +193,13 @@ def float_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: fl
     return w + moved.reshape(c, k).numpy()
 
 
-def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> None:
+def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
+                   moments_read: Callable[[], None] | None = None) -> None:
     """Re-decide every layer's integers by its `weights.rounding` (in place) and record per layer the
-    rounding and the relative output error it removed in `weights.info["rounding"]`."""
+    rounding and the relative output error it removed in `weights.info["rounding"]`. `moments_read`
+    is called once no step will read the layer input moments again, before the walk over the model
+    quantized so far (which measures what it needs on the fly): the one-shot quantize frees them
+    there, so that the walk's feature maps do not stack on them."""
     matches = override_matches(graph, recipe["overrides"])
     modes = {op.name: layer_setting(recipe, "weights.rounding", op.name, matches) for op in graph.weighted_ops()}
     if all(m == "nearest" for m in modes.values()):
@@ -227,6 +232,8 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights) -> 
                 report[op.name] = {"rounding": "feedback", **rec}
                 advance()
         visit = feedback if sequential else []
+        if moments_read is not None:
+            moments_read()
         if learned:
             from .learned import learn_rounding
             for name, rec in learn_rounding(graph, stats, recipe, weights, learned, visit, on_layer, to_float).items():
