@@ -82,7 +82,8 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
             # FP32 maps read here for the last time, whose memory this op's output may take (a residual
             # add's output takes an input's); the input x is the caller's, and no FP32 map is a view
             # of another (`_stitch` copies each op's output into a tensor of its own)
-            spare = [fp[t] for t in dict.fromkeys(op.inputs) if last_use[t] == i and t not in graph.outputs and t != graph.input]
+            dying = [t for t in dict.fromkeys(op.inputs) if last_use[t] == i and t not in graph.outputs]
+            spare = [fp[t] for t in dying if t != graph.input]
             fp_sum = None  # Σ of the FP32 pre-activation per output channel, at kept tokens
             if op.weight is not None:
                 f = conv_float if op.kind == "conv" else linear_float
@@ -107,8 +108,12 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                 if plain:
                     qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=records[plain[0]][op.name])
                     kernel = kernels[plain[0]][op.kind]
+                    # this stream's codes read for the last time, unless the correction reads them again
+                    # below or another stream holds the same tensor (streams share what they had in common)
+                    own = [] if correcting else [fq[t] for t in dying if not any(
+                        other is not fq and other.get(t) is fq[t] for other, _ in streams + parted)]
                     outputs.append((plain, _stitch(parts, lambda s: _compact(
-                        codec, op.output, kernel(qop, [fq[t][s].to(dtype) for t in op.inputs])))))
+                        codec, op.output, kernel(qop, [fq[t][s].to(dtype) for t in op.inputs])), own)))
                 if correcting:
                     first = correcting[0]
                     judge = any(modes[j] == "layer" for j in correcting)

@@ -91,3 +91,36 @@ def test_mini_batches_move_no_decision_and_recomputing_moves_no_bit(digits, monk
         assert held[0] == other[0] and torch.equal(held[1], other[1]) and torch.equal(held[2], other[2])
         for name, (q, f) in held[3].items():
             assert np.array_equal(other[3][name][0], q) and np.array_equal(other[3][name][1], f), name
+
+
+def test_outputs_written_into_dying_inputs_change_no_candidate(digits, monkeypatch):
+    """An op's output may take the memory of an input it reads for the last time, in the FP32 stream
+    and in a candidate's codes when no other candidate shares them. On the digits CNN (a residual add;
+    four candidates parting at different layers) every candidate gets the same bits as with a new
+    tensor for every output, and some outputs did take an input's memory."""
+    import ptq.biascorrect as bc
+    model, xtr, _, _, _ = digits
+    prep = prepare(model, xtr[:64], "w4a8", eval_size=0)
+    m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
+    xt = torch.from_numpy(xtr[:64])
+    stitch, reused = bc._stitch, []
+
+    def counting(parts, chunk, spare=()):
+        out = stitch(parts, chunk, spare)
+        reused.append(any(out is t for t in spare) and out.dtype == torch.uint8)
+        return out
+
+    def sweep():
+        trials = [_copy(m) for _ in MODES]
+        kept, fp, fqs = correct_biases(prep.graph, trials, xt, MODES)
+        return kept, fp, fqs, [_biases(t) for t in trials]
+
+    monkeypatch.setattr(bc, "_stitch", counting)
+    a = sweep()
+    assert any(reused)  # some candidate's codes went into an input's memory
+    monkeypatch.setattr(bc, "_stitch", lambda parts, chunk, spare=(): stitch(parts, chunk))
+    b = sweep()
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+    for ba, bb in zip(a[3], b[3]):
+        for name, (q, f) in ba.items():
+            assert np.array_equal(bb[name][0], q) and np.array_equal(bb[name][1], f), name
