@@ -154,7 +154,11 @@ def _keep(graph: Graph, x: torch.Tensor) -> torch.Tensor | None:
     return tokens(x) if tokens is not None else None
 
 
-CHUNK = 32  # samples per mini-batch of every op: fixed, so the conv's last bits do not depend on `samples`
+# Samples per mini-batch of every op: fixed, so a conv's last bits do not depend on `samples`. Small
+# enough that a mini-batch's temporaries stay under glibc's 32 MB mmap threshold and are reused, not
+# mapped and zeroed afresh: with 128 samples on Lite0, 8 and 16 took 28 s where 32 took 48-60 s; on
+# resnet50, 8 took 35 s where 16 took 47 s, and the peak was no higher (BENCHMARKS.md, session 23).
+CHUNK = 8
 HOLD_BYTES = 256 << 20  # a layer's quantized pre-activations are held for the second pass up to this size, else recomputed
 
 
