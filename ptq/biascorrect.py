@@ -20,6 +20,7 @@ import torch
 
 from .calib.progress import progress
 from .calib.tokens import at_kept, kept_tokens
+from .determinism import single_threaded_map
 from .ir import Graph, is_depthwise
 from .ir.floatops import apply_act, conv_float, float_kernels, linear_float
 from .manifest import Manifest
@@ -93,10 +94,9 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
 
                 def fp_chunk(s):
                     pre = f(op, xs_fp[0][s], w, b)
-                    fp_sum.add(pre, _rows(keep, s))
-                    return apply_act(op, pre)
+                    return apply_act(op, pre), _channel_sums(pre, _rows(keep, s))
 
-                y_fp = _stitch(parts, fp_chunk, spare)
+                y_fp = _stitch(parts, fp_chunk, spare, lambda s, sums: fp_sum.add(*sums))
             else:
                 y_fp = _stitch(parts, lambda s: fk[op.kind](op, [t[s] for t in xs_fp]), spare)
             parted = []
@@ -166,13 +166,19 @@ def _chunks(n: int) -> list[slice]:
     return [slice(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
 
 
-def _stitch(parts: list[slice], chunk, spare: list[torch.Tensor] = ()) -> torch.Tensor:
+def _stitch(parts: list[slice], chunk, spare: list[torch.Tensor] = (), take=None) -> torch.Tensor:
     """chunk(s) for every mini-batch s, written into one tensor of all samples: the first of `spare`
     of its shape and type (an input this op reads for the last time; mini-batch s reads only its rows
-    s, so it is overwritten only after they are read), else a new one."""
+    s, so they are overwritten only after they are read), else a new one. With `take`, chunk(s)
+    returns (output, extra) and take(s, extra) runs here, in mini-batch order.
+
+    Mini-batches run on a thread pool, each single-threaded (`single_threaded_map`): a conv of 8
+    samples sums in another order at 2 threads than at 1, and the biases' last bits would follow."""
     out = None
-    for s in parts:
-        y = chunk(s)
+    for s, y in zip(parts, single_threaded_map(chunk, parts)):
+        if take is not None:
+            y, extra = y
+            take(s, extra)
         if out is None:
             shape = (parts[-1].stop, *y.shape[1:])
             out = next((t for t in spare if t.shape == shape and t.dtype == y.dtype), None)
@@ -188,22 +194,27 @@ def _rows(keep: torch.Tensor | None, s: slice) -> torch.Tensor | None:
     return None if keep is None else keep[s]
 
 
+def _channel_sums(pre: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(Σ per output channel in float64, values per channel) of one mini-batch's pre-activations: a
+    conv's (N, C, H, W) or a linear's features-last tensor; at kept tokens only in a text encoder."""
+    kept = at_kept(pre, keep)
+    if kept.dim() == 4:  # a map's rows in float32, then across samples in float64 (33× faster than all in float64)
+        s = kept.sum(dim=(2, 3)).sum(0, dtype=torch.float64)
+    else:  # features last: (N, C), (N, T, C), or kept tokens' (kept, C)
+        s = kept.reshape(-1, kept.shape[-1]).sum(0, dtype=torch.float64)
+    return s, kept.numel() // s.numel()
+
+
 class _ChannelSums:
-    """Σ per output channel of a layer's pre-activations, over mini-batches, in float64 (a conv's
-    (N, C, H, W) or a linear's features-last tensor; at kept tokens only in a text encoder)."""
+    """A layer's pre-activation sums per output channel over its mini-batches (`_channel_sums`)."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | float = 0.0
         self.count = 0
 
-    def add(self, pre: torch.Tensor, keep: torch.Tensor | None) -> None:
-        kept = at_kept(pre, keep)
-        if kept.dim() == 4:  # a map's rows in float32, then across samples in float64 (33× faster than all in float64)
-            s = kept.sum(dim=(2, 3)).sum(0, dtype=torch.float64)
-        else:  # features last: (N, C), (N, T, C), or kept tokens' (kept, C)
-            s = kept.reshape(-1, kept.shape[-1]).sum(0, dtype=torch.float64)
+    def add(self, s: torch.Tensor, count: int) -> None:
         self.total = self.total + s
-        self.count += kept.numel() // s.numel()
+        self.count += count
 
     def mean(self) -> torch.Tensor:
         return self.total / self.count
@@ -230,27 +241,36 @@ def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, 
 
     size = 0
 
-    def first_pass(s: slice) -> torch.Tensor:
-        nonlocal size
+    def first_pass(s: slice):
         pre = pre_q(s)
-        q_sum.add(pre, _rows(tokens, s))
+        return quantized(pre), (pre, _channel_sums(pre, _rows(tokens, s)))
+
+    def hold(s: slice, extra) -> None:
+        nonlocal size
+        pre, sums = extra
+        q_sum.add(*sums)
         if size + pre.nbytes <= HOLD_BYTES:
             held[s.start] = pre
             size += pre.nbytes
-        return quantized(pre)
 
-    y0 = _stitch(parts, first_pass)
+    y0 = _stitch(parts, first_pass, take=hold)
     delta = (fp_sum.mean() - q_sum.mean()).to(dtype)
     view = (1, -1, 1, 1) if y_fp.dim() == 4 else (-1,)
     errors = [0.0, 0.0]
 
-    def second_pass(s: slice) -> torch.Tensor:
+    def second_pass(s: slice):
         y1 = quantized(pre_q(s).add_(delta.reshape(view)))  # a held chunk is popped: it is this pass's own
-        if judge:
-            for k, y in enumerate((y0[s], y1)):
-                d = at_kept(codec.dequantize(y.to(dtype), op.output) - y_fp[s], _rows(tokens, s))
-                errors[k] += float(d.square_().reshape(len(d), -1).sum(1).sum(dtype=torch.float64))
-        return y1
+        if not judge:
+            return y1, (0.0, 0.0)
+        sq = []
+        for y in (y0[s], y1):
+            d = at_kept(codec.dequantize(y.to(dtype), op.output) - y_fp[s], _rows(tokens, s))
+            sq.append(float(d.square_().reshape(len(d), -1).sum(1).sum(dtype=torch.float64)))
+        return y1, sq
 
-    y1 = _stitch(parts, second_pass)
+    def add_errors(s: slice, sq) -> None:
+        errors[0] += sq[0]
+        errors[1] += sq[1]
+
+    y1 = _stitch(parts, second_pass, take=add_errors)
     return delta, y0, y1, (errors[1] < errors[0]) if judge else None

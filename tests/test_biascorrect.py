@@ -81,7 +81,7 @@ def test_mini_batches_move_no_decision_and_recomputing_moves_no_bit(digits, monk
 
     whole, held, recomputed = sweep(64, 1 << 30), sweep(16, 1 << 30), sweep(16, 0)
     stitch = bc._stitch
-    monkeypatch.setattr(bc, "_stitch", lambda parts, chunk, spare=(): stitch(parts, chunk))
+    monkeypatch.setattr(bc, "_stitch", lambda parts, chunk, spare=(), take=None: stitch(parts, chunk, (), take))
     fresh = sweep(16, 1 << 30)
     assert whole[0] == held[0] and any(whole[0].values())
     for name, (q, f) in whole[3].items():
@@ -105,8 +105,8 @@ def test_outputs_written_into_dying_inputs_change_no_candidate(digits, monkeypat
     xt = torch.from_numpy(xtr[:64])
     stitch, reused = bc._stitch, []
 
-    def counting(parts, chunk, spare=()):
-        out = stitch(parts, chunk, spare)
+    def counting(parts, chunk, spare=(), take=None):
+        out = stitch(parts, chunk, spare, take)
         reused.append(any(out is t for t in spare) and out.dtype == torch.uint8)
         return out
 
@@ -118,7 +118,7 @@ def test_outputs_written_into_dying_inputs_change_no_candidate(digits, monkeypat
     monkeypatch.setattr(bc, "_stitch", counting)
     a = sweep()
     assert any(reused)  # some candidate's codes went into an input's memory
-    monkeypatch.setattr(bc, "_stitch", lambda parts, chunk, spare=(): stitch(parts, chunk))
+    monkeypatch.setattr(bc, "_stitch", lambda parts, chunk, spare=(), take=None: stitch(parts, chunk, (), take))
     b = sweep()
     assert a[0] == b[0] and torch.equal(a[1], b[1]) and all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
     for ba, bb in zip(a[3], b[3]):
