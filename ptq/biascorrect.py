@@ -84,7 +84,15 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
             # add's output takes an input's); the input x is the caller's, and no FP32 map is a view
             # of another (`_stitch` copies each op's output into a tensor of its own)
             dying = [t for t in dict.fromkeys(op.inputs) if last_use[t] == i and t not in graph.outputs]
-            spare = [fp[t] for t in dying if t != graph.input]
+            spare = [fp[t] for t in dying if t != graph.input and isinstance(fp[t], torch.Tensor)]
+            if op.kind in LAZY_KINDS and op.output not in graph.outputs:
+                fp[op.output] = _Lazy(xs_fp[0], lambda r, op=op: fk[op.kind](op, [r]))
+                for fq, members in streams:
+                    qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=records[members[0]][op.name])
+                    fq[op.output] = _Lazy(fq[op.inputs[0]], lambda r, qop=qop, k=kernels[members[0]][op.kind]: _compact(
+                        codec, qop.output, k(qop, [r.to(dtype)])))
+                _forget(op, i, graph, last_use, fp, streams)
+                continue
             fp_sum = None  # Σ of the FP32 pre-activation per output channel, at kept tokens
             if op.weight is not None:
                 f = conv_float if op.kind == "conv" else linear_float
@@ -110,7 +118,7 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                     kernel = kernels[plain[0]][op.kind]
                     # this stream's codes read for the last time, unless the correction reads them again
                     # below or another stream holds the same tensor (streams share what they had in common)
-                    own = [] if correcting else [fq[t] for t in dying if not any(
+                    own = [] if correcting else [fq[t] for t in dying if isinstance(fq[t], torch.Tensor) and not any(
                         other is not fq and other.get(t) is fq[t] for other, _ in streams + parted)]
                     outputs.append((plain, _stitch(parts, lambda s: _compact(
                         codec, op.output, kernel(qop, [fq[t][s].to(dtype) for t in op.inputs])), own)))
@@ -131,14 +139,35 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                     parted.append((part, js))
             streams = parted
             fp[op.output] = y_fp
-            for t in set(op.inputs):
-                if last_use.get(t) == i and t not in graph.outputs:
-                    fp.pop(t, None)
-                    for fq, _ in streams:
-                        fq.pop(t, None)
+            _forget(op, i, graph, last_use, fp, streams)
     out = graph.outputs[0]
     fq_out = {j: fq[out].to(dtype) for fq, js in streams for j in js}
     return kept, fp[out], [fq_out[j] for j in range(len(ms))]
+
+
+def _forget(op, i: int, graph: Graph, last_use: dict[str, int], fp: dict, streams: list) -> None:
+    """Drop the tensors op i reads for the last time (a `_Lazy` output keeps its source alive)."""
+    for t in set(op.inputs):
+        if last_use.get(t) == i and t not in graph.outputs:
+            fp.pop(t, None)
+            for fq, _ in streams:
+                fq.pop(t, None)
+
+
+# Ops whose output is computed per mini-batch when read, never held: a pad's output is larger than
+# its input, and on EfficientNet-Lite0 its 17 explicit pads (TensorFlow "same" padding) held a second
+# copy of the 96-channel 112×112 maps, in FP32 and in every candidate's codes.
+LAZY_KINDS = ("pad",)
+
+
+class _Lazy:
+    """An op's output as rows of its source tensor passed through `rows` when indexed by a mini-batch."""
+
+    def __init__(self, source, rows) -> None:
+        self.source, self.rows = source, rows
+
+    def __getitem__(self, s: slice) -> torch.Tensor:
+        return self.rows(self.source[s])
 
 
 def _compact(codec: Codec, t: str, codes: torch.Tensor) -> torch.Tensor:

@@ -124,3 +124,34 @@ def test_outputs_written_into_dying_inputs_change_no_candidate(digits, monkeypat
     for ba, bb in zip(a[3], b[3]):
         for name, (q, f) in ba.items():
             assert np.array_equal(bb[name][0], q) and np.array_equal(bb[name][1], f), name
+
+
+def test_pads_computed_when_read_give_the_bits_of_held_pads(digits, monkeypatch):
+    """A pad's output is computed per mini-batch when the op after it reads it (`LAZY_KINDS`), not held
+    (EfficientNet-Lite0's 17 "same" pads held a second copy of its largest maps): every candidate gets
+    the bits it gets with the pads held."""
+    import ptq.biascorrect as bc
+    _, xtr, _, _, _ = digits
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.ZeroPad2d((0, 1, 0, 1)),
+        torch.nn.Conv2d(8, 8, 3, stride=2, groups=8), torch.nn.ReLU6(), torch.nn.Conv2d(8, 12, 1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(12 * 4 * 4, 10)).eval()
+    prep = prepare(model, xtr[:64], "w4a8", eval_size=0)
+    assert "pad" in {op.kind for op in prep.graph.ops}
+    m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
+    xt = torch.from_numpy(xtr[:64])
+
+    def sweep():
+        trials = [_copy(m) for _ in MODES]
+        kept, fp, fqs = correct_biases(prep.graph, trials, xt, MODES)
+        return kept, fp, fqs, [_biases(t) for t in trials]
+
+    lazy = sweep()
+    monkeypatch.setattr(bc, "LAZY_KINDS", ())
+    held = sweep()
+    assert lazy[0] == held[0] and any(any(k.values()) for k in lazy[0])
+    assert torch.equal(lazy[1], held[1]) and all(torch.equal(a, b) for a, b in zip(lazy[2], held[2]))
+    for ba, bb in zip(lazy[3], held[3]):
+        for name, (q, f) in ba.items():
+            assert np.array_equal(bb[name][0], q) and np.array_equal(bb[name][1], f), name
