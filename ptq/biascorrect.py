@@ -71,6 +71,9 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
     for i, op in enumerate(graph.ops):
         for t in op.inputs:
             last_use[t] = i
+    for i, op in reversed(list(enumerate(graph.ops))):  # a lazy output reads its source until its own last use
+        if op.kind in LAZY_KINDS:
+            last_use[op.inputs[0]] = max(last_use[op.inputs[0]], last_use.get(op.output, i))
     x = x.to(dtype)
     fp = {graph.input: x}
     streams = [({graph.input: _stitch(parts, lambda s: _compact(codec, graph.input, codec.quantize(x[s], graph.input)))},
@@ -146,12 +149,11 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
 
 
 def _forget(op, i: int, graph: Graph, last_use: dict[str, int], fp: dict, streams: list) -> None:
-    """Drop the tensors op i reads for the last time (a `_Lazy` output keeps its source alive)."""
-    for t in set(op.inputs):
-        if last_use.get(t) == i and t not in graph.outputs:
-            fp.pop(t, None)
-            for fq, _ in streams:
-                fq.pop(t, None)
+    """Drop the tensors read for the last time at op i: its inputs, and the source of a lazy input."""
+    for t in {t for t, last in last_use.items() if last == i} - set(graph.outputs):
+        fp.pop(t, None)
+        for fq, _ in streams:
+            fq.pop(t, None)
 
 
 # Ops whose output is computed per mini-batch when read, never held: a pad's output is larger than
