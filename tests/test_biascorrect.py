@@ -2,6 +2,7 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from ptq.api import prepare, stage_manifest, stage_method
@@ -126,17 +127,38 @@ def test_outputs_written_into_dying_inputs_change_no_candidate(digits, monkeypat
             assert np.array_equal(bb[name][0], q) and np.array_equal(bb[name][1], f), name
 
 
-def test_pads_computed_when_read_give_the_bits_of_held_pads(digits, monkeypatch):
+class _PadReadTwice(torch.nn.Module):
+    """A pad whose input an add reads after it, before the conv reads the pad: the add's output must
+    not take the memory the conv still reads through the pad."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.pad, self.second = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ZeroPad2d(1), torch.nn.Conv2d(8, 8, 3)
+        self.head = torch.nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        a = torch.relu(self.first(x))
+        p = self.pad(a)
+        d = a + a
+        return self.head((self.second(p) + d).flatten(1))
+
+
+def _padded_sequential() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.ZeroPad2d((0, 1, 0, 1)),
+        torch.nn.Conv2d(8, 8, 3, stride=2, groups=8), torch.nn.ReLU6(), torch.nn.Conv2d(8, 12, 1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(12 * 4 * 4, 10))
+
+
+@pytest.mark.parametrize("build", [_padded_sequential, _PadReadTwice])
+def test_pads_computed_when_read_give_the_bits_of_held_pads(digits, monkeypatch, build):
     """A pad's output is computed per mini-batch when the op after it reads it (`LAZY_KINDS`), not held
     (EfficientNet-Lite0's 17 "same" pads held a second copy of its largest maps): every candidate gets
     the bits it gets with the pads held."""
     import ptq.biascorrect as bc
     _, xtr, _, _, _ = digits
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU6(), torch.nn.ZeroPad2d((0, 1, 0, 1)),
-        torch.nn.Conv2d(8, 8, 3, stride=2, groups=8), torch.nn.ReLU6(), torch.nn.Conv2d(8, 12, 1), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(12 * 4 * 4, 10)).eval()
+    model = build().eval()
     prep = prepare(model, xtr[:64], "w4a8", eval_size=0)
     assert "pad" in {op.kind for op in prep.graph.ops}
     m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
