@@ -444,8 +444,6 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
                          "statistics": prep.calibration_seconds})
     with clock.stage("method"):
         weights = stage_method(prep.graph, prep.stats, r, strict, keep_statistics)
-    if not keep_statistics:
-        prep.stats.layer_inputs = {}
     with clock.stage("manifest"):
         m = stage_manifest(prep, r, weights)
     timings = weights.timings
@@ -479,8 +477,8 @@ def stage_method(graph: Graph, stats: Statistics, recipe: dict, strict: bool = F
                  keep_statistics: bool = True) -> LayerWeights:
     """The recipe's method: integer weights per layer (plus what it records about itself), with their
     rounding re-decided by the rounding engine where the recipe asks for it. `keep_statistics=False`
-    frees the layer input moments as soon as the engine has read them for the last time (before its
-    walk over the model quantized so far)."""
+    frees the layer input moments as soon as nothing reads them again: before the engine's walk over
+    the model quantized so far where it has one, else at the end of the method."""
     check_override_patterns(graph, recipe, strict)
     out = METHODS[recipe["method"]].quantize(graph, stats, recipe)
     out = out if isinstance(out, LayerWeights) else LayerWeights(out, {})
@@ -489,7 +487,10 @@ def stage_method(graph: Graph, stats: Statistics, recipe: dict, strict: bool = F
         stats.layer_inputs = {}
         release_freed_memory()
 
-    apply_rounding(graph, stats, recipe, out, None if keep_statistics else moments_read)
+    release = None if keep_statistics else moments_read
+    apply_rounding(graph, stats, recipe, out, release)
+    if release is not None:
+        release()  # where the engine had no walk (or nothing to do): the method was the last reader
     return out
 
 
