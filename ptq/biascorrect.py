@@ -128,12 +128,16 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                 if correcting:
                     first = correcting[0]
                     judge = any(modes[j] == "layer" for j in correcting)
-                    delta, y0, y1, better = _measure_layer(op, records[first][op.name], ms[first], codec, b, fp_sum, y_fp,
+                    # the stream's own bias: the method's (learned rounding may have moved it), the same in
+                    # every member until this layer's correction parts them
+                    base = ms[first].tensor(records[first][op.name]["bias"]["float"])
+                    delta, y0, y1, better = _measure_layer(op, records[first][op.name], ms[first], codec,
+                                                           torch.from_numpy(base).to(dtype), fp_sum, y_fp,
                                                            fq[op.inputs[0]], parts, judge, keep)
                     for j in correcting:
                         kept[j][op.name] = modes[j] != "layer" or better
                         if kept[j][op.name]:
-                            set_bias(ms[j], records[j][op.name], op.bias.astype(np.float64) + delta.double().numpy(), corrected=True)
+                            set_bias(ms[j], records[j][op.name], base + delta.double().numpy(), corrected=True)
                     outputs += [(js, y) for js, y in (([j for j in correcting if kept[j][op.name]], y1),
                                                      ([j for j in correcting if not kept[j][op.name]], y0)) if js]
                 for n, (js, y) in enumerate(outputs):
@@ -253,8 +257,8 @@ class _ChannelSums:
 
 def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, y_fp, x_fq, parts, judge: bool, tokens=None):
     """(mean shift δ, output codes without and with δ added, whether δ lowers the layer's own output
-    error — asked only when `judge`); `b` is the FP32 bias, `fp_sum` the FP32 pre-activation's sums,
-    `tokens` the kept tokens of a text encoder's (N, T, C) tensors. Two passes over the mini-batches:
+    error — asked only when `judge`); `b` is the quantized model's float bias before the correction,
+    `fp_sum` the FP32 pre-activation's sums, `tokens` the kept tokens of a text encoder's (N, T, C) tensors. Two passes over the mini-batches:
     the first sums the quantized pre-activation, the second adds δ to it."""
     dtype = torch.float32
     f = conv_float if op.kind == "conv" else linear_float

@@ -71,6 +71,9 @@ def _weight_rounding(m: Manifest) -> str:
         near = sum(r["error_nearest"] for r in done)
         text += (f"; relative output error summed over those layers {near:.4g} with nearest → "
                  f"{sum(r['error'] for r in done):.4g} (per layer: the table below)")
+    biased = sum(r.get("bias") == "learned" for r in rec.values())
+    if biased:
+        text += f"; biases learned with the rounding on {biased} layers"
     return text
 
 
@@ -88,10 +91,11 @@ def _rounding_table(m: Manifest) -> list[str]:
              "relative output error Σ(w−ŵ)ᵀH(w−ŵ) / ΣwᵀHw on the calibration inputs", "",
              "| layer | rounding | error, nearest | error |", "|---|---|---|---|"]
     for name, r in rec.items():
+        how = r["rounding"] + (", bias learned" if r.get("bias") == "learned" else "")
         if "error" in r:
-            lines.append(f"| {name} | {r['rounding']} | {r['error_nearest']:.4g} | {r['error']:.4g} |")
+            lines.append(f"| {name} | {how} | {r['error_nearest']:.4g} | {r['error']:.4g} |")
         else:
-            lines.append(f"| {name} | {r['rounding']} | – | – |")
+            lines.append(f"| {name} | {how} | – | – |")
     return lines
 
 

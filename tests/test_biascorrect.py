@@ -8,6 +8,7 @@ import torch
 from ptq.api import prepare, stage_manifest, stage_method
 from ptq.biascorrect import correct_biases
 from ptq.manifest import Manifest
+from ptq.manifest.build import set_bias
 
 MODES = ["none", "depthwise", "all", "layer"]
 
@@ -177,3 +178,27 @@ def test_pads_computed_when_read_give_the_bits_of_held_pads(digits, monkeypatch,
     for ba, bb in zip(lazy[3], held[3]):
         for name, (q, f) in ba.items():
             assert np.array_equal(bb[name][0], q) and np.array_equal(bb[name][1], f), name
+
+
+def test_a_layers_correction_starts_from_the_manifests_bias(digits, monkeypatch):
+    """A bias the method moved (learned rounding's `rounding.bias_rate`) is where the correction
+    starts: the first layer's corrected bias removes the same mean shift whatever bias it starts
+    from, and a rejected correction leaves the stream on the manifest's bias."""
+    import ptq.biascorrect as bc
+    _, xtr, _, _, _ = digits
+    x = torch.from_numpy(xtr[:32])
+    prep = prepare(_depthwise_cnn(), xtr[:32], "w4a8", eval_size=0)
+    m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
+    base = m.tensor(m.weighted_ops()[0]["bias"]["float"])
+    moved = _copy(m)
+    set_bias(moved, moved.weighted_ops()[0], base + np.random.default_rng(0).normal(0, 0.5, base.shape))
+    fixed, from_moved = _copy(m), _copy(moved)
+    correct_biases(prep.graph, [fixed, from_moved], x, ["all", "all"])
+    first = [t.tensor(t.weighted_ops()[0]["bias"]["float"]) for t in (fixed, from_moved)]
+    assert np.allclose(first[1], first[0], rtol=0, atol=1e-5 * np.abs(base).max())
+    measure = bc._measure_layer
+    monkeypatch.setattr(bc, "_measure_layer", lambda *a, **k: (*measure(*a, **k)[:3], False))
+    (kept, _), _, (rejected, plain) = correct_biases(prep.graph, [_copy(moved), _copy(moved)], x, ["layer", "none"])
+    (_, _), _, (_, unmoved) = correct_biases(prep.graph, [_copy(m), _copy(m)], x, ["layer", "none"])
+    assert not any(kept.values())
+    assert (rejected - plain).abs().max() < 0.1 * (plain - unmoved).abs().max()

@@ -16,9 +16,10 @@ from ptq.ir import LayerWeights
 from ptq.ir.grids import Grid, SwisGrid
 from ptq.methods.blocks import find_blocks
 from ptq.errors import RecipeError
-from ptq.methods.learned import Relaxed, output_weight
+from ptq.methods.learned import Relaxed, learn_block, output_weight
 from ptq.methods.registry import METHODS
 from ptq.methods.rounding import apply_rounding
+from ptq.methods.walk import walk
 from ptq.recipe import resolve
 
 FAST = {"weights.rounding": "learned", "rounding.iterations": 60, "rounding.samples": 32, "rounding.batch_size": 8,
@@ -116,6 +117,76 @@ def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(m
         if rec["block_error"] == rec["block_error_nearest"]:  # not better: the block keeps the method's integers
             assert np.array_equal(q, r.nearest), op.name
     assert not np.array_equal(after["head"].terms[0][0], before["head"].terms[0][0])
+
+
+
+def test_a_learned_bias_takes_up_a_mean_shift_of_the_block_output(mbconv):
+    """A target shifted by a constant per channel: the rounding alone cannot follow it, the bias can."""
+    g, r = mbconv.graph, resolve("w4a8", {**FAST, "weights.bits": 3})
+    weights = LayerWeights(METHODS[r["method"]].quantize(g, mbconv.stats, r), {})
+    blocks = find_blocks(g, {op.name for op in g.weighted_ops()})
+    seen = {}
+    walk(g, mbconv.stats, r, weights, blocks, lambda b, *a: seen.setdefault(b.layers[0].name, (b, *a)))
+    block, x, target, quant, x_float = seen["head"]
+    shifted = target + 0.5 * target.std(0)
+    errors = {}
+    for rate in (0.0, 0.05):
+        ws = copy.deepcopy(weights)
+        settings = {**r["rounding"], "bias_rate": rate}
+        errors[rate] = learn_block(block, ws, x, shifted, quant, settings, torch.Generator().manual_seed(0), lambda: None,
+                                   torch.ones(()), x_float)
+        assert (ws["head"].bias is not None) == (rate > 0)
+    assert errors[0.0]["block_error_nearest"] == errors[0.05]["block_error_nearest"]
+    assert errors[0.05]["block_error"] < 0.1 * errors[0.0]["block_error"]
+
+
+def test_a_learned_bias_lowers_the_block_error_and_the_manifest_holds_it(mbconv, tmp_path):
+    over = {"weights.bits": 3, "rounding.bias_rate": 0.05}
+    before, after = _method_and_learned(mbconv, "w4a8", over)
+    _, plain = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3})
+    info, ref = after.info["rounding"], plain.info["rounding"]
+    ops = mbconv.graph.weighted_ops()
+    for op in ops:
+        assert info[op.name]["block_error"] <= info[op.name]["block_error_nearest"]
+        if after[op.name].bias is None:  # a block that kept nearest keeps its biases
+            assert info[op.name]["block_error"] == info[op.name]["block_error_nearest"]
+        else:
+            assert after[op.name].bias.shape == op.bias.shape and not np.array_equal(after[op.name].bias, op.bias)
+        r = Relaxed(op, before[op.name])
+        q = after[op.name].terms[0][0].reshape(r.down.shape)
+        assert np.all((q == r.down) | (q == r.up)), op.name
+    assert info["stem.0"]["block_error_nearest"] == ref["stem.0"]["block_error_nearest"]  # the same start
+    assert info["stem.0"]["block_error"] < ref["stem.0"]["block_error"]
+    qm = quantize_prepared(mbconv, "w4a8", overrides={**FAST, **over})
+    assert qm.report["verification"]["verified"]
+    rounding = qm.manifest.data["method_info"]["rounding"]
+    for rec in qm.manifest.weighted_ops():
+        learned = after[rec["name"]].bias
+        assert (rounding[rec["name"]].get("bias") == "learned") == (learned is not None)
+        if learned is not None:
+            assert np.array_equal(qm.manifest.tensor(rec["bias"]["float"]), learned), rec["name"]
+            assert f"| {rec['name']} | learned, bias learned |" in qm.card()
+    moved = sum(wq.bias is not None for wq in after.values())
+    assert f"biases learned with the rounding on {moved} layers" in qm.card()
+    loaded = ptq.load(qm.save(tmp_path / "m"))
+    assert loaded.verify(np.random.default_rng(3).normal(0, 1, (8, 3, 12, 12)).astype(np.float32), n=8)["verified"]
+
+
+def test_the_walk_runs_on_with_a_learned_bias(mbconv):
+    g, r = mbconv.graph, resolve("w4a8", FAST)
+    weights = LayerWeights(METHODS[r["method"]].quantize(g, mbconv.stats, r), {})
+    blocks = find_blocks(g, {op.name for op in g.weighted_ops()})
+
+    def inputs(ws: LayerWeights) -> dict[str, torch.Tensor]:
+        seen = {}
+        walk(g, mbconv.stats, r, ws, blocks, lambda b, x, *_: seen.setdefault(b.layers[0].name, x.clone()))
+        return seen
+
+    moved = copy.deepcopy(weights)
+    stem = g.weighted_ops()[0]
+    moved[stem.name].bias = stem.bias.astype(np.float64) + 0.5
+    a, b = inputs(weights), inputs(moved)
+    assert torch.equal(a["stem.0"], b["stem.0"]) and not torch.equal(a["expand.0"], b["expand.0"])
 
 
 def test_fisher_objective_weighs_each_block_output_channel_by_its_sensitivity(mbconv):

@@ -24,6 +24,7 @@ class WeightQuant:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     input_bits: int | None = None  # a width chosen for the input tensor (allocator methods), else the recipe's
     acc_budget: np.ndarray | None = None  # (C, 3) most Σq⁺, Σq⁻, Σ|q| per channel that keep its accumulator bound (not stored)
+    bias: np.ndarray | None = None  # (C,) float64: the bias learned with the rounding (`rounding.bias_rate`), else the op's
 
     def stored(self, dtype: type = np.int8) -> "WeightQuant":
         """The same weights with each term's integers held as `dtype`: an allocator's candidates are
@@ -37,6 +38,10 @@ class WeightQuant:
             t = q.astype(np.float64) * s.reshape(-1, *([1] * (q.ndim - 1)))
             out = t if out is None else out + t
         return out
+
+    def float_bias(self, op_bias: np.ndarray | None) -> np.ndarray | None:
+        """The layer's float bias in the quantized model: the learned one where there is one, else the op's."""
+        return op_bias if self.bias is None else self.bias
 
 
 class LayerWeights(dict):

@@ -124,7 +124,8 @@ def _weighted(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
     wq: WeightQuant = ctx["weights"][op.name]
     name = op.name
     x, y = enc[op.inputs[0]], enc[op.output]
-    fit_bias_scale(wq, op.bias.astype(np.float64), x.scale)
+    bias = wq.float_bias(op.bias).astype(np.float64)
+    fit_bias_scale(wq, bias, x.scale)
     terms = []
     for t, (q, s) in enumerate(wq.terms):
         bits = wq.scheme.get("bits", 8)
@@ -141,7 +142,7 @@ def _weighted(m: Manifest, op: Op, enc: dict[str, Encoding], ctx: dict) -> dict:
            "requant": {"multiplier": m.put(f"{name}/requant.m", mult), "shift": m.put(f"{name}/requant.n", shift)},
            "clamp": clamp_bounds(op.attrs.get("act"), y),
            "accumulator": {"bits": acc["bits"], "mode": acc["mode"]}}
-    set_bias(m, rec, op.bias.astype(np.float64), corrected=False)
+    set_bias(m, rec, bias, corrected=False)
     return rec
 
 

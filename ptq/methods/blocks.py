@@ -129,15 +129,19 @@ class Block:
         return win, pads[::-1]
 
     def run(self, x: torch.Tensor, weights: dict[str, torch.Tensor], quant: dict[str, Bounds] | None,
-            pads: list[tuple[int, int, int, int]] | None = None, drop: Drop | None = None) -> torch.Tensor:
+            pads: list[tuple[int, int, int, int]] | None = None, drop: Drop | None = None,
+            biases: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The block's output (before its own quantization) for input x: float when `quant` is None,
         else every inner tensor on its encoding; with `pads` (from `plan`), x is the input window;
-        with `drop`, each inner value keeps its float value with that probability (`mixed`)."""
+        with `drop`, each inner value keeps its float value with that probability (`mixed`); a layer
+        missing from `weights` or `biases` runs with the op's own."""
+        biases = biases or {}
         for i, op in enumerate(self.ops):
             w = weights.get(op.name) if op.weight is not None else None
             if w is None and op.weight is not None:
                 w = torch.from_numpy(op.weight)
-            x = pre_act(op, [x], w) if pads is None else _pre_act_window(op, x, w, pads[i])
+            b = biases.get(op.name, _bias(op)) if op.weight is not None else None
+            x = pre_act(op, [x], w, b) if pads is None else _pre_act_window(op, x, w, b, pads[i])
             if quant is None or i == len(self.ops) - 1:
                 x = apply_act(op, x)
             elif drop is None:
@@ -151,20 +155,22 @@ def _bias(op: Op) -> torch.Tensor | None:
     return None if op.bias is None else torch.from_numpy(op.bias)
 
 
-def pre_act(op: Op, xs: list[torch.Tensor], w: torch.Tensor | None) -> torch.Tensor:
-    """An op before its fused activation with weight w (the float kernel for ops without weights)."""
+def pre_act(op: Op, xs: list[torch.Tensor], w: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """An op before its fused activation with weight w and bias `bias` (None: the op's own; the float
+    kernel for ops without weights)."""
     if op.kind == "conv":
-        return conv_float(op, xs[0], w, _bias(op))
+        return conv_float(op, xs[0], w, _bias(op) if bias is None else bias)
     if op.kind == "linear":
-        return linear_float(op, xs[0], w, _bias(op))
+        return linear_float(op, xs[0], w, _bias(op) if bias is None else bias)
     return FLOAT[op.kind](op, xs)
 
 
-def _pre_act_window(op: Op, x: torch.Tensor, w: torch.Tensor | None, pad: tuple[int, int, int, int]) -> torch.Tensor:
+def _pre_act_window(op: Op, x: torch.Tensor, w: torch.Tensor | None, bias: torch.Tensor | None,
+                    pad: tuple[int, int, int, int]) -> torch.Tensor:
     """`pre_act` on a window whose border outside the map is the op's padding, added here."""
     a = op.attrs
     if op.kind == "conv":
-        return F.conv2d(F.pad(x, pad), w, _bias(op), a["stride"], 0, a["dilation"], a["groups"])
+        return F.conv2d(F.pad(x, pad), w, bias, a["stride"], 0, a["dilation"], a["groups"])
     if op.kind == "maxpool":
         return F.max_pool2d(F.pad(x, pad, value=-math.inf), a["kernel"], a["stride"], 0, a["dilation"])
     if op.kind == "avgpool":  # count_include_pad: the padding's zeros count, as here

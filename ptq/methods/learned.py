@@ -59,6 +59,14 @@ measurements and the guard below use every quantizer. Measured (BENCHMARKS.md, s
 less mean top-1 agreement and `bitplane-4.5-learned` a higher KL on both draws tried, so it is off
 (0) by default; on the digits CNN at 4-bit activations it lowered the mean KL by 30%.
 
+**Bias** (`rounding.bias_rate`; the issue's "fold the bias into the learned objective"). With a
+rate above 0, each layer of a block learns its bias with its rounding: b + u·(output range / 255)
+per output channel, u from zero, moved by Adam at that rate alongside V and not regularised. The
+block keeps it with its learned integers (guard below), the model quantized so far runs on with it,
+the manifest stores it as the layer's bias, and bias correction afterwards starts from it. An
+accumulator layer keeps its bias, which its bound counts. **(Ours: AdaRound and BRECQ leave the
+bias alone; AdaQuant, Hubara et al. 2021, learns it with the weights.)**
+
 **Guards (ours).** A block keeps its learned integers only where its output error on the samples is
 no larger than with the method's (nearest) integers; an accumulator layer's channel keeps its
 method's integers where the learned ones would exceed its budgets (its bound holds by
@@ -99,11 +107,16 @@ CROP = 8  # output window of a step on a block with larger maps (blocks.py "Crop
 
 class Relaxed:
     """One layer's rounding variables: weight = fixed + scale·(down + h(V)·(up − down)) per channel,
-    where `fixed` holds a multipoint channel's earlier points (zero for single-term schemes)."""
+    where `fixed` holds a multipoint channel's earlier points (zero for single-term schemes); with
+    `bias_step`, also its bias: b + bias_step·u per channel, u from zero (module docstring, "Bias")."""
 
-    def __init__(self, op: Op, wq: WeightQuant):
+    def __init__(self, op: Op, wq: WeightQuant, bias_step: float | None = None):
         self.op, self.wq = op, wq
         c = op.weight.shape[0]
+        self.start_bias = wq.float_bias(op.bias if op.bias is not None else np.zeros(c)).astype(np.float64)
+        self._b32 = torch.from_numpy(self.start_bias).float()
+        self.u = torch.zeros(c, requires_grad=True) if bias_step is not None else None
+        self._bias_step = bias_step
         w = op.weight.reshape(c, -1).astype(np.float64)
         k = w.shape[1]
         cols = torch.arange(k).expand(c, k)
@@ -136,6 +149,13 @@ class Relaxed:
     def soft_weight(self) -> torch.Tensor:
         return (self._fixed + self._scale * (self._down + self.h() * self._span)).reshape(self.op.weight.shape)
 
+    def soft_bias(self) -> torch.Tensor:
+        return self._b32 if self.u is None else self._b32 + self._bias_step * self.u
+
+    def bias(self) -> np.ndarray:
+        """The learned float bias (the starting one without a learned bias)."""
+        return self.start_bias if self.u is None else self.start_bias + self._bias_step * self.u.detach().double().numpy()
+
     def regulariser(self, beta: float) -> torch.Tensor:
         return ((1 - (2 * self.h() - 1).abs().pow(beta)) * self.moves).sum()
 
@@ -155,8 +175,10 @@ class Relaxed:
         return torch.from_numpy(w.astype(np.float32).reshape(self.op.weight.shape))
 
     def write(self, q: np.ndarray) -> None:
-        """Store q (C, K) as each channel's learned term, in place."""
+        """Store q (C, K) as each channel's learned term, and a learned bias, in place."""
         wq, c = self.wq, self.op.weight.shape[0]
+        if self.u is not None:
+            wq.bias = self.bias()
         for t, (old, s) in enumerate(wq.terms):
             rows = (self.term == t)[:, None]
             wq.terms[t] = (np.where(rows, q, old.reshape(c, -1)).reshape(old.shape).astype(np.int64), s)
@@ -173,7 +195,10 @@ def optimise(block: Block, relaxed: dict[str, Relaxed], x: torch.Tensor, target:
     steps = settings["iterations"]
     lam = settings["regularizer"] / max(sum(float(r.moves.sum()) for r in relaxed.values()), 1.0)
     batch = min(settings["batch_size"], x.shape[0])
-    opt = torch.optim.Adam([r.v for r in relaxed.values()], lr=settings["learning_rate"])
+    groups = [{"params": [r.v for r in relaxed.values()], "lr": settings["learning_rate"]}]
+    if settings["bias_rate"] > 0:
+        groups.append({"params": [r.u for r in relaxed.values() if r.u is not None], "lr": settings["bias_rate"]})
+    opt = torch.optim.Adam(groups)
     warm = int(WARMUP * steps)
     h, w = target.shape[-2:] if block.windowed else (0, 0)
     crop = block.windowed and max(h, w) > CROP
@@ -191,7 +216,8 @@ def optimise(block: Block, relaxed: dict[str, Relaxed], x: torch.Tensor, target:
         if drop:
             xb = mixed(xf, xb, drop)
         with torch.enable_grad():
-            out = block.run(xb, {n: r.soft_weight() for n, r in relaxed.items()}, quant, pads, drop)
+            out = block.run(xb, {n: r.soft_weight() for n, r in relaxed.items()}, quant, pads, drop,
+                            {n: r.soft_bias() for n, r in relaxed.items()})
             loss = (out - tb).pow(2).mul(weight).mean() / unit
             if it >= warm:
                 rel = (it - warm) / max(steps - warm, 1)
@@ -217,12 +243,20 @@ def output_weight(block: Block, stats, settings: dict, dims: int) -> torch.Tenso
     return f[:, None, None] if dims == 4 else f
 
 
+def bias_step(b: Bounds) -> float:
+    """The unit a learned bias moves in: 1/255 of the layer's output range (an 8-bit output's step;
+    the logits' 16-bit step would make the bias 256 times slower)."""
+    return (b[2] - b[1]) * b[0] / 255
+
+
 def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: torch.Tensor,
                 quant: dict[str, Bounds], settings: dict, gen: torch.Generator, advance: Callable,
                 weight: torch.Tensor, x_float: torch.Tensor) -> dict[str, float]:
     """Learn one block's integers (in place, where they beat nearest on the samples); its relative
     output error on the samples (weighted as the objective weighs it) with nearest and with the result."""
-    relaxed = {op.name: Relaxed(op, weights[op.name]) for op in block.layers}
+    learn_bias = settings["bias_rate"] > 0
+    relaxed = {op.name: Relaxed(op, weights[op.name], bias_step(quant[op.output]) if learn_bias and weights[op.name].acc_budget is None
+                                else None) for op in block.layers}
     size = settings["batch_size"]
     w64 = weight.double()
 
@@ -231,15 +265,16 @@ def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: to
         early feature map would take twice its float32 size (resnet50 with 128 samples: 0.8 GB)."""
         return sum(float(diff(slice(i, i + size)).double().pow(2).mul(w64).sum()) for i in range(0, x.shape[0], size))
 
-    def error(qs: dict[str, np.ndarray]) -> float:
+    def error(qs: dict[str, np.ndarray], bs: dict[str, np.ndarray]) -> float:
         ws = {n: relaxed[n].weight(q) for n, q in qs.items()}
-        return weighted_squares(lambda part: block.run(x[part], ws, quant) - target[part])
+        b32 = {n: torch.from_numpy(b).float() for n, b in bs.items()}
+        return weighted_squares(lambda part: block.run(x[part], ws, quant, biases=b32) - target[part])
 
     energy = max(weighted_squares(lambda part: target[part]), 1e-30)
-    before = error({n: r.nearest for n, r in relaxed.items()})
+    before = error({n: r.nearest for n, r in relaxed.items()}, {n: r.start_bias for n, r in relaxed.items()})
     optimise(block, relaxed, x, target, quant, settings, gen, advance, max(before / target.numel(), 1e-30), weight, x_float)
     learned = {n: r.integers() for n, r in relaxed.items()}
-    after = error(learned)
+    after = error(learned, {n: r.bias() for n, r in relaxed.items()})
     if after <= before:
         for n, r in relaxed.items():
             r.write(learned[n])
@@ -274,6 +309,8 @@ def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, lay
         before = err((w - nearest[name].reshape(c, -1)).astype(np.float32))
         after = err((w - weights[name].dequantized().reshape(c, -1)).astype(np.float32))
         out[name] = {**error_record(before, after, err, w), **report[name]}
+        if weights[name].bias is not None:
+            out[name]["bias"] = "learned"
     return out
 
 

@@ -82,6 +82,11 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
     def dequantized(op: Op) -> torch.Tensor:
         return torch.from_numpy(weights[op.name].dequantized()).float()
 
+    def bias(op: Op) -> torch.Tensor | None:
+        """A bias the learned rounding moved, else None (the op's own)."""
+        b = weights[op.name].bias
+        return None if b is None else torch.from_numpy(b).float()
+
     with fixed_order(), torch.no_grad():
         x = torch.cat(list(stats.replay(settings["samples"], size))).float()
         fp = {graph.input: x} if blocks or float_inputs else None
@@ -92,18 +97,19 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
                 target = torch.cat([s.run(fp[s.input][p], {}, None) for p in parts])
                 on_block(s, qx[s.input].real(), target, quant, fp[s.input])
                 ws = {op.name: dequantized(op) for op in s.layers}
-                qx[s.output] = Codes((s.run(qx[s.input].real(p), ws, quant) for p in parts), quant[s.output])
+                bs = {op.name: b for op in s.layers if (b := bias(op)) is not None}
+                qx[s.output] = Codes((s.run(qx[s.input].real(p), ws, quant, biases=bs) for p in parts), quant[s.output])
                 fp[s.output] = target
             else:
                 if s.name in layers:
                     on_layer(s, qx[s.inputs[0]].real(), None if fp is None else fp[s.inputs[0]])
                 if fp is not None:
                     fp[s.output] = FLOAT[s.kind](s, [fp[t] for t in s.inputs])
-                w = None if s.weight is None else dequantized(s)
+                w, b = (None, None) if s.weight is None else (dequantized(s), bias(s))
                 # a layer runs on all samples at once, as in the FP32 stream: a conv's last bits can
                 # depend on the batch it is given; the ops without weights run a mini-batch at a time
                 run = [slice(None)] if w is not None else parts
-                qx[s.output] = Codes((pre_act(s, [qx[t].real(p) for t in s.inputs], w) for p in run), quant[s.output])
+                qx[s.output] = Codes((pre_act(s, [qx[t].real(p) for t in s.inputs], w, b) for p in run), quant[s.output])
             for t in _inputs(s):
                 if last_use[t] == i:
                     qx.pop(t, None)
