@@ -247,6 +247,17 @@ def test_learned_manifest_loads_and_verifies(digits, digits_prepared, recipe, tm
     assert loaded.verify(xte[:16], n=16)["verified"]
 
 
+def test_an_accumulator_layer_keeps_its_bias_and_its_bound_under_a_learned_bias(digits_prepared):
+    """acc12 with learned rounding and `bias_rate`: every layer has an accumulator budget, so none
+    learns a bias (its bound counts the bias); the manifest verifies with no overflow."""
+    qm = quantize_prepared(digits_prepared, "acc12", overrides={**FAST, "rounding.bias_rate": 0.05})
+    assert qm.report["verification"]["verified"], qm.report["verification"]["reason"]
+    rounding = qm.manifest.data["method_info"]["rounding"]
+    assert {r["rounding"] for r in rounding.values()} == {"learned"} and not any("bias" in r for r in rounding.values())
+    for op, rec in zip(digits_prepared.graph.weighted_ops(), qm.manifest.weighted_ops()):
+        assert np.array_equal(qm.manifest.tensor(rec["bias"]["float"]), op.bias.astype(np.float64)), op.name
+        assert rec["accumulator"]["bits"] <= 12
+
 @pytest.mark.parametrize("drop", [0.0, 0.5])
 def test_same_seed_same_manifest_bytes_at_any_thread_count(digits_prepared, tmp_path, drop):
     threads = torch.get_num_threads()
