@@ -258,8 +258,9 @@ class _ChannelSums:
 def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, y_fp, x_fq, parts, judge: bool, tokens=None):
     """(mean shift δ, output codes without and with δ added, whether δ lowers the layer's own output
     error — asked only when `judge`); `b` is the quantized model's float bias before the correction,
-    `fp_sum` the FP32 pre-activation's sums, `tokens` the kept tokens of a text encoder's (N, T, C) tensors. Two passes over the mini-batches:
-    the first sums the quantized pre-activation, the second adds δ to it."""
+    `fp_sum` the FP32 pre-activation's sums, `tokens` the kept tokens of a text encoder's (N, T, C)
+    tensors. Two passes over the mini-batches: the first sums the quantized pre-activation, the
+    second adds δ to it."""
     dtype = torch.float32
     f = conv_float if op.kind == "conv" else linear_float
     wq = dequantized_weight(m, rec, dtype)

@@ -254,9 +254,12 @@ def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: to
                 weight: torch.Tensor, x_float: torch.Tensor) -> dict[str, float]:
     """Learn one block's integers (in place, where they beat nearest on the samples); its relative
     output error on the samples (weighted as the objective weighs it) with nearest and with the result."""
-    learn_bias = settings["bias_rate"] > 0
-    relaxed = {op.name: Relaxed(op, weights[op.name], bias_step(quant[op.output]) if learn_bias and weights[op.name].acc_budget is None
-                                else None) for op in block.layers}
+    def step(op: Op) -> float | None:
+        """The layer's bias unit where it learns its bias: not on an accumulator layer."""
+        learns = settings["bias_rate"] > 0 and weights[op.name].acc_budget is None
+        return bias_step(quant[op.output]) if learns else None
+
+    relaxed = {op.name: Relaxed(op, weights[op.name], step(op)) for op in block.layers}
     size = settings["batch_size"]
     w64 = weight.double()
 

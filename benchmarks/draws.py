@@ -1,0 +1,47 @@
+"""Recipe variants on one calibration draw of EfficientNet-Lite0: the protocol of issue 19's targets.
+
+    python -m benchmarks.draws --seed S ROW [ROW ...]
+
+A ROW is a recipe followed by its overrides, as one argument: `"w4a8-learned rounding.bias_rate=0.01"`
+(`KEY=VALUE` as `ptq quantize --set` takes them). The draw S picks both the 128 calibration crops
+and the 256 held-out crops (`ptq.api.prepare(..., seed=S)`); every row is quantized on that one
+calibration and printed as a JSON line as soon as it ends (top-1 agreement %, KL, SQNR, mean weight
+bits, whether it verified). The figures of a learned row do not depend on the thread count; run it
+with `OMP_NUM_THREADS=1` to run two draws side by side on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+
+from ptq.api import prepare
+from ptq.cli import parse_sets
+
+from .variants import fidelity_row
+
+KEYS = ("mean_weight_bits", "top1_agreement", "kl", "sqnr_db", "verified", "seconds")
+
+
+def parse_row(text: str) -> tuple[str, dict]:
+    """`"RECIPE KEY=VALUE ..."` as (recipe, overrides)."""
+    recipe, *sets = shlex.split(text)
+    return recipe, parse_sets(sets)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0, help="the calibration and held-out draw")
+    ap.add_argument("--calib-size", type=int, default=128)
+    ap.add_argument("--eval-size", type=int, default=256)
+    ap.add_argument("rows", nargs="+", metavar="ROW", help='a recipe and its overrides, e.g. "bitplane rounding.damp=0.02"')
+    args = ap.parse_args()
+    rows = [parse_row(r) for r in args.rows]
+    prep = prepare("efficientnet_lite0", "samples", "w8a8", calib_size=args.calib_size, eval_size=args.eval_size, seed=args.seed)
+    for recipe, over in rows:
+        row = fidelity_row(prep, recipe, recipe, over)
+        print(json.dumps({"seed": args.seed, "recipe": recipe, "overrides": over, **{k: row[k] for k in KEYS}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
