@@ -91,7 +91,8 @@ def _rounding_table(m: Manifest) -> list[str]:
              "relative output error Σ(w−ŵ)ᵀH(w−ŵ) / ΣwᵀHw on the calibration inputs", "",
              "| layer | rounding | error, nearest | error |", "|---|---|---|---|"]
     for name, r in rec.items():
-        how = r["rounding"] + (", bias learned" if r.get("bias") == "learned" else "")
+        how = r["rounding"] + (" from feedback" if r.get("start") == "feedback" else "") \
+            + (", bias learned" if r.get("bias") == "learned" else "")
         if "error" in r:
             lines.append(f"| {name} | {how} | {r['error_nearest']:.4g} | {r['error']:.4g} |")
         else:

@@ -57,6 +57,9 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
         "drop": Field(0.0, float, lo=0.0, hi=0.99,
                       help="learned: during the optimisation, the probability each activation value of a block (its input "
                            "included, from the FP32 model) keeps its float value instead of its quantized one (QDrop)"),
+        "start": Field("nearest", str, ("nearest", "feedback"),
+                       help="learned: the integers the relaxation starts from and must beat, the method's nearest ones or error "
+                            "feedback's (on the calibration H; each weight's pair then lies around its feedback-updated value)"),
         "bias_rate": Field(0.0, float, lo=0.0, hi=1.0,
                            help="learned: Adam step size of each layer's bias, learned with its rounding against the block's output, "
                                 "in 1/255ths of the layer's output range (0: every bias stays the model's until bias correction)"),

@@ -18,7 +18,7 @@ from ptq.methods.blocks import find_blocks
 from ptq.errors import RecipeError
 from ptq.methods.learned import Relaxed, learn_block, output_weight
 from ptq.methods.registry import METHODS
-from ptq.methods.rounding import apply_rounding
+from ptq.methods.rounding import apply_rounding, feedback_layer
 from ptq.methods.walk import walk
 from ptq.recipe import resolve
 
@@ -188,6 +188,31 @@ def test_the_walk_runs_on_with_a_learned_bias(mbconv):
     a, b = inputs(weights), inputs(moved)
     assert torch.equal(a["stem.0"], b["stem.0"]) and not torch.equal(a["expand.0"], b["expand.0"])
 
+
+
+def test_learned_from_feedback_chooses_around_feedbacks_updated_weights_and_never_loses_to_it(mbconv):
+    over = {"weights.bits": 3, "rounding.start": "feedback"}
+    before, after = _method_and_learned(mbconv, "w4a8", over)
+    r = resolve("w4a8", {**FAST, **over})
+    info, moved = after.info["rounding"], 0
+    for op in mbconv.graph.weighted_ops():
+        fb, starts = copy.deepcopy(before[op.name]), {}
+        feedback_layer(op, mbconv.stats.layer_inputs[op.name].hessian, fb, r["rounding"], starts=starts)
+        rel = Relaxed(op, fb, start=starts)
+        if starts:  # the pair is the layer's grid values around feedback's updated weight
+            m = (1 << (fb.scheme["bits"] - 1)) - 1
+            assert np.array_equal(rel.down, np.clip(np.floor(starts[0]), -m, m).astype(np.int64)), op.name
+        assert np.array_equal(rel.nearest, fb.terms[0][0].reshape(rel.nearest.shape))  # it starts from feedback's integers
+        q = after[op.name].terms[0][0].reshape(rel.down.shape)
+        assert np.all((q == rel.down) | (q == rel.up)), op.name
+        rec = info[op.name]
+        assert rec["start"] == "feedback" and rec["block_error"] <= rec["block_error_nearest"]
+        if rec["block_error"] == rec["block_error_nearest"]:
+            assert np.array_equal(q, rel.nearest), op.name
+        moved += int(not np.array_equal(q, rel.nearest))
+    assert moved
+    _, plain = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3})  # "nearest" stays the method's integers
+    assert {n: v["error_nearest"] for n, v in info.items()} == {n: v["error_nearest"] for n, v in plain.info["rounding"].items()}
 
 def test_fisher_objective_weighs_each_block_output_channel_by_its_sensitivity(mbconv):
     r = resolve("w4a8", {**FAST, "weights.bits": 3, "rounding.objective": "fisher"})

@@ -44,6 +44,21 @@ def test_feedback_lowers_the_output_error_of_a_constructed_layer(bits):
     assert e_fb < 0.85 * e_near  # measured 0.80, 0.78, 0.73 at 3, 4, 8 bits
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_feedback_hands_over_the_updated_weights_its_integers_are_the_nearest_grid_values_of(groups):
+    """The learned rounding's `start = "feedback"` takes each weight's pair around these values."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(16, 24))
+    h = correlated_h(24, groups)
+    s = np.abs(w).max(1) / 7
+    updated: list[np.ndarray] = []
+    q = feedback_integers(w / s[:, None], h, Grid(4), block=8, updated=updated)
+    assert np.array_equal(q, feedback_integers(w / s[:, None], h, Grid(4), block=8))  # the same integers
+    (u,) = updated
+    assert u.shape == w.shape and not np.allclose(u, w / s[:, None])
+    cols = torch.arange(24).expand(16, 24)
+    assert np.array_equal(q, Grid(4).project(torch.from_numpy(u), cols).numpy())
+
 def test_natural_order_and_block_size_are_options_not_different_algorithms():
     """Lazy block updates are exact: block 1 and block 16 decide the same integers."""
     rng = np.random.default_rng(2)

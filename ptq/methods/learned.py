@@ -67,8 +67,14 @@ the manifest stores it as the layer's bias, and bias correction afterwards start
 accumulator layer keeps its bias, which its bound counts. **(Ours: AdaRound and BRECQ leave the
 bias alone; AdaQuant, Hubara et al. 2021, learns it with the weights.)**
 
+**Start (ours; `rounding.start`).** `nearest`: each weight's pair is around its own value and the
+relaxation starts from the method's nearest integers. `feedback`: error feedback (GPTQ, on the
+calibration H; `ptq.methods.rounding`) runs first, each weight's pair is around the value feedback
+rounded (the weight plus the errors of earlier columns pushed onto it), so h starts at feedback's
+integers, and the guard below compares with feedback's integers.
+
 **Guards (ours).** A block keeps its learned integers only where its output error on the samples is
-no larger than with the method's (nearest) integers; an accumulator layer's channel keeps its
+no larger than with the integers it started from (the method's nearest, or feedback's); an accumulator layer's channel keeps its
 method's integers where the learned ones would exceed its budgets (its bound holds by
 construction). Each layer records its output error (H-based, as for feedback) and its block's
 relative output error on the samples, with nearest and with the learned integers.
@@ -108,9 +114,11 @@ CROP = 8  # output window of a step on a block with larger maps (blocks.py "Crop
 class Relaxed:
     """One layer's rounding variables: weight = fixed + scale·(down + h(V)·(up − down)) per channel,
     where `fixed` holds a multipoint channel's earlier points (zero for single-term schemes); with
-    `bias_step`, also its bias: b + bias_step·u per channel, u from zero (module docstring, "Bias")."""
+    `bias_step`, also its bias: b + bias_step·u per channel, u from zero (module docstring, "Bias").
+    `start`: per term, the real values (in units of the scale) whose grid neighbours are the pair,
+    in place of the term's target (`rounding.start = "feedback"`: error feedback's updated weights)."""
 
-    def __init__(self, op: Op, wq: WeightQuant, bias_step: float | None = None):
+    def __init__(self, op: Op, wq: WeightQuant, bias_step: float | None = None, start: dict[int, np.ndarray] | None = None):
         self.op, self.wq = op, wq
         c = op.weight.shape[0]
         self.start_bias = wq.float_bias(op.bias if op.bias is not None else np.zeros(c)).astype(np.float64)
@@ -127,7 +135,7 @@ class Relaxed:
         self.term = np.zeros(c, np.int64)
         for t, rows, target in rounding_targets(wq, w):
             q, s = wq.terms[t]
-            xt = torch.from_numpy(target / s[:, None])
+            xt = torch.from_numpy(start[t] if start and t in start else target / s[:, None])
             d, u = grids[t].neighbours(xt, cols)
             r = torch.from_numpy(rows)
             x[r], down[r], up[r] = xt[r], d[r], u[r]
@@ -251,7 +259,8 @@ def bias_step(b: Bounds) -> float:
 
 def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: torch.Tensor,
                 quant: dict[str, Bounds], settings: dict, gen: torch.Generator, advance: Callable,
-                weight: torch.Tensor, x_float: torch.Tensor) -> dict[str, float]:
+                weight: torch.Tensor, x_float: torch.Tensor,
+                starts: dict[str, dict[int, np.ndarray]] | None = None) -> dict[str, float]:
     """Learn one block's integers (in place, where they beat nearest on the samples); its relative
     output error on the samples (weighted as the objective weighs it) with nearest and with the result."""
     def step(op: Op) -> float | None:
@@ -259,7 +268,7 @@ def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: to
         learns = settings["bias_rate"] > 0 and weights[op.name].acc_budget is None
         return bias_step(quant[op.output]) if learns else None
 
-    relaxed = {op.name: Relaxed(op, weights[op.name], step(op)) for op in block.layers}
+    relaxed = {op.name: Relaxed(op, weights[op.name], step(op), (starts or {}).get(op.name)) for op in block.layers}
     size = settings["batch_size"]
     w64 = weight.double()
 
@@ -286,20 +295,23 @@ def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: to
 
 def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, layers: list[str],
                    visit: Iterable[str] = (), on_layer: LayerHook | None = None,
-                   float_inputs: bool = False) -> dict[str, dict]:
+                   float_inputs: bool = False, starts: dict[str, dict[int, np.ndarray]] | None = None,
+                   nearest: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Re-decide the named layers' integers by block-wise AdaRound (in place; module docstring);
-    per layer its output error with nearest and learned integers, and its block's. `on_layer` is
-    called on the walk before each layer of `visit` runs (the sequential feedback rounding)."""
+    per layer its output error with nearest and learned integers, and its block's (with the integers
+    it started from and the learned ones). `on_layer` is called on the walk before each layer of
+    `visit` runs (the sequential feedback rounding); `starts` (`Relaxed`) holds error feedback's
+    updated weights per layer, `nearest` the dequantized weights before feedback changed them."""
     settings = recipe["rounding"]
     blocks = find_blocks(graph, set(layers))
-    nearest = {name: weights[name].dequantized() for name in layers}
+    nearest = nearest if nearest is not None else {name: weights[name].dequantized() for name in layers}
     report: dict[str, dict] = {}
     gen = torch.Generator().manual_seed(SEED)
     with progress("learned rounding (block-wise AdaRound)", len(blocks) * settings["iterations"]) as advance:
         def on_block(block: Block, x: torch.Tensor, target: torch.Tensor, quant: dict[str, Bounds],
                      x_float: torch.Tensor) -> None:
             weight = output_weight(block, stats, settings, target.dim())
-            rec = learn_block(block, weights, x, target, quant, settings, gen, advance, weight, x_float)
+            rec = learn_block(block, weights, x, target, quant, settings, gen, advance, weight, x_float, starts)
             report.update({op.name: rec for op in block.layers})
         walk(graph, stats, recipe, weights, blocks, on_block, visit, on_layer, float_inputs)
     out: dict[str, dict] = {}
@@ -314,6 +326,8 @@ def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, lay
         out[name] = {**error_record(before, after, err, w), **report[name]}
         if weights[name].bias is not None:
             out[name]["bias"] = "learned"
+        if starts and name in starts:
+            out[name]["start"] = "feedback"
     return out
 
 

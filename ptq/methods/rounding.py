@@ -24,7 +24,9 @@ integers per layer by `weights.rounding` (per layer through [[overrides]]):
   by `rounding.target_damp` · mean diag H, heavily by default (BENCHMARKS.md has the measured
   dampings). The recorded errors are on that H and target. Measured on the digits CNN the layer
   target is slightly worse than the FP32 H, hence sequential statistics are off by default.
-- `learned`: block-wise AdaRound (`ptq.methods.learned`).
+- `learned`: block-wise AdaRound (`ptq.methods.learned`); with `rounding.start = "feedback"` it
+  starts from error feedback's integers, each weight's pair around the value feedback rounded
+  (`feedback_integers(..., updated)`).
 
 Every scheme reaches the engine through its grid (`ptq.ir.grids`): uniform and bit-plane windows on
 their b-bit grid; SWIS magnitudes on the shift sets the method chose; multipoint on each channel's
@@ -85,11 +87,13 @@ def _inverse_factor(h: torch.Tensor, perm: torch.Tensor, diag: torch.Tensor, dam
 
 
 def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str = "diag", damp: float = 0.01,
-                      block: int = 128, budget: np.ndarray | None = None) -> np.ndarray:
+                      block: int = 128, budget: np.ndarray | None = None,
+                      updated: list[np.ndarray] | None = None) -> np.ndarray:
     """Integers (C, K) for real weights x (C, K) in units of their scale, decided column by column
     with error feedback through the layer's input second moment `hessian` (G, K, K), one per conv
     group (channels c·G/C..). `budget` (C, 3): running budgets per channel of Σq⁺, Σq⁻ and Σ|q|
-    (`accbound.mass_budgets`; ∞ where there is no limit of that kind)."""
+    (`accbound.mass_budgets`; ∞ where there is no limit of that kind). `updated`, when given, gets
+    each weight's value as it was rounded, the earlier columns' errors pushed onto it (C, K)."""
     c, k = x.shape
     g = hessian.shape[0]
     cg = c // g
@@ -105,6 +109,7 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
         cols = perm[:, None, :].expand(g, cg, k)
         xp = torch.from_numpy(np.array(x, np.float64)).reshape(g, cg, k).gather(2, cols).contiguous()
         q = torch.zeros_like(xp)
+        seen = torch.zeros_like(xp) if updated is not None else None
         left = None if budget is None else torch.from_numpy(np.array(budget, np.float64)).reshape(g, cg, 3)
         for i1 in range(0, k, block):
             i2 = min(i1 + block, k)
@@ -113,6 +118,8 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
             u1 = u[:, i1:i2, i1:i2]
             for j in range(i2 - i1):
                 col = w1[:, :, j]
+                if seen is not None:
+                    seen[:, :, i1 + j] = col
                 qj = grid.project(col.reshape(c, 1), cols[:, :, i1 + j].reshape(c, 1)).reshape(g, cg)
                 if left is not None:  # AXE: never spend more of the channel's budgets than is left
                     sign = torch.sign(qj)
@@ -129,15 +136,19 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
             if i2 < k:
                 xp[:, :, i2:] -= torch.bmm(e1, u[:, i1:i2, i2:])
         out = torch.zeros_like(q).scatter_(2, cols, q)
+        if seen is not None:
+            updated.append(torch.zeros_like(seen).scatter_(2, cols, seen).reshape(c, k).numpy())
     return out.reshape(c, k).numpy().astype(np.int64)
 
 
 def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings: dict,
-                   cross: np.ndarray | None = None) -> dict[str, float]:
+                   cross: np.ndarray | None = None, starts: dict[int, np.ndarray] | None = None) -> dict[str, float]:
     """Re-decide one layer's integers with error feedback through its input second moment `hessian`
     (in place); the output error before and after. With the cross moment `cross` (D) the integers
     aim at the float target (`float_target`), else at the layer's own weights. Without H (no inputs
-    seen) nothing changes."""
+    seen) nothing changes. `starts`, when given, gets per decided term the real values (C, K, in
+    units of the scale) its integers were rounded from: feedback's updated weights on the channels
+    that keep its integers, the term's own target elsewhere (the learned rounding's `start`)."""
     c = op.weight.shape[0]
     w = op.weight.reshape(c, -1).astype(np.float64)
     if cross is not None:
@@ -151,13 +162,16 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
     current = before  # each channel's error with the integers it has so far
     for t, rows, aim in rounding_targets(wq, w):
         q, s = wq.terms[t]
+        seen: list[np.ndarray] | None = [] if starts is not None else None
         new = feedback_integers(aim / s[:, None], hessian, grids[t], settings["order"], settings["damp"],
-                                settings["block"], budget)  # a budget comes only with single-term layers
+                                settings["block"], budget, seen)  # a budget comes only with single-term layers
         trial = wq.terms[:t] + [(np.where(rows[:, None], new, q.reshape(c, -1)).reshape(q.shape), s)] + wq.terms[t + 1:]
         e_new = err((w - WeightQuant(wq.scheme, trial, wq.bits, wq.extra).dequantized().reshape(c, -1)).astype(np.float32))
         keep = rows & (e_new < current)
         wq.terms[t] = (np.where(keep.reshape(-1, *([1] * (q.ndim - 1))), trial[t][0], q).astype(np.int64), s)
         current = np.where(keep, e_new, current)
+        if starts is not None:
+            starts[t] = np.where(keep[:, None], seen[0], aim / s[:, None])
     settle(wq)
     return error_record(before, current, err, w)
 
@@ -193,6 +207,26 @@ def float_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: fl
     return w + moved.reshape(c, k).numpy()
 
 
+def _learned_starts(graph: Graph, stats, settings: dict, weights: LayerWeights, learned: list[str]):
+    """With `rounding.start = "feedback"`, error feedback on the learned layers (in place, on the
+    calibration H) and each one's updated weights (`feedback_layer`'s `starts`), with the method's
+    nearest weights taken before it (the records' "nearest"); else nothing to hand over."""
+    if settings["start"] != "feedback":
+        return {}, None
+    ops = [op for op in graph.weighted_ops() if op.name in learned]
+    nearest = {op.name: weights[op.name].dequantized() for op in ops}
+    starts: dict[str, dict[int, np.ndarray]] = {op.name: {} for op in ops}
+
+    def start(op: Op) -> dict:
+        li = stats.layer_inputs.get(op.name) if stats is not None else None
+        return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings, starts=starts[op.name])
+
+    with progress("error-feedback rounding (the learned rounding's start)", len(ops)) as advance:
+        for _ in per_layer(start, ops, stats):
+            advance()
+    return starts, nearest
+
+
 def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
                    moments_read: Callable[[], None] | None = None) -> None:
     """Re-decide every layer's integers by its `weights.rounding` (in place) and record per layer the
@@ -209,6 +243,7 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
     learned = [name for name, m in modes.items() if m == "learned"]
     feedback = [name for name, m in modes.items() if m == "feedback"]
     sequential = settings["sequential"] and bool(feedback)
+    starts, nearest = _learned_starts(graph, stats, settings, weights, learned) if learned else ({}, None)
 
     if settings["target"] == "float" and not settings["sequential"] and feedback:
         raise RecipeError("rounding.target = 'float' needs the FP32 and quantized inputs of the sequential pass: "
@@ -236,7 +271,8 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
             moments_read()
         if learned:
             from .learned import learn_rounding
-            for name, rec in learn_rounding(graph, stats, recipe, weights, learned, visit, on_layer, to_float).items():
+            for name, rec in learn_rounding(graph, stats, recipe, weights, learned, visit, on_layer, to_float,
+                                            starts, nearest).items():
                 report[name] = {"rounding": "learned", **rec}
         elif sequential:
             walk(graph, stats, recipe, weights, [], layers=visit, on_layer=on_layer, float_inputs=to_float)
