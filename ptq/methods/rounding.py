@@ -217,14 +217,17 @@ def _learned_starts(graph: Graph, stats, settings: dict, weights: LayerWeights, 
     nearest = {op.name: weights[op.name].dequantized() for op in ops}
     starts: dict[str, dict[int, np.ndarray]] = {op.name: {} for op in ops}
 
-    def start(op: Op) -> dict:
-        li = stats.layer_inputs.get(op.name) if stats is not None else None
-        return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings, starts=starts[op.name])
-
     with progress("error-feedback rounding (the learned rounding's start)", len(ops)) as advance:
-        for _ in per_layer(start, ops, stats):
+        for _ in per_layer(lambda op: _on_calibration_h(op, stats, weights, settings, starts[op.name]), ops, stats):
             advance()
     return starts, nearest
+
+
+def _on_calibration_h(op: Op, stats, weights: LayerWeights, settings: dict,
+                      starts: dict[int, np.ndarray] | None = None) -> dict[str, float]:
+    """`feedback_layer` on the layer's input moments from the calibration statistics (FP32 model)."""
+    li = stats.layer_inputs.get(op.name) if stats is not None else None
+    return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings, starts=starts)
 
 
 def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
@@ -258,12 +261,8 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
             advance()
 
         if not sequential:
-            def decide(op: Op) -> dict:
-                li = stats.layer_inputs.get(op.name) if stats is not None else None
-                return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings)
-
             ops = [op for op in graph.weighted_ops() if op.name in feedback]
-            for op, rec in zip(ops, per_layer(decide, ops, stats)):
+            for op, rec in zip(ops, per_layer(lambda op: _on_calibration_h(op, stats, weights, settings), ops, stats)):
                 report[op.name] = {"rounding": "feedback", **rec}
                 advance()
         visit = feedback if sequential else []
