@@ -283,14 +283,14 @@ def test_an_accumulator_layer_keeps_its_bias_and_its_bound_under_a_learned_bias(
         assert np.array_equal(qm.manifest.tensor(rec["bias"]["float"]), op.bias.astype(np.float64)), op.name
         assert rec["accumulator"]["bits"] <= 12
 
-@pytest.mark.parametrize("drop", [0.0, 0.5])
-def test_same_seed_same_manifest_bytes_at_any_thread_count(digits_prepared, tmp_path, drop):
+@pytest.mark.parametrize("over", [{}, {"rounding.drop": 0.5}, {"rounding.bias_rate": 0.05, "rounding.start": "feedback"}])
+def test_same_seed_same_manifest_bytes_at_any_thread_count(digits_prepared, tmp_path, over):
     threads = torch.get_num_threads()
     dirs = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            qm = quantize_prepared(digits_prepared, "w4a8", overrides={**FAST, "rounding.drop": drop})
+            qm = quantize_prepared(digits_prepared, "w4a8", overrides={**FAST, **over})
             dirs.append(qm.save(tmp_path / f"t{n}"))
     finally:
         torch.set_num_threads(threads)
