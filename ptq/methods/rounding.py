@@ -207,7 +207,8 @@ def float_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: fl
     return w + moved.reshape(c, k).numpy()
 
 
-def _learned_starts(graph: Graph, stats, settings: dict, weights: LayerWeights, learned: list[str]):
+def _learned_starts(graph: Graph, stats, settings: dict, weights: LayerWeights,
+                    learned: list[str]) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, np.ndarray] | None]:
     """With `rounding.start = "feedback"`, error feedback on the learned layers (in place, on the
     calibration H) and each one's updated weights (`feedback_layer`'s `starts`), with the method's
     nearest weights taken before it (the records' "nearest"); else nothing to hand over."""
