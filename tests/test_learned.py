@@ -272,6 +272,20 @@ def test_learned_manifest_loads_and_verifies(digits, digits_prepared, recipe, tm
     assert loaded.verify(xte[:16], n=16)["verified"]
 
 
+@pytest.mark.parametrize("recipe", ["swis", "multipoint"])
+def test_a_learned_bias_from_feedback_on_shift_sets_and_points_verifies(digits, digits_prepared, recipe, tmp_path):
+    """The options on the grids with the most structure: SWIS shift sets, multipoint's last point."""
+    qm = quantize_prepared(digits_prepared, recipe, overrides={**FAST, "rounding.start": "feedback", "rounding.bias_rate": 0.03})
+    assert qm.report["verification"]["verified"], qm.report["verification"]["reason"]
+    rounding = qm.manifest.data["method_info"]["rounding"]
+    assert {r.get("start") for r in rounding.values()} == {"feedback"}
+    if recipe == "swis":
+        for rec in qm.manifest.weighted_ops():
+            w = rec["weight"]
+            q = qm.manifest.tensor(w["terms"][0]["q"]).reshape(len(qm.manifest.tensor(w["terms"][0]["scale"])), -1)
+            assert not bitserial.unrepresentable(q, qm.manifest.tensor(w["extra"]["shifts"]), w["group"]).any()
+    assert ptq.load(qm.save(tmp_path / recipe)).verify(digits[3][:16], n=16)["verified"]
+
 def test_an_accumulator_layer_keeps_its_bias_and_its_bound_under_a_learned_bias(digits_prepared):
     """acc12 with learned rounding and `bias_rate`: every layer has an accumulator budget, so none
     learns a bias (its bound counts the bias); the manifest verifies with no overflow."""
