@@ -16,3 +16,14 @@ def test_write_section_into_a_new_file(tmp_path):
     p = tmp_path / "new.md"
     write_section(p, "table\n")
     assert p.read_text() == f"{BEGIN}\ntable\n{END}\n"
+
+
+def test_a_draws_row_is_a_recipe_and_its_overrides_parsed_as_ptq_set_parses_them():
+    import pytest
+    from benchmarks.draws import parse_row
+    from ptq.errors import RecipeError
+    assert parse_row("w4a8-learned rounding.bias_rate=0.01 rounding.start=feedback bias_correction.samples=32") == \
+        ("w4a8-learned", {"rounding.bias_rate": 0.01, "rounding.start": "feedback", "bias_correction.samples": 32})
+    assert parse_row("bitplane") == ("bitplane", {})
+    with pytest.raises(RecipeError, match="--set expects key=value"):
+        parse_row("bitplane rounding.damp")
