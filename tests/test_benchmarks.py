@@ -1,5 +1,10 @@
-"""The peer benchmark regenerates only its own section of BENCHMARKS.md."""
+"""Benchmark tooling: the peer benchmark regenerates only its own section of BENCHMARKS.md; a
+`benchmarks.draws` row parses its overrides as `ptq quantize --set` does."""
+import pytest
+
+from benchmarks.draws import parse_row
 from benchmarks.run import BEGIN, END, write_section
+from ptq.errors import RecipeError
 
 
 def test_write_section_keeps_the_hand_written_text(tmp_path):
@@ -19,9 +24,6 @@ def test_write_section_into_a_new_file(tmp_path):
 
 
 def test_a_draws_row_is_a_recipe_and_its_overrides_parsed_as_ptq_set_parses_them():
-    import pytest
-    from benchmarks.draws import parse_row
-    from ptq.errors import RecipeError
     assert parse_row("w4a8-learned rounding.bias_rate=0.01 rounding.start=feedback bias_correction.samples=32") == \
         ("w4a8-learned", {"rounding.bias_rate": 0.01, "rounding.start": "feedback", "bias_correction.samples": 32})
     assert parse_row("bitplane") == ("bitplane", {})
