@@ -115,7 +115,7 @@ def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(m
         assert np.all((q == r.down) | (q == r.up)), op.name
         assert np.array_equal(after[op.name].terms[0][1], before[op.name].terms[0][1])  # scales unchanged
         if rec["block_error"] == rec["block_error_nearest"]:  # not better: the block keeps the method's integers
-            assert np.array_equal(q, r.nearest), op.name
+            assert np.array_equal(q, r.initial), op.name
     assert not np.array_equal(after["head"].terms[0][0], before["head"].terms[0][0])
 
 
@@ -202,14 +202,14 @@ def test_learned_from_feedback_chooses_around_feedbacks_updated_weights_and_neve
         if starts:  # the pair is the layer's grid values around feedback's updated weight
             m = (1 << (fb.scheme["bits"] - 1)) - 1
             assert np.array_equal(rel.down, np.clip(np.floor(starts[0]), -m, m).astype(np.int64)), op.name
-        assert np.array_equal(rel.nearest, fb.terms[0][0].reshape(rel.nearest.shape))  # it starts from feedback's integers
+        assert np.array_equal(rel.initial, fb.terms[0][0].reshape(rel.initial.shape))  # it starts from feedback's integers
         q = after[op.name].terms[0][0].reshape(rel.down.shape)
         assert np.all((q == rel.down) | (q == rel.up)), op.name
         rec = info[op.name]
         assert rec["start"] == "feedback" and rec["block_error"] <= rec["block_error_nearest"]
         if rec["block_error"] == rec["block_error_nearest"]:
-            assert np.array_equal(q, rel.nearest), op.name
-        moved += int(not np.array_equal(q, rel.nearest))
+            assert np.array_equal(q, rel.initial), op.name
+        moved += int(not np.array_equal(q, rel.initial))
     assert moved
     _, plain = _method_and_learned(mbconv, "w4a8", {"weights.bits": 3})  # "nearest" stays the method's integers
     assert {n: v["error_nearest"] for n, v in info.items()} == {n: v["error_nearest"] for n, v in plain.info["rounding"].items()}
@@ -257,7 +257,7 @@ def test_swis_learned_integers_stay_on_their_group_sets(digits_prepared):
             assert np.all((q == r.down) | (q == r.up)), op.name
             moved += 1
         else:
-            assert np.array_equal(q, r.nearest), op.name
+            assert np.array_equal(q, r.initial), op.name
     assert moved
 
 

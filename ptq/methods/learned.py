@@ -74,10 +74,11 @@ rounded (the weight plus the errors of earlier columns pushed onto it), so h sta
 integers, and the guard below compares with feedback's integers.
 
 **Guards (ours).** A block keeps its learned integers only where its output error on the samples is
-no larger than with the integers it started from (the method's nearest, or feedback's); an accumulator layer's channel keeps its
-method's integers where the learned ones would exceed its budgets (its bound holds by
-construction). Each layer records its output error (H-based, as for feedback) and its block's
-relative output error on the samples, with nearest and with the learned integers.
+no larger than with the integers it started from (the method's nearest, or feedback's); an
+accumulator layer's channel keeps those where the learned ones would exceed its budgets (its bound
+holds by construction). Each layer records its output error (H-based, as for feedback) with the
+method's nearest and with the learned integers, and its block's relative output error on the
+samples with the integers it started from and with the learned ones.
 
 **Determinism.** Everything runs single-threaded (`errormodel.fixed_order`): convolutions and their
 gradients sum in a thread-count-dependent order, and a last-bit difference can flip a weight whose h
@@ -141,7 +142,8 @@ class Relaxed:
             x[r], down[r], up[r] = xt[r], d[r], u[r]
             scale[rows], self.term[rows] = s[rows], t
             fixed[rows] -= q.reshape(c, -1)[rows] * s[rows, None]
-        self.nearest = np.stack([q.reshape(c, -1) for q, _ in wq.terms])[self.term, np.arange(c)].astype(np.int64)
+        # the integers the layer holds: the method's nearest, or feedback's (`start`); what a block must beat
+        self.initial = np.stack([q.reshape(c, -1) for q, _ in wq.terms])[self.term, np.arange(c)].astype(np.int64)
         span = up - down
         frac = torch.where(span > 0, (x - down) / torch.where(span > 0, span, 1.0), 0.0).clamp(0.0, 1.0 - 1e-6)
         self.v = (-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)).float().requires_grad_()
@@ -168,13 +170,13 @@ class Relaxed:
         return ((1 - (2 * self.h() - 1).abs().pow(beta)) * self.moves).sum()
 
     def integers(self) -> np.ndarray:
-        """The learned choice (C, K); an accumulator layer's channel keeps its method's integers where
-        the learned ones would exceed its accumulator budgets."""
+        """The learned choice (C, K); an accumulator layer's channel keeps the integers it started
+        from (the method's, or feedback's) where the learned ones would exceed its accumulator budgets."""
         with torch.no_grad():
             q = np.where(self.h().numpy() >= 0.5, self.up, self.down)
         budget = self.wq.acc_budget
         if budget is not None:
-            q = np.where(exceeds(q, budget)[:, None], self.nearest, q)
+            q = np.where(exceeds(q, budget)[:, None], self.initial, q)
         return q
 
     def weight(self, q: np.ndarray) -> torch.Tensor:
@@ -283,7 +285,7 @@ def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: to
         return weighted_squares(lambda part: block.run(x[part], ws, quant, biases=b32) - target[part])
 
     energy = max(weighted_squares(lambda part: target[part]), 1e-30)
-    before = error({n: r.nearest for n, r in relaxed.items()}, {n: r.start_bias for n, r in relaxed.items()})
+    before = error({n: r.initial for n, r in relaxed.items()}, {n: r.start_bias for n, r in relaxed.items()})
     optimise(block, relaxed, x, target, quant, settings, gen, advance, max(before / target.numel(), 1e-30), weight, x_float)
     learned = {n: r.integers() for n, r in relaxed.items()}
     after = error(learned, {n: r.bias() for n, r in relaxed.items()})
