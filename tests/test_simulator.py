@@ -71,3 +71,31 @@ def test_end_to_end_counts_flips_only_on_decisive_samples():
     sim[1, np.argsort(ref[1])[-2]] += 2 * margin  # a systematic error flips a decisive sample
     r = end_to_end(sim, ref)
     assert r["top1_agreement_decisive"] < 99.5
+
+
+@pytest.mark.parametrize("acc_bits", [None, 10])
+def test_level2_compares_each_op_with_the_reference_on_the_simulators_inputs(digits, digits_quantized, acc_bits):
+    """Level 2's per-tensor figures are, by definition, each op's simulator output against the
+    reference kernel run on the simulator's own inputs: also downstream of a layer whose 10-bit
+    accumulators wrap, where the two chains part and the shortcut to the reference chain's own
+    output must not be taken."""
+    from ptq.ir.graph import execute
+    from ptq.runtime.reference import reference_kernels
+    from ptq.runtime.simulator import Simulator
+    from ptq.runtime.verify import numeric
+    _, xtr, _, _, _ = digits
+    qm, _ = digits_quantized
+    m = qm.manifest
+    x = torch.from_numpy(np.asarray(xtr[:16], np.float32))
+    got = numeric(m, [x[:8], x[8:]], Simulator(m, "wrap" if acc_bits else None, acc_bits))["tensors"]
+    sim, ref = Simulator(m, "wrap" if acc_bits else None, acc_bits), reference_kernels(m, torch.float64)
+    counts: dict[str, list[int]] = {}
+    for xb in (x[:8], x[8:]):
+        def check(op, xs, y):
+            d = (y.to(torch.float64) - ref[op.kind](op, [u.to(torch.float64) for u in xs])).abs()
+            c = counts.setdefault(op.output, [0, 0, 0])
+            c[0], c[1], c[2] = c[0] + int((d <= 1).sum()), c[1] + d.numel(), max(c[2], int(d.max()))
+        execute(sim.graph, sim.quantize_input(xb), sim.kernels(), on_output=check)
+    want = {t: {"share_within_1lsb": c[0] / c[1], "max_lsb_error": c[2]} for t, c in counts.items()}
+    assert got == want
+    assert (max(v["max_lsb_error"] for v in want.values()) > 1) == bool(acc_bits)
