@@ -194,7 +194,11 @@ def _keep(graph: Graph, x: torch.Tensor) -> torch.Tensor | None:
 # mapped and zeroed afresh: with 128 samples on Lite0, 8 and 16 took 28 s where 32 took 48-60 s; on
 # resnet50, 8 took 35 s where 16 took 47 s, and the peak was no higher (BENCHMARKS.md, session 23).
 CHUNK = 8
-HOLD_BYTES = 256 << 20  # a layer's quantized pre-activations are held for the second pass up to this size, else recomputed
+# A layer's quantized pre-activations are held for the second pass up to this size, else recomputed
+# (the same bits). At 256 MiB resnet50 held its 196 MiB maps (128 samples) and `multipoint` peaked at
+# 3.57-3.92 GiB, over 4 GB; at 128 MiB 3.29 GiB, for 21% more bias-correction time on Lite0, whose
+# 196 MiB maps are recomputed now (BENCHMARKS.md, session 25).
+HOLD_BYTES = 128 << 20
 
 
 def _chunks(n: int) -> list[slice]:
