@@ -246,7 +246,9 @@ def digits_prepared(digits):
 
 
 def test_swis_learned_integers_stay_on_their_group_sets(digits_prepared):
-    before, after = _method_and_learned(digits_prepared, "swis", {})
+    # 200 steps: at FAST's 60 no block beat nearest on one of our machines (its digits model and sums
+    # differ in the last bits), and the test checked nothing but the guard
+    before, after = _method_and_learned(digits_prepared, "swis", {"rounding.iterations": 200})
     moved = 0
     for op in digits_prepared.graph.weighted_ops():
         wq, rec = after[op.name], after.info["rounding"][op.name]
