@@ -25,8 +25,10 @@ def test_lite0_simulator_matches_fake_quant(lite0_w8a8):
     v = lite0_w8a8.manifest.data["verification"]
     assert v["structural"]["ok"]
     assert v["numeric"]["min_share_within_1lsb"] >= 0.999
-    src = as_source("samples:eval", lite0_w8a8.manifest.data["model"], 64, 0, "eval")
+    # 32 held-out crops: at 99.5% every one must agree, as with 64, in half the time
+    src = as_source("samples:eval", lite0_w8a8.manifest.data["model"], 32, 0, "eval")
     num = numeric(lite0_w8a8.manifest, src.batches(16))
+    assert num["samples"] == 32
     assert num["min_share_within_1lsb"] >= 0.999 and num["max_lsb_error"] <= 1
     # independent end-to-end runs (reference in float64): measured 100% on 256 crops (BENCHMARKS.md)
     assert num["top1_agreement_sim_vs_reference"] >= 99.5
