@@ -80,10 +80,14 @@ holds by construction). Each layer records its output error (H-based, as for fee
 method's nearest and with the learned integers, and its block's relative output error on the
 samples with the integers it started from and with the learned ones.
 
-**Determinism.** Everything runs single-threaded (`errormodel.fixed_order`): convolutions and their
-gradients sum in a thread-count-dependent order, and a last-bit difference can flip a weight whose h
-ends near ½, so the integers are the same bytes at any thread count. It costs 1.5× on 2 idle cores
-(0.60 s against 0.41 s per step over EfficientNet-Lite0's 18 blocks).
+**Determinism.** Every torch op runs single-threaded (`determinism.fixed_order`): convolutions and
+their gradients sum in a thread-count-dependent order, and a last-bit difference can flip a weight
+whose h ends near ½, so the integers are the same bytes at any thread count. The cores work on
+slices instead: each step's mini-batch is cut into PARTS slices whose gradients are formed at once
+on a thread pool, one slice per core, and summed in slice order (`reconstruction_gradients`); the
+cut does not depend on the thread count. With the regulariser's gradient formed in its own pass,
+h formed once a step, channels-last feature maps and a fused Adam, a step over EfficientNet-Lite0's
+18 blocks takes 0.43 s on 2 cores against 0.79 s before (BENCHMARKS.md, session 26).
 
 **Defaults.** 1000 steps per block on 128 samples: on three Lite0 calibration draws `w4a8-learned`'s
 KL fell 36–42% against 300 steps on 64 samples (BENCHMARKS.md). More samples matter most: 1000 steps
@@ -92,6 +96,8 @@ on 64 samples was worse on one draw, 300 on 128 better; 2000 steps on 128 gave t
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -109,7 +115,28 @@ ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 WARMUP = 0.2  # share of the steps before the regulariser starts
 BETA = (20.0, 2.0)  # the regulariser's exponent, annealed from the first to the second
 SEED = 0  # the mini-batch and crop generator's seed
+PARTS = 2  # slices of each mini-batch whose gradients are formed at once and summed (reconstruction_gradients)
 CROP = 8  # output window of a step on a block with larger maps (blocks.py "Crops")
+
+
+class _Regulariser(torch.autograd.Function):
+    """Σ moves·(1 − |2h − 1|^β) with its gradient −2β·moves·sign(2h − 1)·|2h − 1|^(β−1) formed in
+    the same pass: one power per weight instead of the three autograd's chain takes (on
+    EfficientNet-Lite0's 1.28M-weight classifier it was two thirds of a step)."""
+
+    @staticmethod
+    def forward(ctx, h, moves, beta):
+        t = h.mul(2).sub_(1)
+        a = t.abs()
+        p = a.pow(beta - 1)
+        value = moves.sum() - p.mul(a).mul_(moves).sum()
+        ctx.save_for_backward(p.mul_(t.sign_()).mul_(moves).mul_(-2.0 * beta))
+        return value
+
+    @staticmethod
+    def backward(ctx, g):
+        (d,) = ctx.saved_tensors
+        return g * d, None, None
 
 
 class Relaxed:
@@ -156,8 +183,9 @@ class Relaxed:
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
-    def soft_weight(self) -> torch.Tensor:
-        return (self._fixed + self._scale * (self._down + self.h() * self._span)).reshape(self.op.weight.shape)
+    def soft_weight(self, h: torch.Tensor) -> torch.Tensor:
+        """The relaxed weight for this step's h (`h()`, formed once a step and shared with `regulariser`)."""
+        return (self._fixed + self._scale * (self._down + h * self._span)).reshape(self.op.weight.shape)
 
     def soft_bias(self) -> torch.Tensor:
         return self._b32 if self.u is None else self._b32 + self._bias_step * self.u
@@ -166,8 +194,9 @@ class Relaxed:
         """The learned float bias (the starting one without a learned bias)."""
         return self.start_bias if self.u is None else self.start_bias + self._bias_step * self.u.detach().double().numpy()
 
-    def regulariser(self, beta: float) -> torch.Tensor:
-        return ((1 - (2 * self.h() - 1).abs().pow(beta)) * self.moves).sum()
+    def regulariser(self, h: torch.Tensor, beta: float) -> torch.Tensor:
+        """Σ (1 − |2h − 1|^β) over the weights that have two neighbours (`_Regulariser`)."""
+        return _Regulariser.apply(h, self.moves, beta)
 
     def integers(self) -> np.ndarray:
         """The learned choice (C, K); an accumulator layer's channel keeps the integers it started
@@ -195,9 +224,44 @@ class Relaxed:
         settle(wq)
 
 
+def _fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """A feature map in channels-last order, where CPU depthwise convolutions and their gradients
+    run 2–2.4× faster (Lite0's 5×5 ones, one thread); other tensors as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def reconstruction_gradients(block: Block, xb: torch.Tensor, tb: torch.Tensor, ws: dict[str, torch.Tensor],
+                             bs: dict[str, torch.Tensor], quant: dict[str, Bounds], pads, drop, weight: torch.Tensor,
+                             unit: float, pool: Executor | None) -> list[torch.Tensor]:
+    """The gradient of the step's reconstruction loss with respect to each soft weight and learned
+    bias (those that require it, weights first), summed over PARTS slices of the mini-batch in slice
+    order. The slices run at once on `pool` (single-threaded each), so a step uses PARTS cores and
+    its bytes do not depend on how many there are; with `drop` they run in turn, as its masks are
+    drawn from one generator."""
+    leaves = [t for t in (*ws.values(), *bs.values()) if t.requires_grad]
+    free = {id(t): t.detach().requires_grad_() for t in leaves}
+    fw = {n: free.get(id(t), t) for n, t in ws.items()}
+    fb = {n: free.get(id(t), t) for n, t in bs.items()}
+    inputs = [free[id(t)] for t in leaves]
+    denom = float(tb.numel()) * unit
+
+    def part(sl: slice) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():
+            out = block.run(_fast_layout(xb[sl]), fw, quant, pads, drop, fb)
+            loss = (out - tb[sl]).pow(2).mul(weight).sum() / denom
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))
+
+    n = xb.shape[0]
+    size = -(-n // PARTS)
+    slices = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    results = list(pool.map(part, slices) if pool is not None and drop is None and len(slices) > 1 else map(part, slices))
+    return [sum(gs[1:], gs[0]) for gs in zip(*results)]
+
+
 def optimise(block: Block, relaxed: dict[str, Relaxed], x: torch.Tensor, target: torch.Tensor,
              quant: dict[str, Bounds], settings: dict, gen: torch.Generator, advance: Callable, unit: float,
-             weight: torch.Tensor, x_float: torch.Tensor) -> None:
+             weight: torch.Tensor, x_float: torch.Tensor, pool: Executor | None = None) -> None:
     """Adam on the block's rounding variables (module docstring); `unit`: the mean weighted squared
     output error with the nearest integers, which the reconstruction term is measured in; `weight`:
     each output element's weight (broadcast over the output); `x_float`: the FP32 model's block
@@ -208,7 +272,7 @@ def optimise(block: Block, relaxed: dict[str, Relaxed], x: torch.Tensor, target:
     groups = [{"params": [r.v for r in relaxed.values()], "lr": settings["learning_rate"]}]
     if settings["bias_rate"] > 0:
         groups.append({"params": [r.u for r in relaxed.values() if r.u is not None], "lr": settings["bias_rate"]})
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(groups, fused=True)  # one pass per tensor: a third of the default's time on CPU
     warm = int(WARMUP * steps)
     h, w = target.shape[-2:] if block.windowed else (0, 0)
     crop = block.windowed and max(h, w) > CROP
@@ -226,15 +290,18 @@ def optimise(block: Block, relaxed: dict[str, Relaxed], x: torch.Tensor, target:
         if drop:
             xb = mixed(xf, xb, drop)
         with torch.enable_grad():
-            out = block.run(xb, {n: r.soft_weight() for n, r in relaxed.items()}, quant, pads, drop,
-                            {n: r.soft_bias() for n, r in relaxed.items()})
-            loss = (out - tb).pow(2).mul(weight).mean() / unit
+            hs = {n: r.h() for n, r in relaxed.items()}
+            ws = {n: r.soft_weight(hs[n]) for n, r in relaxed.items()}
+            bs = {n: r.soft_bias() for n, r in relaxed.items()}
+            grads = reconstruction_gradients(block, xb, tb, ws, bs, quant, pads, drop, weight, unit, pool)
+            leaves = [t for t in (*ws.values(), *bs.values()) if t.requires_grad]
+            opt.zero_grad()
             if it >= warm:
                 rel = (it - warm) / max(steps - warm, 1)
                 beta = BETA[1] + (BETA[0] - BETA[1]) * (1 - rel)
-                loss = loss + lam * sum(r.regulariser(beta) for r in relaxed.values())
-            opt.zero_grad()
-            loss.backward()
+                leaves.append(lam * sum(r.regulariser(hs[n], beta) for n, r in relaxed.items()))
+                grads.append(torch.ones(()))
+            torch.autograd.backward(leaves, grads)
         opt.step()
         advance()
 
@@ -262,7 +329,7 @@ def bias_step(b: Bounds) -> float:
 def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: torch.Tensor,
                 quant: dict[str, Bounds], settings: dict, gen: torch.Generator, advance: Callable,
                 weight: torch.Tensor, x_float: torch.Tensor,
-                starts: dict[str, dict[int, np.ndarray]] | None = None) -> dict[str, float]:
+                starts: dict[str, dict[int, np.ndarray]] | None = None, pool: Executor | None = None) -> dict[str, float]:
     """Learn one block's integers (in place, where they beat nearest on the samples); its relative
     output error on the samples (weighted as the objective weighs it) with nearest and with the result."""
     def step(op: Op) -> float | None:
@@ -286,7 +353,8 @@ def learn_block(block: Block, weights: LayerWeights, x: torch.Tensor, target: to
 
     energy = max(weighted_squares(lambda part: target[part]), 1e-30)
     before = error({n: r.initial for n, r in relaxed.items()}, {n: r.start_bias for n, r in relaxed.items()})
-    optimise(block, relaxed, x, target, quant, settings, gen, advance, max(before / target.numel(), 1e-30), weight, x_float)
+    optimise(block, relaxed, x, target, quant, settings, gen, advance, max(before / target.numel(), 1e-30), weight, x_float,
+             pool)
     learned = {n: r.integers() for n, r in relaxed.items()}
     after = error(learned, {n: r.bias() for n, r in relaxed.items()})
     if after <= before:
@@ -309,11 +377,13 @@ def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, lay
     nearest = nearest if nearest is not None else {name: weights[name].dequantized() for name in layers}
     report: dict[str, dict] = {}
     gen = torch.Generator().manual_seed(SEED)
-    with progress("learned rounding (block-wise AdaRound)", len(blocks) * settings["iterations"]) as advance:
+    workers = min(PARTS, torch.get_num_threads())  # read before the walk runs single-threaded
+    with progress("learned rounding (block-wise AdaRound)", len(blocks) * settings["iterations"]) as advance, \
+            (ThreadPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
         def on_block(block: Block, x: torch.Tensor, target: torch.Tensor, quant: dict[str, Bounds],
                      x_float: torch.Tensor) -> None:
             weight = output_weight(block, stats, settings, target.dim())
-            rec = learn_block(block, weights, x, target, quant, settings, gen, advance, weight, x_float, starts)
+            rec = learn_block(block, weights, x, target, quant, settings, gen, advance, weight, x_float, starts, pool)
             report.update({op.name: rec for op in block.layers})
         walk(graph, stats, recipe, weights, blocks, on_block, visit, on_layer, float_inputs)
     out: dict[str, dict] = {}
