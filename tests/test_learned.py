@@ -3,6 +3,7 @@ neighbours, blocks, what it may change, determinism, and manifests that load and
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from ptq.ir import LayerWeights
 from ptq.ir.grids import Grid, SwisGrid
 from ptq.methods.blocks import find_blocks
 from ptq.errors import RecipeError
-from ptq.methods.learned import Relaxed, learn_block, output_weight
+from ptq.methods.learned import Relaxed, _Regulariser, learn_block, output_weight, reconstruction_gradients
 from ptq.methods.registry import METHODS
 from ptq.methods.rounding import apply_rounding, feedback_layer
 from ptq.methods.walk import walk
@@ -118,6 +119,44 @@ def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(m
             assert np.array_equal(q, r.initial), op.name
     assert not np.array_equal(after["head"].terms[0][0], before["head"].terms[0][0])
 
+
+
+@pytest.mark.parametrize("beta", [20.0, 7.3, 2.0])
+def test_the_regulariser_and_its_gradient_are_those_of_its_formula(beta):
+    """`_Regulariser` forms its gradient in its own pass: it must equal autograd's through
+    Σ moves·(1 − |2h − 1|^β), the exact midpoint and the ends of h included."""
+    rng = np.random.default_rng(3)
+    h = torch.from_numpy(np.concatenate([rng.uniform(0, 1, 997), [0.0, 0.5, 1.0]])).float()
+    moves = torch.from_numpy((rng.uniform(size=1000) < 0.8).astype(np.float32))
+    a, b = h.clone().requires_grad_(), h.clone().requires_grad_()
+    plain = ((1 - (2 * a - 1).abs().pow(beta)) * moves).sum()
+    fused = _Regulariser.apply(b, moves, beta)
+    (ga,), (gb,) = torch.autograd.grad(plain, [a]), torch.autograd.grad(fused, [b])
+    assert float(fused) == pytest.approx(float(plain), rel=1e-5)
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+    assert gb[998] == 0 and torch.all(gb[moves == 0] == 0)  # h = ½: the regulariser is flat there
+
+
+def test_a_steps_gradient_summed_over_its_slices_is_the_whole_batchs(mbconv):
+    """`reconstruction_gradients` cuts the mini-batch into slices (worked on at once on a pool): their
+    summed gradients are the gradient of the mean squared error over the whole mini-batch."""
+    g, r = mbconv.graph, resolve("w4a8", {**FAST, "weights.bits": 3})
+    weights = LayerWeights(METHODS[r["method"]].quantize(g, mbconv.stats, r), {})
+    blocks = find_blocks(g, {op.name for op in g.weighted_ops()})
+    seen = {}
+    walk(g, mbconv.stats, r, weights, blocks, lambda b, *a: seen.setdefault(len(b.layers), (b, *a)))
+    block, x, target, quant, _ = seen[3]  # expand → depthwise → project
+    relaxed = {op.name: Relaxed(op, weights[op.name]) for op in block.layers}
+    xb, tb, unit = x[:7], target[:7], 0.37
+    ws = {n: rl.soft_weight(rl.h()) for n, rl in relaxed.items()}
+    bs = {n: rl.soft_bias() for n, rl in relaxed.items()}
+    whole = torch.autograd.grad((block.run(xb, ws, quant) - tb).pow(2).mean() / unit, list(ws.values()))
+    with ThreadPoolExecutor(2) as pool:
+        for executor in (None, pool):
+            sliced = reconstruction_gradients(block, xb, tb, ws, bs, quant, None, None, torch.ones(()), unit, executor)
+            assert len(sliced) == len(whole)
+            for a, b in zip(sliced, whole):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
 
 
 def test_a_learned_bias_takes_up_a_mean_shift_of_the_block_output(mbconv):
