@@ -225,8 +225,8 @@ class Relaxed:
 
 
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """A feature map in channels-last order, where CPU depthwise convolutions and their gradients
-    run 2–2.4× faster (Lite0's 5×5 ones, one thread); other tensors as they are."""
+    """A feature map in channels-last order, where a CPU depthwise convolution's forward and backward
+    run 1.4–2.4× faster (Lite0's shapes, 8 samples, one thread); other tensors as they are."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
