@@ -153,8 +153,8 @@ def test_a_steps_gradient_summed_over_its_slices_is_the_whole_batchs(mbconv):
     whole = torch.autograd.grad((block.run(xb, ws, quant) - tb).pow(2).mean() / unit, list(ws.values()))
     with ThreadPoolExecutor(2) as pool:
         for executor in (None, pool):
-            sliced = reconstruction_gradients(block, xb, tb, ws, bs, quant, None, None, torch.ones(()), unit, executor)
-            assert len(sliced) == len(whole)
+            leaves, sliced = reconstruction_gradients(block, xb, tb, ws, bs, quant, None, None, torch.ones(()), unit, executor)
+            assert [id(t) for t in leaves] == [id(t) for t in ws.values()] and len(sliced) == len(whole)
             for a, b in zip(sliced, whole):
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
 

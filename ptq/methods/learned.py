@@ -121,7 +121,7 @@ CROP = 8  # output window of a step on a block with larger maps (blocks.py "Crop
 
 class _Regulariser(torch.autograd.Function):
     """Σ moves·(1 − |2h − 1|^β) with its gradient −2β·moves·sign(2h − 1)·|2h − 1|^(β−1) formed in
-    the same pass: one power per weight instead of the three autograd's chain takes (on
+    the same pass: one power per weight where autograd's chain through the formula takes three (on
     EfficientNet-Lite0's 1.28M-weight classifier it was two thirds of a step)."""
 
     @staticmethod
@@ -232,12 +232,12 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
 
 def reconstruction_gradients(block: Block, xb: torch.Tensor, tb: torch.Tensor, ws: dict[str, torch.Tensor],
                              bs: dict[str, torch.Tensor], quant: dict[str, Bounds], pads, drop, weight: torch.Tensor,
-                             unit: float, pool: Executor | None) -> list[torch.Tensor]:
-    """The gradient of the step's reconstruction loss with respect to each soft weight and learned
-    bias (those that require it, weights first), summed over PARTS slices of the mini-batch in slice
-    order. The slices run at once on `pool` (single-threaded each), so a step uses PARTS cores and
-    its bytes do not depend on how many there are; with `drop` they run in turn, as its masks are
-    drawn from one generator."""
+                             unit: float, pool: Executor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The soft weights and learned biases that require a gradient (weights first), and the gradient
+    of the step's reconstruction loss with respect to each, summed over PARTS slices of the
+    mini-batch in slice order. The slices run at once on `pool` (single-threaded each), so a step
+    uses PARTS cores and its bytes do not depend on how many there are; with `drop` they run in
+    turn, as its masks are drawn from one generator."""
     leaves = [t for t in (*ws.values(), *bs.values()) if t.requires_grad]
     free = {id(t): t.detach().requires_grad_() for t in leaves}
     fw = {n: free.get(id(t), t) for n, t in ws.items()}
@@ -256,7 +256,7 @@ def reconstruction_gradients(block: Block, xb: torch.Tensor, tb: torch.Tensor, w
     size = -(-n // PARTS)
     slices = [slice(i, min(i + size, n)) for i in range(0, n, size)]
     results = list(pool.map(part, slices) if pool is not None and drop is None and len(slices) > 1 else map(part, slices))
-    return [sum(gs[1:], gs[0]) for gs in zip(*results)]
+    return leaves, [sum(gs[1:], gs[0]) for gs in zip(*results)]
 
 
 def optimise(block: Block, relaxed: dict[str, Relaxed], x: torch.Tensor, target: torch.Tensor,
@@ -293,8 +293,7 @@ def optimise(block: Block, relaxed: dict[str, Relaxed], x: torch.Tensor, target:
             hs = {n: r.h() for n, r in relaxed.items()}
             ws = {n: r.soft_weight(hs[n]) for n, r in relaxed.items()}
             bs = {n: r.soft_bias() for n, r in relaxed.items()}
-            grads = reconstruction_gradients(block, xb, tb, ws, bs, quant, pads, drop, weight, unit, pool)
-            leaves = [t for t in (*ws.values(), *bs.values()) if t.requires_grad]
+            leaves, grads = reconstruction_gradients(block, xb, tb, ws, bs, quant, pads, drop, weight, unit, pool)
             opt.zero_grad()
             if it >= warm:
                 rel = (it - warm) / max(steps - warm, 1)
