@@ -121,6 +121,17 @@ def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(m
 
 
 
+def _walked_blocks(prep):
+    """The 3-bit `w4a8` recipe, its method's weights, and what the walk hands each block (block,
+    quantized input, FP32 output, code bounds, FP32 input), by the block's first layer."""
+    g, r = prep.graph, resolve("w4a8", {**FAST, "weights.bits": 3})
+    weights = LayerWeights(METHODS[r["method"]].quantize(g, prep.stats, r), {})
+    seen = {}
+    walk(g, prep.stats, r, weights, find_blocks(g, {op.name for op in g.weighted_ops()}),
+         lambda b, *a: seen.setdefault(b.layers[0].name, (b, *a)))
+    return r, weights, seen
+
+
 @pytest.mark.parametrize("beta", [20.0, 7.3, 2.0])
 def test_the_regulariser_and_its_gradient_are_those_of_its_formula(beta):
     """`_Regulariser` forms its gradient in its own pass: it must equal autograd's through
@@ -140,12 +151,8 @@ def test_the_regulariser_and_its_gradient_are_those_of_its_formula(beta):
 def test_a_steps_gradient_summed_over_its_slices_is_the_whole_batchs(mbconv):
     """`reconstruction_gradients` cuts the mini-batch into slices (worked on at once on a pool): their
     summed gradients are the gradient of the mean squared error over the whole mini-batch."""
-    g, r = mbconv.graph, resolve("w4a8", {**FAST, "weights.bits": 3})
-    weights = LayerWeights(METHODS[r["method"]].quantize(g, mbconv.stats, r), {})
-    blocks = find_blocks(g, {op.name for op in g.weighted_ops()})
-    seen = {}
-    walk(g, mbconv.stats, r, weights, blocks, lambda b, *a: seen.setdefault(len(b.layers), (b, *a)))
-    block, x, target, quant, _ = seen[3]  # expand → depthwise → project
+    _, weights, seen = _walked_blocks(mbconv)
+    block, x, target, quant, _ = seen["expand.0"]  # expand → depthwise → project
     relaxed = {op.name: Relaxed(op, weights[op.name]) for op in block.layers}
     xb, tb, unit = x[:7], target[:7], 0.37
     ws = {n: rl.soft_weight(rl.h()) for n, rl in relaxed.items()}
@@ -161,11 +168,7 @@ def test_a_steps_gradient_summed_over_its_slices_is_the_whole_batchs(mbconv):
 
 def test_a_learned_bias_takes_up_a_mean_shift_of_the_block_output(mbconv):
     """A target shifted by a constant per channel: the rounding alone cannot follow it, the bias can."""
-    g, r = mbconv.graph, resolve("w4a8", {**FAST, "weights.bits": 3})
-    weights = LayerWeights(METHODS[r["method"]].quantize(g, mbconv.stats, r), {})
-    blocks = find_blocks(g, {op.name for op in g.weighted_ops()})
-    seen = {}
-    walk(g, mbconv.stats, r, weights, blocks, lambda b, *a: seen.setdefault(b.layers[0].name, (b, *a)))
+    r, weights, seen = _walked_blocks(mbconv)
     block, x, target, quant, x_float = seen["head"]
     shifted = target + 0.5 * target.std(0)
     errors = {}
