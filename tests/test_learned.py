@@ -121,15 +121,40 @@ def test_learned_block_error_never_above_nearest_and_every_integer_in_its_pair(m
 
 
 
-def _walked_blocks(prep):
-    """The 3-bit `w4a8` recipe, its method's weights, and what the walk hands each block (block,
-    quantized input, FP32 output, code bounds, FP32 input), by the block's first layer."""
-    g, r = prep.graph, resolve("w4a8", {**FAST, "weights.bits": 3})
+def _walked_blocks(prep, over: dict | None = None):
+    """The 3-bit `w4a8` recipe (with `over`), its method's weights, and what the walk hands each
+    block (block, quantized input, FP32 output, code bounds, FP32 input), by the block's first layer."""
+    g, r = prep.graph, resolve("w4a8", {**FAST, "weights.bits": 3, **(over or {})})
     weights = LayerWeights(METHODS[r["method"]].quantize(g, prep.stats, r), {})
     seen = {}
     walk(g, prep.stats, r, weights, find_blocks(g, {op.name for op in g.weighted_ops()}),
          lambda b, *a: seen.setdefault(b.layers[0].name, (b, *a)))
     return r, weights, seen
+
+
+def test_flip_walks_every_sample_and_its_mirror_image(digits_prepared):
+    """`rounding.flip`: every block sees twice the samples; at the graph input the second half is
+    the first half mirrored left to right, on the quantized stream and the FP32 one alike."""
+    plain = _walked_blocks(digits_prepared)[2]
+    flipped = _walked_blocks(digits_prepared, {"rounding.flip": True})[2]
+    n = FAST["rounding.samples"]
+    assert plain.keys() == flipped.keys()
+    for name, (block, x, target, _, x_float) in flipped.items():
+        assert x.shape[0] == target.shape[0] == x_float.shape[0] == 2 * n, name
+        assert plain[name][1].shape[0] == n
+    first = [v for v in flipped.values() if v[0].input == digits_prepared.graph.input]
+    assert first, "the digits CNN's first block reads the graph input"
+    _, x, target, _, x_float = first[0]
+    assert torch.equal(x[n:], x[:n].flip(-1)) and torch.equal(x_float[n:], x_float[:n].flip(-1))
+    assert not torch.equal(x[n:], x[:n])
+    assert torch.equal(target[:n], plain[first[0][0].layers[0].name][2])
+
+
+def test_the_card_says_the_rounding_was_learned_on_mirror_images(digits_prepared):
+    said = "learned on the calibration samples and their mirror images"
+    qm = quantize_prepared(digits_prepared, "w4a8", overrides={**FAST, "rounding.flip": True})
+    assert qm.report["verification"]["verified"] and said in qm.card()
+    assert said not in quantize_prepared(digits_prepared, "w4a8", overrides=FAST).card()
 
 
 @pytest.mark.parametrize("beta", [20.0, 7.3, 2.0])

@@ -48,6 +48,15 @@ in the FP32 model, over the first `rounding.samples` calibration samples, in min
 `rounding.batch_size` drawn by a fixed-seed generator; the quantized model then runs on through the
 block with its new integers.
 
+**Mirrored samples (ours; `rounding.flip`).** The samples matter most (see Defaults), and the
+calibration photos are all a user has: with `flip`, the walk runs on each sample and on its
+left-right mirror image, twice the samples for the same steps. A model trained with mirrored
+photos (ImageNet classifiers are) sees a mirror image as one more photo; where a mirror image
+means something else (rendered text, a spectrogram) it stays off, as by default. Measured on Lite0
+over three calibration draws (BENCHMARKS.md, session 27): `w4a8-learned` 69.5–77.7% top-1
+agreement and mean KL 0.197 against 59.8–74.6% and 0.220, `bitplane-4.5-learned` mean KL 0.077
+against 0.081, for about 5% more time.
+
 **Random drop** (`rounding.drop`; X. Wei, R. Gong, Y. Li, X. Liu, F. Yu, "QDrop: Randomly Dropping
 Quantization for Extremely Low-bit Post-Training Quantization", ICLR 2022). During the optimisation
 each activation value inside the block, and each value of its input, keeps its float value with

@@ -1,7 +1,8 @@
 """The model quantized so far, run op by op: where the learned rounding's blocks and the sequential
 feedback rounding decide a layer's integers.
 
-One walk in op order runs two streams over the first `rounding.samples` calibration samples: the
+One walk in op order runs two streams over the first `rounding.samples` calibration samples (with
+`rounding.flip`, followed by their mirror images: twice the samples from the same photos): the
 FP32 model (the learned blocks' targets and the float-target feedback's reference inputs; it runs
 only when one of them asks) and the model quantized so far (every layer's dequantized integers as
 they stand, every tensor fake-quantized with the encodings the manifest will have,
@@ -89,6 +90,8 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
 
     with fixed_order(), torch.no_grad():
         x = torch.cat(list(stats.replay(settings["samples"], size))).float()
+        if settings["flip"] and x.dim() == 4:  # images (N, C, H, W): each one mirrored left to right
+            x = torch.cat([x, x.flip(-1)])
         fp = {graph.input: x} if blocks or float_inputs else None
         parts = [slice(j, j + size) for j in range(0, x.shape[0], size)]  # mini-batches: bounded intermediates
         qx = {graph.input: Codes((x[p] for p in parts), quant[graph.input])}  # the quantized stream, as codes
