@@ -55,7 +55,7 @@ photos (ImageNet classifiers are) sees a mirror image as one more photo; where a
 means something else (rendered text, a spectrogram) it stays off, as by default. Measured on Lite0
 over three calibration draws (BENCHMARKS.md, session 27): `w4a8-learned` 69.5–77.7% top-1
 agreement and mean KL 0.197 against 59.8–74.6% and 0.220, `bitplane-4.5-learned` mean KL 0.077
-against 0.081, for about 5% more time.
+against 0.081, for 5–19% more method time.
 
 **Random drop** (`rounding.drop`; X. Wei, R. Gong, Y. Li, X. Liu, F. Yu, "QDrop: Randomly Dropping
 Quantization for Extremely Low-bit Post-Training Quantization", ICLR 2022). During the optimisation
