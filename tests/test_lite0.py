@@ -9,7 +9,9 @@ import ptq
 
 @pytest.fixture(scope="module")
 def lite0_w8a8():
-    return ptq.quantize("efficientnet_lite0", "samples", "w8a8", calib_size=64, eval_size=64)
+    # 32 calibration and 32 held-out crops (measured on draws 0, 1, 2: KL 0.0029-0.0053, top-1
+    # agreement 93.8-100%, every value within 1 LSB; with 64 and 64: 0.0038 and 100%) in 60% of the time
+    return ptq.quantize("efficientnet_lite0", "samples", "w8a8", calib_size=32, eval_size=32)
 
 
 def test_lite0_w8a8_fidelity_through_the_integer_simulator(lite0_w8a8):
@@ -25,10 +27,10 @@ def test_lite0_simulator_matches_fake_quant(lite0_w8a8):
     v = lite0_w8a8.manifest.data["verification"]
     assert v["structural"]["ok"]
     assert v["numeric"]["min_share_within_1lsb"] >= 0.999
-    # 32 held-out crops: at 99.5% every one must agree, as with 64, in half the time
-    src = as_source("samples:eval", lite0_w8a8.manifest.data["model"], 32, 0, "eval")
+    # 16 held-out crops: at 99.5% every one must agree, as with 64, in a quarter of the time
+    src = as_source("samples:eval", lite0_w8a8.manifest.data["model"], 16, 0, "eval")
     num = numeric(lite0_w8a8.manifest, src.batches(16))
-    assert num["samples"] == 32
+    assert num["samples"] == 16
     assert num["min_share_within_1lsb"] >= 0.999 and num["max_lsb_error"] <= 1
     # independent end-to-end runs (reference in float64): measured 100% on 256 crops (BENCHMARKS.md)
     assert num["top1_agreement_sim_vs_reference"] >= 99.5

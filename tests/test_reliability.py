@@ -374,16 +374,18 @@ prep = prepare(torch.load(model, weights_only=False), np.load(calib), "w8a8", se
 out = {}
 with tempfile.TemporaryDirectory() as d:
     for name in builtin_names():
-        p = save(quantize_prepared(prep, name).manifest, f"{d}/{name}")
+        # the learned recipes at 250 of their 1000 steps: the same slices, pool and annealing to 0/1,
+        # in a quarter of the time (they were 16 s of the 22 s a process took)
+        p = save(quantize_prepared(prep, name, overrides={"rounding.iterations": 250}).manifest, f"{d}/{name}")
         out[name] = [hashlib.sha256((p / f).read_bytes()).hexdigest() for f in ("manifest.json", "tensors.safetensors")]
 print(json.dumps(out))
 """
 
 
 def test_every_recipe_gives_identical_bytes_at_1_and_2_threads(digits, tmp_path):
-    """Every shipped recipe on the digits CNN, in processes started with OMP_NUM_THREADS=1 and 2
-    (statistics, method, manifest, bias correction and verification each time): manifest.json and
-    tensors.safetensors are byte-identical."""
+    """Every shipped recipe on the digits CNN (the learned ones at 250 steps), in processes started
+    with OMP_NUM_THREADS=1 and 2 (statistics, method, manifest, bias correction and verification each
+    time): manifest.json and tensors.safetensors are byte-identical."""
     from ptq.recipe import builtin_names
     model, xtr, _, xte, _ = digits
     torch.save(model, tmp_path / "digits.pt")
