@@ -71,7 +71,7 @@ def _weight_rounding(m: Manifest) -> str:
         near = sum(r["error_nearest"] for r in done)
         text += (f"; relative output error summed over those layers {near:.4g} with nearest → "
                  f"{sum(r['error'] for r in done):.4g} (per layer: the table below)")
-    if counts.get("learned") and m.data.get("recipe", {}).get("rounding", {}).get("flip"):
+    if any(r.get("mirrored") for r in rec.values()):
         text += "; learned on the calibration samples and their mirror images"
     biased = sum(r.get("bias") == "learned" for r in rec.values())
     if biased:

@@ -50,7 +50,7 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
         "samples": Field(128, int, lo=1, hi=100_000,
                          help="learned and sequential feedback: the first calibration samples the model quantized so far runs on"),
         "flip": Field(False, bool, help="learned and sequential feedback: run on the samples and on their left-right mirror "
-                                        "images (image inputs only): twice the samples from the same calibration photos"),
+                                        "images (image inputs (C, H, W) only; ignored otherwise): twice the samples from the same photos"),
         "batch_size": Field(8, int, lo=1, hi=4096,
                             help="learned: samples per optimiser step; also the mini-batch the walk of the model quantized so far runs in"),
         "learning_rate": Field(0.05, float, lo=1e-6, hi=1.0, help="learned: Adam step size of the rounding variables"),

@@ -154,7 +154,19 @@ def test_the_card_says_the_rounding_was_learned_on_mirror_images(digits_prepared
     said = "learned on the calibration samples and their mirror images"
     qm = quantize_prepared(digits_prepared, "w4a8", overrides={**FAST, "rounding.flip": True})
     assert qm.report["verification"]["verified"] and said in qm.card()
+    assert all(r["mirrored"] for r in qm.manifest.data["method_info"]["rounding"].values())
     assert said not in quantize_prepared(digits_prepared, "w4a8", overrides=FAST).card()
+
+
+def test_flip_is_ignored_where_the_input_is_not_an_image(tiny_encoder):
+    """A token encoder's input (T, F) has no left and right: the walk runs the samples as they are
+    and the card does not claim mirror images."""
+    model, _, calib, held = tiny_encoder
+    over = {**FAST, "rounding.flip": True, "calibration.sensitivity_samples": 0}
+    qm = quantize_prepared(prepare(model, calib, "w4a8", eval_data=held, eval_size=16, overrides=over), "w4a8", overrides=over)
+    assert qm.report["verification"]["verified"]
+    assert not any("mirrored" in r for r in qm.manifest.data["method_info"]["rounding"].values())
+    assert "mirror images" not in qm.card()
 
 
 @pytest.mark.parametrize("beta", [20.0, 7.3, 2.0])

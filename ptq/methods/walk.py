@@ -48,6 +48,11 @@ class Codes:
         return c.float().add_(self.lo).mul_(self.scale) if self.narrow else c.mul(self.scale)
 
 
+def mirrors(graph: Graph, settings: dict) -> bool:
+    """Whether the walk also runs each sample's mirror image: `rounding.flip` on an image input (C, H, W)."""
+    return settings["flip"] and len(graph.input_shape) == 3
+
+
 def _schedule(graph: Graph, blocks: list[Block], layers: set[str]) -> list[Op | Block]:
     """The ops in graph order with each block's ops run together at its last op, up to the last hook."""
     owner = {op.name: b for b in blocks for op in b.ops}
@@ -90,7 +95,7 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
 
     with fixed_order(), torch.no_grad():
         x = torch.cat(list(stats.replay(settings["samples"], size))).float()
-        if settings["flip"] and x.dim() == 4:  # images (N, C, H, W): each one mirrored left to right
+        if mirrors(graph, settings):  # each image mirrored left to right
             x = torch.cat([x, x.flip(-1)])
         fp = {graph.input: x} if blocks or float_inputs else None
         parts = [slice(j, j + size) for j in range(0, x.shape[0], size)]  # mini-batches: bounded intermediates
@@ -120,4 +125,4 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
                         fp.pop(t, None)
 
 
-__all__ = ["BlockHook", "Codes", "LayerHook", "walk"]
+__all__ = ["BlockHook", "Codes", "LayerHook", "mirrors", "walk"]
