@@ -72,7 +72,7 @@ def _weight_rounding(m: Manifest) -> str:
         text += (f"; relative output error summed over those layers {near:.4g} with nearest → "
                  f"{sum(r['error'] for r in done):.4g} (per layer: the table below)")
     if any(r.get("mirrored") for r in rec.values()):
-        text += "; learned on the calibration samples and their mirror images"
+        text += "; decided on the calibration samples and their mirror images"
     biased = sum(r.get("bias") == "learned" for r in rec.values())
     if biased:
         text += f"; biases learned with the rounding on {biased} layers"

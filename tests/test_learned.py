@@ -150,12 +150,18 @@ def test_flip_walks_every_sample_and_its_mirror_image(digits_prepared):
     assert torch.equal(target[:n], plain[first[0][0].layers[0].name][2])
 
 
-def test_the_card_says_the_rounding_was_learned_on_mirror_images(digits_prepared):
-    said = "learned on the calibration samples and their mirror images"
+def test_the_card_says_the_rounding_was_decided_on_mirror_images(digits_prepared):
+    """Learned rounding and sequential feedback both run on the walk: each records the mirror images."""
+    said = "decided on the calibration samples and their mirror images"
     qm = quantize_prepared(digits_prepared, "w4a8", overrides={**FAST, "rounding.flip": True})
     assert qm.report["verification"]["verified"] and said in qm.card()
     assert all(r["mirrored"] for r in qm.manifest.data["method_info"]["rounding"].values())
     assert said not in quantize_prepared(digits_prepared, "w4a8", overrides=FAST).card()
+    seq = {"weights.rounding": "feedback", "rounding.sequential": True, "rounding.samples": 32, "bias_correction.mode": "none"}
+    fb = quantize_prepared(digits_prepared, "w4a8", overrides={**seq, "rounding.flip": True})
+    assert said in fb.card() and {r["rounding"] for r in fb.manifest.data["method_info"]["rounding"].values()} == {"feedback"}
+    assert all(r["mirrored"] for r in fb.manifest.data["method_info"]["rounding"].values())
+    assert said not in quantize_prepared(digits_prepared, "w4a8", overrides=seq).card()
 
 
 def test_flip_is_ignored_where_the_input_is_not_an_image(tiny_encoder):

@@ -118,7 +118,7 @@ from ..errors import RecipeError
 from ..ir.grids import settle, term_grids
 from .base import error_record, layer_error, rounding_targets
 from .blocks import Block, Bounds, find_blocks, mixed
-from .walk import LayerHook, mirrors, walk
+from .walk import LayerHook, walk
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 WARMUP = 0.2  # share of the steps before the regulariser starts
@@ -408,8 +408,6 @@ def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, lay
             out[name]["bias"] = "learned"
         if starts and name in starts:
             out[name]["start"] = "feedback"
-        if mirrors(graph, settings):
-            out[name]["mirrored"] = True
     return out
 
 

@@ -51,7 +51,7 @@ from .base import error_record, per_layer, rounding_targets
 from .errormodel import ErrorModel, fixed_order
 from .fields import layer_setting
 from .selectors import override_matches
-from .walk import walk
+from .walk import mirrors, walk
 
 SEED = 0  # the patch positions' seed of the sequential H
 
@@ -276,6 +276,9 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
                 report[name] = {"rounding": "learned", **rec}
         elif sequential:
             walk(graph, stats, recipe, weights, [], layers=visit, on_layer=on_layer, float_inputs=to_float)
+    if mirrors(graph, settings):  # every layer decided on the walk saw the mirror images
+        for name in [*learned, *visit]:
+            report[name]["mirrored"] = True
     for op in graph.weighted_ops():
         report.setdefault(op.name, {"rounding": "nearest"})
     weights.info["rounding"] = report
