@@ -54,9 +54,18 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
         "bias_correction": f"{r['bias_correction']['mode']} ({corrected} of {len(layers)} layers corrected)",
         "calibration": f"{cal.get('size')} samples from {cal.get('source')} ({data_kind}), seed {cal.get('seed')}",
         "model": f"{m.data['model']['name']} (weights: {m.data['model'].get('weights') or 'default'})",
+        "platform": _platform(m.data.get("platform")),
         "fidelity": fidelity,
         "verification": verification,
     }
+
+
+def _platform(p: dict | None) -> str:
+    """Where the same inputs and seed give the same bytes (`ptq.determinism.platform`)."""
+    if not p:
+        return "not recorded"
+    return (f"torch {p.get('torch')}, numpy {p.get('numpy')}, CPU kernels {p.get('cpu_kernels')}: the same inputs "
+            "and seed give the same bytes here; another CPU's kernels sum in another order and may move low-bit integers")
 
 
 def _weight_rounding(m: Manifest) -> str:
@@ -220,7 +229,7 @@ def render_card(m: Manifest, fidelity: dict | None = None, verification: dict | 
              "| choice | value |", "|---|---|"]
     for key in ("model", "method", "recipe", "weights", "weight_clipping", "weight_rounding", "activations", "rounding",
                 "first_layer_bits", "last_layer_bits", "quantized_tensors", "mean_weight_bits", "max_weight_bits",
-                "compression", "multipoint", "bit_planes", "bit_serial", "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration"):
+                "compression", "multipoint", "bit_planes", "bit_serial", "accumulator", "allocation", "batchnorm_folded", "float_islands", "bias_correction", "calibration", "platform"):
         v = f[key]
         v = f"{v:.3f}" if isinstance(v, float) else v
         lines.append(f"| {key.replace('_', ' ')} | {v} |")

@@ -7,9 +7,19 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 T = TypeVar("T")
+
+
+def platform() -> dict[str, str]:
+    """What a manifest's bytes depend on besides its inputs and seed: torch's and numpy's versions and
+    the CPU's vector kernels (torch's dispatch level). Float32 convolutions and products sum in the
+    order those kernels choose, and error feedback and learned rounding carry a last-bit difference
+    into other integers: on another CPU a low-bit recipe's figures move as with another calibration
+    draw (BENCHMARKS.md, session 28)."""
+    return {"torch": torch.__version__, "numpy": np.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
 R = TypeVar("R")
 
 

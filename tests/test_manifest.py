@@ -3,6 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import ptq
 from ptq.errors import ManifestError, OutputError
@@ -34,6 +35,16 @@ def test_same_seed_gives_byte_identical_manifest(digits, tmp_path, recipe):
         assert (dirs[0] / f).read_bytes() == (dirs[1] / f).read_bytes()
 
 
+def test_the_manifest_and_card_name_the_platform_its_bytes_depend_on(digits_quantized):
+    """torch's and numpy's versions and the CPU kernels torch dispatches to: another CPU may give
+    other low-bit integers from the same inputs and seed (BENCHMARKS.md, session 28)."""
+    qm, out = digits_quantized
+    p = ptq.load(out).manifest.data["platform"]
+    assert p == {"torch": torch.__version__, "numpy": np.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
+    assert f"| platform | torch {torch.__version__}, numpy {np.__version__}, CPU kernels {p['cpu_kernels']}:" in (
+        out / "card.md").read_text()
+
+
 def test_existing_output_is_refused_without_force(digits_quantized, tmp_path):
     qm, out = digits_quantized
     target = tmp_path / "o"
@@ -54,6 +65,7 @@ def test_existing_output_is_refused_without_force(digits_quantized, tmp_path):
     (lambda d: d["graph"]["ops"][0]["weight"].update(bits=3), "values"),
     (lambda d: d["graph"]["ops"][0]["weight"].update(scheme="magic"), "scheme"),
     (lambda d: d["graph"]["ops"][0].update(inputs=["nowhere"]), "before it is produced"),
+    (lambda d: d["platform"].update(torch=2), "platform.torch"),
 ])
 def test_corrupt_manifest_fields_are_named(digits_quantized, tmp_path, mutate, message):
     _, out = digits_quantized

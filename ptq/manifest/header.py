@@ -87,6 +87,13 @@ def check_calibration(d: dict) -> None:
             raise fail(f"calibration.{key}", f"must be non-negative, got {v}")
 
 
+def check_platform(d: dict) -> None:
+    """Where the manifest was made (`ptq.determinism.platform`): names only."""
+    p = _optional(d, "platform", dict, "")
+    for key in p or ():
+        need(p, key, str, "platform")
+
+
 def check_method_info(d: dict) -> None:
     info = _optional(d, "method_info", dict, "")
     a = None if info is None else info.get("allocator")
@@ -136,6 +143,7 @@ def check_header(d: dict) -> None:
     check_model(d, d["graph"]["input_shape"])
     check_recipe(d)
     check_calibration(d)
+    check_platform(d)
     check_method_info(d)
     check_override_matches(d)
     for key in OPTIONAL_RECORDS:
