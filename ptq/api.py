@@ -30,7 +30,7 @@ from .calib.progress import console, muted, note, progress, stage
 from . import minilm
 from .calib.sources import DataSource, check_float_dtype, check_labels, float_samples, open_source, sample_shape, shape_mismatch
 from .card import bits_png, planes_png, render_card
-from .determinism import platform
+from .determinism import platform_record
 from .errors import DataError, ModelError, PtqError, RecipeError
 from .ir import Graph, LayerWeights
 from .ir.capture import capture
@@ -522,7 +522,7 @@ def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manif
     cal = recipe["calibration"]
     header = {"created_by": f"ptq {__version__}", "model": prep.model.spec,
               "calibration": {**prep.source.to_dict(), "seed": prep.seed, "batch_size": cal["batch_size"]},
-              "platform": platform()}
+              "platform": platform_record()}
     m = build_manifest(prep.graph, prep.stats, recipe, weights, header)
     if recipe["overrides"]:  # which layers each override selected, for the card (absent without overrides)
         m.data["override_matches"] = override_matches(prep.graph, recipe["overrides"])

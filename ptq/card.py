@@ -61,7 +61,7 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
 
 
 def _platform(p: dict | None) -> str:
-    """Where the same inputs and seed give the same bytes (`ptq.determinism.platform`)."""
+    """Where the same inputs and seed give the same bytes (`ptq.determinism.platform_record`)."""
     if not p:
         return "not recorded"
     return (f"torch {p.get('torch')}, numpy {p.get('numpy')}, CPU kernels {p.get('cpu_kernels')}: the same inputs "

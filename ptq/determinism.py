@@ -1,4 +1,4 @@
-"""Torch reductions in a fixed order, so that the same inputs give the same bytes at any thread count."""
+"""Torch reductions in a fixed order, so that the same inputs give the same bytes at any thread count; and the platform those bytes still depend on."""
 from __future__ import annotations
 
 import contextlib
@@ -11,16 +11,16 @@ import numpy as np
 import torch
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
-def platform() -> dict[str, str]:
+def platform_record() -> dict[str, str]:
     """What a manifest's bytes depend on besides its inputs and seed: torch's and numpy's versions and
     the CPU's vector kernels (torch's dispatch level). Float32 convolutions and products sum in the
     order those kernels choose, and error feedback and learned rounding carry a last-bit difference
     into other integers: on another CPU a low-bit recipe's figures move as with another calibration
     draw (BENCHMARKS.md, session 28)."""
     return {"torch": torch.__version__, "numpy": np.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
-R = TypeVar("R")
 
 
 @contextlib.contextmanager

@@ -88,7 +88,7 @@ def check_calibration(d: dict) -> None:
 
 
 def check_platform(d: dict) -> None:
-    """Where the manifest was made (`ptq.determinism.platform`): names only."""
+    """Where the manifest was made (`ptq.determinism.platform_record`): names only."""
     p = _optional(d, "platform", dict, "")
     for key in p or ():
         need(p, key, str, "platform")
