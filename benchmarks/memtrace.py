@@ -4,7 +4,8 @@
     python -m benchmarks.memtrace MODEL RECIPE [--calib-size 32] [--eval-size 16] [--set KEY=VALUE ...]
 
 Named torchvision models run with random weights (memory does not depend on the values);
-efficientnet_lite0 with its real ones. The attribution is by time, so a stage's figure includes
+efficientnet_lite0 with its real ones. The allocator is tuned as the command line tunes it
+(`ptq.memory.reuse_freed_memory`). The attribution is by time, so a stage's figure includes
 what earlier stages left allocated: it answers "how high was the RSS while this stage ran".
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 
 import ptq
 from ptq.cli import parse_sets
+from ptq.memory import reuse_freed_memory
 from benchmarks.speed import STAGES
 
 
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=16)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override, as `ptq quantize --set`")
     a = ap.parse_args()
+    reuse_freed_memory()  # as `ptq quantize` runs
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 

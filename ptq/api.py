@@ -37,7 +37,7 @@ from .ir.capture import capture
 from .manifest import Manifest, load as load_manifest, save as save_manifest, weight_summary
 from .manifest.build import build_manifest
 from .manifest.header import SENTENCE_EMBEDDING_KINDS
-from .memory import release_freed_memory
+from .memory import release_freed_memory, reuse_freed_memory
 from .manifest.publish import check_output  # noqa: F401  (API: refuse an output place before a long run)
 from .methods import METHODS
 from .methods.selectors import is_structural, override_matches, select
@@ -393,6 +393,7 @@ def _helper(index: int, world: int, port: int, threads: int, kwargs: dict) -> No
     """A calibration rank that `workers=N` spawned: its share of the statistics, then exit (rank 0
     quantizes). A failure rank 0 reports (agreed on) exits with its code and prints nothing."""
     rank = index + 1
+    reuse_freed_memory()  # a process of ptq's own, as the command line's
     try:
         with muted(), helper_rank(index, world, port, threads):
             prepare(**kwargs)

@@ -180,7 +180,11 @@ def _compact(codec: Codec, t: str, codes: torch.Tensor) -> torch.Tensor:
     """Codes of a tensor of at most 8 bits as uint8 (exact: whole numbers in [0, 255]), so the
     candidates' fake-quant streams take a quarter of the FP32 stream's memory; wider ones as they are."""
     e = codec.enc.get(t)
-    return codes.to(torch.uint8) if e is not None and e["bits"] <= 8 else codes
+    if e is None or e["bits"] > 8:
+        return codes
+    if codes.device.type == "cpu":  # numpy's float32 → uint8 cast is 3× torch's on this machine's CPU
+        return torch.from_numpy(codes.numpy().astype(np.uint8))
+    return codes.to(torch.uint8)
 
 
 def _keep(graph: Graph, x: torch.Tensor) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from .calib.progress import console, set_quiet
 from .errors import PtqError
+from .memory import reuse_freed_memory
 from .version import __version__
 
 NOT_VERIFIED = 3  # exit code of quantize and simulate when the manifest does not verify
@@ -435,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_quiet(getattr(args, "quiet", False))
+    reuse_freed_memory()  # this process is ptq's own: its allocator may be tuned for tensors
     try:
         return args.fn(args)
     except PtqError as exc:
