@@ -25,6 +25,7 @@ from .ir import Graph, is_depthwise
 from .ir.floatops import apply_act, conv_float, float_kernels, linear_float
 from .manifest import Manifest
 from .manifest.build import set_bias
+from .memory import release_freed_memory
 from .metrics import fidelity
 from .runtime.reference import Codec, dequantized_weight, reference_kernels
 
@@ -158,6 +159,11 @@ def _forget(op, i: int, graph: Graph, last_use: dict[str, int], fp: dict, stream
         fp.pop(t, None)
         for fq, _ in streams:
             fq.pop(t, None)
+    # the pages of what was freed go back to the OS at each op, not only between stages: under the
+    # command line's allocator (`memory.reuse_freed_memory`) the heap otherwise keeps the holes that
+    # whole-calibration maps leave among the mini-batches' blocks, and resnet50 `multipoint` peaked at
+    # 3.58 GiB here instead of 3.26 (BENCHMARKS.md, session 29)
+    release_freed_memory()
 
 
 # Ops whose output is computed per mini-batch when read, never held: a pad's output is larger than

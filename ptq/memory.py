@@ -12,7 +12,8 @@ faults in and zeroes, and which goes back to the OS when freed. On Lite0 a mini-
 96×112×112 float32 maps is 38 MB, over the 32 MB the threshold grows to, and an elementwise op that
 allocates its output took 29 ms where the same op writing into a reused block takes 4
 (BENCHMARKS.md, session 29). `reuse_freed_memory` raises the threshold, so such blocks are served
-from the heap and reused, and `release_freed_memory` still returns them between stages.
+from the heap and reused, and `release_freed_memory` still returns them between stages (and, in bias
+correction, between ops).
 """
 from __future__ import annotations
 
@@ -41,18 +42,18 @@ def release_freed_memory() -> None:
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-# Blocks up to this size come from the heap; the heap's free top is kept up to TRIM_BYTES between
-# `release_freed_memory` calls, so that the next mini-batch's temporaries reuse its pages. One arena:
-# a worker thread's own arena grows in 64 MB heaps that a 38 MB block soon overflows into a mapping
-# again, and on resnet50 `multipoint` one arena peaked at 3.44 GiB where one per thread reached 3.68
-# (BENCHMARKS.md, session 29).
-MMAP_BYTES = 1 << 30
+# Blocks up to MMAP_BYTES come from the heap: a mini-batch's temporaries (38 MB on Lite0), while
+# whole-calibration maps stay mappings of their own that go back to the OS when freed; with 1 GiB
+# Lite0 `w8a8` peaked at 3.36 GiB in bias correction, with 64 MB at 3.17, as fast. The heap's free
+# top is kept up to TRIM_BYTES between `release_freed_memory` calls. One arena: a worker thread's
+# own arena grows in 64 MB heaps that such blocks soon overflow into mappings again.
+MMAP_BYTES = 64 << 20
 TRIM_BYTES = 256 << 20
 ARENAS = 1
 
 
 def reuse_freed_memory() -> bool:
-    """Serve tensors up to `MMAP_BYTES` from glibc's heap, where freed blocks are reused without page
+    """Serve blocks up to `MMAP_BYTES` from glibc's heap, where freed blocks are reused without page
     faults, for the rest of the process; returns whether it did. Left alone where the C library is
     not glibc, or where the user tuned glibc's allocator (GLIBC_TUNABLES or MALLOC_*): theirs wins."""
     mallopt = _libc_function("mallopt")

@@ -6,8 +6,10 @@ import os
 import pytest
 
 from benchmarks.digits import digits_data, train
+from ptq.memory import reuse_freed_memory
 
 os.environ.setdefault("PTQ_NO_PROGRESS", "1")
+reuse_freed_memory()  # as `ptq`'s command line runs: the tests' tensors reused, not mapped afresh
 
 
 @pytest.fixture(scope="session")
