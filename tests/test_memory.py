@@ -53,26 +53,28 @@ def test_a_users_own_allocator_settings_win(env):
     assert int(mapped) >= 48 << 20  # glibc's default: a block this large is a mapping of its own
 
 
-def test_the_command_line_tunes_its_process_and_the_manifest_does_not_depend_on_it():
-    """Quantize the same model twice in one process, before and after the setting, with mini-batch
-    maps over glibc's default 32 MB threshold (8 samples × 16 × 256 × 256 float32): same bytes.
-    The tests' own process is tuned (conftest), so this runs in a fresh one."""
+def test_the_manifest_does_not_depend_on_the_allocator():
+    """Quantize the same prepared model twice in one process, before and after the setting, with
+    mini-batch maps over glibc's default 32 MB threshold (8 samples × 16 × 256 × 256 float32): the
+    same bytes. The tests' own process is tuned (conftest), so this runs in a fresh one."""
     out = _python("""
         import hashlib, tempfile, torch, ptq
         from pathlib import Path
+        from ptq.api import prepare, quantize_prepared
+        from ptq.manifest.store import save
         from ptq.memory import reuse_freed_memory
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU6(),
                                     torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU6(),
                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
-        x = torch.rand(8, 3, 256, 256)
+        prep = prepare(model, torch.rand(8, 3, 256, 256), "w4a8", eval_size=0,
+                       overrides={"bias_correction.mode": "all", "calibration.verify_size": 1})
         digests = []
         for tune in (False, True):
             if tune:
                 print(reuse_freed_memory())
-            qm = ptq.quantize(model, x, "w4a8", eval_size=0)
             with tempfile.TemporaryDirectory() as d:
-                qm.save(Path(d) / "q")
+                save(quantize_prepared(prep).manifest, Path(d) / "q")  # the manifest and its tensors
                 digests.append(hashlib.sha256((Path(d) / "q" / "manifest.json").read_bytes()).hexdigest())
         print(digests[0] == digests[1])
     """)
