@@ -154,15 +154,15 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
 
 
 def _forget(op, i: int, graph: Graph, last_use: dict[str, int], fp: dict, streams: list) -> None:
-    """Drop the tensors read for the last time at op i: its inputs, and the source of a lazy input."""
+    """Drop the tensors read for the last time at op i (its inputs, and the source of a lazy input),
+    and hand the freed pages back to the OS."""
     for t in {t for t, last in last_use.items() if last == i} - set(graph.outputs):
         fp.pop(t, None)
         for fq, _ in streams:
             fq.pop(t, None)
-    # the pages of what was freed go back to the OS at each op, not only between stages: under the
-    # command line's allocator (`memory.reuse_freed_memory`) the heap otherwise keeps the holes that
-    # whole-calibration maps leave among the mini-batches' blocks, and resnet50 `multipoint` peaked at
-    # 3.58 GiB here instead of 3.26 (BENCHMARKS.md, session 29)
+    # at each op, not only between stages: under the command line's allocator (`memory.reuse_freed_memory`)
+    # the heap otherwise keeps the holes that whole-calibration maps leave among the mini-batches'
+    # blocks, and resnet50 `multipoint` peaked at 3.58 GiB here instead of 3.26 (BENCHMARKS.md, session 29)
     release_freed_memory()
 
 
