@@ -8,10 +8,10 @@ The machine is shared, so absolute seconds mean little: each row divides `report
 calibration batch size, after a warm-up batch) over the calibration tensors of that run, the
 faster of one measured before the quantize and one after it. Each row's process tunes glibc's
 allocator as `ptq`'s command line does (`ptq.memory.reuse_freed_memory`), which speeds the FP32 pass
-as much as ptq (Lite0 at batch 16: 1.6 s against 3.9 s): the ratios are to that pass. A second
-figure divides the quantize time by the same FP32 pass in a fresh process with glibc's defaults
-(best of three after a warm-up), what a user's own PyTorch script pays. The digits
-CNN is trained once (deterministic); named models (Lite0, a torchvision name such as vit_b_16 with
+more than ptq (Lite0 at batch 16: 2.0–2.9 s against 3.9–6.4 s; BENCHMARKS.md, session 29): the
+ratios are to that pass. A second figure divides the quantize time by the same FP32 pass in a fresh
+process with glibc's defaults (best of three after a warm-up), what a user's own PyTorch script
+pays. The digits CNN is trained once (deterministic); named models (Lite0, a torchvision name such as vit_b_16 with
 `--weights random`) calibrate on the bundled sample crops. Each row runs in a process of its own,
 so its peak RSS is that recipe's high-water mark, not the largest of the rows before it; the JSON
 file is rewritten as each row lands.
