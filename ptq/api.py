@@ -538,7 +538,7 @@ def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manif
 def stage_bias_correction(graph: Graph, m: Manifest, src: DataSource, recipe: dict) -> dict:
     """Empirical bias correction in the recipe's mode, measured on calibration samples."""
     bc = recipe["bias_correction"]
-    return choose_and_correct(graph, m, _head(src, bc["samples"]), bc["mode"])
+    return choose_and_correct(graph, m, _head(src, bc["samples"]), bc["mode"], bc["choose_samples"])
 
 
 def stage_verification(m: Manifest, src: DataSource, recipe: dict, verify: str = "sample") -> dict:

@@ -51,7 +51,7 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
         "bit_serial": _bitserial(m),
         "batchnorm_folded": f"{bn} BatchNorm layers folded into the preceding convolutions",
         "float_islands": "none",
-        "bias_correction": f"{r['bias_correction']['mode']} ({corrected} of {len(layers)} layers corrected)",
+        "bias_correction": _bias_correction(m.data.get("bias_correction") or {}, r["bias_correction"]["mode"], corrected, len(layers)),
         "calibration": f"{cal.get('size')} samples from {cal.get('source')} ({data_kind}), seed {cal.get('seed')}",
         "model": f"{m.data['model']['name']} (weights: {m.data['model'].get('weights') or 'default'})",
         "platform": _platform(m.data.get("platform")),
@@ -66,6 +66,13 @@ def _platform(p: dict | None) -> str:
         return "not recorded"
     return (f"torch {p.get('torch')}, numpy {p.get('numpy')}, CPU kernels {p.get('cpu_kernels')}: the same inputs "
             "and seed give the same bytes here; another CPU's kernels sum in another order and may move low-bit integers")
+
+
+def _bias_correction(record: dict, mode: str, corrected: int, layers: int) -> str:
+    """The mode, and for `auto` the mode it chose and on how many samples."""
+    chosen = record.get("chosen")
+    how = f"auto, chose {chosen}" + (f" on {record['chosen_on']} samples" if record.get("chosen_on") else "") if chosen else mode
+    return f"{how} ({corrected} of {layers} layers corrected)"
 
 
 def _weight_rounding(m: Manifest) -> str:

@@ -81,8 +81,11 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
     },
     "bias_correction": {
         "mode": Field("auto", str, ("auto", "layer", "all", "depthwise", "none"),
-                      help="auto: of none/depthwise/all/layer, the one with the least calibration KL"),
+                      help="auto: of none/depthwise/all/layer, the one with the least calibration KL (see choose_samples)"),
         "samples": Field(128, int, lo=1, hi=100_000, help="calibration samples the correction is measured on"),
+        "choose_samples": Field(32, int, lo=1, hi=100_000,
+                                help="auto: this many of those samples, spread evenly over them, compare the candidates; "
+                                     "the chosen mode is then measured on all of them"),
     },
     "accumulator": {
         "bits": Field(32, int, lo=8, hi=32, help="accumulator width P every conv/linear must fit (recorded per layer)"),

@@ -202,3 +202,29 @@ def test_a_layers_correction_starts_from_the_manifests_bias(digits, monkeypatch)
     (_, _), _, (_, unmoved) = correct_biases(prep.graph, [_copy(m), _copy(m)], x, ["layer", "none"])
     assert not any(kept.values())
     assert (rejected - plain).abs().max() < 0.1 * (plain - unmoved).abs().max()
+
+
+def test_auto_chosen_on_the_first_samples_gives_the_biases_of_that_mode_on_all(digits):
+    """`auto` compares its candidates on `choose_on` of the samples, then corrects in the chosen
+    mode on all of them: the biases of that mode alone on all the samples, whichever it chose; the
+    card names the choice and its sample count."""
+    from ptq.biascorrect import choose_and_correct
+    from ptq.card import card_fields
+    _, xtr, _, _, _ = digits
+    xt = torch.from_numpy(xtr[:64])
+    prep = prepare(_depthwise_cnn(), xtr[:64], "w4a8", eval_size=0)
+    m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
+    chosen = {}
+    for n in (16, 64):
+        sub = _copy(m)
+        info = choose_and_correct(prep.graph, sub, xt, "auto", choose_on=n)
+        assert info["chosen_on"] == n and set(info["calibration_kl"]) == set(MODES)
+        alone = _copy(m)
+        corrected = choose_and_correct(prep.graph, alone, xt, info["chosen"])["corrected"]
+        assert info["corrected"] == corrected
+        assert all(np.array_equal(v, sub.tensors[r]) for r, v in alone.tensors.items())
+        chosen[n] = info["chosen"]
+        sub.data["bias_correction"] = info
+        line = card_fields(sub, None, None)["bias_correction"]
+        assert line.startswith(f"auto, chose {info['chosen']} on {n} samples (")
+    assert chosen[16] != "none" and chosen[64] != "none"  # a 4-bit depthwise network needs a correction

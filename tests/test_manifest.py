@@ -66,6 +66,8 @@ def test_existing_output_is_refused_without_force(digits_quantized, tmp_path):
     (lambda d: d["graph"]["ops"][0]["weight"].update(scheme="magic"), "scheme"),
     (lambda d: d["graph"]["ops"][0].update(inputs=["nowhere"]), "before it is produced"),
     (lambda d: d["platform"].update(torch=2), "platform.torch"),
+    (lambda d: d["bias_correction"].update(chosen_on=0), "bias_correction.chosen_on"),
+    (lambda d: d["bias_correction"].update(chosen=["all"]), "bias_correction.chosen"),
 ])
 def test_corrupt_manifest_fields_are_named(digits_quantized, tmp_path, mutate, message):
     _, out = digits_quantized

@@ -120,6 +120,17 @@ def check_method_info(d: dict) -> None:
                 raise fail(f"{where}.{key}", "must be a finite number")
 
 
+def check_bias_correction(d: dict) -> None:
+    """The mode `auto` chose and on how many samples (what the card prints)."""
+    bc = _optional(d, "bias_correction", dict, "")
+    if bc is None:
+        return
+    _optional(bc, "chosen", str, "bias_correction")
+    n = _optional(bc, "chosen_on", int, "bias_correction")
+    if n is not None and n < 1:
+        raise fail("bias_correction.chosen_on", f"must be a positive sample count, got {n}")
+
+
 def check_override_matches(d: dict) -> None:
     """`override_matches` (what the card lists): one list per recipe override, of weighted layer names."""
     matches = _optional(d, "override_matches", list, "")
@@ -145,6 +156,7 @@ def check_header(d: dict) -> None:
     check_calibration(d)
     check_platform(d)
     check_method_info(d)
+    check_bias_correction(d)
     check_override_matches(d)
     for key in OPTIONAL_RECORDS:
         _optional(d, key, dict, "")
