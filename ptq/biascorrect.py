@@ -48,7 +48,7 @@ def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str, ch
         (kept,), _, _ = correct_biases(graph, [m], x, [mode])
         return {"mode": mode, "corrected": sorted(k for k, v in kept.items() if v)}
     n = len(x) if choose_on is None else min(choose_on, len(x))
-    some = x if n == len(x) else x[(torch.arange(n) * len(x)) // n]
+    some = spread(x, n)
     trials = [Manifest(copy.deepcopy(m.data), dict(m.tensors)) for _ in AUTO_CANDIDATES]
     kept, fp, fqs = correct_biases(graph, trials, some, list(AUTO_CANDIDATES))
     out = graph.outputs[0]
@@ -66,6 +66,11 @@ def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str, ch
         (corrected,), _, _ = correct_biases(graph, [m], x, [chosen])
     return {"mode": "auto", "chosen": chosen, "chosen_on": n, "calibration_kl": dict(zip(AUTO_CANDIDATES, kls)),
             "corrected": sorted(k for k, v in corrected.items() if v)}
+
+
+def spread(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n of x's samples spread evenly over it (sample i·len(x)/n); all of x where n ≥ len(x)."""
+    return x if n >= len(x) else x[(torch.arange(n) * len(x)) // n]
 
 
 def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: list[str]):
