@@ -40,8 +40,9 @@ def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str, ch
     `auto` compares its candidates on `choose_on` of the samples spread evenly over them (all of them
     when None; a calibration set often comes photo by photo or class by class, so not the first
     ones), then measures the chosen mode alone on all of them: the biases are those a comparison on
-    all would give wherever it would choose the same mode, in two thirds of the time on Lite0 (the
-    four candidates share one sweep but run up to four quantized streams, the chosen mode one)."""
+    all would give wherever it would choose the same mode, in 62–85% of the time on Lite0 (the four
+    candidates share one sweep but run up to four quantized streams, the chosen mode one;
+    BENCHMARKS.md, session 30)."""
     if mode == "none":
         return {"mode": mode, "corrected": []}
     if mode != "auto":

@@ -70,8 +70,11 @@ def _platform(p: dict | None) -> str:
 
 def _bias_correction(record: dict, mode: str, corrected: int, layers: int) -> str:
     """The mode, and for `auto` the mode it chose and on how many samples."""
-    chosen = record.get("chosen")
-    how = f"auto, chose {chosen}" + (f" on {record['chosen_on']} samples" if record.get("chosen_on") else "") if chosen else mode
+    how = mode
+    if record.get("chosen"):
+        how = f"auto, chose {record['chosen']}"
+        if record.get("chosen_on"):
+            how += f" on {record['chosen_on']} samples"
     return f"{how} ({corrected} of {layers} layers corrected)"
 
 

@@ -204,14 +204,15 @@ def test_a_layers_correction_starts_from_the_manifests_bias(digits, monkeypatch)
     assert (rejected - plain).abs().max() < 0.1 * (plain - unmoved).abs().max()
 
 
-def test_auto_chosen_on_the_first_samples_gives_the_biases_of_that_mode_on_all(digits):
-    """`auto` compares its candidates on `choose_on` of the samples, then corrects in the chosen
-    mode on all of them: the biases of that mode alone on all the samples, whichever it chose; the
-    card names the choice and its sample count."""
-    from ptq.biascorrect import choose_and_correct
+def test_auto_chosen_on_a_spread_subset_gives_the_biases_of_that_mode_on_all(digits):
+    """`auto` compares its candidates on `choose_on` of the samples spread evenly over them (not the
+    first ones), then corrects in the chosen mode on all of them: the biases of that mode alone on
+    all the samples, whichever it chose; the card names the choice and its sample count."""
+    from ptq.biascorrect import choose_and_correct, spread
     from ptq.card import card_fields
     _, xtr, _, _, _ = digits
     xt = torch.from_numpy(xtr[:64])
+    assert torch.equal(spread(xt, 4), xt[[0, 16, 32, 48]]) and spread(xt, 64) is xt
     prep = prepare(_depthwise_cnn(), xtr[:64], "w4a8", eval_size=0)
     m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
     chosen = {}
