@@ -34,13 +34,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the calibration and held-out draw")
     ap.add_argument("--calib-size", type=int, default=128)
     ap.add_argument("--eval-size", type=int, default=256)
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [calibration] key the statistics of every row are collected with, e.g. calibration.grouped_positions=64")
     ap.add_argument("rows", nargs="+", metavar="ROW", help='a recipe and its overrides, e.g. "bitplane rounding.damp=0.02"')
     args = ap.parse_args()
     rows = [parse_row(r) for r in args.rows]
-    prep = prepare("efficientnet_lite0", "samples", "w8a8", calib_size=args.calib_size, eval_size=args.eval_size, seed=args.seed)
+    prep = prepare("efficientnet_lite0", "samples", "w8a8", calib_size=args.calib_size, eval_size=args.eval_size, seed=args.seed,
+                   overrides=parse_sets(args.sets))
     for recipe, over in rows:
         row = fidelity_row(prep, recipe, recipe, over)
-        print(json.dumps({"seed": args.seed, "recipe": recipe, "overrides": over, **{k: row[k] for k in KEYS}}), flush=True)
+        print(json.dumps({"seed": args.seed, "recipe": recipe, "overrides": over, "calibration": parse_sets(args.sets),
+                          "statistics_seconds": round(prep.calibration_seconds, 1), **{k: row[k] for k in KEYS}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def fidelity_row(prep: Prepared, label: str, recipe: Any, over: dict,
                  extra: Callable[[QuantizedModel], dict] | None = None) -> dict:
     """One variant: mean weight bits, top-1/top-5 agreement, KL and SQNR vs FP32, verification, seconds."""
     t = time.perf_counter()
-    qm = quantize_prepared(prep, recipe, {**over, "calibration.size": prep.recipe["calibration"]["size"]})
+    cal = {f"calibration.{k}": v for k, v in prep.recipe["calibration"].items()}  # the prepared statistics'
+    qm = quantize_prepared(prep, recipe, {**over, **cal})
     f, num = qm.report["fidelity"], qm.manifest.data["verification"]["numeric"]
     row = {"model": prep.model.spec["name"], "variant": label, "mean_weight_bits": qm.report["mean_weight_bits"],
            "top1_agreement": f["top1_agreement"], "top5_agreement": f["top5_agreement"], "kl": f["kl"],

@@ -35,6 +35,7 @@ from .sources import DataSource
 from .tokens import at_kept, kept_tokens
 
 MAX_POSITIONS = 256  # patches sampled per image and layer for H
+GROUPED_POSITIONS = 256  # for a grouped conv's H (`layer_positions`)
 PACK_MIN = 64  # narrower sums of x xᵀ are held whole (a depthwise layer's small blocks need not be symmetric)
 _MEASURING_FISHER = threading.Lock()  # layers searched on several threads may ask for it at once
 
@@ -149,6 +150,15 @@ def _out_size(op: Op, h: int, w: int) -> tuple[int, int]:
     return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
+def layer_positions(op: Op, positions: int, grouped_positions: int) -> int:
+    """Output positions sampled per image for op's H: `grouped_positions` for a grouped conv, whose
+    H per group is only its kernel's taps wide (9 for a 3×3 depthwise conv), `positions` otherwise.
+    Copying a depthwise conv's patches is half of Lite0's statistics pass; 64 positions made the pass
+    a quarter faster, but moved `bitplane-4.5`'s held-out KL from 0.053/0.078 to 0.092/0.092 on two
+    draws (1024: 0.079/0.097), so both stay at 256 (BENCHMARKS.md, session 31)."""
+    return grouped_positions if op.kind == "conv" and op.attrs["groups"] > 1 else positions
+
+
 def _sampled_positions(total: int, positions: int | None, gen: torch.Generator | None) -> torch.Tensor | None:
     """`positions` of a conv's `total` output positions drawn from `gen`; None: all of them, in order."""
     return torch.randperm(total, generator=gen)[:positions] if positions is not None and total > positions else None
@@ -201,7 +211,8 @@ def patch_moments(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
 
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,
                        positions: int = MAX_POSITIONS, sensitivity_samples: int = 0,
-                       shard: Shard | None = None, fisher_now: bool = False) -> Statistics:
+                       shard: Shard | None = None, fisher_now: bool = False,
+                       grouped_positions: int = GROUPED_POSITIONS) -> Statistics:
     """One pass over `source`: ranges, histograms and per-layer input moments; the
     per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: none) is measured
     when a method first asks for it, by this process alone.
@@ -217,15 +228,17 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     tokens = kept_tokens(graph)
     scores = {op.inputs[0] for op in graph.ops if op.kind == "softmax" and len(op.inputs) == 2}
     stats.histograms = {t: Histogram.empty() for t in names}
-    sums = {op.name: MomentSums(graph, op, len(source), positions) for op in graph.ops if op.weight is not None}
+    weighted = [op for op in graph.ops if op.weight is not None]
+    npos = {op.name: layer_positions(op, positions, grouped_positions) for op in weighted}
+    sums = {op.name: MomentSums(graph, op, len(source), npos[op.name]) for op in weighted}
     gen = torch.Generator().manual_seed(seed)
-    skip_positions(graph, positions, gen, mine.start)
+    skip_positions(graph, npos, gen, mine.start)
 
     def seeded(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Each batch with the patch positions' generator state it starts from, as one process draws them."""
         for xb in batches:
             state = gen.get_state()
-            skip_positions(graph, positions, gen, 1)
+            skip_positions(graph, npos, gen, 1)
             yield xb, state
 
     merging = threading.Lock()
@@ -250,7 +263,7 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
             merge(op.output, at_kept(y, keep, op.output in scores))
             if op.weight is not None:
                 x = at_kept(xs[0], keep)
-                m = patch_moments(op, x, positions, g)
+                m = patch_moments(op, x, npos[op.name], g)
                 # the input's histogram saw x or more of it, except attention scores (kept keys only)
                 peak = peaks[op.inputs[0]] if op.inputs[0] not in scores else float(x.abs().max())
                 with merging:
@@ -362,16 +375,16 @@ def _rows_per_sample(graph: Graph, op: Op, positions: int) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64))
 
 
-def skip_positions(graph: Graph, positions: int, gen: torch.Generator, batches: int) -> None:
+def skip_positions(graph: Graph, positions: dict[str, int], gen: torch.Generator, batches: int) -> None:
     """Advance `gen` past what `batches` batches of the pass draw (one `layer_patches` randperm per
-    conv with more output positions than `positions`), so a rank starting at a later batch samples
-    the positions one process samples there."""
-    totals = [op.attrs["out_shape"][1] * op.attrs["out_shape"][2] for op in graph.ops
-              if op.weight is not None and op.kind == "conv"]
+    conv with more output positions than its `positions`, by op name), so a rank starting at a later
+    batch samples the positions one process samples there."""
+    draws = [op.attrs["out_shape"][1] * op.attrs["out_shape"][2] for op in graph.ops
+             if op.weight is not None and op.kind == "conv"
+             and op.attrs["out_shape"][1] * op.attrs["out_shape"][2] > positions[op.name]]
     for _ in range(batches):
-        for total in totals:
-            if total > positions:
-                torch.randperm(total, generator=gen)
+        for total in draws:
+            torch.randperm(total, generator=gen)
 
 
 def _head(batches, n: int):

@@ -383,7 +383,8 @@ def _prepare(model, calib, r, weights, seed, eval_data, eval_size, input_shape, 
     t_cal = time.perf_counter()
     with stage("statistics"):
         stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"],
-                                   shard, fisher_now=shard.world > 1 and METHODS[r["method"]].reads_fisher(r))
+                                   shard, fisher_now=shard.world > 1 and METHODS[r["method"]].reads_fisher(r),
+                                   grouped_positions=cal["grouped_positions"])
     release_freed_memory()  # the fixed-point sums' integers
     t_stats = time.perf_counter() - t_cal
     return Prepared(lm, graph, stats, src, r, seed, ev, eval_size, t_stats, time.perf_counter() - t0, shard.rank, shard.world)

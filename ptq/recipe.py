@@ -96,6 +96,8 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
         "size": Field(128, int, lo=1, hi=1_000_000),
         "batch_size": Field(16, int, lo=1, hi=4096),
         "positions": Field(256, int, lo=1, hi=1_000_000, help="patches sampled per image and layer for H"),
+        "grouped_positions": Field(256, int, lo=1, hi=1_000_000,
+                                   help="patches sampled per image for a grouped (depthwise) conv's H, a kernel's taps wide per group"),
         "verify_size": Field(32, int, lo=1, hi=100_000, help="samples the integer simulator verifies on"),
         "sensitivity_samples": Field(32, int, lo=0, hi=100_000,
                                      help="samples for the per-channel Fisher sensitivity (one backward pass each; 0 skips it)"),

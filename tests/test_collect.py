@@ -123,3 +123,35 @@ def test_a_dense_layer_s_moments_are_held_in_half_the_memory_with_the_same_bits(
     assert np.array_equal(held.hessian, xx / 500) and held.full_nbytes == whole.full_nbytes == xx.nbytes
     xx[0, 0, 1] = np.nextafter(xx[0, 0, 1], np.inf)  # one last bit off symmetry: held whole
     assert LayerInputStats(xx, p.sum(1).numpy(), 500, pack=True)._packed is None
+
+
+def test_a_grouped_conv_samples_its_own_positions_and_the_sequential_h_does_too(monkeypatch):
+    """`calibration.grouped_positions` sets the rows of a depthwise conv's H (a kernel's taps wide),
+    `positions` those of every other conv, in the statistics pass and in the rounding engine's
+    sequential pass."""
+    import ptq
+    import ptq.methods.rounding as rounding
+    from ptq.api import as_source
+    from ptq.calib.collect import collect_statistics
+    from ptq.ir.capture import capture
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1)).eval()
+    x = np.random.default_rng(0).standard_normal((12, 3, 10, 10)).astype(np.float32)
+    graph = capture(model, (3, 10, 10))
+    src = as_source(x, {"input_shape": [3, 10, 10]}, 12, 0, "calib")
+    names = [op.name for op in graph.weighted_ops()]  # dense 3×3, depthwise 3×3, dense 1×1
+    for grouped in (5, 100, 40):
+        stats = collect_statistics(graph, src, batch_size=4, positions=30, grouped_positions=grouped)
+        assert [stats.layer_inputs[n].count for n in names] == [12 * 30, 12 * grouped, 12 * 30]
+    seen = {}
+    sequential = rounding.sequential_moments
+
+    def spy(op, xq, xf, positions, size):
+        seen[op.name] = positions
+        return sequential(op, xq, xf, positions, size)
+
+    monkeypatch.setattr(rounding, "sequential_moments", spy)
+    ptq.quantize(model, x, "bitplane-4.5", eval_size=0, overrides={"calibration.positions": 30, "calibration.grouped_positions": 5})
+    assert [seen[n] for n in names] == [30, 5, 30]

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calib.collect import layer_patches, moments_of
+from ..calib.collect import layer_patches, layer_positions, moments_of
 from ..calib.progress import progress
 from ..errors import RecipeError
 from ..ir import Graph, LayerWeights, Op, WeightQuant
@@ -256,8 +256,9 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
 
     with progress("error-feedback rounding (layers)", len(feedback)) as advance:
         def on_layer(op: Op, xq: torch.Tensor, xf: torch.Tensor | None) -> None:  # H from the model quantized so far
-            h, d = sequential_moments(op, xq, xf if to_float else None, recipe["calibration"]["positions"],
-                                      settings["batch_size"])
+            cal = recipe["calibration"]
+            h, d = sequential_moments(op, xq, xf if to_float else None,
+                                      layer_positions(op, cal["positions"], cal["grouped_positions"]), settings["batch_size"])
             report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings, d)}
             advance()
 
