@@ -39,11 +39,14 @@ def main() -> None:
     ap.add_argument("rows", nargs="+", metavar="ROW", help='a recipe and its overrides, e.g. "bitplane rounding.damp=0.02"')
     args = ap.parse_args()
     rows = [parse_row(r) for r in args.rows]
+    cal = parse_sets(args.sets)
+    if any(not k.startswith("calibration.") for k in cal):
+        ap.error("--set takes [calibration] keys only (a row's own keys go in the row)")
     prep = prepare("efficientnet_lite0", "samples", "w8a8", calib_size=args.calib_size, eval_size=args.eval_size, seed=args.seed,
-                   overrides=parse_sets(args.sets))
+                   overrides=cal)
     for recipe, over in rows:
         row = fidelity_row(prep, recipe, recipe, over)
-        print(json.dumps({"seed": args.seed, "recipe": recipe, "overrides": over, "calibration": parse_sets(args.sets),
+        print(json.dumps({"seed": args.seed, "recipe": recipe, "overrides": over, "calibration": cal,
                           "statistics_seconds": round(prep.calibration_seconds, 1), **{k: row[k] for k in KEYS}}), flush=True)
 
 

@@ -379,9 +379,9 @@ def skip_positions(graph: Graph, positions: dict[str, int], gen: torch.Generator
     """Advance `gen` past what `batches` batches of the pass draw (one `layer_patches` randperm per
     conv with more output positions than its `positions`, by op name), so a rank starting at a later
     batch samples the positions one process samples there."""
-    draws = [op.attrs["out_shape"][1] * op.attrs["out_shape"][2] for op in graph.ops
-             if op.weight is not None and op.kind == "conv"
-             and op.attrs["out_shape"][1] * op.attrs["out_shape"][2] > positions[op.name]]
+    totals = {op.name: op.attrs["out_shape"][1] * op.attrs["out_shape"][2] for op in graph.ops
+              if op.weight is not None and op.kind == "conv"}
+    draws = [total for name, total in totals.items() if total > positions[name]]
     for _ in range(batches):
         for total in draws:
             torch.randperm(total, generator=gen)
