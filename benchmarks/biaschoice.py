@@ -23,6 +23,8 @@ from ptq.manifest import Manifest
 from ptq.memory import reuse_freed_memory
 from ptq.recipe import resolve
 
+from .variants import prepared_calibration
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,7 +40,7 @@ def main() -> None:
     prep = prepare(args.model, args.calib, "w8a8", weights=args.weights, calib_size=args.calib_size,
                    eval_size=0, seed=args.seed)
     for recipe in args.recipes.split(","):
-        r = resolve(recipe, {"calibration.size": args.calib_size})
+        r = resolve(recipe, prepared_calibration(prep))
         m = stage_manifest(prep, r, stage_method(prep.graph, prep.stats, r))
         x = _head(prep.source, r["bias_correction"]["samples"])
         row = {"model": args.model, "calib": args.calib, "seed": args.seed, "recipe": recipe}

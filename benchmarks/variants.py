@@ -22,12 +22,17 @@ def prepare_model(model: str, calib: int, evals: int) -> Prepared:
     return prepare(model, "samples", "w8a8", weights=weights, calib_size=calib, eval_size=evals)
 
 
+def prepared_calibration(prep: Prepared) -> dict[str, object]:
+    """The [calibration] keys the prepared statistics were collected with, as overrides: a variant
+    quantized on them must name the same section."""
+    return {f"calibration.{k}": v for k, v in prep.recipe["calibration"].items()}
+
+
 def fidelity_row(prep: Prepared, label: str, recipe: Any, over: dict,
                  extra: Callable[[QuantizedModel], dict] | None = None) -> dict:
     """One variant: mean weight bits, top-1/top-5 agreement, KL and SQNR vs FP32, verification, seconds."""
     t = time.perf_counter()
-    cal = {f"calibration.{k}": v for k, v in prep.recipe["calibration"].items()}  # the prepared statistics'
-    qm = quantize_prepared(prep, recipe, {**over, **cal})
+    qm = quantize_prepared(prep, recipe, {**over, **prepared_calibration(prep)})
     f, num = qm.report["fidelity"], qm.manifest.data["verification"]["numeric"]
     row = {"model": prep.model.spec["name"], "variant": label, "mean_weight_bits": qm.report["mean_weight_bits"],
            "top1_agreement": f["top1_agreement"], "top5_agreement": f["top5_agreement"], "kl": f["kl"],

@@ -6,8 +6,8 @@ quantization and earlier corrections). (Averaging the shift only where a fused c
 was measured too: better for `all`, catastrophic for depthwise layers at 4 bits, so not used.)
 Correcting every layer blindly hurts (docs/ALGORITHMS.md); `layer` keeps a layer's correction only where
 it lowers the error of its own quantized output, and the recipe default `auto` tries none,
-depthwise-only, all and layer on a quarter of the calibration samples, and keeps whichever gives
-the lowest end-to-end KL there.
+depthwise-only, all and layer on `bias_correction.choose_samples` of the samples spread evenly over
+them (32 of 128 by default), and keeps whichever gives the lowest end-to-end KL there.
 In a text encoder both the shifts and the KL are measured at kept tokens only (`calib.tokens`): its
 padded positions fall outside the calibrated ranges, and their clipped errors once turned the
 shifts of all-MiniLM-L6-v2 at 4 bits into a collapse (sentence cosine 0.52 instead of 0.98).
