@@ -15,6 +15,7 @@ shifts of all-MiniLM-L6-v2 at 4 bits into a collapse (sentence cosine 0.52 inste
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 import torch
@@ -246,21 +247,32 @@ def _stitch(parts: list[slice], chunk, spare: list[torch.Tensor] = (), take=None
     returns (output, extra) and take(s, extra) runs here, in mini-batch order.
 
     Mini-batches run on a thread pool, each single-threaded (`single_threaded_map`): a conv of 8
-    samples sums in another order at 2 threads than at 1, and the biases' last bits would follow."""
-    out = None
-    for s, y in zip(parts, single_threaded_map(chunk, parts)):
+    samples sums in another order at 2 threads than at 1, and the biases' last bits would follow.
+    Each writes its own rows from its own thread: copied here, in one thread, the rows took a
+    fifth of Lite0's bias correction while the pool waited (BENCHMARKS.md, session 32)."""
+    held: list[torch.Tensor] = []  # the tensor of all samples, made by the first mini-batch to finish
+    lock = threading.Lock()
+
+    def write(s: slice):
+        y = chunk(s)
+        extra = None
         if take is not None:
             y, extra = y
-            take(s, extra)
-        if out is None:
-            shape = (parts[-1].stop, *y.shape[1:])
-            out = next((t for t in spare if t.shape == shape and t.dtype == y.dtype), None)
-            if out is None:
-                out = y.new_empty(shape)
+        with lock:
+            if not held:
+                shape = (parts[-1].stop, *y.shape[1:])
+                out = next((t for t in spare if t.shape == shape and t.dtype == y.dtype), None)
+                held.append(y.new_empty(shape) if out is None else out)
+        out = held[0]
         if y.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
             y = y.clone()  # a reshape or permute of the spare input itself
         out[s] = y
-    return out
+        return extra
+
+    for s, extra in zip(parts, single_threaded_map(write, parts)):
+        if take is not None:
+            take(s, extra)
+    return held[0]
 
 
 def _rows(keep: torch.Tensor | None, s: slice) -> torch.Tensor | None:
