@@ -212,8 +212,9 @@ def patch_moments(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,
                        positions: int = MAX_POSITIONS, sensitivity_samples: int = 0,
                        shard: Shard | None = None, fisher_now: bool = False,
-                       grouped_positions: int = GROUPED_POSITIONS) -> Statistics:
-    """One pass over `source`: ranges, histograms and per-layer input moments; the
+                       grouped_positions: int = GROUPED_POSITIONS, moments: bool = True) -> Statistics:
+    """One pass over `source`: ranges, histograms and per-layer input moments (unless not
+    `moments`: a recipe that reads none skips most of the pass's work); the
     per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: none) is measured
     when a method first asks for it, by this process alone.
 
@@ -228,7 +229,7 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     tokens = kept_tokens(graph)
     scores = {op.inputs[0] for op in graph.ops if op.kind == "softmax" and len(op.inputs) == 2}
     stats.histograms = {t: Histogram.empty() for t in names}
-    weighted = [op for op in graph.ops if op.weight is not None]
+    weighted = [op for op in graph.ops if op.weight is not None] if moments else []
     npos = {op.name: layer_positions(op, positions, grouped_positions) for op in weighted}
     sums = {op.name: MomentSums(graph, op, len(source), npos[op.name]) for op in weighted}
     gen = torch.Generator().manual_seed(seed)
@@ -261,7 +262,7 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
 
         def on_output(op: Op, xs: list[torch.Tensor], y: torch.Tensor):
             merge(op.output, at_kept(y, keep, op.output in scores))
-            if op.weight is not None:
+            if op.name in sums:
                 x = at_kept(xs[0], keep)
                 m = patch_moments(op, x, npos[op.name], g)
                 # the input's histogram saw x or more of it, except attention scores (kept keys only)
@@ -279,7 +280,7 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
             advance()
     stats.histograms = merged_histograms(stats.histograms, shard)
     stats.ranges = {t: (h.lo, h.hi) for t, h in stats.histograms.items()}
-    stats.layer_inputs = MomentSums.merged(sums, shard)
+    stats.layer_inputs = MomentSums.merged(sums, shard) if sums else {}
     stats.replay = lambda n, b: _head(source.batches(b), min(n, len(source)))
     if sensitivity_samples > 0:
         n = min(sensitivity_samples, len(source))
@@ -377,10 +378,10 @@ def _rows_per_sample(graph: Graph, op: Op, positions: int) -> int:
 
 def skip_positions(graph: Graph, positions: dict[str, int], gen: torch.Generator, batches: int) -> None:
     """Advance `gen` past what `batches` batches of the pass draw (one `layer_patches` randperm per
-    conv with more output positions than its `positions`, by op name), so a rank starting at a later
-    batch samples the positions one process samples there."""
+    conv in `positions` with more output positions than its own count there), so a rank starting at
+    a later batch samples the positions one process samples there."""
     totals = {op.name: op.attrs["out_shape"][1] * op.attrs["out_shape"][2] for op in graph.ops
-              if op.weight is not None and op.kind == "conv"}
+              if op.name in positions and op.kind == "conv"}
     draws = [total for name, total in totals.items() if total > positions[name]]
     for _ in range(batches):
         for total in draws:

@@ -384,7 +384,7 @@ def _prepare(model, calib, r, weights, seed, eval_data, eval_size, input_shape, 
     with stage("statistics"):
         stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"],
                                    shard, fisher_now=shard.world > 1 and METHODS[r["method"]].reads_fisher(r),
-                                   grouped_positions=cal["grouped_positions"])
+                                   grouped_positions=cal["grouped_positions"], moments=cal["layer_moments"])
     release_freed_memory()  # the fixed-point sums' integers
     t_stats = time.perf_counter() - t_cal
     return Prepared(lm, graph, stats, src, r, seed, ev, eval_size, t_stats, time.perf_counter() - t0, shard.rank, shard.world)
@@ -422,6 +422,22 @@ class _StageClock:
         self.seconds[name] = time.perf_counter() - t
 
 
+# [calibration] keys that shape no statistic: a prepared model serves a recipe whatever they say
+STAGE_KEYS = ("verify_size",)
+
+
+def check_statistics_cover(prepared: dict, wanted: dict) -> None:
+    """Refuse a recipe whose [calibration] asks for statistics other than the prepared ones. Statistics
+    with the layer input moments serve a recipe that skips them (it reads none: `ptq.recipe`)."""
+    differ = [k for k in wanted if k not in (*STAGE_KEYS, "layer_moments") and wanted[k] != prepared.get(k)]
+    if differ:
+        raise RecipeError(f"the recipe's [calibration] differs from the prepared statistics in "
+                          f"{', '.join('calibration.' + k for k in differ)}; prepare again with it")
+    if wanted["layer_moments"] and not prepared["layer_moments"]:
+        raise RecipeError("the recipe reads the layer input moments, which the prepared statistics skipped "
+                          "(calibration.layer_moments = false); prepare again with the recipe")
+
+
 def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
                       overrides: dict[str, Any] | None = None, strict: bool = False,
                       verify: str = "sample", keep_statistics: bool = True) -> QuantizedModel:
@@ -441,8 +457,7 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
         r["name"] = prep.recipe["name"]
     else:
         r = resolve(recipe, overrides)
-    if r["calibration"] != prep.recipe["calibration"]:
-        raise RecipeError("the recipe's [calibration] differs from the prepared statistics; prepare again with it")
+    check_statistics_cover(prep.recipe["calibration"], r["calibration"])
     clock = _StageClock({"load_and_capture": prep.seconds - prep.calibration_seconds,
                          "statistics": prep.calibration_seconds})
     with clock.stage("method"):

@@ -99,6 +99,9 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
         "grouped_positions": Field(256, int, lo=1, hi=1_000_000,
                                    help="patches sampled per image for a grouped (depthwise) conv's H, a kernel's taps wide per group"),
         "verify_size": Field(32, int, lo=1, hi=100_000, help="samples the integer simulator verifies on"),
+        "layer_moments": Field(True, bool,
+                               help="collect every layer's input moments H (most of the statistics pass): output-error clipping, "
+                                    "error feedback and the allocators read them; false for a recipe that reads none"),
         "sensitivity_samples": Field(32, int, lo=0, hi=100_000,
                                      help="samples for the per-channel Fisher sensitivity (one backward pass each; 0 skips it)"),
     },
@@ -130,6 +133,21 @@ def _check_override_methods(recipe: dict) -> None:
                 own = ", ".join(method.override_keys) or "none"
                 raise RecipeError(f"overrides[{i}] sets '{key}', which only method '{owner}' reads, but this recipe's "
                                   f"method is '{method.name}' (its per-layer keys: {own}); drop it or change the method")
+
+
+def _check_moments(recipe: dict) -> None:
+    """Refuse a recipe that skips the layer input moments but reads them: its method would find none."""
+    if recipe["calibration"]["layer_moments"]:
+        return
+    roundings = {recipe["weights"]["rounding"]} | {o["weights.rounding"] for o in recipe["overrides"] if "weights.rounding" in o}
+    if METHODS[recipe["method"]].reads_moments(recipe):
+        what = f"method '{recipe['method']}' with these settings"
+    elif roundings - {"nearest"}:
+        what = f"weights.rounding = '{sorted(roundings - {'nearest'})[0]}'"
+    else:
+        return
+    raise RecipeError(f"calibration.layer_moments = false, but {what} reads the layer input moments; "
+                      "set calibration.layer_moments = true (or use nearest rounding and a method that reads none)")
 
 
 def _all_keys() -> list[str]:
@@ -272,6 +290,7 @@ def resolve(recipe: str | dict = "w8a8", overrides: dict[str, Any] | None = None
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise RecipeError(f"unknown method '{out['method']}'{hint} (available: {', '.join(sorted(METHODS))})")
     _check_override_methods(out)
+    _check_moments(out)
     budget_keys(out)
     out["name"] = label
     return out

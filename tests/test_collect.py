@@ -155,3 +155,34 @@ def test_a_grouped_conv_samples_its_own_positions_and_the_sequential_h_does_too(
     monkeypatch.setattr(rounding, "sequential_moments", spy)
     ptq.quantize(model, x, "bitplane-4.5", eval_size=0, overrides={"calibration.positions": 30, "calibration.grouped_positions": 5})
     assert [seen[n] for n in names] == [30, 5, 30]
+
+
+def test_statistics_without_layer_moments_hold_the_same_ranges_and_serve_only_recipes_that_read_none():
+    """`calibration.layer_moments = false` skips every layer's H: the histograms are the same bits
+    (the pass runs the same forward), the layer inputs are empty, and a prepared model without them
+    quantizes a nearest-rounding uniform recipe to the integers one with them gives, but refuses a
+    recipe that reads them."""
+    import ptq
+    from ptq.api import prepare, quantize_prepared
+    from ptq.errors import RecipeError
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(8, 4, 1)).eval()
+    x = np.random.default_rng(1).standard_normal((24, 3, 10, 10)).astype(np.float32)
+    fast = {"weights.rounding": "nearest", "bias_correction.mode": "depthwise"}
+    full = prepare(model, x, "w8a8", eval_size=0, overrides=fast)
+    lean = prepare(model, x, "w8a8", eval_size=0, overrides={**fast, "calibration.layer_moments": False})
+    assert lean.stats.layer_inputs == {} and len(full.stats.layer_inputs) == 3
+    for name, h in full.stats.histograms.items():
+        g = lean.stats.histograms[name]
+        assert (g.lo, g.hi) == (h.lo, h.hi) and np.array_equal(g.counts, h.counts)
+    over = {**fast, "calibration.layer_moments": False}
+    a, b = quantize_prepared(full, "w8a8", over), quantize_prepared(lean, "w8a8", over)
+    assert a.manifest.tensors.keys() == b.manifest.tensors.keys()
+    assert all(np.array_equal(a.manifest.tensors[k], b.manifest.tensors[k]) for k in a.manifest.tensors)
+    with pytest.raises(RecipeError, match="skipped"):
+        quantize_prepared(lean, "w8a8", fast)  # feedback rounding's recipe reads H; these statistics have none
+    with pytest.raises(RecipeError, match="calibration.positions"):
+        quantize_prepared(full, "w8a8", {**fast, "calibration.positions": 7})
+    assert ptq.quantize(model, x, "w8a8-fast", eval_size=0).report["verification"]["verified"]

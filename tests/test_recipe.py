@@ -48,3 +48,15 @@ def test_unknown_recipe_name_suggests():
 def test_parse_value():
     assert parse_value("4") == 4 and parse_value("0.5") == 0.5 and parse_value("true") is True
     assert parse_value("mse") == "mse" and parse_value('"x"') == "x"
+
+
+@pytest.mark.parametrize("over,names", [({"weights.rounding": "feedback"}, "weights.rounding = 'feedback'"),
+                                        ({"weights.clip": "output"}, "method 'uniform'"),
+                                        ({"overrides": [{"layers": "first", "weights": {"rounding": "learned"}}]},
+                                         "weights.rounding = 'learned'")])
+def test_a_recipe_that_skips_the_layer_moments_but_reads_them_is_refused(over, names):
+    with pytest.raises(RecipeError, match=f"calibration.layer_moments = false, but {names}"):
+        resolve("w8a8-fast", over)
+    with pytest.raises(RecipeError, match="method 'bitplane'"):
+        resolve("bitplane", {"calibration.layer_moments": False, "weights.rounding": "nearest"})
+    assert resolve("w8a8-fast")["calibration"]["layer_moments"] is False

@@ -26,6 +26,9 @@ class Method:
     # whether it reads the Fisher sensitivity under a resolved recipe: calibration ranks then measure
     # it with the statistics (one process measures it on first use whatever this says)
     reads_fisher: Callable[[dict], bool] = lambda recipe: False
+    # whether it reads the layer input moments (`stats.layer_inputs`) under a resolved recipe: a recipe
+    # that sets calibration.layer_moments = false is refused where it does
+    reads_moments: Callable[[dict], bool] = lambda recipe: True
 
 
 METHODS: dict[str, Method] = {}
@@ -34,15 +37,21 @@ ENGINE_KEYS = ("weights.rounding",)  # per-layer keys every method accepts: the 
 
 
 def register(name: str, sections: dict[str, dict[str, Field]] | None = None, override_keys: tuple[str, ...] = (),
-             reads_fisher: bool | Callable[[dict], bool] = False) -> Callable[[Callable], Callable]:
-    """Decorator: register `fn` as method `name` with its recipe sections; `reads_fisher` says
-    whether it reads `stats.fisher` (always, or under the recipe given)."""
+             reads_fisher: bool | Callable[[dict], bool] = False,
+             reads_moments: bool | Callable[[dict], bool] = True) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` as method `name` with its recipe sections; `reads_fisher` and
+    `reads_moments` say whether it reads `stats.fisher` and `stats.layer_inputs` (always, or under
+    the recipe given)."""
     def deco(fn: Callable) -> Callable:
         for key in override_keys:  # keys of base sections are checked against the schema by ptq.recipe
             section, _, k = key.partition(".")
             if section in (sections or {}) and k not in sections[section]:
                 raise KeyError(f"method {name}: override key {key} is not one of its recipe keys")
-        reads = reads_fisher if callable(reads_fisher) else (lambda recipe: bool(reads_fisher))
-        METHODS[name] = Method(name, fn, dict(sections or {}), tuple(override_keys) + ENGINE_KEYS, reads)
+        METHODS[name] = Method(name, fn, dict(sections or {}), tuple(override_keys) + ENGINE_KEYS,
+                               _as_predicate(reads_fisher), _as_predicate(reads_moments))
         return fn
     return deco
+
+
+def _as_predicate(reads: bool | Callable[[dict], bool]) -> Callable[[dict], bool]:
+    return reads if callable(reads) else (lambda recipe: bool(reads))

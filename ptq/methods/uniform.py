@@ -12,7 +12,7 @@ from ..ir import WeightQuant
 from .base import layer_error, per_layer
 
 
-@register("uniform", override_keys=("weights.bits",))
+@register("uniform", override_keys=("weights.bits",), reads_moments=lambda recipe: recipe["weights"]["clip"] == "output")
 def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     matches = override_matches(graph, recipe["overrides"])
     ops = graph.weighted_ops()
