@@ -1,6 +1,11 @@
 """Peer benchmark: ptq recipes vs onnxruntime quantize_static on the same tensors, one command.
 
     python -m benchmarks.run [--quick] [--out-md FILE] [--out-json FILE]
+                             [--models efficientnet_lite0,digits,resnet18,resnet50] [--recipes w8a8,w8a8-fast]
+                             [--peers "MinMax W8A8,W8A8"]
+
+(`--models`, `--recipes` and `--peers` run a subset: the image models, ptq's recipes, and the
+onnxruntime/Brevitas configurations by their row labels; write a subset elsewhere than BENCHMARKS.md.)
 
 Models: efficientnet_lite0 (real weights) on held-out sample crops, a digits CNN with real labels
 (accuracy), resnet18/resnet50 with random weights (speed only). Calibration and evaluation tensors
@@ -154,6 +159,14 @@ def _weight_bits(path: Path) -> tuple[float, int]:
     return nbits / max(total, 1), nbytes
 
 
+ORT_DIGITS = ("MinMax", "QInt8", True)  # the one onnxruntime configuration run on the digits CNN
+
+
+def ort_label(method: str, weight_type: str, per_channel: bool) -> str:
+    """An onnxruntime configuration's row label, e.g. 'MinMax W8A8'."""
+    return f"{method} W{ {'QInt8': 8, 'QInt4': 4}[weight_type]}A8{'' if per_channel else ' per-tensor (default)'}"
+
+
 def task_ort(which: str, method: str, weight_type: str, per_channel: bool, workdir: str) -> dict:
     """onnxruntime quantize_static as its documentation recommends (ORT_SETTINGS), evaluated in onnxruntime."""
     import torch
@@ -180,7 +193,7 @@ def task_ort(which: str, method: str, weight_type: str, per_channel: bool, workd
     fs = ort.InferenceSession(str(fp_path), opts, providers=["CPUExecutionProvider"])
     mean_bits, nbytes = _weight_bits(q_path)
     row = {"model": name, "tool": "onnxruntime", "mean_weight_bits": mean_bits, "model_bytes": nbytes,
-           "config": f"{method} W{ {'QInt8': 8, 'QInt4': 4}[weight_type]}A8{'' if per_channel else ' per-tensor (default)'}",
+           "config": ort_label(method, weight_type, per_channel),
            "quantize_ratio": t_q / t_cal,
            **_against_fp32(lambda x: qs.run(None, {"input": x})[0], lambda x: fs.run(None, {"input": x})[0],
                            model, ev, labels)}
@@ -439,13 +452,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-md", default="BENCHMARKS.md",
                    help="markdown file; if it has the markers of `write_section`, only the section between them is replaced")
     p.add_argument("--out-json", default="benchmarks-peer.json")
+    p.add_argument("--models", help="comma-separated subset of efficientnet_lite0,digits,resnet18,resnet50")
+    p.add_argument("--recipes", help="comma-separated ptq recipes (default: every built-in one)")
+    p.add_argument("--peers", help="comma-separated onnxruntime/Brevitas row labels, e.g. 'MinMax W8A8,W8A8' (default: all)")
     args = p.parse_args(argv)
+    models = set(args.models.split(",")) if args.models else {"efficientnet_lite0", "digits", "resnet18", "resnet50"}
+    peers = set(args.peers.split(",")) if args.peers else None
     calib_n = args.calib_size or (32 if args.quick else 128)
     eval_n = args.eval_size or (32 if args.quick else 256)
     os.environ.setdefault("PTQ_NO_PROGRESS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    recipes = ptq.recipe.builtin_names()
-    skipped, brevitas = [], [c for c in BREVITAS_CONFIGS if not args.quick or c == "W8A8"]
+    recipes = args.recipes.split(",") if args.recipes else ptq.recipe.builtin_names()
+    skipped, brevitas = [], [c for c in BREVITAS_CONFIGS if (not args.quick or c == "W8A8") and (peers is None or c in peers)]
     if importlib.util.find_spec("brevitas") is None or importlib.util.find_spec("tqdm") is None:
         skipped.append("Brevitas PTQ skipped: brevitas is not installed (optional extra: `pip install -e .[peers]`).")
         brevitas = []
@@ -457,17 +475,19 @@ def main(argv: list[str] | None = None) -> int:
                     ("MinMax", "QInt4", True), ("MinMax", "QInt8", False)]
         if args.quick:
             ort_cfgs = [c for c in ort_cfgs if c[0] != "Entropy"]
-        for which in ("efficientnet_lite0", "digits"):
-            for cfg in ort_cfgs if which == "efficientnet_lite0" else ort_cfgs[:1]:
+        if peers is not None:
+            ort_cfgs = [c for c in ort_cfgs if ort_label(*c) in peers]
+        for which in [m for m in ("efficientnet_lite0", "digits") if m in models]:
+            for cfg in ort_cfgs if which == "efficientnet_lite0" else [c for c in ort_cfgs if c == ORT_DIGITS]:
                 rows.append(_run(task_ort, which, *cfg, wd))
                 print(json.dumps(rows[-1]), flush=True)
             for cfg in brevitas if which == "efficientnet_lite0" else brevitas[:1]:
                 rows.append(_run(task_brevitas, which, cfg, wd))
                 print(json.dumps(rows[-1]), flush=True)
-            for r in recipes if which == "efficientnet_lite0" or not args.quick else ["w8a8", "w4a8"]:
+            for r in recipes if which == "efficientnet_lite0" or not args.quick else [r for r in ("w8a8", "w4a8") if r in recipes]:
                 rows.append(_run(task_ptq, which, r, wd, True))
                 print(json.dumps(rows[-1]), flush=True)
-        for which in ("resnet18",) if args.quick else ("resnet18", "resnet50"):
+        for which in [m for m in (("resnet18",) if args.quick else ("resnet18", "resnet50")) if m in models]:
             rows.append(_run(task_ptq, which, "w8a8", wd, False))
             print(json.dumps(rows[-1]), flush=True)
         res = {"header": header(), "quick": args.quick, "argv": _settings(argv if argv is not None else sys.argv[1:]), "rows": rows, "onnxruntime_settings": ORT_SETTINGS,

@@ -30,7 +30,7 @@ import torch
 import ptq
 from ptq.api import as_source
 from ptq.memory import reuse_freed_memory
-from ptq.recipe import resolve
+from ptq.recipe import parse_value, resolve
 
 STAGES = ("load_and_capture", "statistics", "method", "manifest", "bias_correction", "verification", "evaluation")
 
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra quantize() keyword, e.g. verify=full")
     ap.add_argument("--json", help="also write the rows here")
     a = ap.parse_args()
-    extra = {k: json.loads(v) if v[:1] in "0123456789[{" else v for k, v in (s.split("=", 1) for s in a.set)}
+    extra = {k: parse_value(v) for k, v in (s.split("=", 1) for s in a.set)}  # as a recipe file or --set reads it
     print(f"ratios to one FP32 pass over the calibration data ({a.calib_size} samples; eval {a.eval_size})")
     print(table([]), flush=True)
     rows = []
