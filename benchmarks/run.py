@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             for cfg in ort_cfgs if which == "efficientnet_lite0" else [c for c in ort_cfgs if c == ORT_DIGITS]:
                 rows.append(_run(task_ort, which, *cfg, wd))
                 print(json.dumps(rows[-1]), flush=True)
-            for cfg in brevitas if which == "efficientnet_lite0" else brevitas[:1]:
+            for cfg in brevitas if which == "efficientnet_lite0" else [c for c in brevitas if c == "W8A8"]:
                 rows.append(_run(task_brevitas, which, cfg, wd))
                 print(json.dumps(rows[-1]), flush=True)
             for r in recipes if which == "efficientnet_lite0" or not args.quick else [r for r in ("w8a8", "w4a8") if r in recipes]:

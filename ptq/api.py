@@ -429,7 +429,7 @@ STAGE_KEYS = ("verify_size",)
 def check_statistics_cover(prepared: dict, wanted: dict) -> None:
     """Refuse a recipe whose [calibration] asks for statistics other than the prepared ones. Statistics
     with the layer input moments serve a recipe that skips them (it reads none: `ptq.recipe`)."""
-    differ = [k for k in wanted if k not in (*STAGE_KEYS, "layer_moments") and wanted[k] != prepared.get(k)]
+    differ = [k for k in wanted if k not in (*STAGE_KEYS, "layer_moments") and wanted[k] != prepared[k]]
     if differ:
         raise RecipeError(f"the recipe's [calibration] differs from the prepared statistics in "
                           f"{', '.join('calibration.' + k for k in differ)}; prepare again with it")
