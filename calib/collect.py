@@ -30,6 +30,7 @@ from .exactsum import FixedSum
 from .packed import pack_upper, unpack_upper
 from .observers import Histogram, histogram_grid
 from .progress import progress
+from .shifted import cheaper_by_shifts, shifted_moments, tap_offsets, window_bases
 from .sensitivity import fisher_mean, fisher_terms
 from .sources import DataSource
 from .tokens import at_kept, kept_tokens
@@ -201,10 +202,23 @@ PART_ELEMENTS = 1 << 19  # a grouped conv's patches are copied and multiplied th
 def patch_moments(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Generator | None) -> LayerInputStats:
     """The sums of x xᵀ and x over a batch's input patches of a conv/linear layer (`layer_patches`).
 
-    A grouped conv's are taken a few groups at a time (2 MB of patches): the same bits as all at
-    once, and twice as fast on a depthwise layer whose patches outgrow the cache."""
+    A depthwise conv's come from shifted products of its map where that is cheaper than copying its
+    patches (`calib.shifted`: most of Lite0's statistics pass otherwise). A grouped conv's otherwise
+    are taken a few groups at a time (2 MB of patches): the same bits as all at once, and twice as
+    fast on a depthwise layer whose patches outgrow the cache."""
     if op.kind != "conv" or op.attrs["groups"] == 1:
         return moments_of(layer_patches(op, x, positions, gen))
+    if op.weight.shape[1] == 1:
+        a = op.attrs
+        (ph, pw), (kh, kw) = a["padding"], op.weight.shape[2:]
+        oh, ow = _out_size(op, x.shape[2], x.shape[3])
+        hp, wp = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+        if cheaper_by_shifts(kh, kw, hp, wp, oh * ow if positions is None else min(positions, oh * ow)):
+            pos = _sampled_positions(oh * ow, positions, gen)
+            xp = torch.nn.functional.pad(x, (pw, pw, ph, ph)) if ph or pw else x.contiguous()
+            bases = window_bases(oh, ow, a["stride"], wp, pos)
+            xx, xs = shifted_moments(xp, tap_offsets(kh, kw, a["dilation"]), bases)
+            return LayerInputStats(xx.double().numpy(), xs.double().numpy(), x.shape[0] * bases.numel())
     parts = [moments_of(p) for p in _grouped_patches(op, x, positions, gen, PART_ELEMENTS)]
     return LayerInputStats(np.concatenate([m.xx for m in parts]), np.concatenate([m.x for m in parts]), parts[0].count)
 

@@ -35,10 +35,39 @@ def test_a_depthwise_layer_s_moments_taken_a_few_groups_at_a_time_are_those_of_a
     x = torch.randn(4, 20, 9, 10)
     whole = collect.moments_of(layer_patches(op, x, positions, torch.Generator().manual_seed(5)))
     monkeypatch.setattr(collect, "PART_ELEMENTS", 1)  # parts of 8, 8 and 4 groups
+    monkeypatch.setattr(collect, "cheaper_by_shifts", lambda *a: False)  # the copying path
     parts = collect.patch_moments(op, x, positions, torch.Generator().manual_seed(5))
     assert np.array_equal(parts.xx, whole.xx) and np.array_equal(parts.x, whole.x) and parts.count == whole.count == 4 * (positions or 25)
     p = layer_patches(op, x, positions, torch.Generator().manual_seed(5)).double()
     assert np.allclose(parts.xx, (p.transpose(1, 2) @ p).numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,size,positions", [
+    (3, 1, 1, 1, (9, 10), None), (3, 2, 1, 1, (9, 10), 9), (5, 1, 2, 1, (11, 7), None),
+    (5, 2, 0, 1, (13, 13), 7), (3, 1, 2, 2, (8, 9), 11), (1, 1, 0, 1, (5, 6), None)])
+def test_a_depthwise_layer_s_moments_from_shifted_maps_are_those_of_its_patches(monkeypatch, kernel, stride, padding,
+                                                                                 dilation, size, positions):
+    import ptq.calib.collect as collect
+    c = 6
+    op = SimpleNamespace(kind="conv", weight=torch.zeros(c, 1, kernel, kernel), attrs={
+        "stride": (stride, stride), "padding": (padding, padding), "dilation": (dilation, dilation), "groups": c})
+    op.weight_matrix_shape = (c, kernel * kernel)
+    x = torch.randn(5, c, *size) + 0.5
+    monkeypatch.setattr(collect, "cheaper_by_shifts", lambda *a: True)
+    shifted = collect.patch_moments(op, x, positions, torch.Generator().manual_seed(4))
+    p = layer_patches(op, x, positions, torch.Generator().manual_seed(4)).double()
+    assert shifted.count == p.shape[1]
+    assert np.allclose(shifted.xx, (p.transpose(1, 2) @ p).numpy(), rtol=1e-5, atol=1e-4)
+    assert np.allclose(shifted.x, p.sum(1).numpy(), rtol=1e-5, atol=1e-4)
+    assert np.array_equal(shifted.xx, shifted.xx.transpose(0, 2, 1))
+
+
+def test_shifted_maps_are_taken_where_most_positions_are_kept_and_patches_copied_where_few_are():
+    from ptq.calib.shifted import cheaper_by_shifts
+    assert cheaper_by_shifts(5, 5, 18, 18, 14 * 14)  # Lite0's 14×14 5×5 layers: every position kept
+    assert cheaper_by_shifts(3, 3, 16, 16, 14 * 14)
+    assert not cheaper_by_shifts(3, 3, 113, 113, 256)  # 256 of a 56×56 map's positions
+    assert not cheaper_by_shifts(5, 5, 59, 59, 256)
 
 
 def _split(x: torch.Tensor, rng: np.random.Generator) -> list[torch.Tensor]:
