@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calib.collect import layer_patches, layer_positions, patch_moments
+from ..calib.collect import layer_patches, layer_positions, moments_of
 from ..calib.progress import progress
 from ..errors import RecipeError
 from ..ir import Graph, LayerWeights, Op, WeightQuant
@@ -178,17 +178,22 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
 
 def sequential_moments(op: Op, xq: torch.Tensor, xf: torch.Tensor | None, positions: int,
                        size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """H = E[x_q x_qᵀ] over a layer's input patches (`calib.collect.patch_moments`, seeded positions)
+    """H = E[x_q x_qᵀ] over a layer's input patches (`calib.collect.layer_patches`, seeded positions)
     in the model quantized so far, `size` samples at a time, and with its FP32 input `xf` the cross
-    moment D = E[(x_fp − x_q) x_qᵀ] over the same patches (each group's (K, K))."""
+    moment D = E[(x_fp − x_q) x_qᵀ] over the same patches (each group's (K, K)).
+
+    Copied patches in one float32 GEMM, not `calib.shifted`'s maps: with a depthwise H nearer the
+    exact sums (the maps, or this GEMM in float64) `bitplane-4.5` measured KL 0.065/0.092/0.065 on
+    three draws instead of 0.053/0.078/0.050 (BENCHMARKS.md, session 33). Its tuning was measured
+    on this GEMM's rounding; moving to exact sums is a retuning, not a speed change."""
     gen = torch.Generator().manual_seed(SEED)
     total, d = None, None
     for i in range(0, xq.shape[0], size):
         state = gen.get_state()
-        m = patch_moments(op, xq[i:i + size], positions, gen)
+        pq = layer_patches(op, xq[i:i + size], positions, gen)
+        m = moments_of(pq)
         total = m if total is None else total.merge(m)
         if xf is not None:
-            pq = layer_patches(op, xq[i:i + size], positions, torch.Generator().set_state(state))
             pf = layer_patches(op, xf[i:i + size], positions, torch.Generator().set_state(state))
             part = torch.bmm((pf - pq).transpose(1, 2), pq).double()
             d = part if d is None else d + part
