@@ -182,10 +182,10 @@ def sequential_moments(op: Op, xq: torch.Tensor, xf: torch.Tensor | None, positi
     in the model quantized so far, `size` samples at a time, and with its FP32 input `xf` the cross
     moment D = E[(x_fp − x_q) x_qᵀ] over the same patches (each group's (K, K)).
 
-    Copied patches in one float32 GEMM, not `calib.shifted`'s maps: with a depthwise H nearer the
-    exact sums (the maps, or this GEMM in float64) `bitplane-4.5` measured KL 0.065/0.092/0.065 on
-    three draws instead of 0.053/0.078/0.050 (BENCHMARKS.md, session 33). Its tuning was measured
-    on this GEMM's rounding; moving to exact sums is a retuning, not a speed change."""
+    Copied patches in one float32 GEMM, not `calib.shifted`'s maps: with the maps `bitplane-4.5`
+    measured KL 0.065/0.092/0.065 on three draws instead of 0.053/0.078/0.050, and this GEMM in
+    float64 gave the maps' figure on the third to the last digit (BENCHMARKS.md, session 33). Its
+    tuning was measured on this GEMM's rounding; moving to exact sums is a retuning, not a speed change."""
     gen = torch.Generator().manual_seed(SEED)
     total, d = None, None
     for i in range(0, xq.shape[0], size):
