@@ -229,3 +229,15 @@ def test_auto_chosen_on_a_spread_subset_gives_the_biases_of_that_mode_on_all(dig
         line = card_fields(sub, None, None)["bias_correction"]
         assert line.startswith(f"auto, chose {info['chosen']} on {n} samples (")
     assert chosen[16] != "none" and chosen[64] != "none"  # a 4-bit depthwise network needs a correction
+
+
+def test_auto_keeps_the_simplest_candidate_within_its_margin_of_the_lowest_kl():
+    """Lite0 `w8a8`'s calibration KLs on two draws (none, depthwise, all, layer): `layer` 2% under
+    `depthwise` is a tie, and `depthwise` stays; `layer` 10% under `depthwise` but 4% under `all`
+    gives `all`; a candidate ahead of every simpler one by more than the margin is chosen."""
+    from ptq.biascorrect import AUTO_CANDIDATES, CHOICE_MARGIN, simplest_within
+    assert AUTO_CANDIDATES[simplest_within([0.0094, 0.003536, 0.003679, 0.003451], CHOICE_MARGIN)] == "depthwise"
+    assert AUTO_CANDIDATES[simplest_within([0.00838, 0.003766, 0.003539, 0.003395], CHOICE_MARGIN)] == "all"
+    assert AUTO_CANDIDATES[simplest_within([0.00838, 0.003766, 0.003739, 0.003395], CHOICE_MARGIN)] == "layer"
+    assert AUTO_CANDIDATES[simplest_within([0.01, 0.02, 0.03, 0.04], CHOICE_MARGIN)] == "none"
+    assert simplest_within([0.5, 0.2, 0.2, 0.2], 0.0) == 1
