@@ -54,7 +54,7 @@ from .registry import register
 from ..ir import LayerWeights, WeightQuant
 from .base import error_weights, layer_error, per_layer
 
-CHUNK = 1 << 22  # sets × groups × G table values gathered at once (float32: 16 MB)
+CHUNK = 1 << 18  # sets × groups × G table values gathered at once (float32: 1 MB, in cache: 3× faster than 16 MB)
 
 SWIS_SECTION = {
     "bits": Field(8, int, lo=3, hi=8, help="b₀: bits of the sign-magnitude integers the groups are cut from"),
@@ -97,23 +97,24 @@ def best_sets(x: np.ndarray, h: np.ndarray, tables: np.ndarray) -> tuple[np.ndar
     """Best set per group and the mapped magnitudes, for magnitudes x (M, G) ≥ 0 weighted by h (M, G).
 
     Exhaustive over the S sets: gather every set's values, weighted squared error, argmin (the first
-    set on ties); chunked over groups so at most CHUNK values are gathered at once.
+    set on ties); chunked over groups so at most CHUNK values are gathered at once. The table is
+    held by cell, so one gather copies a weight's S values as one row, and the error is formed in
+    that buffer: half the time of gathering set by set (the search is most of SWIS's method time).
     """
     s, t_len = tables.shape
     m, g = x.shape
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     ht = torch.from_numpy(np.ascontiguousarray(h, np.float32))
     cell = torch.clamp((2 * xt).long(), 0, t_len - 1)  # x ≥ 0: truncation is the floor
-    tab = torch.from_numpy(tables.astype(np.float32))
+    by_cell = torch.from_numpy(np.ascontiguousarray(tables.T, np.float32))  # (T, S): a cell's S values in one row
     best = torch.empty(m, dtype=torch.long)
     step = max(1, CHUNK // max(s * g, 1))
-    with torch.no_grad():
+    with torch.no_grad(), fixed_order():
         for lo in range(0, m, step):
-            v = tab.index_select(1, cell[lo:lo + step].reshape(-1)).view(s, -1, g)  # (S, m, G)
-            d = v - xt[lo:lo + step]
-            with fixed_order():
-                e = torch.einsum("smg,mg->sm", d * d, ht[lo:lo + step])
-            best[lo:lo + step] = e.argmin(0)
+            hi = min(m, lo + step)
+            v = by_cell.index_select(0, cell[lo:hi].reshape(-1)).view(hi - lo, g, s)  # (m, G, S)
+            v.sub_(xt[lo:hi, :, None]).square_().mul_(ht[lo:hi, :, None])  # in place: one buffer, no temporaries
+            best[lo:hi] = v.sum(1).argmin(1)
     idx = best.numpy()
     mags = tables[idx[:, None], cell.numpy()]  # (M, G)
     return idx, mags
