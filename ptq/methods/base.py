@@ -21,9 +21,11 @@ _ALONE = threading.Lock()
 
 
 def per_layer(work: Callable[[Op], R], ops: Iterable[Op], stats=None) -> list[R]:
-    """work(op) for every op, in op order, with as many layers at once as torch has threads, each
-    single-threaded (`single_threaded_map`): a method's per-layer search uses every core and gives
-    the bits of one loop at any thread count. `work` must not depend on another layer's result.
+    """work(op) for every op, returned in op order, with as many layers at once as torch has threads,
+    each single-threaded (`single_threaded_map`): a method's per-layer search uses every core and
+    gives the bits of one loop at any thread count. `work` must not depend on another layer's result.
+    Layers start largest first (by weight count, the searches' cost): in op order a network's last
+    and largest layer (Lite0's classifier: a fifth of SWIS's search) ran alone on one core at the end.
     With `stats`, a layer whose input moments exceed ALONE_BYTES runs while no other such layer
     does (memory, not arithmetic: the results are the same)."""
     def bounded(op: Op) -> R:
@@ -31,7 +33,16 @@ def per_layer(work: Callable[[Op], R], ops: Iterable[Op], stats=None) -> list[R]
         with _ALONE if li is not None and li.full_nbytes > ALONE_BYTES else nullcontext():
             return work(op)
 
-    return list(single_threaded_map(bounded, ops))
+    ops = list(ops)
+    start = sorted(range(len(ops)), key=lambda i: -_size(ops[i]))  # stable: equal sizes in op order
+    out: list = [None] * len(ops)
+    for i, r in zip(start, single_threaded_map(bounded, [ops[i] for i in start])):
+        out[i] = r
+    return out
+
+
+def _size(op: Op) -> int:
+    return 0 if op.weight is None else int(op.weight.size)
 
 
 def layer_error(op: Op, stats, output_error: bool = True) -> ErrorModel:
