@@ -16,7 +16,8 @@ from ptq import bitserial
 from ptq.accbound import exceeds, sign_masses
 from ptq.intmath import qmax
 from ptq.ir.grids import Grid, SwisGrid
-from ptq.methods.errormodel import ErrorModel, clip_search, quantize_symmetric
+from ptq.methods.base import per_layer
+from ptq.methods.errormodel import ErrorModel, clip_residuals, clip_search, quantize_symmetric
 from ptq.methods.rounding import feedback_integers
 
 
@@ -299,3 +300,35 @@ def test_a_layer_with_a_large_h_is_worked_on_alone_and_to_the_same_integers(prep
     assert most[0] == 1
     assert free.manifest.tensors.keys() == alone.manifest.tensors.keys()
     assert all(np.array_equal(v, alone.manifest.tensors[k]) for k, v in free.manifest.tensors.items())
+
+
+def test_clip_residuals_are_the_bits_of_the_integer_round_trip():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 40)) * 0.1
+    w[0, :8] = np.arange(8) * 0.05 + 0.025  # half-way points of the step 0.05
+    scales = np.abs(w).max(1)[None] * np.linspace(0.25, 1.0, 7)[:, None] / 7
+    scales[0, 0] = 0.05
+    want = (w[None] - quantize_symmetric(w, scales, 4) * scales[..., None]).astype(np.float32)
+    assert np.array_equal(clip_residuals(w, scales, 4), want)
+
+
+class _Layer:
+    def __init__(self, name, size):
+        self.name, self.weight = name, np.zeros(size)
+
+
+def test_per_layer_returns_op_order_and_starts_the_largest():
+    ops = [_Layer("a", 3), _Layer("b", 50), _Layer("c", 7), _Layer("d", 50)]
+    started = []
+
+    def work(op):
+        started.append(op.name)
+        return op.name.upper()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one loop: the start order is observable
+    try:
+        assert per_layer(work, ops) == ["A", "B", "C", "D"]
+    finally:
+        torch.set_num_threads(threads)
+    assert started == ["b", "d", "c", "a"]

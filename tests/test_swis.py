@@ -40,6 +40,19 @@ def test_set_search_equals_brute_force(bits, n, g):
     assert not np.any(mags & ~masks[idx][:, None])  # each value is made of its group's chosen positions
 
 
+def test_set_search_takes_the_first_of_sets_that_represent_a_group_alike():
+    # magnitudes below 1.5 map to 0 or 1 under every 2-position set containing bit 0: those sets
+    # err exactly alike, and the search must return the first of them for every group
+    masks = sw.position_sets(7, 2)
+    tables = sw.nearest_tables(masks, 7)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.45, (5000, 8))
+    idx, mags = sw.best_sets(x, rng.uniform(0.1, 3.0, x.shape), tables)
+    first = next(i for i, mk in enumerate(masks) if mk & 1)
+    assert np.all(idx == first)
+    assert np.array_equal(mags, np.floor(x + 0.5).astype(np.int64))
+
+
 def test_nearest_table_is_the_nearest_representable_value():
     masks = sw.position_sets(7, 3)
     tables = sw.nearest_tables(masks, 7)
