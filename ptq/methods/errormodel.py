@@ -17,14 +17,23 @@ import numpy as np
 import torch
 
 from ..determinism import fixed_order
-from ..intmath import qmax, round_half_up
+from ..intmath import qmax
+
+
+def _grid_codes(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """floor(w / scale + 1/2) (`intmath.round_half_up`) clipped to the narrow grid, as whole float64
+    numbers in one buffer."""
+    m = qmax(bits)
+    x = np.asarray(w / scale[..., None], np.float64)  # a fresh array: the rest works in it
+    x += 0.5
+    np.floor(x, out=x)
+    return np.clip(x, -m, m, out=x)
 
 
 def quantize_symmetric(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     """Round (C, K) weights to the narrow grid with per-channel scales (C,), or with candidate scales
     (..., C) in one batch (..., C, K); int64 result."""
-    m = qmax(bits)
-    return np.clip(round_half_up(w / scale[..., None]), -m, m).astype(np.int64)
+    return _grid_codes(w, scale, bits).astype(np.int64)
 
 
 def clip_residuals(w: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
@@ -32,11 +41,7 @@ def clip_residuals(w: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
     `quantize_symmetric` and the float64 difference (whole numbers times s are exact either way),
     computed in one buffer. A clip search forms 40 of these per width; with the temporaries of
     the integer round trip that took two fifths of its time."""
-    m = qmax(bits)
-    x = np.divide(w[None], scales[..., None], dtype=np.float64)
-    x += 0.5
-    np.floor(x, out=x)
-    np.clip(x, -m, m, out=x)
+    x = _grid_codes(w, scales, bits)
     x *= scales[..., None]
     out = np.empty(x.shape, np.float32)
     np.subtract(w[None], x, out=out, casting="same_kind")  # in float64, rounded to float32 once
