@@ -332,3 +332,29 @@ def test_per_layer_returns_op_order_and_starts_the_largest():
     finally:
         torch.set_num_threads(threads)
     assert started == ["b", "d", "c", "a"]
+
+
+def test_per_layer_advances_its_progress_bar_as_each_layer_finishes(monkeypatch):
+    """A method's per-layer search is most of a long quantize: its bar must move layer by layer,
+    not jump to the end once every layer is done."""
+    import contextlib
+
+    import ptq.methods.base as base
+    seen = []
+
+    @contextlib.contextmanager
+    def bar(description, total):
+        seen.append(("open", description, total))
+        yield lambda n=1: seen.append(("advance", n))
+        seen.append(("close",))
+
+    monkeypatch.setattr(base, "progress", bar)
+    ops = [_Layer("a", 3), _Layer("b", 50), _Layer("c", 7)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_layer(lambda op: seen.append(("work", op.name)), ops, description="clip search (layers)")
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [("open", "clip search (layers)", 3), ("work", "b"), ("advance", 1), ("work", "c"), ("advance", 1),
+                    ("work", "a"), ("advance", 1), ("close",)]

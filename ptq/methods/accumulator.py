@@ -205,9 +205,10 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     def chosen(choice: dict[str, Candidate]) -> dict[str, WeightQuant]:
         """Each layer's chosen candidate, rebuilt from its payload (the bits the search measured)."""
         ops = [op for op in graph.weighted_ops() if op.name in choice]
-        return dict(zip((op.name for op in ops), per_layer(lambda op: fitter(op).weights(*choice[op.name].payload), ops, stats)))
+        rebuilt = per_layer(lambda op: fitter(op).weights(*choice[op.name].payload), ops, stats, "chosen candidates (layers)")
+        return dict(zip((op.name for op in ops), rebuilt))
 
-    layers = per_layer(choices, graph.weighted_ops(), stats)
+    layers = per_layer(choices, graph.weighted_ops(), stats, "accumulator candidates, every width pair (layers)")
     if al["mode"] == "naive":
         choice = _naive(layers, p)
         pair = next(iter(choice.values())).knobs

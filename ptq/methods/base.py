@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from ..calib.progress import progress
 from ..determinism import single_threaded_map
 from ..ir import Op, WeightQuant
 from .errormodel import ErrorModel
@@ -20,14 +21,15 @@ ALONE_BYTES = 64 << 20
 _ALONE = threading.Lock()
 
 
-def per_layer(work: Callable[[Op], R], ops: Iterable[Op], stats=None) -> list[R]:
+def per_layer(work: Callable[[Op], R], ops: Iterable[Op], stats=None, description: str = "layers") -> list[R]:
     """work(op) for every op, returned in op order, with as many layers at once as torch has threads,
     each single-threaded (`single_threaded_map`): a method's per-layer search uses every core and
     gives the bits of one loop at any thread count. `work` must not depend on another layer's result.
     Layers start largest first (by weight count, the searches' cost): in op order a network's last
     and largest layer (Lite0's classifier: a fifth of SWIS's search) ran alone on one core at the end.
     With `stats`, a layer whose input moments exceed ALONE_BYTES runs while no other such layer
-    does (memory, not arithmetic: the results are the same)."""
+    does (memory, not arithmetic: the results are the same). A progress bar (`description`) advances
+    as each layer's result arrives, in the order they started."""
     def bounded(op: Op) -> R:
         li = stats.layer_inputs.get(op.name) if stats is not None else None
         with _ALONE if li is not None and li.full_nbytes > ALONE_BYTES else nullcontext():
@@ -36,8 +38,10 @@ def per_layer(work: Callable[[Op], R], ops: Iterable[Op], stats=None) -> list[R]
     ops = list(ops)
     start = sorted(range(len(ops)), key=lambda i: -_size(ops[i]))  # stable: equal sizes in op order
     out: list = [None] * len(ops)
-    for i, r in zip(start, single_threaded_map(bounded, [ops[i] for i in start])):
-        out[i] = r
+    with progress(description, len(ops)) as advance:
+        for i, r in zip(start, single_threaded_map(bounded, [ops[i] for i in start])):
+            out[i] = r
+            advance()
     return out
 
 

@@ -142,7 +142,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
         return layer_candidates(op, stats, recipe, span, xscale)
 
     layers, params = [], 0.0
-    for op, cands in zip(ops, per_layer(candidates, ops)):
+    for op, cands in zip(ops, per_layer(candidates, ops, description="bit-plane candidates (layers)")):
         pin = layer_setting(recipe, "bitplane.layer_bits", op.name, matches)
         lc = LayerChoices(op.name, None, cands)
         if pin:

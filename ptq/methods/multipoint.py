@@ -299,7 +299,7 @@ def plan_layers(graph: Graph, stats, recipe: dict) -> list[LayerPlan]:
             pts = refit_coefficients(w, pts, err)
         return LayerPlan(op.name, pts, bits, maxp, sens, k, None if fisher is None else fisher[op.name])
 
-    return per_layer(plan, graph.weighted_ops())
+    return per_layer(plan, graph.weighted_ops(), description="multipoint points (layers)")
 
 
 @register("multipoint", sections={"multipoint": MULTIPOINT_SECTION}, override_keys=("multipoint.bits", "multipoint.extra_bits", "multipoint.max_points", "multipoint.sensitivity"),

@@ -37,6 +37,7 @@ by construction (AXE, Colbert et al. 2024).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -223,9 +224,8 @@ def _learned_starts(graph: Graph, stats, settings: dict, weights: LayerWeights,
     nearest = {op.name: weights[op.name].dequantized() for op in ops}
     starts: dict[str, dict[int, np.ndarray]] = {op.name: {} for op in ops}
 
-    with progress("error-feedback rounding (the learned rounding's start)", len(ops)) as advance:
-        for _ in per_layer(lambda op: _on_calibration_h(op, stats, weights, settings, starts[op.name]), ops, stats):
-            advance()
+    per_layer(lambda op: _on_calibration_h(op, stats, weights, settings, starts[op.name]), ops, stats,
+              "error-feedback rounding (the learned rounding's start, layers)")
     return starts, nearest
 
 
@@ -259,7 +259,8 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
                           "set rounding.sequential = true as well")
     to_float = sequential and settings["target"] == "float"
 
-    with progress("error-feedback rounding (layers)", len(feedback)) as advance:
+    walk_bar = progress("error-feedback rounding (walk, layers)", len(feedback)) if sequential else nullcontext(lambda n=1: None)
+    with walk_bar as advance:
         def on_layer(op: Op, xq: torch.Tensor, xf: torch.Tensor | None) -> None:  # H from the model quantized so far
             cal = recipe["calibration"]
             h, d = sequential_moments(op, xq, xf if to_float else None,
@@ -269,9 +270,9 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
 
         if not sequential:
             ops = [op for op in graph.weighted_ops() if op.name in feedback]
-            for op, rec in zip(ops, per_layer(lambda op: _on_calibration_h(op, stats, weights, settings), ops, stats)):
-                report[op.name] = {"rounding": "feedback", **rec}
-                advance()
+            recs = per_layer(lambda op: _on_calibration_h(op, stats, weights, settings), ops, stats,
+                             "error-feedback rounding (layers)")
+            report.update({op.name: {"rounding": "feedback", **rec} for op, rec in zip(ops, recs)})
         visit = feedback if sequential else []
         if moments_read is not None:
             moments_read()

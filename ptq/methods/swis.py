@@ -341,7 +341,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
         shared = {op.name: layer_setting(recipe, "swis.shared_bits", op.name, matches) for op in ops}
         for op in ops:
             _check_n(shared[op.name], bits, "shared_bits", op.name)
-        lays = per_layer(lambda op: run(op, shared[op.name]), ops)
+        lays = per_layer(lambda op: run(op, shared[op.name]), ops, description="SWIS set search (layers)")
         out = {op.name: build(lay, op, bits, group, sw["positions"]) for op, lay in zip(ops, lays)}
         cycles = {op.name: lay.schedule for op, lay in zip(ops, lays)}
         return LayerWeights(out, {"swis": {"mode": "fixed", **bitserial.totals(cycles)}})
@@ -373,7 +373,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
             cands.append(Candidate({"shared_bits": n}, float(np.sum(weight * lay.errors)), cost, 0, (lay, op)))
         return LayerChoices(op.name, None, cands)
 
-    layers = per_layer(choices, ops)
+    layers = per_layer(choices, ops, description="SWIS set search, every N (layers)")
     budgets = {}
     params = sum(float(op.weight.size) for op in ops)
     base_cycles = sum(float(lc.candidates[0].payload[0].schedule["baseline_cycles"]) for lc in layers)

@@ -18,7 +18,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
     ops = graph.weighted_ops()
     return dict(zip((op.name for op in ops), per_layer(
         lambda op: uniform_layer(op, stats, layer_setting(recipe, "weights.bits", op.name, matches), recipe["weights"]["clip"]),
-        ops)))
+        ops, description="clip search (layers)")))
 
 
 def uniform_layer(op, stats, bits: int, clip: str) -> WeightQuant:
