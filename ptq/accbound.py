@@ -123,11 +123,15 @@ def project_l1(v: np.ndarray, radius: np.ndarray) -> np.ndarray:
     far as its support: the `TOP_FIRST` largest are partitioned off and sorted first, and rows whose
     support reaches past them are sorted 4× as far, then fully. The cumulative sums over the
     prefix are those of a full sort, so θ is the same bits."""
-    a = np.abs(v)
-    out = v.copy()
+    return _project_into(v.copy(), radius)
+
+
+def _project_into(x: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """`project_l1` of x's rows written into x itself (a temporary of the caller's): x."""
+    a = np.abs(x)
     rows = np.flatnonzero(a.sum(1) > radius)
     if rows.size == 0:
-        return out
+        return x
     a, r = a[rows], radius[rows]
     k = a.shape[1]
     theta = np.empty(len(rows))
@@ -140,8 +144,10 @@ def project_l1(v: np.ndarray, radius: np.ndarray) -> np.ndarray:
         theta[todo[done]] = t[done]
         todo, m = todo[~done], 4 * m
     theta = np.where(r > 0, theta, np.inf)  # radius 0: the ball is the origin
-    out[rows] = np.sign(v[rows]) * np.maximum(a - theta[:, None], 0.0)
-    return out
+    a -= theta[:, None]
+    np.maximum(a, 0.0, out=a)
+    x[rows] = np.copysign(a, x[rows], out=a)  # sign(x)·max(|x| − θ, 0), signed zeros included
+    return x
 
 
 FIT_ELEMENTS = 1 << 21  # weights fitted per batch of rows: 16 MB float64 temporaries stay in the heap
@@ -177,17 +183,19 @@ def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int) -> np.ndarray:
     for i in range(0, len(split), step):
         r = split[i:i + step]
         x = v[r]
-        parts = fit_l1(np.concatenate([np.maximum(x, 0.0), np.maximum(-x, 0.0)]),
-                       np.concatenate([budget[r, 0], budget[r, 1]]), qmax)
+        parts = np.empty((2 * len(r), x.shape[1]))  # the positive parts, then the negative ones
+        np.maximum(x, 0.0, out=parts[:len(r)])
+        np.maximum(np.negative(x, out=x), 0.0, out=parts[len(r):])
+        parts = fit_l1(parts, np.concatenate([budget[r, 0], budget[r, 1]]), qmax)
         out[r] = parts[:len(r)] - parts[len(r):]
     return out
 
 
 def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
-    p = project_l1(np.clip(v, -qmax, qmax), radius)
-    a = np.abs(p)
-    mag = np.floor(a)
-    frac = a - mag
+    p = _project_into(np.clip(v, -qmax, qmax), radius)
+    frac = np.abs(p)
+    mag = np.floor(frac)
+    frac -= mag
     up = frac >= 0.5
     mag += up
     excess = np.maximum(mag.sum(1) - radius, 0).astype(np.int64)
@@ -202,7 +210,7 @@ def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
         ties = key == t
         down |= ties & (np.cumsum(ties, axis=1) <= (e - down.sum(1))[:, None])
         mag[rows] -= down
-    return np.copysign(mag, p).astype(np.int64)
+    return np.copysign(mag, p, out=mag).astype(np.int64)
 
 
 __all__ = ["limit", "bits_for", "datatype_bound", "input_span", "sign_masses", "reach", "worst_from_reach",
