@@ -24,6 +24,8 @@ damaging first (AXE-style ℓ1 control).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .intmath import qmax
@@ -126,8 +128,10 @@ def project_l1(v: np.ndarray, radius: np.ndarray) -> np.ndarray:
     return _project_into(v.copy(), radius)
 
 
-def _project_into(x: np.ndarray, radius: np.ndarray) -> np.ndarray:
-    """`project_l1` of x's rows written into x itself (a temporary of the caller's): x."""
+def _project_into(x: np.ndarray, radius: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """`project_l1` of x's rows written into x itself (a temporary of the caller's): x. With `order`
+    (each row's columns by descending magnitude), a row's largest magnitudes are read in that order
+    instead of partitioned and sorted: the same values in the same order, so the same bits."""
     a = np.abs(x)
     rows = np.flatnonzero(a.sum(1) > radius)
     if rows.size == 0:
@@ -138,8 +142,12 @@ def _project_into(x: np.ndarray, radius: np.ndarray) -> np.ndarray:
     todo, m = np.arange(len(rows)), TOP_FIRST
     while todo.size:
         m = min(m, k)
-        top = a[todo] if m == k else np.partition(a[todo], k - m, axis=1)[:, k - m:]
-        t, wider = _threshold(-np.sort(-top, axis=1), r[todo])
+        if order is None:
+            top = a[todo] if m == k else np.partition(a[todo], k - m, axis=1)[:, k - m:]
+            top = -np.sort(-top, axis=1)
+        else:
+            top = a[todo[:, None], order[rows[todo], :m]]
+        t, wider = _threshold(top, r[todo])
         done = ~wider | (m == k)
         theta[todo[done]] = t[done]
         todo, m = todo[~done], 4 * m
@@ -151,33 +159,40 @@ def _project_into(x: np.ndarray, radius: np.ndarray) -> np.ndarray:
 
 
 FIT_ELEMENTS = 1 << 21  # weights fitted per batch of rows: 16 MB float64 temporaries stay in the heap
+# (rows of v, part "+", "-" or "|") → each row's columns by descending magnitude of its positive part,
+# its negative part or its whole: a caller that fits many scalings of the same weights sorts them once
+Order = Callable[[np.ndarray, str], np.ndarray]
 
 
-def fit_l1(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
+def fit_l1(v: np.ndarray, radius: np.ndarray, qmax: int,
+           order: Callable[[int, int], np.ndarray] | None = None) -> np.ndarray:
     """Integers q (C, K) with |q| ≤ qmax and ‖q_c‖₁ ≤ radius_c, close to the real-valued v (C, K).
 
     Projection, round half away from zero, then the fewest entries that were rounded up in magnitude
     are rounded toward zero — those with the smallest fractional part first (the least extra error;
     the lower column first among equal ones) — until the channel fits. Rounding all of them toward
     zero gives Σ⌊|p|⌋ ≤ ‖p‖₁ ≤ radius, so the bound always holds. Rows are independent and fitted a
-    batch at a time.
+    batch at a time. `order(i, j)`: rows i to j's columns by descending magnitude, if known.
     """
     radius = np.floor(np.asarray(radius, np.float64))
     out = np.empty(v.shape, np.int64)
     step = max(1, FIT_ELEMENTS // max(v.shape[1], 1))
     for i in range(0, len(v), step):
-        out[i:i + step] = _fit_rows(v[i:i + step], radius[i:i + step], qmax)
+        out[i:i + step] = _fit_rows(v[i:i + step], radius[i:i + step], qmax,
+                                    None if order is None else order(i, min(i + step, len(v))))
     return out
 
 
-def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int) -> np.ndarray:
+def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int, order: Order | None = None) -> np.ndarray:
     """Integers q (C, K) with |q| ≤ qmax within each channel's `mass_budgets` (C, 3), close to v (C, K):
     `fit_l1` on the total where that is the limit, else on each sign's part alone (the positive and
-    the negative part of a row fitted as two rows). Rows are fitted a batch at a time."""
+    the negative part of a row fitted as two rows). Rows are fitted a batch at a time; `order`, if
+    given, spares the projection its sorts (`Order`)."""
     out = np.empty(v.shape, np.int64)
     per_sign = np.isfinite(budget[:, 0]) | np.isfinite(budget[:, 1])
-    if (~per_sign).any():
-        out[~per_sign] = fit_l1(v[~per_sign], budget[~per_sign, 2], qmax)
+    total = np.flatnonzero(~per_sign)
+    if total.size:
+        out[total] = fit_l1(v[total], budget[total, 2], qmax, None if order is None else lambda i, j: order(total[i:j], "|"))
     split = np.flatnonzero(per_sign)
     step = max(1, FIT_ELEMENTS // max(2 * v.shape[1], 1))  # two rows each: one batch of fit_l1
     for i in range(0, len(split), step):
@@ -186,13 +201,14 @@ def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int) -> np.ndarray:
         parts = np.empty((2 * len(r), x.shape[1]))  # the positive parts, then the negative ones
         np.maximum(x, 0.0, out=parts[:len(r)])
         np.maximum(np.negative(x, out=x), 0.0, out=parts[len(r):])
-        parts = fit_l1(parts, np.concatenate([budget[r, 0], budget[r, 1]]), qmax)
+        parts = fit_l1(parts, np.concatenate([budget[r, 0], budget[r, 1]]), qmax,
+                       None if order is None else lambda i, j, r=r: np.concatenate([order(r, "+"), order(r, "-")])[i:j])
         out[r] = parts[:len(r)] - parts[len(r):]
     return out
 
 
-def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int) -> np.ndarray:
-    p = _project_into(np.clip(v, -qmax, qmax), radius)
+def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int, order: np.ndarray | None = None) -> np.ndarray:
+    p = _project_into(np.clip(v, -qmax, qmax), radius, order)
     frac = np.abs(p)
     mag = np.floor(frac)
     frac -= mag

@@ -268,3 +268,24 @@ def test_the_chosen_candidate_rebuilt_from_its_payload_is_the_one_the_search_mea
             assert np.isclose(error, c.error, rtol=1e-3 if c.knobs["projected"] else 1e-9, atol=0), (op.name, c.knobs)
             projected += c.knobs["projected"]
     assert projected > 0  # the rebuilt fits include projected ones
+
+
+def test_fit_budget_with_the_weights_sorted_once_gives_the_same_integers():
+    """The accumulator fits 7 scalings of each channel's weights per width pair from one sort per
+    layer (`LayerFit.order`); that must change no integer against sorting every row, including
+    ties, zeros, clipping at qmax and supports wider than the first TOP_FIRST magnitudes."""
+    rng = np.random.default_rng(5)
+    c, k = 12, 700
+    w = rng.normal(size=(c, k)) * rng.uniform(0.01, 1, size=(c, 1))
+    w[0, 1:] = 0.0  # one weight: a near-dead channel
+    w[1, ::2] = w[1, 1::2]  # equal magnitudes
+    w[2] = np.round(w[2] * 4) / 4  # many ties
+    s = np.abs(w).max(1, keepdims=True).T / 127 * np.array([1.0, 1.5, 4.0, 0.05])[:, None]  # (S, C)
+    v = (w[None] / s[..., None]).reshape(-1, k)
+    orders = {p: np.argsort(-m, axis=1, kind="stable").astype(np.int32)
+              for p, m in (("+", np.maximum(w, 0.0)), ("-", np.maximum(-w, 0.0)), ("|", np.abs(w)))}
+    order = lambda rows, part: orders[part][rows % c]
+    for lo, hi in ((0, 255), (-128, 127)):
+        budget = mass_budgets(12, lo, hi, rng.integers(-300, 300, size=len(v)))
+        budget[::5] = mass_budgets(16, lo, hi, np.zeros(len(v)))[::5]  # some rows fit, some need all K
+        np.testing.assert_array_equal(fit_budget(v, budget, 127, order), fit_budget(v, budget, 127))
