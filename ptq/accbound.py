@@ -164,6 +164,15 @@ FIT_ELEMENTS = 1 << 21  # weights fitted per batch of rows: 16 MB float64 tempor
 Order = Callable[[np.ndarray, str], np.ndarray]
 
 
+def scaling_orders(w: np.ndarray) -> Order:
+    """The `Order` of rows that are positive scalings of w's channels (C, K), stacked scaling-major
+    (row r scales channel r mod C): a positive step and a clip at qmax keep a row's order, so each
+    channel's positive part, negative part and magnitudes are sorted once here, for every scaling."""
+    orders = {part: np.argsort(-mag, axis=1, kind="stable").astype(np.int32)
+              for part, mag in (("+", np.maximum(w, 0.0)), ("-", np.maximum(-w, 0.0)), ("|", np.abs(w)))}
+    return lambda rows, part: orders[part][rows % len(w)]
+
+
 def fit_l1(v: np.ndarray, radius: np.ndarray, qmax: int,
            order: Callable[[int, int], np.ndarray] | None = None) -> np.ndarray:
     """Integers q (C, K) with |q| ≤ qmax and ‖q_c‖₁ ≤ radius_c, close to the real-valued v (C, K).
@@ -230,4 +239,4 @@ def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int, order: np.ndarray | 
 
 
 __all__ = ["limit", "bits_for", "datatype_bound", "input_span", "sign_masses", "reach", "worst_from_reach",
-           "worst_accumulator", "mass_budgets", "exceeds", "project_l1", "fit_l1", "fit_budget"]
+           "worst_accumulator", "mass_budgets", "exceeds", "project_l1", "fit_l1", "fit_budget", "Order", "scaling_orders"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import ptq
-from ptq.accbound import (datatype_bound, fit_budget, fit_l1, limit, mass_budgets, project_l1, sign_masses,
+from ptq.accbound import (datatype_bound, fit_budget, fit_l1, limit, mass_budgets, project_l1, scaling_orders, sign_masses,
                           worst_accumulator)
 from ptq.runtime.simulator import Simulator
 
@@ -272,7 +272,7 @@ def test_the_chosen_candidate_rebuilt_from_its_payload_is_the_one_the_search_mea
 
 def test_fit_budget_with_the_weights_sorted_once_gives_the_same_integers():
     """The accumulator fits 7 scalings of each channel's weights per width pair from one sort per
-    layer (`LayerFit.order`); that must change no integer against sorting every row, including
+    layer (`accbound.scaling_orders`); that must change no integer against sorting every row, including
     ties, zeros, clipping at qmax and supports wider than the first TOP_FIRST magnitudes."""
     rng = np.random.default_rng(5)
     c, k = 12, 700
@@ -282,9 +282,7 @@ def test_fit_budget_with_the_weights_sorted_once_gives_the_same_integers():
     w[2] = np.round(w[2] * 4) / 4  # many ties
     s = np.abs(w).max(1, keepdims=True).T / 127 * np.array([1.0, 1.5, 4.0, 0.05])[:, None]  # (S, C)
     v = (w[None] / s[..., None]).reshape(-1, k)
-    orders = {p: np.argsort(-m, axis=1, kind="stable").astype(np.int32)
-              for p, m in (("+", np.maximum(w, 0.0)), ("-", np.maximum(-w, 0.0)), ("|", np.abs(w)))}
-    order = lambda rows, part: orders[part][rows % c]
+    order = scaling_orders(w)
     for lo, hi in ((0, 255), (-128, 127)):
         budget = mass_budgets(12, lo, hi, rng.integers(-300, 300, size=len(v)))
         budget[::5] = mass_budgets(16, lo, hi, np.zeros(len(v)))[::5]  # some rows fit, some need all K

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..calib.observers import Encoding, choose_encoding
 
-from ..accbound import Order, mass_budgets, bits_for, exceeds, fit_budget, input_span, limit, sign_masses, worst_accumulator
+from ..accbound import Order, scaling_orders, mass_budgets, bits_for, exceeds, fit_budget, input_span, limit, sign_masses, worst_accumulator
 from .allocator import Candidate, LayerChoices, solve_allocation
 from ..errors import BudgetError, RecipeError
 from ..ir import Graph, Op
@@ -72,17 +72,7 @@ class LayerFit:
         self._histogram, self._act, self._producer_act = stats.histograms[input_tensor], recipe["activations"], producer_act
         self._encodings: dict[int, Encoding] = {}
         self._expansion: Expansion | None = None  # built once, at the layer's first projected candidate
-        self._orders: dict[str, np.ndarray] | None = None  # likewise the weights' descending orders
-
-    def order(self, rows: np.ndarray, part: str) -> np.ndarray:
-        """`accbound.Order` of the candidate rows w / s (growth-major, as `fit_with_step` stacks them):
-        every step of a channel orders its magnitudes alike, so each channel is sorted once per layer
-        for its 42 width pairs × 7 step growths."""
-        if self._orders is None:
-            w = self.w
-            self._orders = {part: np.argsort(-mag, axis=1, kind="stable").astype(np.int32)
-                            for part, mag in (("+", np.maximum(w, 0.0)), ("-", np.maximum(-w, 0.0)), ("|", np.abs(w)))}
-        return self._orders[part][rows % len(self.w)]
+        self._order: Order | None = None  # likewise the weights' sorts, shared by every width pair's projections
 
     def encoding(self, n: int) -> Encoding:
         """The layer input's encoding at N bits, as the manifest builder will choose it."""
@@ -103,7 +93,8 @@ class LayerFit:
         bq = round_half_up(self.bias / (e.scale * scale))
         if p < 32 and np.any(exceeds(q, mass_budgets(p, lo, hi, bq))):
             self._expansion = self._expansion or Expansion(self.err, self.w)
-            q, scale, e_w = fit_with_step(self.w, scale, self.bias, e.scale, p, (lo, hi), m, self._expansion, self.order)
+            self._order = self._order or scaling_orders(self.w)
+            q, scale, e_w = fit_with_step(self.w, scale, self.bias, e.scale, p, (lo, hi), m, self._expansion, self._order)
             return q, scale, round_half_up(self.bias / (e.scale * scale)), (lo, hi), True, e_w  # the refitted steps' bias codes
         return q, scale, bq, (lo, hi), False, None
 
@@ -164,8 +155,8 @@ def fit_with_step(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, input_scal
     is fixed the step is refitted by least squares on the output error (projection shrinks every
     weight; a larger step gives the magnitude back). Only larger steps are taken: they shrink the bias code,
     so the bound still holds. Every growth is evaluated in one batch, its errors from the layer's
-    `Expansion` (the projected integers are mostly zero); `order`, the weights' magnitude orders
-    (`LayerFit.order`), spares the projections their sorts."""
+    `Expansion` (the projected integers are mostly zero); `order` (`accbound.scaling_orders` of w,
+    growth-major like the rows stacked here) spares the projections their sorts."""
     c, k = w.shape
     s = scale[None] * np.asarray(STEP_GROWTH)[:, None]  # (S, C)
     bq = round_half_up(bias[None] / (input_scale * s))
