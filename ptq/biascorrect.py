@@ -1,8 +1,8 @@
 """Empirical bias correction: remove each layer's mean output shift caused by quantization.
 
-Layers are visited in order with the FP32 graph and the fake-quant model running side by side on
-calibration data, so the shift measured at a layer includes everything upstream (activation
-quantization and earlier corrections). (Averaging the shift only where a fused clamp does not bind
+Layers are visited in order, the fake-quant model on calibration data against the FP32 graph's
+mean pre-activations on the same data, so the shift measured at a layer includes everything
+upstream (activation quantization and earlier corrections). (Averaging the shift only where a fused clamp does not bind
 was measured too: better for `all`, catastrophic for depthwise layers at 4 bits, so not used.)
 Correcting every layer blindly hurts (docs/ALGORITHMS.md); `layer` keeps a layer's correction only where
 it lowers the error of its own quantized output, and the recipe default `auto` tries none,
@@ -97,9 +97,11 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
     layer's decision parts them: `none` and `depthwise` on a network without depthwise convs never
     part, `all` and `layer` only where the layer mode first rejects a correction.
 
-    Every op runs `CHUNK` samples at a time, so what a layer adds to the held frontier (the FP32 maps
-    and each stream's codes of every sample) is its output alone, not its float temporaries of every
-    sample: resnet50 `w8a8` on 128 samples peaked at 6.4 GiB when each op ran on the whole batch."""
+    Every op runs `CHUNK` samples at a time, so what a layer adds to the held frontier (each stream's
+    codes of every sample, and the FP32 maps where `layer` judges) is its output alone, not its float
+    temporaries of every sample: resnet50 `w8a8` on 128 samples peaked at 6.4 GiB when each op ran on
+    the whole batch. Without `layer`, the FP32 side is its per-channel sums alone (`_float_sums`): on
+    Lite0 a sweep of `depthwise` or `all` took 27–29% less time (BENCHMARKS.md, session 36)."""
     dtype = torch.float32
     fk = float_kernels(dtype)
     parts = _chunks(len(x))
@@ -115,41 +117,37 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
         if op.kind in LAZY_KINDS:
             last_use[op.inputs[0]] = max(last_use[op.inputs[0]], last_use.get(op.output, i))
     x = x.to(dtype)
+    # the FP32 side's maps are read again only to judge a layer (`layer`); the other modes need its
+    # per-channel sums alone, taken in one pass that runs each mini-batch through the whole network
+    judging = "layer" in modes
     fp = {graph.input: x}
+    fp_sums, fp_out = (None, None) if judging else _float_sums(graph, x, parts, keep, last_use)
     streams = [({graph.input: _stitch(parts, lambda s: _compact(codec, graph.input, codec.quantize(x[s], graph.input)))},
                 list(range(len(ms))))]
     kept: list[dict[str, bool]] = [{} for _ in ms]
     with torch.no_grad(), progress(f"bias correction ({len(ms)} candidate(s), ops)", len(graph.ops)) as advance:
         for i, op in enumerate(graph.ops):
             advance()
-            xs_fp = [fp[t] for t in op.inputs]
-            # FP32 maps read here for the last time, whose memory this op's output may take (a residual
+            # maps read here for the last time, whose memory this op's output may take (a residual
             # add's output takes an input's); the input x is the caller's, and no FP32 map is a view
             # of another (`_stitch` copies each op's output into a tensor of its own)
             dying = [t for t in dict.fromkeys(op.inputs) if last_use[t] == i and t not in graph.outputs]
-            spare = [fp[t] for t in dying if t != graph.input and isinstance(fp[t], torch.Tensor)]
             if op.kind in LAZY_KINDS and op.output not in graph.outputs:
-                fp[op.output] = _Lazy(xs_fp[0], lambda r, op=op: fk[op.kind](op, [r]))
+                if judging:
+                    fp[op.output] = _Lazy(fp[op.inputs[0]], lambda r, op=op: fk[op.kind](op, [r]))
                 for fq, members in streams:
                     qop = type(op)(op.name, op.kind, op.inputs, op.output, op.attrs, record=records[members[0]][op.name])
-                    fq[op.output] = _Lazy(fq[op.inputs[0]], lambda r, qop=qop, k=kernels[members[0]][op.kind]: _compact(
-                        codec, qop.output, k(qop, [r.to(dtype)])))
+                    fq[op.output] = _Lazy(fq[op.inputs[0]], lambda r, qop=qop, k=kernels[members[0]][op.kind]: _lazy_codes(
+                        codec, qop, k, r))
                 _forget(op, i, graph, last_use, fp, streams)
                 continue
-            fp_sum = None  # Σ of the FP32 pre-activation per output channel, at kept tokens
-            if op.weight is not None:
-                f = conv_float if op.kind == "conv" else linear_float
-                w = torch.from_numpy(op.weight).to(dtype)
-                b = torch.from_numpy(op.bias.astype(np.float64)).to(dtype)
-                fp_sum = _ChannelSums()
-
-                def fp_chunk(s):
-                    pre = f(op, xs_fp[0][s], w, b)
-                    return apply_act(op, pre), _channel_sums(pre, _rows(keep, s))
-
-                y_fp = _stitch(parts, fp_chunk, spare, lambda s, sums: fp_sum.add(*sums))
+            y_fp = None
+            if not judging:
+                fp_sum = fp_sums.get(op.name)
             else:
-                y_fp = _stitch(parts, lambda s: fk[op.kind](op, [t[s] for t in xs_fp]), spare)
+                fp_sum, y_fp = _float_layer(op, [fp[t] for t in op.inputs], parts, keep, fk,
+                                            [fp[t] for t in dying if t != graph.input and isinstance(fp[t], torch.Tensor)])
+                fp[op.output] = y_fp
             parted = []
             for fq, members in streams:
                 correcting = [j for j in members if fp_sum is not None and modes[j] != "none"
@@ -185,11 +183,78 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
                     part[op.output] = y
                     parted.append((part, js))
             streams = parted
-            fp[op.output] = y_fp
             _forget(op, i, graph, last_use, fp, streams)
     out = graph.outputs[0]
     fq_out = {j: fq[out].to(dtype) for fq, js in streams for j in js}
-    return kept, fp[out], [fq_out[j] for j in range(len(ms))]
+    return kept, fp[out] if judging else fp_out, [fq_out[j] for j in range(len(ms))]
+
+
+def _float_layer(op, xs: list, parts: list[slice], keep, fk: dict, spare: list[torch.Tensor]):
+    """(Σ of a weighted op's FP32 pre-activation per output channel at kept tokens, or None; its FP32
+    output of every sample, held for the `layer` judge downstream)."""
+    if op.weight is None:
+        return None, _stitch(parts, lambda s: fk[op.kind](op, [t[s] for t in xs]), spare)
+    f, (w, b) = _float_layer_params(op)
+    sums = _ChannelSums()
+
+    def chunk(s):
+        pre = f(op, xs[0][s], w, b)
+        return apply_act(op, pre), _channel_sums(pre, _rows(keep, s))
+
+    return sums, _stitch(parts, chunk, spare, lambda s, part: sums.add(*part))
+
+
+def _float_layer_params(op):
+    """(conv or linear, FP32 weight, FP32 bias) of a weighted op, as the FP32 side runs it."""
+    f = conv_float if op.kind == "conv" else linear_float
+    return f, (torch.from_numpy(op.weight).to(torch.float32), torch.from_numpy(op.bias.astype(np.float64)).to(torch.float32))
+
+
+def _float_sums(graph: Graph, x: torch.Tensor, parts: list[slice], keep, last_use: dict[str, int]):
+    """({weighted op: Σ of its FP32 pre-activation per output channel at kept tokens}, FP32 output),
+    each mini-batch run through the whole network on its own: no op's map of every sample is held.
+    Every mini-batch computes what `_float_layer` computes for its rows, from contiguous inputs as
+    `_stitch` leaves them, and the sums add in mini-batch order: the same bits, without the FP32
+    maps' memory and their copies (a third of a sweep of one candidate on Lite0)."""
+    fk = float_kernels(torch.float32)
+    params = {op.name: _float_layer_params(op) for op in graph.ops if op.weight is not None}
+    out = graph.outputs[0]
+
+    def run(s: slice):
+        env = {graph.input: x[s]}
+        sums = {}
+        for i, op in enumerate(graph.ops):
+            xs = [env[t] for t in op.inputs]
+            if op.weight is not None:
+                f, (w, b) = params[op.name]
+                pre = f(op, xs[0], w, b)
+                sums[op.name] = _channel_sums(pre, _rows(keep, s))
+                y = apply_act(op, pre)
+            else:
+                y = fk[op.kind](op, xs)
+            env[op.output] = y.contiguous()
+            for t in dict.fromkeys(op.inputs):
+                if last_use[t] == i and t != out:
+                    del env[t]
+        return sums, env[out]
+
+    totals = {name: _ChannelSums() for name in params}
+    outputs = []
+    with progress("bias correction: FP32 sums (mini-batches)", len(parts)) as advance:
+        for sums, y in single_threaded_map(_without_grad(run), parts):
+            for name, part in sums.items():
+                totals[name].add(*part)
+            outputs.append(y)
+            advance()
+    return totals, torch.cat(outputs)
+
+
+def _without_grad(work):
+    """`work` with autograd off in whichever thread runs it (grad mode is per thread), restored after."""
+    def run(item):
+        with torch.no_grad():
+            return work(item)
+    return run
 
 
 def _forget(op, i: int, graph: Graph, last_use: dict[str, int], fp: dict, streams: list) -> None:
@@ -219,6 +284,14 @@ class _Lazy:
 
     def __getitem__(self, s: slice) -> torch.Tensor:
         return self.rows(self.source[s])
+
+
+def _lazy_codes(codec: Codec, qop, kernel, r: torch.Tensor) -> torch.Tensor:
+    """A lazy op's codes of one mini-batch. A pad only copies codes and adds the pad value (the input's
+    zero point, a code itself): done on the uint8 codes as they are, not in float and compacted again."""
+    if qop.kind == "pad" and r.dtype == torch.uint8:
+        return kernel(qop, [r])
+    return _compact(codec, qop.output, kernel(qop, [r.to(torch.float32)]))
 
 
 def _compact(codec: Codec, t: str, codes: torch.Tensor) -> torch.Tensor:
@@ -320,8 +393,8 @@ class _ChannelSums:
 
 
 def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, y_fp, x_fq, parts, judge: bool, tokens=None):
-    """(mean shift δ, output codes without and with δ added, whether δ lowers the layer's own output
-    error — asked only when `judge`); `b` is the quantized model's float bias before the correction,
+    """(mean shift δ, output codes without δ (only when `judge`: None otherwise) and with δ added,
+    whether δ lowers the layer's own output error — asked only when `judge`); `b` is the quantized model's float bias before the correction,
     `fp_sum` the FP32 pre-activation's sums, `tokens` the kept tokens of a text encoder's (N, T, C)
     tensors. Two passes over the mini-batches: the first sums the quantized pre-activation, the
     second adds δ to it."""
@@ -345,6 +418,10 @@ def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, 
         pre = pre_q(s)
         return quantized(pre), (pre, _channel_sums(pre, _rows(tokens, s)))
 
+    def sums_only(s: slice):
+        pre = pre_q(s)
+        return pre, _channel_sums(pre, _rows(tokens, s))
+
     def hold(s: slice, extra) -> None:
         nonlocal size
         pre, sums = extra
@@ -353,9 +430,14 @@ def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, 
             held[s.start] = pre
             size += pre.nbytes
 
-    y0 = _stitch(parts, first_pass, take=hold)
+    y0 = None  # the uncorrected codes: read only by the judge (outside `layer`, every correction is kept)
+    if judge:
+        y0 = _stitch(parts, first_pass, take=hold)
+    else:
+        for s, extra in zip(parts, single_threaded_map(sums_only, parts)):
+            hold(s, extra)
     delta = (fp_sum.mean() - q_sum.mean()).to(dtype)
-    view = (1, -1, 1, 1) if y_fp.dim() == 4 else (-1,)
+    view = (1, -1, 1, 1) if op.kind == "conv" else (-1,)
     errors = [0.0, 0.0]
 
     def second_pass(s: slice):
