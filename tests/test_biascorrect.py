@@ -61,6 +61,35 @@ def _biases(m: Manifest) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {r["name"]: (m.tensor(r["bias"]["q"]), m.tensor(r["bias"]["float"])) for r in m.weighted_ops()}
 
 
+def test_without_the_layer_judge_no_float_map_of_every_sample_is_held(digits, monkeypatch):
+    """Only `layer` compares each layer's codes with the FP32 maps; the other modes read the FP32
+    side's per-channel sums alone, taken a mini-batch at a time through the whole network, and never
+    stitch the uncorrected codes of a corrected layer (the same biases: the test above)."""
+    import ptq.biascorrect as bc
+    _, xtr, _, _, _ = digits
+    prep = prepare(_depthwise_cnn(), xtr[:32], "w4a8", eval_size=0)
+    m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
+    xt = torch.from_numpy(xtr[:32])
+    held, uncorrected = [], []
+    float_layer, measure = bc._float_layer, bc._measure_layer
+
+    def counting_float_layer(op, *a, **k):
+        held.append(op.name)
+        return float_layer(op, *a, **k)
+
+    def counting_measure(*a, **k):
+        out = measure(*a, **k)
+        uncorrected.append(out[1] is not None)
+        return out
+
+    monkeypatch.setattr(bc, "_float_layer", counting_float_layer)
+    monkeypatch.setattr(bc, "_measure_layer", counting_measure)
+    correct_biases(prep.graph, [_copy(m) for _ in MODES[:3]], xt, MODES[:3])
+    assert held == [] and uncorrected and not any(uncorrected)
+    correct_biases(prep.graph, [_copy(m)], xt, ["layer"])
+    assert {op.name for op in prep.graph.weighted_ops()} <= set(held) and any(uncorrected)
+
+
 def test_mini_batches_move_no_decision_and_recomputing_moves_no_bit(digits, monkeypatch):
     """Each op runs `CHUNK` samples at a time (bounded memory on large models). 64 samples in four
     mini-batches keep every `layer` decision of one batch of 64, with the float biases equal to float
