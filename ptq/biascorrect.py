@@ -2,8 +2,9 @@
 
 Layers are visited in order, the fake-quant model on calibration data against the FP32 graph's
 mean pre-activations on the same data, so the shift measured at a layer includes everything
-upstream (activation quantization and earlier corrections). (Averaging the shift only where a fused clamp does not bind
-was measured too: better for `all`, catastrophic for depthwise layers at 4 bits, so not used.)
+upstream (activation quantization and earlier corrections). (Averaging the shift only where a
+fused clamp does not bind was measured too: better for `all`, catastrophic for depthwise layers at
+4 bits, so not used.)
 Correcting every layer blindly hurts (docs/ALGORITHMS.md); `layer` keeps a layer's correction only where
 it lowers the error of its own quantized output, and the recipe default `auto` tries none,
 depthwise-only, all and layer on `bias_correction.choose_samples` of the samples spread evenly over
@@ -215,7 +216,7 @@ def _float_sums(graph: Graph, x: torch.Tensor, parts: list[slice], keep, last_us
     each mini-batch run through the whole network on its own: no op's map of every sample is held.
     Every mini-batch computes what `_float_layer` computes for its rows, from contiguous inputs as
     `_stitch` leaves them, and the sums add in mini-batch order: the same bits, without the FP32
-    maps' memory and their copies (a third of a sweep of one candidate on Lite0)."""
+    maps' memory and the copies into them."""
     fk = float_kernels(torch.float32)
     params = {op.name: _float_layer_params(op) for op in graph.ops if op.weight is not None}
     out = graph.outputs[0]
@@ -393,10 +394,10 @@ class _ChannelSums:
 
 
 def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, y_fp, x_fq, parts, judge: bool, tokens=None):
-    """(mean shift δ, output codes without δ (only when `judge`: None otherwise) and with δ added,
-    whether δ lowers the layer's own output error — asked only when `judge`); `b` is the quantized model's float bias before the correction,
-    `fp_sum` the FP32 pre-activation's sums, `tokens` the kept tokens of a text encoder's (N, T, C)
-    tensors. Two passes over the mini-batches: the first sums the quantized pre-activation, the
+    """(mean shift δ, output codes without δ (only when `judge`, else None) and with δ added, whether
+    δ lowers the layer's own output error — asked only when `judge`); `b` is the quantized model's
+    float bias before the correction, `fp_sum` the FP32 pre-activation's sums, `tokens` the kept
+    tokens of a text encoder's (N, T, C) tensors. Two passes over the mini-batches: the first sums the quantized pre-activation, the
     second adds δ to it."""
     dtype = torch.float32
     f = conv_float if op.kind == "conv" else linear_float
