@@ -25,7 +25,7 @@ import torch
 from .calib.progress import progress
 from .calib.tokens import at_kept, kept_tokens
 from .determinism import single_threaded_map
-from .ir import Graph, is_depthwise
+from .ir import Graph, execute, is_depthwise
 from .ir.floatops import apply_act, conv_float, float_kernels, linear_float
 from .manifest import Manifest
 from .manifest.build import set_bias
@@ -122,7 +122,7 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
     # per-channel sums alone, taken in one pass that runs each mini-batch through the whole network
     judging = "layer" in modes
     fp = {graph.input: x}
-    fp_sums, fp_out = (None, None) if judging else _float_sums(graph, x, parts, keep, last_use)
+    fp_sums, fp_out = (None, None) if judging else _float_sums(graph, x, parts, keep)
     streams = [({graph.input: _stitch(parts, lambda s: _compact(codec, graph.input, codec.quantize(x[s], graph.input)))},
                 list(range(len(ms))))]
     kept: list[dict[str, bool]] = [{} for _ in ms]
@@ -211,33 +211,27 @@ def _float_layer_params(op):
     return f, (torch.from_numpy(op.weight).to(torch.float32), torch.from_numpy(op.bias.astype(np.float64)).to(torch.float32))
 
 
-def _float_sums(graph: Graph, x: torch.Tensor, parts: list[slice], keep, last_use: dict[str, int]):
+def _float_sums(graph: Graph, x: torch.Tensor, parts: list[slice], keep):
     """({weighted op: Σ of its FP32 pre-activation per output channel at kept tokens}, FP32 output),
     each mini-batch run through the whole network on its own: no op's map of every sample is held.
     Every mini-batch computes what `_float_layer` computes for its rows, from contiguous inputs as
     `_stitch` leaves them, and the sums add in mini-batch order: the same bits, without the FP32
     maps' memory and the copies into them."""
     fk = float_kernels(torch.float32)
-    params = {op.name: _float_layer_params(op) for op in graph.ops if op.weight is not None}
-    out = graph.outputs[0]
+    params = {op.name: _float_layer_params(op) for op in graph.weighted_ops()}
 
     def run(s: slice):
-        env = {graph.input: x[s]}
         sums = {}
-        for i, op in enumerate(graph.ops):
-            xs = [env[t] for t in op.inputs]
-            if op.weight is not None:
-                f, (w, b) = params[op.name]
-                pre = f(op, xs[0], w, b)
-                sums[op.name] = _channel_sums(pre, _rows(keep, s))
-                y = apply_act(op, pre)
-            else:
-                y = fk[op.kind](op, xs)
-            env[op.output] = y.contiguous()
-            for t in dict.fromkeys(op.inputs):
-                if last_use[t] == i and t != out:
-                    del env[t]
-        return sums, env[out]
+
+        def weighted(op, xs):
+            f, (w, b) = params[op.name]
+            pre = f(op, xs[0], w, b)
+            sums[op.name] = _channel_sums(pre, _rows(keep, s))
+            return apply_act(op, pre).contiguous()
+
+        kernels = {kind: (lambda op, xs, k=k: k(op, xs).contiguous()) for kind, k in fk.items()}
+        kernels["conv"] = kernels["linear"] = weighted
+        return sums, execute(graph, x[s], kernels)[graph.outputs[0]]
 
     totals = {name: _ChannelSums() for name in params}
     outputs = []
