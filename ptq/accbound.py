@@ -211,9 +211,16 @@ def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int, order: Order | None
         np.maximum(x, 0.0, out=parts[:len(r)])
         np.maximum(np.negative(x, out=x), 0.0, out=parts[len(r):])
         parts = fit_l1(parts, np.concatenate([budget[r, 0], budget[r, 1]]), qmax,
-                       None if order is None else lambda i, j, r=r: np.concatenate([order(r, "+"), order(r, "-")])[i:j])
+                       None if order is None else lambda i, j, r=r: _signed_orders(order, r, i, j))
         out[r] = parts[:len(r)] - parts[len(r):]
     return out
+
+
+def _signed_orders(order: Order, rows: np.ndarray, i: int, j: int) -> np.ndarray:
+    """Orders of rows i to j of the stack [positive parts of `rows`; negative parts of `rows`]: only
+    that batch's rows are gathered (fit_l1 asks batch by batch)."""
+    n = len(rows)
+    return np.concatenate([order(rows[i:min(j, n)], "+"), order(rows[max(i - n, 0):max(j - n, 0)], "-")])
 
 
 def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int, order: np.ndarray | None = None) -> np.ndarray:

@@ -236,20 +236,12 @@ def _float_sums(graph: Graph, x: torch.Tensor, parts: list[slice], keep):
     totals = {name: _ChannelSums() for name in params}
     outputs = []
     with progress("bias correction: FP32 sums (mini-batches)", len(parts)) as advance:
-        for sums, y in single_threaded_map(_without_grad(run), parts):
+        for sums, y in single_threaded_map(run, parts):
             for name, part in sums.items():
                 totals[name].add(*part)
             outputs.append(y)
             advance()
     return totals, torch.cat(outputs)
-
-
-def _without_grad(work):
-    """`work` with autograd off in whichever thread runs it (grad mode is per thread), restored after."""
-    def run(item):
-        with torch.no_grad():
-            return work(item)
-    return run
 
 
 def _forget(op, i: int, graph: Graph, last_use: dict[str, int], fp: dict, streams: list) -> None:
@@ -391,8 +383,8 @@ def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, 
     """(mean shift δ, output codes without δ (only when `judge`, else None) and with δ added, whether
     δ lowers the layer's own output error — asked only when `judge`); `b` is the quantized model's
     float bias before the correction, `fp_sum` the FP32 pre-activation's sums, `tokens` the kept
-    tokens of a text encoder's (N, T, C) tensors. Two passes over the mini-batches: the first sums the quantized pre-activation, the
-    second adds δ to it."""
+    tokens of a text encoder's (N, T, C) tensors. Two passes over the mini-batches: the first sums
+    the quantized pre-activation, the second adds δ to it."""
     dtype = torch.float32
     f = conv_float if op.kind == "conv" else linear_float
     wq = dequantized_weight(m, rec, dtype)
@@ -409,13 +401,13 @@ def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, 
 
     size = 0
 
-    def first_pass(s: slice):
-        pre = pre_q(s)
-        return quantized(pre), (pre, _channel_sums(pre, _rows(tokens, s)))
-
     def sums_only(s: slice):
         pre = pre_q(s)
         return pre, _channel_sums(pre, _rows(tokens, s))
+
+    def first_pass(s: slice):
+        pre, sums = sums_only(s)
+        return quantized(pre), (pre, sums)
 
     def hold(s: slice, extra) -> None:
         nonlocal size

@@ -270,10 +270,15 @@ def test_the_chosen_candidate_rebuilt_from_its_payload_is_the_one_the_search_mea
     assert projected > 0  # the rebuilt fits include projected ones
 
 
-def test_fit_budget_with_the_weights_sorted_once_gives_the_same_integers():
+@pytest.mark.parametrize("batch_rows", [None, 3])
+def test_fit_budget_with_the_weights_sorted_once_gives_the_same_integers(monkeypatch, batch_rows):
     """The accumulator fits 7 scalings of each channel's weights per width pair from one sort per
     layer (`accbound.scaling_orders`); that must change no integer against sorting every row, including
-    ties, zeros, clipping at qmax and supports wider than the first TOP_FIRST magnitudes."""
+    ties, zeros, clipping at qmax and supports wider than the first TOP_FIRST magnitudes, and when
+    the rows are fitted in batches that straddle the positive and negative parts."""
+    import ptq.accbound as ab
+    if batch_rows is not None:
+        monkeypatch.setattr(ab, "FIT_ELEMENTS", batch_rows * 700)
     rng = np.random.default_rng(5)
     c, k = 12, 700
     w = rng.normal(size=(c, k)) * rng.uniform(0.01, 1, size=(c, 1))
