@@ -143,6 +143,15 @@ def layer_patches(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
     return patches.reshape(1, n * pos.numel(), c * kh * kw)
 
 
+def skip_patch_positions(op: Op, shape: torch.Size, positions: int | None, gen: torch.Generator) -> None:
+    """Advance `gen` past the one draw `layer_patches(op, x, positions, gen)` makes for an input x of
+    `shape` (a conv's sampled output positions; none for a linear op), so that mini-batches can take
+    their patches out of order from the states one pass in order would have."""
+    if op.kind == "conv":
+        oh, ow = _out_size(op, shape[2], shape[3])
+        _sampled_positions(oh * ow, positions, gen)
+
+
 def _out_size(op: Op, h: int, w: int) -> tuple[int, int]:
     """A conv op's output height and width on an h×w input."""
     a = op.attrs

@@ -37,6 +37,18 @@ def fixed_order() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Torch's thread count n inside, e.g. for elementwise work inside a `fixed_order` region: an
+    elementwise op computes each value on its own, so its bits do not depend on the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def single_threaded_map(work: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
     """work(item) for each item, in item order, each call single-threaded (`fixed_order`) but up to
     `workers` calls at once (default: torch's thread count) on a thread pool, at most two per worker
@@ -58,4 +70,4 @@ def single_threaded_map(work: Callable[[T], R], items: Iterable[T], workers: int
                 yield pending.popleft().result()
 
 
-__all__ = ["fixed_order", "single_threaded_map"]
+__all__ = ["fixed_order", "single_threaded_map", "threads"]

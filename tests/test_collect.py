@@ -177,9 +177,9 @@ def test_a_grouped_conv_samples_its_own_positions_and_the_sequential_h_does_too(
     seen = {}
     sequential = rounding.sequential_moments
 
-    def spy(op, xq, xf, positions, size):
+    def spy(op, xq, xf, positions, size, workers=None):
         seen[op.name] = positions
-        return sequential(op, xq, xf, positions, size)
+        return sequential(op, xq, xf, positions, size, workers)
 
     monkeypatch.setattr(rounding, "sequential_moments", spy)
     ptq.quantize(model, x, "bitplane-4.5", eval_size=0, overrides={"calibration.positions": 30, "calibration.grouped_positions": 5})

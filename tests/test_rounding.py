@@ -266,6 +266,39 @@ def test_sequential_cross_moment_is_taken_on_the_same_patches():
     assert np.abs(d).max() > 0
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_sequential_moments_on_several_threads_are_the_bits_of_one(groups):
+    """The walk's layer moments take their mini-batches on a thread pool, each from the positions'
+    generator state the in-order pass reaches it with: H and D are the same bits as on one thread,
+    and as drawing the positions in order (the last mini-batch short)."""
+    from ptq.calib.collect import layer_patches, moments_of
+    from ptq.ir import Op
+    from ptq.methods.rounding import SEED, sequential_moments
+    op = Op("c", "conv", ["x"], "y", weight=np.zeros((6, 6 // groups, 3, 3), np.float32),
+            attrs={"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": groups})
+    g = torch.Generator().manual_seed(9)
+    xf = torch.randn(11, 6, 9, 9, generator=g)
+    xq = xf + 0.1 * torch.randn(11, 6, 9, 9, generator=g)
+    one = sequential_moments(op, xq, xf, positions=13, size=3, workers=1)
+    two = sequential_moments(op, xq, xf, positions=13, size=3, workers=2)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    gen = torch.Generator().manual_seed(SEED)
+    total = None
+    for i in range(0, 11, 3):
+        m = moments_of(layer_patches(op, xq[i:i + 3], 13, gen))
+        total = m if total is None else total.merge(m)
+    assert np.array_equal(one[0], total.hessian)
+
+
+def test_codes_convert_on_several_threads_to_the_same_bits():
+    from ptq.methods.walk import Codes
+    x = torch.randn(64, 8, 33, 33, generator=torch.Generator().manual_seed(2)) * 3
+    for b in ((0.05, -128, 127), (0.01, -1000, 1000)):  # one byte per code, and float codes
+        one, two = Codes(x.split(16), b, 1), Codes(x.split(16), b, 2)
+        assert torch.equal(one.codes, two.codes) and torch.equal(one.real(), two.real())
+        assert torch.equal(one.real(slice(3, 9)), two.real()[3:9])
+
+
 @pytest.mark.parametrize("recipe, module, function", [("w4a8", "rounding", "feedback_layer"),
                                                       ("acc12", "accumulator", "layer_candidates")])
 def test_a_layer_with_a_large_h_is_worked_on_alone_and_to_the_same_integers(prepared, monkeypatch, recipe, module, function):

@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calib.collect import layer_patches, layer_positions, moments_of
+from ..calib.collect import layer_patches, layer_positions, moments_of, skip_patch_positions
 from ..calib.progress import progress
+from ..determinism import single_threaded_map
 from ..errors import RecipeError
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..ir.grids import Grid, settle, term_grids
@@ -178,7 +179,7 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
 
 
 def sequential_moments(op: Op, xq: torch.Tensor, xf: torch.Tensor | None, positions: int,
-                       size: int) -> tuple[np.ndarray, np.ndarray | None]:
+                       size: int, workers: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """H = E[x_q x_qᵀ] over a layer's input patches (`calib.collect.layer_patches`, seeded positions)
     in the model quantized so far, `size` samples at a time, and with its FP32 input `xf` the cross
     moment D = E[(x_fp − x_q) x_qᵀ] over the same patches (each group's (K, K)).
@@ -186,17 +187,30 @@ def sequential_moments(op: Op, xq: torch.Tensor, xf: torch.Tensor | None, positi
     Copied patches in one float32 GEMM, not `calib.shifted`'s maps: with the maps `bitplane-4.5`
     measured KL 0.065/0.092/0.065 on three draws instead of 0.053/0.078/0.050, and this GEMM in
     float64 gave the maps' figure on the third to the last digit (BENCHMARKS.md, session 33). Its
-    tuning was measured on this GEMM's rounding; moving to exact sums is a retuning, not a speed change."""
+    tuning was measured on this GEMM's rounding; moving to exact sums is a retuning, not a speed change.
+
+    The mini-batches run on `workers` threads (`single_threaded_map`), each from the positions'
+    generator state the in-order pass reaches it with, and merge in order: the same bits as one
+    thread, in about half the time on two cores (the walk that calls this is single-threaded)."""
     gen = torch.Generator().manual_seed(SEED)
+    starts = range(0, xq.shape[0], size)
+    states = []
+    for _ in starts:
+        states.append(gen.get_state())
+        skip_patch_positions(op, xq.shape, positions, gen)
+
+    def chunk(item: tuple[int, torch.Tensor]):
+        i, state = item
+        pq = layer_patches(op, xq[i:i + size], positions, torch.Generator().set_state(state))
+        if xf is None:
+            return moments_of(pq), None
+        pf = layer_patches(op, xf[i:i + size], positions, torch.Generator().set_state(state))
+        return moments_of(pq), torch.bmm((pf - pq).transpose(1, 2), pq).double()
+
     total, d = None, None
-    for i in range(0, xq.shape[0], size):
-        state = gen.get_state()
-        pq = layer_patches(op, xq[i:i + size], positions, gen)
-        m = moments_of(pq)
+    for m, part in single_threaded_map(chunk, zip(starts, states), workers):
         total = m if total is None else total.merge(m)
-        if xf is not None:
-            pf = layer_patches(op, xf[i:i + size], positions, torch.Generator().set_state(state))
-            part = torch.bmm((pf - pq).transpose(1, 2), pq).double()
+        if part is not None:
             d = part if d is None else d + part
     return total.hessian, None if d is None else (d / total.count).numpy()
 
@@ -259,12 +273,14 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
                           "set rounding.sequential = true as well")
     to_float = sequential and settings["target"] == "float"
 
+    threads = torch.get_num_threads()  # the walk runs single-threaded; its layers' moments use every thread
     walk_bar = progress("error-feedback rounding (walk, layers)", len(feedback)) if sequential else nullcontext(lambda n=1: None)
     with walk_bar as advance:
         def on_layer(op: Op, xq: torch.Tensor, xf: torch.Tensor | None) -> None:  # H from the model quantized so far
             cal = recipe["calibration"]
             h, d = sequential_moments(op, xq, xf if to_float else None,
-                                      layer_positions(op, cal["positions"], cal["grouped_positions"]), settings["batch_size"])
+                                      layer_positions(op, cal["positions"], cal["grouped_positions"]), settings["batch_size"],
+                                      threads)
             report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings, d)}
             advance()
 

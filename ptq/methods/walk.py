@@ -22,6 +22,7 @@ from ..calib.observers import choose_encodings
 from ..ir import Graph, LayerWeights, Op
 from .blocks import FLOAT, Block, Bounds, bounds, pre_act
 from .errormodel import fixed_order
+from ..determinism import threads
 
 BlockHook = Callable[[Block, torch.Tensor, torch.Tensor, dict[str, Bounds], torch.Tensor], None]
 LayerHook = Callable[[Op, torch.Tensor, torch.Tensor | None], None]
@@ -33,19 +34,24 @@ class Codes:
     gives back the values fake quantization gave, bit for bit: the code (a whole number, exact in
     float32) times the scale, the product fake quantization rounds too."""
 
-    def __init__(self, parts: Iterable[torch.Tensor], b: Bounds):
-        """The codes of the real tensor whose mini-batches `parts` yields (only one is real at a time)."""
+    def __init__(self, parts: Iterable[torch.Tensor], b: Bounds, workers: int = 1):
+        """The codes of the real tensor whose mini-batches `parts` yields (only one is real at a time);
+        the conversions to and from codes, elementwise, run on `workers` threads (the same bits)."""
         self.scale, self.lo = b[0], b[1]
         self.narrow = b[2] - b[1] <= 255
+        self.workers = workers
         codes = []
-        for y in parts:
-            c = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
-            codes.append(c.sub_(b[1]).to(torch.uint8) if self.narrow else c)
-        self.codes = torch.cat(codes)
+        for y in parts:  # each part computed outside `threads`: a conv's bits depend on the thread count
+            with threads(workers):
+                c = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
+                codes.append(c.sub_(b[1]).to(torch.uint8) if self.narrow else c)
+        with threads(workers):
+            self.codes = torch.cat(codes)
 
     def real(self, part: slice = slice(None)) -> torch.Tensor:
         c = self.codes[part]
-        return c.float().add_(self.lo).mul_(self.scale) if self.narrow else c.mul(self.scale)
+        with threads(self.workers):
+            return c.float().add_(self.lo).mul_(self.scale) if self.narrow else c.mul(self.scale)
 
 
 def mirrors(graph: Graph, settings: dict) -> bool:
@@ -93,20 +99,21 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
         b = weights[op.name].bias
         return None if b is None else torch.from_numpy(b).float()
 
+    workers = torch.get_num_threads()  # for the elementwise code conversions (`Codes`) inside the single-threaded walk
     with fixed_order(), torch.no_grad():
         x = torch.cat(list(stats.replay(settings["samples"], size))).float()
         if mirrors(graph, settings):  # each image mirrored left to right
             x = torch.cat([x, x.flip(-1)])
         fp = {graph.input: x} if blocks or float_inputs else None
         parts = [slice(j, j + size) for j in range(0, x.shape[0], size)]  # mini-batches: bounded intermediates
-        qx = {graph.input: Codes((x[p] for p in parts), quant[graph.input])}  # the quantized stream, as codes
+        qx = {graph.input: Codes((x[p] for p in parts), quant[graph.input], workers)}  # the quantized stream, as codes
         for i, s in enumerate(steps):
             if isinstance(s, Block):
                 target = torch.cat([s.run(fp[s.input][p], {}, None) for p in parts])
                 on_block(s, qx[s.input].real(), target, quant, fp[s.input])
                 ws = {op.name: dequantized(op) for op in s.layers}
                 bs = {op.name: b for op in s.layers if (b := bias(op)) is not None}
-                qx[s.output] = Codes((s.run(qx[s.input].real(p), ws, quant, biases=bs) for p in parts), quant[s.output])
+                qx[s.output] = Codes((s.run(qx[s.input].real(p), ws, quant, biases=bs) for p in parts), quant[s.output], workers)
                 fp[s.output] = target
             else:
                 if s.name in layers:
@@ -117,7 +124,7 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
                 # a layer runs on all samples at once, as in the FP32 stream: a conv's last bits can
                 # depend on the batch it is given; the ops without weights run a mini-batch at a time
                 run = [slice(None)] if w is not None else parts
-                qx[s.output] = Codes((pre_act(s, [qx[t].real(p) for t in s.inputs], w, b) for p in run), quant[s.output])
+                qx[s.output] = Codes((pre_act(s, [qx[t].real(p) for t in s.inputs], w, b) for p in run), quant[s.output], workers)
             for t in _inputs(s):
                 if last_use[t] == i:
                     qx.pop(t, None)
