@@ -107,6 +107,8 @@ def best_sets(x: np.ndarray, h: np.ndarray, tables: np.ndarray) -> tuple[np.ndar
     ht = torch.from_numpy(np.ascontiguousarray(h, np.float32))
     cell = torch.clamp((2 * xt).long(), 0, t_len - 1)  # x ≥ 0: truncation is the floor
     by_cell = torch.from_numpy(np.ascontiguousarray(tables.T, np.float32))  # (T, S): a cell's S values in one row
+    if s == 1:  # one set (truncation, or N = b₀ − 1): nothing to choose
+        return np.zeros(m, np.int64), tables[0][cell.numpy()]
     best = torch.empty(m, dtype=torch.long)
     step = max(1, CHUNK // max(s * g, 1))
     with torch.no_grad(), fixed_order():
@@ -144,14 +146,19 @@ def _input_weights(op: Op, stats, c: int, k: int, objective: str) -> np.ndarray:
     return np.repeat(d, c // d.shape[0], axis=0).astype(np.float32)
 
 
-def _decompose(w: np.ndarray, scale: np.ndarray, h: np.ndarray, tables: np.ndarray, masks: np.ndarray,
-               m: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Integer weights (C, K) and group set masks (C, ngroups) of w on per-channel `scale`."""
-    c, k = w.shape
+def _grouped(w: np.ndarray, scale: np.ndarray, h: np.ndarray, m: int, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(w/scale clipped to ±m (C, K), its magnitudes and the input weights h in groups of G (padded))."""
+    k = w.shape[1]
     x = np.clip(w / scale[:, None], -m, m)
     pad = (-k) % group
-    mag = np.pad(np.abs(x), ((0, 0), (0, pad))).reshape(-1, group)
-    hw = np.pad(h, ((0, 0), (0, pad))).reshape(-1, group)
+    return x, np.pad(np.abs(x), ((0, 0), (0, pad))).reshape(-1, group), np.pad(h, ((0, 0), (0, pad))).reshape(-1, group)
+
+
+def _decompose(grouped: tuple[np.ndarray, np.ndarray, np.ndarray], tables: np.ndarray,
+               masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer weights (C, K) and group set masks (C, ngroups) of `_grouped`'s weights on their scale."""
+    x, mag, hw = grouped
+    c, k = x.shape
     idx, mags = best_sets(mag, hw, tables)
     q = (np.sign(x) * mags.reshape(c, -1)[:, :k]).astype(np.int64)
     return q, masks[idx].reshape(c, -1)
@@ -238,11 +245,12 @@ class _Best:
 
     def offer(self, w: np.ndarray, s: np.ndarray, err: ErrorModel, h: np.ndarray, tables: np.ndarray,
               masks: np.ndarray, m: int, group: int) -> None:
-        q, shifts = _decompose(w, s, h, tables, masks, m, group)
+        grouped = _grouped(w, s, h, m, group)  # shared by the search and the truncation
+        q, shifts = _decompose(grouped, tables, masks)
         self.consider(w, q, s, shifts, err)
         if len(masks) > 1:
             top = [int(np.argmax(masks))]
-            q, shifts = _decompose(w, s, h, tables[top], masks[top], m, group)
+            q, shifts = _decompose(grouped, tables[top], masks[top])
             self.consider(w, q, s, shifts, err)
 
     def consider(self, w: np.ndarray, q: np.ndarray, s: np.ndarray, shifts: np.ndarray, err: ErrorModel) -> None:
