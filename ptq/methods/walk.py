@@ -10,7 +10,9 @@ they stand, every tensor fake-quantized with the encodings the manifest will hav
 and FP32 output, or a layer's quantized-stream and FP32 inputs, and may change those layers'
 integers; the quantized stream then runs on through them with the new integers. Only the tensors a
 later step still needs stay alive, and the walk stops after its last hook, so its memory is a few
-feature maps of the sample set. It runs single-threaded (`errormodel.fixed_order`), hooks included.
+feature maps of the sample set. It runs single-threaded (`errormodel.fixed_order`), hooks included,
+except for what cannot change a bit: the codes' elementwise conversions use every thread, and the
+sequential feedback's layer moments take their mini-batches on the thread pool (`rounding.sequential_moments`).
 """
 from __future__ import annotations
 
