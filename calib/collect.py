@@ -405,10 +405,9 @@ def skip_positions(graph: Graph, positions: dict[str, int], gen: torch.Generator
     a later batch samples the positions one process samples there."""
     totals = {op.name: op.attrs["out_shape"][1] * op.attrs["out_shape"][2] for op in graph.ops
               if op.name in positions and op.kind == "conv"}
-    draws = [total for name, total in totals.items() if total > positions[name]]
     for _ in range(batches):
-        for total in draws:
-            torch.randperm(total, generator=gen)
+        for name, total in totals.items():
+            _sampled_positions(total, positions[name], gen)  # the draw `layer_patches` makes, or none
 
 
 def _head(batches, n: int):

@@ -10,7 +10,7 @@ they stand, every tensor fake-quantized with the encodings the manifest will hav
 and FP32 output, or a layer's quantized-stream and FP32 inputs, and may change those layers'
 integers; the quantized stream then runs on through them with the new integers. Only the tensors a
 later step still needs stay alive, and the walk stops after its last hook, so its memory is a few
-feature maps of the sample set. It runs single-threaded (`errormodel.fixed_order`), hooks included,
+feature maps of the sample set. It runs single-threaded (`determinism.fixed_order`), hooks included,
 except for what cannot change a bit: the codes' elementwise conversions use every thread, and the
 sequential feedback's layer moments take their mini-batches on the thread pool (`rounding.sequential_moments`).
 """
@@ -23,8 +23,7 @@ import torch
 from ..calib.observers import choose_encodings
 from ..ir import Graph, LayerWeights, Op
 from .blocks import FLOAT, Block, Bounds, bounds, pre_act
-from .errormodel import fixed_order
-from ..determinism import threads
+from ..determinism import fixed_order, threads
 
 BlockHook = Callable[[Block, torch.Tensor, torch.Tensor, dict[str, Bounds], torch.Tensor], None]
 LayerHook = Callable[[Op, torch.Tensor, torch.Tensor | None], None]
@@ -36,18 +35,19 @@ class Codes:
     gives back the values fake quantization gave, bit for bit: the code (a whole number, exact in
     float32) times the scale, the product fake quantization rounds too."""
 
-    def __init__(self, parts: Iterable[torch.Tensor], b: Bounds, workers: int = 1):
+    def __init__(self, parts: Iterable[torch.Tensor], b: Bounds, workers: int | None = None):
         """The codes of the real tensor whose mini-batches `parts` yields (only one is real at a time);
-        the conversions to and from codes, elementwise, run on `workers` threads (the same bits)."""
+        the conversions to and from codes, elementwise, run on `workers` threads (default: torch's
+        count now), which cannot change their bits."""
         self.scale, self.lo = b[0], b[1]
         self.narrow = b[2] - b[1] <= 255
-        self.workers = workers
+        self.workers = torch.get_num_threads() if workers is None else workers
         codes = []
         for y in parts:  # each part computed outside `threads`: a conv's bits depend on the thread count
-            with threads(workers):
+            with threads(self.workers):
                 c = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
                 codes.append(c.sub_(b[1]).to(torch.uint8) if self.narrow else c)
-        with threads(workers):
+        with threads(self.workers):
             self.codes = torch.cat(codes)
 
     def real(self, part: slice = slice(None)) -> torch.Tensor:
