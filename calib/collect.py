@@ -28,6 +28,7 @@ from ..memory import release_freed_memory
 from .distributed import Shard
 from .exactsum import FixedSum
 from .packed import pack_upper, unpack_upper
+from .preact import PreActSums, channel_sums
 from .observers import Histogram, histogram_grid
 from .progress import progress
 from .shifted import cheaper_by_shifts, shifted_moments, tap_offsets, window_bases
@@ -99,6 +100,10 @@ class Statistics:
     # the first n calibration samples again, in batches of b (what the learned rounding optimises on)
     replay: Callable[[int, int], Iterator[torch.Tensor]] | None = field(default=None, repr=False)
     _fisher: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    # {conv or linear: (Σ of its FP32 pre-activation per output channel, values per channel)} over the
+    # first `pre_act_rows` calibration samples (`calib.preact`)
+    pre_act_sums: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict, repr=False)
+    pre_act_rows: int = 0
 
     @property
     def fisher(self) -> dict[str, np.ndarray]:
@@ -235,9 +240,12 @@ def patch_moments(op: Op, x: torch.Tensor, positions: int | None, gen: torch.Gen
 def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, seed: int = 0,
                        positions: int = MAX_POSITIONS, sensitivity_samples: int = 0,
                        shard: Shard | None = None, fisher_now: bool = False,
-                       grouped_positions: int = GROUPED_POSITIONS, moments: bool = True) -> Statistics:
+                       grouped_positions: int = GROUPED_POSITIONS, moments: bool = True,
+                       pre_act_rows: int = 0) -> Statistics:
     """One pass over `source`: ranges, histograms and per-layer input moments (unless not
-    `moments`: a recipe that reads none skips most of the pass's work); the
+    `moments`: a recipe that reads none skips most of the pass's work); each conv's and linear's
+    FP32 pre-activation summed per output channel over the first `pre_act_rows` samples
+    (`calib.preact`: bias correction's reference, `Statistics.pre_act_sums`); the
     per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: none) is measured
     when a method first asks for it, by this process alone.
 
@@ -255,22 +263,26 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     weighted = [op for op in graph.ops if op.weight is not None] if moments else []
     npos = {op.name: layer_positions(op, positions, grouped_positions) for op in weighted}
     sums = {op.name: MomentSums(graph, op, len(source), npos[op.name]) for op in weighted}
+    pre_act_rows = min(pre_act_rows, len(source))
+    pre_acts = PreActSums({op.name: op.weight.shape[0] for op in graph.weighted_ops()}, pre_act_rows, batch_size)
     gen = torch.Generator().manual_seed(seed)
     skip_positions(graph, npos, gen, mine.start)
 
-    def seeded(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Each batch with the patch positions' generator state it starts from, as one process draws them."""
-        for xb in batches:
+    def seeded(batches: Iterator[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Each batch with the patch positions' generator state it starts from, as one process draws
+        them, and its rows among the first `pre_act_rows` samples."""
+        for b, xb in zip(mine, batches):
             state = gen.get_state()
             skip_positions(graph, npos, gen, 1)
-            yield xb, state
+            yield xb, state, min(max(pre_act_rows - b * batch_size, 0), xb.shape[0])
 
     merging = threading.Lock()
 
-    def observe(item: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Merge one batch's histogram of every tensor and input moments of every layer, each as soon
-        as it is computed (exact merges: the same totals in any order)."""
-        xb, state = item
+    def observe(item: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        """Merge one batch's histogram of every tensor, input moments of every layer and pre-activation
+        sums of its first `rows` samples, each as soon as it is computed (exact merges: the same totals
+        in any order)."""
+        xb, state, rows = item
         g = torch.Generator().set_state(state)
         peaks: dict[str, float] = {}  # this batch's largest magnitude of each tensor its histogram saw
 
@@ -293,10 +305,15 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
                 with merging:
                     sums[op.name].add(m, peak)
 
+        def on_pre_act(op: Op, pre: torch.Tensor) -> None:
+            sums = channel_sums(pre[:rows], None if keep is None else keep[:rows])
+            with merging:
+                pre_acts.add(op.name, sums)
+
         with torch.no_grad():
             keep = tokens(xb) if tokens else None
             merge(graph.input, xb)
-            execute(graph, xb, kernels, on_output=on_output)
+            execute(graph, xb, float_kernels(torch.float32, on_pre_act) if rows else kernels, on_output=on_output)
 
     with shard.agreed(), progress("calibration pass (ranges, histograms, layer inputs)", len(mine)) as advance:
         for _ in single_threaded_map(observe, seeded(source.batches(batch_size, mine))):
@@ -304,6 +321,8 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
     stats.histograms = merged_histograms(stats.histograms, shard)
     stats.ranges = {t: (h.lo, h.hi) for t, h in stats.histograms.items()}
     stats.layer_inputs = MomentSums.merged(sums, shard) if sums else {}
+    if pre_act_rows:
+        stats.pre_act_sums, stats.pre_act_rows = pre_acts.merged(shard), pre_act_rows
     stats.replay = lambda n, b: _head(source.batches(b), min(n, len(source)))
     if sensitivity_samples > 0:
         n = min(sensitivity_samples, len(source))

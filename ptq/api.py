@@ -384,7 +384,8 @@ def _prepare(model, calib, r, weights, seed, eval_data, eval_size, input_shape, 
     with stage("statistics"):
         stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"],
                                    shard, fisher_now=shard.world > 1 and METHODS[r["method"]].reads_fisher(r),
-                                   grouped_positions=cal["grouped_positions"], moments=cal["layer_moments"])
+                                   grouped_positions=cal["grouped_positions"], moments=cal["layer_moments"],
+                                   pre_act_rows=r["bias_correction"]["samples"])
     release_freed_memory()  # the fixed-point sums' integers
     t_stats = time.perf_counter() - t_cal
     return Prepared(lm, graph, stats, src, r, seed, ev, eval_size, t_stats, time.perf_counter() - t0, shard.rank, shard.world)
@@ -468,7 +469,7 @@ def quantize_prepared(prep: Prepared, recipe: str | dict | None = None,
     del weights  # the manifest holds the integers now, in their narrowest type
     release_freed_memory()  # the method's temporaries, before bias correction's feature maps stack on them
     with clock.stage("bias_correction"):
-        m.data["bias_correction"] = stage_bias_correction(prep.graph, m, prep.source, r)
+        m.data["bias_correction"] = stage_bias_correction(prep.graph, m, prep.source, r, prep.stats)
     with clock.stage("verification"):
         verdict = stage_verification(m, prep.source, r, verify)
         m.data["verification"] = {k: verdict[k] for k in ("structural", "numeric")}
@@ -551,10 +552,13 @@ def stage_manifest(prep: Prepared, recipe: dict, weights: LayerWeights) -> Manif
     return m
 
 
-def stage_bias_correction(graph: Graph, m: Manifest, src: DataSource, recipe: dict) -> dict:
-    """Empirical bias correction in the recipe's mode, measured on calibration samples."""
+def stage_bias_correction(graph: Graph, m: Manifest, src: DataSource, recipe: dict, stats: Statistics) -> dict:
+    """Empirical bias correction in the recipe's mode, measured on calibration samples, against the
+    FP32 sums the statistics pass took where it took them over the same samples."""
     bc = recipe["bias_correction"]
-    return choose_and_correct(graph, m, _head(src, bc["samples"]), bc["mode"], bc["choose_samples"])
+    x = _head(src, bc["samples"])
+    sums = stats.pre_act_sums if stats.pre_act_rows == len(x) else None
+    return choose_and_correct(graph, m, x, bc["mode"], bc["choose_samples"], sums)
 
 
 def stage_verification(m: Manifest, src: DataSource, recipe: dict, verify: str = "sample") -> dict:

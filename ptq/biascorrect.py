@@ -22,6 +22,7 @@ import threading
 import numpy as np
 import torch
 
+from .calib.preact import channel_sums
 from .calib.progress import progress
 from .calib.tokens import at_kept, kept_tokens
 from .determinism import single_threaded_map
@@ -43,9 +44,12 @@ AUTO_CANDIDATES = ("none", "depthwise", "all", "layer")  # simplest first: `laye
 CHOICE_MARGIN = 0.05
 
 
-def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str, choose_on: int | None = None) -> dict:
+def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str, choose_on: int | None = None,
+                       float_sums: dict[str, tuple[np.ndarray, int]] | None = None) -> dict:
     """Apply bias correction in `mode`; for `auto`, in the simplest candidate whose calibration KL is
-    within CHOICE_MARGIN of the least.
+    within CHOICE_MARGIN of the least. `float_sums`, when given, are the FP32 pre-activation sums of
+    all of x (`Statistics.pre_act_sums`), which a sweep over all of x without `layer` then takes
+    instead of running the FP32 model again.
 
     `auto` compares its candidates on `choose_on` of the samples spread evenly over them (all of them
     when None; a calibration set often comes photo by photo or class by class, so not the first
@@ -56,7 +60,7 @@ def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str, ch
     if mode == "none":
         return {"mode": mode, "corrected": []}
     if mode != "auto":
-        (kept,), _, _ = correct_biases(graph, [m], x, [mode])
+        (kept,), _, _ = correct_biases(graph, [m], x, [mode], float_sums)
         return {"mode": mode, "corrected": sorted(k for k, v in kept.items() if v)}
     n = len(x) if choose_on is None else min(choose_on, len(x))
     some = spread(x, n)
@@ -74,7 +78,7 @@ def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str, ch
         corrected = kept[best]
     else:
         del trials
-        (corrected,), _, _ = correct_biases(graph, [m], x, [chosen])
+        (corrected,), _, _ = correct_biases(graph, [m], x, [chosen], float_sums)
     return {"mode": "auto", "chosen": chosen, "chosen_on": n, "calibration_kl": dict(zip(AUTO_CANDIDATES, kls)),
             "corrected": sorted(k for k, v in corrected.items() if v)}
 
@@ -90,9 +94,11 @@ def spread(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n >= len(x) else x[(torch.arange(n) * len(x)) // n]
 
 
-def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: list[str]):
+def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: list[str],
+                   float_sums: dict[str, tuple[np.ndarray, int]] | None = None):
     """Update each manifest's biases in place, manifest i in modes[i], all in one sweep that shares
-    the FP32 side; returns (kept per layer of each, FP32 output, fake-quant output of each).
+    the FP32 side; returns (kept per layer of each, FP32 output (None where `float_sums` stood in
+    for the FP32 model), fake-quant output of each).
 
     Candidates whose fake-quant tensors are still the same share one stream, computed once, until a
     layer's decision parts them: `none` and `depthwise` on a network without depthwise convs never
@@ -102,7 +108,8 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
     codes of every sample, and the FP32 maps where `layer` judges) is its output alone, not its float
     temporaries of every sample: resnet50 `w8a8` on 128 samples peaked at 6.4 GiB when each op ran on
     the whole batch. Without `layer`, the FP32 side is its per-channel sums alone (`_float_sums`): on
-    Lite0 a sweep of `depthwise` or `all` took 27–29% less time (BENCHMARKS.md, session 36)."""
+    Lite0 a sweep of `depthwise` or `all` took 27–29% less time (BENCHMARKS.md, session 36); with
+    `float_sums` (x's, from the statistics pass) not even those are computed here."""
     dtype = torch.float32
     fk = float_kernels(dtype)
     parts = _chunks(len(x))
@@ -122,7 +129,12 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
     # per-channel sums alone, taken in one pass that runs each mini-batch through the whole network
     judging = "layer" in modes
     fp = {graph.input: x}
-    fp_sums, fp_out = (None, None) if judging else _float_sums(graph, x, parts, keep)
+    if judging:
+        fp_sums, fp_out = None, None
+    elif float_sums is not None:
+        fp_sums, fp_out = {name: _ChannelSums.of(*s) for name, s in float_sums.items()}, None
+    else:
+        fp_sums, fp_out = _float_sums(graph, x, parts, keep)
     streams = [({graph.input: _stitch(parts, lambda s: _compact(codec, graph.input, codec.quantize(x[s], graph.input)))},
                 list(range(len(ms))))]
     kept: list[dict[str, bool]] = [{} for _ in ms]
@@ -200,7 +212,7 @@ def _float_layer(op, xs: list, parts: list[slice], keep, fk: dict, spare: list[t
 
     def chunk(s):
         pre = f(op, xs[0][s], w, b)
-        return apply_act(op, pre), _channel_sums(pre, _rows(keep, s))
+        return apply_act(op, pre), channel_sums(pre, _rows(keep, s))
 
     return sums, _stitch(parts, chunk, spare, lambda s, part: sums.add(*part))
 
@@ -226,7 +238,7 @@ def _float_sums(graph: Graph, x: torch.Tensor, parts: list[slice], keep):
         def weighted(op, xs):
             f, (w, b) = params[op.name]
             pre = f(op, xs[0], w, b)
-            sums[op.name] = _channel_sums(pre, _rows(keep, s))
+            sums[op.name] = channel_sums(pre, _rows(keep, s))
             return apply_act(op, pre).contiguous()
 
         kernels = {kind: (lambda op, xs, k=k: k(op, xs).contiguous()) for kind, k in fk.items()}
@@ -353,23 +365,19 @@ def _rows(keep: torch.Tensor | None, s: slice) -> torch.Tensor | None:
     return None if keep is None else keep[s]
 
 
-def _channel_sums(pre: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """(Σ per output channel in float64, values per channel) of one mini-batch's pre-activations: a
-    conv's (N, C, H, W) or a linear's features-last tensor; at kept tokens only in a text encoder."""
-    kept = at_kept(pre, keep)
-    if kept.dim() == 4:  # a map's rows in float32, then across samples in float64 (33× faster than all in float64)
-        s = kept.sum(dim=(2, 3)).sum(0, dtype=torch.float64)
-    else:  # features last: (N, C), (N, T, C), or kept tokens' (kept, C)
-        s = kept.reshape(-1, kept.shape[-1]).sum(0, dtype=torch.float64)
-    return s, kept.numel() // s.numel()
-
-
 class _ChannelSums:
     """A layer's pre-activation sums per output channel over its mini-batches (`_channel_sums`)."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | float = 0.0
         self.count = 0
+
+    @staticmethod
+    def of(total: np.ndarray, count: int) -> "_ChannelSums":
+        """Sums taken elsewhere (`Statistics.pre_act_sums`)."""
+        out = _ChannelSums()
+        out.total, out.count = torch.from_numpy(total), count
+        return out
 
     def add(self, s: torch.Tensor, count: int) -> None:
         self.total = self.total + s
@@ -403,7 +411,7 @@ def _measure_layer(op, rec, m: Manifest, codec: Codec, b, fp_sum: _ChannelSums, 
 
     def sums_only(s: slice):
         pre = pre_q(s)
-        return pre, _channel_sums(pre, _rows(tokens, s))
+        return pre, channel_sums(pre, _rows(tokens, s))
 
     def first_pass(s: slice):
         pre, sums = sums_only(s)

@@ -270,3 +270,43 @@ def test_auto_keeps_the_simplest_candidate_within_its_margin_of_the_lowest_kl():
     assert AUTO_CANDIDATES[simplest_within([0.00838, 0.003766, 0.003739, 0.003395], CHOICE_MARGIN)] == "layer"
     assert AUTO_CANDIDATES[simplest_within([0.01, 0.02, 0.03, 0.04], CHOICE_MARGIN)] == "none"
     assert simplest_within([0.5, 0.2, 0.2, 0.2], 0.0) == 1
+
+
+def test_the_statistics_pass_sums_stand_in_for_the_fp32_pass(digits, monkeypatch):
+    """The statistics pass sums each layer's FP32 pre-activation over the first
+    `bias_correction.samples` samples (40 here: two batches of 16 and 8 rows of a third), and
+    bias correction over those samples reads them instead of running the FP32 model again: each
+    layer's sums within float32 rounding of the FP32 pass's, the same corrections kept, float
+    biases within 1e-6 of those, and the manifest's integer biases the same."""
+    import ptq.biascorrect as bc
+    from ptq.api import stage_bias_correction
+    _, xtr, _, _, _ = digits
+    prep = prepare(_depthwise_cnn(), xtr[:64], "w4a8", eval_size=0, overrides={"bias_correction.samples": 40})
+    assert prep.stats.pre_act_rows == 40
+    m = stage_manifest(prep, prep.recipe, stage_method(prep.graph, prep.stats, prep.recipe))
+    xt = torch.from_numpy(xtr[:40])
+    sums, _ = bc._float_sums(prep.graph, xt, bc._chunks(40), None)
+    assert set(prep.stats.pre_act_sums) == set(sums) == {op.name for op in prep.graph.weighted_ops()}
+    for name, (total, count) in prep.stats.pre_act_sums.items():
+        assert count == sums[name].count
+        assert np.allclose(total, sums[name].total.numpy(), rtol=1e-5, atol=1e-4 * count), name
+    given, computed = _copy(m), _copy(m)
+    (k1,), fp1, _ = correct_biases(prep.graph, [given], xt, ["all"], prep.stats.pre_act_sums)
+    (k2,), fp2, _ = correct_biases(prep.graph, [computed], xt, ["all"])
+    assert fp1 is None and fp2 is not None and k1 == k2 and all(k1.values())
+    for name, (q, f) in _biases(given).items():
+        q2, f2 = _biases(computed)[name]
+        assert np.array_equal(q, q2) and np.allclose(f, f2, rtol=0, atol=1e-6), name
+    # the quantize stage takes them only where they cover its samples
+    given_sums = []
+
+    def spy(graph, ms, x, modes, float_sums=None):
+        given_sums.append(float_sums)
+        return real(graph, ms, x, modes, float_sums)
+
+    real = bc.correct_biases
+    monkeypatch.setattr(bc, "correct_biases", spy)
+    for samples in (40, 48):
+        stage_bias_correction(prep.graph, _copy(m), prep.source, {**prep.recipe, "bias_correction": {
+            "mode": "all", "samples": samples, "choose_samples": 32}}, prep.stats)
+    assert given_sums[0] is prep.stats.pre_act_sums and given_sums[1] is None

@@ -48,6 +48,9 @@ def test_two_gloo_ranks_give_the_statistics_and_manifest_of_one_process(digits, 
     for name, li in b.layer_inputs.items():
         assert a.layer_inputs[name].count == li.count
         assert np.array_equal(a.layer_inputs[name].xx, li.xx) and np.array_equal(a.layer_inputs[name].x, li.x), name
+    assert a.pre_act_rows == b.pre_act_rows == 72 and a.pre_act_sums.keys() == b.pre_act_sums.keys()
+    for name, (total, count) in b.pre_act_sums.items():
+        assert a.pre_act_sums[name][1] == count and np.array_equal(a.pre_act_sums[name][0], total), name
     assert a.fisher.keys() == b.fisher.keys() and all(np.array_equal(a.fisher[k], b.fisher[k]) for k in b.fisher)
     qa, qb = quantize_prepared(two), quantize_prepared(one)
     assert qa.report["verification"]["verified"] and qa.report["calibration_ranks"] == 2

@@ -77,8 +77,10 @@ def lut_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
             "tanh": torch.tanh, "hardsigmoid": F.hardsigmoid}[name]
 
 
-def float_kernels(dtype: torch.dtype = torch.float32) -> dict[str, Kernel]:
-    """Kernels that run the IR in floating point: the FP32 model with BatchNorm folded."""
+def float_kernels(dtype: torch.dtype = torch.float32,
+                  on_pre_act: Callable[[Op, torch.Tensor], None] | None = None) -> dict[str, Kernel]:
+    """Kernels that run the IR in floating point: the FP32 model with BatchNorm folded. `on_pre_act`,
+    when given, sees each conv's and linear's output before its fused activation."""
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def params(op: Op):
@@ -88,13 +90,16 @@ def float_kernels(dtype: torch.dtype = torch.float32) -> dict[str, Kernel]:
             cache[op.name] = (w, b)
         return cache[op.name]
 
-    def conv(op, xs):
-        w, b = params(op)
-        return apply_act(op, conv_float(op, xs[0], w, b))
+    def weighted(f):
+        def kernel(op, xs):
+            w, b = params(op)
+            pre = f(op, xs[0], w, b)
+            if on_pre_act is not None:
+                on_pre_act(op, pre)
+            return apply_act(op, pre)
+        return kernel
 
-    def linear(op, xs):
-        w, b = params(op)
-        return apply_act(op, linear_float(op, xs[0], w, b))
+    conv, linear = weighted(conv_float), weighted(linear_float)
 
     def add(op, xs):
         return apply_act(op, xs[0] + xs[1])
