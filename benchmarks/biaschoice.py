@@ -3,7 +3,7 @@
     python -m benchmarks.biaschoice [--model efficientnet_lite0] [--calib samples] [--seed S]
                                     [--weights random] [--choose 32] RECIPE[,RECIPE...]
 
-`auto` compares its candidates (none, depthwise, all, layer) on `bias_correction.choose_samples`
+`auto` compares its candidates (none, depthwise, all) on `bias_correction.choose_samples`
 of the calibration samples, spread evenly over them, then measures the chosen mode alone on all
 of them: where both choose the same mode, the manifest is the same bytes. For each recipe this
 quantizes the method and manifest once, runs the comparison on the spread subset and on all

@@ -8,7 +8,7 @@ the integer simulator, fidelity vs FP32 on held-out sample crops. Time is a rati
 same process: the method stage (the recipe's method plus the rounding engine) over one FP32 pass of
 the model over the calibration samples (batch 16), and the same for the whole quantize call
 (method, manifest, bias correction, verification, evaluation). "bias correction" is what the
-recipe's `auto` mode kept after that rounding (none, depthwise, all or layer, by calibration KL):
+recipe's `auto` mode kept after that rounding (none, depthwise or all, by calibration KL):
 rounding first, then the correction that measures best on top of it.
 """
 from __future__ import annotations

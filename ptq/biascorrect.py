@@ -7,9 +7,12 @@ fused clamp does not bind was measured too: better for `all`, catastrophic for d
 4 bits, so not used.)
 Correcting every layer blindly hurts (docs/ALGORITHMS.md); `layer` keeps a layer's correction only where
 it lowers the error of its own quantized output, and the recipe default `auto` tries none,
-depthwise-only, all and layer on `bias_correction.choose_samples` of the samples spread evenly over
-them (32 of 128 by default), and keeps the simplest whose end-to-end KL there is within
-CHOICE_MARGIN of the lowest.
+depthwise-only and all on `bias_correction.choose_samples` of the samples spread evenly over them
+(32 of 128 by default), and keeps the simplest whose end-to-end KL there is within CHOICE_MARGIN of
+the lowest. `layer` is not among `auto`'s candidates: it judges each layer against FP32 maps held
+for every sample, which took 45% of Lite0 `w8a8`'s comparison, and on real weights it never won
+it (26 comparisons of 11 recipes on three Lite0 draws; it kept nearly every correction, as `all`;
+BENCHMARKS.md, session 38).
 In a text encoder both the shifts and the KL are measured at kept tokens only (`calib.tokens`): its
 padded positions fall outside the calibrated ranges, and their clipped errors once turned the
 shifts of all-MiniLM-L6-v2 at 4 bits into a collapse (sentence cosine 0.52 instead of 0.98).
@@ -35,12 +38,12 @@ from .metrics import fidelity
 from .runtime.reference import Codec, dequantized_weight, reference_kernels
 
 MODES = ("auto", "layer", "all", "depthwise", "none")
-AUTO_CANDIDATES = ("none", "depthwise", "all", "layer")  # simplest first: `layer` also judges each layer
+AUTO_CANDIDATES = ("none", "depthwise", "all")  # simplest first
 # `auto` keeps the simplest candidate whose calibration KL is within this share of the lowest. On 32
-# samples the KLs of `depthwise` and `layer` can sit 2% apart and swap with a last-bit change of the
-# statistics: Lite0 `w8a8` on draw 0 chose `layer` at 0.00345 against `depthwise` at 0.00354, and
-# measured a held-out KL of 0.0042 against 0.0031 (BENCHMARKS.md, session 33); `layer`, which picks
-# per layer on the same samples, fits them more closely than it generalises.
+# samples two candidates' KLs can sit 2% apart and swap with a last-bit change of the statistics:
+# Lite0 `w8a8` on draw 0 once chose `layer` at 0.00345 against `depthwise` at 0.00354, and measured a
+# held-out KL of 0.0042 against 0.0031 (BENCHMARKS.md, session 33); the more flexible candidate fits
+# the samples it is chosen on more closely than it generalises.
 CHOICE_MARGIN = 0.05
 
 
@@ -54,8 +57,8 @@ def choose_and_correct(graph: Graph, m: Manifest, x: torch.Tensor, mode: str, ch
     `auto` compares its candidates on `choose_on` of the samples spread evenly over them (all of them
     when None; a calibration set often comes photo by photo or class by class, so not the first
     ones), then measures the chosen mode alone on all of them: the biases are those a comparison on
-    all would give wherever it would choose the same mode, in 62–85% of the time on Lite0 (the four
-    candidates share one sweep but run up to four quantized streams, the chosen mode one;
+    all would give wherever it would choose the same mode, in 62–85% of the time on Lite0 (the
+    candidates share one sweep but run a quantized stream each, the chosen mode one;
     BENCHMARKS.md, session 30)."""
     if mode == "none":
         return {"mode": mode, "corrected": []}

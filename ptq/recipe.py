@@ -81,7 +81,8 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
     },
     "bias_correction": {
         "mode": Field("auto", str, ("auto", "layer", "all", "depthwise", "none"),
-                      help="auto: of none/depthwise/all/layer, the simplest whose calibration KL is within 5% of the least (see choose_samples)"),
+                      help="auto: of none/depthwise/all, the simplest whose calibration KL is within 5% of the least (see choose_samples); "
+                           "layer: each layer's correction kept where it lowers that layer's own output error"),
         "samples": Field(128, int, lo=1, hi=100_000, help="calibration samples the correction is measured on"),
         "choose_samples": Field(32, int, lo=1, hi=100_000,
                                 help="auto: this many of those samples, spread evenly over them, compare the candidates; "
