@@ -33,7 +33,6 @@ class PreActSums:
 
     def __init__(self, channels: dict[str, int], rows: int, batch_size: int):
         """`channels`: each layer's output channels."""
-        self.rows = rows
         self.addends = -(-rows // batch_size)
         self.sums = {name: FixedSum((c,)) for name, c in channels.items()}
         self.counts = dict.fromkeys(channels, 0)
