@@ -232,23 +232,17 @@ def _float_sums(graph: Graph, x: torch.Tensor, parts: list[slice], keep):
     Every mini-batch computes what `_float_layer` computes for its rows, from contiguous inputs as
     `_stitch` leaves them, and the sums add in mini-batch order: the same bits, without the FP32
     maps' memory and the copies into them."""
-    fk = float_kernels(torch.float32)
-    params = {op.name: _float_layer_params(op) for op in graph.weighted_ops()}
-
     def run(s: slice):
         sums = {}
 
-        def weighted(op, xs):
-            f, (w, b) = params[op.name]
-            pre = f(op, xs[0], w, b)
+        def on_pre_act(op, pre):
             sums[op.name] = channel_sums(pre, _rows(keep, s))
-            return apply_act(op, pre).contiguous()
 
-        kernels = {kind: (lambda op, xs, k=k: k(op, xs).contiguous()) for kind, k in fk.items()}
-        kernels["conv"] = kernels["linear"] = weighted
+        kernels = {kind: (lambda op, xs, k=k: k(op, xs).contiguous())
+                   for kind, k in float_kernels(torch.float32, on_pre_act).items()}
         return sums, execute(graph, x[s], kernels)[graph.outputs[0]]
 
-    totals = {name: _ChannelSums() for name in params}
+    totals = {op.name: _ChannelSums() for op in graph.weighted_ops()}
     outputs = []
     with progress("bias correction: FP32 sums (mini-batches)", len(parts)) as advance:
         for sums, y in single_threaded_map(run, parts):
@@ -369,7 +363,7 @@ def _rows(keep: torch.Tensor | None, s: slice) -> torch.Tensor | None:
 
 
 class _ChannelSums:
-    """A layer's pre-activation sums per output channel over its mini-batches (`_channel_sums`)."""
+    """A layer's pre-activation sums per output channel over its mini-batches (`calib.preact.channel_sums`)."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | float = 0.0
