@@ -291,12 +291,17 @@ def test_sequential_moments_on_several_threads_are_the_bits_of_one(groups):
 
 
 def test_codes_convert_on_several_threads_to_the_same_bits():
-    from ptq.methods.walk import Codes
+    """The walk's codes: the same bits converted on 1 or 2 threads, from real mini-batches or from
+    chunks a pool's workers encoded (`encode`), and read back in the calling thread alone."""
+    from ptq.methods.walk import Codes, encode
     x = torch.randn(64, 8, 33, 33, generator=torch.Generator().manual_seed(2)) * 3
     for b in ((0.05, -128, 127), (0.01, -1000, 1000)):  # one byte per code, and float codes
         one, two = Codes(x.split(16), b, 1), Codes(x.split(16), b, 2)
         assert torch.equal(one.codes, two.codes) and torch.equal(one.real(), two.real())
         assert torch.equal(one.real(slice(3, 9)), two.real()[3:9])
+        pooled = Codes((encode(p, b) for p in x.split(8)), b, 2, encoded=True)
+        assert pooled.codes.dtype == (torch.uint8 if b[2] - b[1] <= 255 else torch.float32)
+        assert torch.equal(pooled.codes, one.codes) and torch.equal(pooled.real(slice(5, 40), here=True), one.real()[5:40])
 
 
 @pytest.mark.parametrize("recipe, module, function", [("w4a8", "rounding", "feedback_layer"),

@@ -11,8 +11,9 @@ and FP32 output, or a layer's quantized-stream and FP32 inputs, and may change t
 integers; the quantized stream then runs on through them with the new integers. Only the tensors a
 later step still needs stay alive, and the walk stops after its last hook, so its memory is a few
 feature maps of the sample set. It runs single-threaded (`determinism.fixed_order`), hooks included,
-except for what cannot change a bit: the codes' elementwise conversions use every thread, and the
-sequential feedback's layer moments take their mini-batches on the thread pool (`rounding.sequential_moments`).
+except for what cannot change a bit: the codes' elementwise conversions use every thread, a weighted
+layer of the quantized stream runs in fixed chunks of samples on the thread pool, each chunk on one
+thread, and so do the sequential feedback's layer moments (`rounding.sequential_moments`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ import torch
 from ..calib.observers import choose_encodings
 from ..ir import Graph, LayerWeights, Op
 from .blocks import FLOAT, Block, Bounds, bounds, pre_act
-from ..determinism import fixed_order, threads
+from ..determinism import fixed_order, single_threaded_map, threads
+
+# Samples per chunk of a weighted layer in the quantized stream: fixed, since a conv's last bits depend on
+# the batch it is given. On this machine's CPU a chunk of 16 gives the bits of all samples at once
+# (which the walk ran before), where 8 does not for a 1×1 conv.
+LAYER_CHUNK = 16
 
 BlockHook = Callable[[Block, torch.Tensor, torch.Tensor, dict[str, Bounds], torch.Tensor], None]
 LayerHook = Callable[[Op, torch.Tensor, torch.Tensor | None], None]
@@ -35,25 +41,38 @@ class Codes:
     gives back the values fake quantization gave, bit for bit: the code (a whole number, exact in
     float32) times the scale, the product fake quantization rounds too."""
 
-    def __init__(self, parts: Iterable[torch.Tensor], b: Bounds, workers: int | None = None):
-        """The codes of the real tensor whose mini-batches `parts` yields (only one is real at a time);
-        the conversions to and from codes, elementwise, run on `workers` threads (default: torch's
-        count now), which cannot change their bits."""
+    def __init__(self, parts: Iterable[torch.Tensor], b: Bounds, workers: int | None = None, encoded: bool = False):
+        """The codes of the real tensor whose mini-batches `parts` yields (only one is real at a time),
+        or, `encoded`, the mini-batches' codes themselves (`encode`); the conversions to and from codes,
+        elementwise, run on `workers` threads (default: torch's count now), which cannot change their bits."""
         self.scale, self.lo = b[0], b[1]
         self.narrow = b[2] - b[1] <= 255
         self.workers = torch.get_num_threads() if workers is None else workers
         codes = []
         for y in parts:  # each part computed outside `threads`: a conv's bits depend on the thread count
+            if encoded:
+                codes.append(y)
+                continue
             with threads(self.workers):
-                c = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
-                codes.append(c.sub_(b[1]).to(torch.uint8) if self.narrow else c)
+                codes.append(encode(y, b))
         with threads(self.workers):
             self.codes = torch.cat(codes)
 
-    def real(self, part: slice = slice(None)) -> torch.Tensor:
+    def real(self, part: slice = slice(None), here: bool = False) -> torch.Tensor:
+        """The values of samples `part`; `here`: in the calling thread alone (a worker of a pool, which
+        must not change torch's process-wide thread count while another worker runs a conv)."""
         c = self.codes[part]
+        if here:
+            return c.float().add_(self.lo).mul_(self.scale) if self.narrow else c.mul(self.scale)
         with threads(self.workers):
             return c.float().add_(self.lo).mul_(self.scale) if self.narrow else c.mul(self.scale)
+
+
+def encode(y: torch.Tensor, b: Bounds) -> torch.Tensor:
+    """The codes `Codes` holds for the real tensor y: uint8 offsets from the least code where the
+    range spans at most 256, else the float32 codes."""
+    c = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
+    return c.sub_(b[1]).to(torch.uint8) if b[2] - b[1] <= 255 else c
 
 
 def mirrors(graph: Graph, settings: dict) -> bool:
@@ -109,6 +128,7 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
         fp = {graph.input: x} if blocks or float_inputs else None
         parts = [slice(j, j + size) for j in range(0, x.shape[0], size)]  # mini-batches: bounded intermediates
         qx = {graph.input: Codes((x[p] for p in parts), quant[graph.input], workers)}  # the quantized stream, as codes
+        layer_chunks = [slice(j, j + LAYER_CHUNK) for j in range(0, x.shape[0], LAYER_CHUNK)]
         for i, s in enumerate(steps):
             if isinstance(s, Block):
                 target = torch.cat([s.run(fp[s.input][p], {}, None) for p in parts])
@@ -122,11 +142,14 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
                     on_layer(s, qx[s.inputs[0]].real(), None if fp is None else fp[s.inputs[0]])
                 if fp is not None:
                     fp[s.output] = FLOAT[s.kind](s, [fp[t] for t in s.inputs])
-                w, b = (None, None) if s.weight is None else (dequantized(s), bias(s))
-                # a layer runs on all samples at once, as in the FP32 stream: a conv's last bits can
-                # depend on the batch it is given; the ops without weights run a mini-batch at a time
-                run = [slice(None)] if w is not None else parts
-                qx[s.output] = Codes((pre_act(s, [qx[t].real(p) for t in s.inputs], w, b) for p in run), quant[s.output], workers)
+                if s.weight is None:  # the ops without weights: a mini-batch at a time
+                    qx[s.output] = Codes((pre_act(s, [qx[t].real(p) for t in s.inputs], None) for p in parts),
+                                         quant[s.output], workers)
+                else:
+                    w, b = dequantized(s), bias(s)
+                    qx[s.output] = Codes(single_threaded_map(lambda p, s=s, w=w, b=b: encode(pre_act(
+                        s, [qx[t].real(p, here=True) for t in s.inputs], w, b), quant[s.output]),
+                        layer_chunks), quant[s.output], workers, encoded=True)
             for t in _inputs(s):
                 if last_use[t] == i:
                     qx.pop(t, None)
