@@ -146,12 +146,16 @@ def _input_weights(op: Op, stats, c: int, k: int, objective: str) -> np.ndarray:
     return np.repeat(d, c // d.shape[0], axis=0).astype(np.float32)
 
 
-def _grouped(w: np.ndarray, scale: np.ndarray, h: np.ndarray, m: int, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(w/scale clipped to ±m (C, K), its magnitudes and the input weights h in groups of G (padded))."""
-    k = w.shape[1]
+def in_groups(a: np.ndarray, group: int) -> np.ndarray:
+    """(C, K) → (C·⌈K/G⌉, G): each row's groups of G along K, the last one padded with zeros."""
+    return np.pad(a, ((0, 0), (0, (-a.shape[1]) % group))).reshape(-1, group)
+
+
+def _grouped(w: np.ndarray, scale: np.ndarray, hg: np.ndarray, m: int, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(w/scale clipped to ±m (C, K), its magnitudes in groups of G (`in_groups`), and the input
+    weights hg, already in groups: the same at every scale)."""
     x = np.clip(w / scale[:, None], -m, m)
-    pad = (-k) % group
-    return x, np.pad(np.abs(x), ((0, 0), (0, pad))).reshape(-1, group), np.pad(h, ((0, 0), (0, pad))).reshape(-1, group)
+    return x, in_groups(np.abs(x), group), hg
 
 
 def _decompose(grouped: tuple[np.ndarray, np.ndarray, np.ndarray], tables: np.ndarray,
@@ -243,9 +247,9 @@ class _Best:
         self.e = np.full(c, np.inf)
         self.q = self.s = self.shifts = None
 
-    def offer(self, w: np.ndarray, s: np.ndarray, err: ErrorModel, h: np.ndarray, tables: np.ndarray,
+    def offer(self, w: np.ndarray, s: np.ndarray, err: ErrorModel, hg: np.ndarray, tables: np.ndarray,
               masks: np.ndarray, m: int, group: int) -> None:
-        grouped = _grouped(w, s, h, m, group)  # shared by the search and the truncation
+        grouped = _grouped(w, s, hg, m, group)  # shared by the search and the truncation
         q, shifts = _decompose(grouped, tables, masks)
         self.consider(w, q, s, shifts, err)
         if len(masks) > 1:
@@ -264,7 +268,7 @@ class _Best:
         self.shifts = np.where(better[:, None], shifts, self.shifts)
         self.e = np.where(better, e, self.e)
 
-    def refit(self, w: np.ndarray, err: ErrorModel, h: np.ndarray, tables: np.ndarray, masks: np.ndarray,
+    def refit(self, w: np.ndarray, err: ErrorModel, hg: np.ndarray, tables: np.ndarray, masks: np.ndarray,
               m: int, group: int, decompose: bool = True) -> None:
         """Least-squares scale for the current integers, (wᵀHq)/(qᵀHq) (kept where it is positive and
         lowers the error, which it does unless rounding says otherwise), then decompose again there."""
@@ -275,7 +279,7 @@ class _Best:
         self.s = np.where(better, s, self.s)
         self.e = np.where(better, e, self.e)
         if decompose:
-            self.offer(w, self.s.copy(), err, h, tables, masks, m, group)
+            self.offer(w, self.s.copy(), err, hg, tables, masks, m, group)
 
 
 def swis_layer(op: Op, stats, bits: int, group: int, shared_bits: int, lanes: int, truncate: bool,
@@ -287,27 +291,27 @@ def swis_layer(op: Op, stats, bits: int, group: int, shared_bits: int, lanes: in
     err: ErrorModel = layer_error(op, stats, output_error=objective == "output")
     masks = position_sets(bits - 1, shared_bits, truncate)
     tables = nearest_tables(masks, bits - 1)
-    h = _input_weights(op, stats, c, k, objective)
+    hg = in_groups(_input_weights(op, stats, c, k, objective), group)
     amax = np.abs(w).max(1)
     amax = np.where(amax > 0, amax, 1.0)
     best = _Best(c)
     ratios = scale_ratios(bits, shared_bits, truncate, scale_grid)
     if len(ratios) == 0:  # the b₀-bit output-error clipping scale, as is
-        best.offer(w, clip_search(w, bits, err) if base is None else base, err, h, tables, masks, m, group)
+        best.offer(w, clip_search(w, bits, err) if base is None else base, err, hg, tables, masks, m, group)
     for r in ratios:  # coarse: the same ratios for every channel
-        best.offer(w, amax * r / m, err, h, tables, masks, m, group)
+        best.offer(w, amax * r / m, err, hg, tables, masks, m, group)
     if len(ratios) > 1:  # fine: between the coarse neighbours of each channel's best
         step = ratios[1] / ratios[0]
         centre = best.s.copy()
         for f in np.geomspace(1 / step, step, scale_grid // 2 + 3)[1:-1]:
-            best.offer(w, centre * f, err, h, tables, masks, m, group)
+            best.offer(w, centre * f, err, hg, tables, masks, m, group)
         for _ in range(REFITS):
-            best.refit(w, err, h, tables, masks, m, group)
+            best.refit(w, err, hg, tables, masks, m, group)
     li = stats.layer_inputs.get(op.name) if stats is not None and objective == "output" else None
     if feedback and li is not None:  # error feedback at each channel's best scale; kept where it helps
         q, shifts = feedback_decompose(w, best.s, li.hessian, tables, masks, m, group)
         best.consider(w, q, best.s.copy(), shifts, err)
-        best.refit(w, err, h, tables, masks, m, group, decompose=False)
+        best.refit(w, err, hg, tables, masks, m, group, decompose=False)
     best_q, best_s, best_shift, best_e = best.q, best.s, best.shifts, best.e
     positions = max(1, int(op.attrs.get("macs", c * k)) // (c * k))
     summary, order = bitserial.layer_schedule(best_q, group, lanes, shared_bits, bits, positions)
