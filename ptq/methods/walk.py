@@ -18,6 +18,7 @@ thread, and so do the sequential feedback's layer moments (`rounding.sequential_
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 
 import torch
 
@@ -46,15 +47,15 @@ class Codes:
         or, `encoded`, the mini-batches' codes themselves (`encode`); the conversions to and from codes,
         elementwise, run on `workers` threads (default: torch's count now), which cannot change their bits."""
         self.scale, self.lo = b[0], b[1]
-        self.narrow = b[2] - b[1] <= 255
+        self.narrow = one_byte(b)
         self.workers = torch.get_num_threads() if workers is None else workers
-        codes = []
-        for y in parts:  # each part computed outside `threads`: a conv's bits depend on the thread count
-            if encoded:
-                codes.append(y)
-                continue
-            with threads(self.workers):
-                codes.append(encode(y, b))
+        if encoded:
+            codes = list(parts)
+        else:
+            codes = []
+            for y in parts:  # each part computed outside `threads`: a conv's bits depend on the thread count
+                with threads(self.workers):
+                    codes.append(encode(y, b))
         with threads(self.workers):
             self.codes = torch.cat(codes)
 
@@ -62,17 +63,20 @@ class Codes:
         """The values of samples `part`; `here`: in the calling thread alone (a worker of a pool, which
         must not change torch's process-wide thread count while another worker runs a conv)."""
         c = self.codes[part]
-        if here:
+        with nullcontext() if here else threads(self.workers):
             return c.float().add_(self.lo).mul_(self.scale) if self.narrow else c.mul(self.scale)
-        with threads(self.workers):
-            return c.float().add_(self.lo).mul_(self.scale) if self.narrow else c.mul(self.scale)
+
+
+def one_byte(b: Bounds) -> bool:
+    """Whether a tensor's codes (bounds b) fit one byte each: a range of at most 256 codes."""
+    return b[2] - b[1] <= 255
 
 
 def encode(y: torch.Tensor, b: Bounds) -> torch.Tensor:
-    """The codes `Codes` holds for the real tensor y: uint8 offsets from the least code where the
-    range spans at most 256, else the float32 codes."""
+    """The codes `Codes` holds for the real tensor y: uint8 offsets from the least code where they
+    fit one byte, else the float32 codes."""
     c = y.div(b[0]).add_(0.5).floor_().clamp_(b[1], b[2])
-    return c.sub_(b[1]).to(torch.uint8) if b[2] - b[1] <= 255 else c
+    return c.sub_(b[1]).to(torch.uint8) if one_byte(b) else c
 
 
 def mirrors(graph: Graph, settings: dict) -> bool:
@@ -146,10 +150,10 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
                     qx[s.output] = Codes((pre_act(s, [qx[t].real(p) for t in s.inputs], None) for p in parts),
                                          quant[s.output], workers)
                 else:
-                    w, b = dequantized(s), bias(s)
-                    qx[s.output] = Codes(single_threaded_map(lambda p, s=s, w=w, b=b: encode(pre_act(
-                        s, [qx[t].real(p, here=True) for t in s.inputs], w, b), quant[s.output]),
-                        layer_chunks), quant[s.output], workers, encoded=True)
+                    def layer_codes(p: slice, s: Op = s, w: torch.Tensor = dequantized(s), b: torch.Tensor | None = bias(s)):
+                        return encode(pre_act(s, [qx[t].real(p, here=True) for t in s.inputs], w, b), quant[s.output])
+
+                    qx[s.output] = Codes(single_threaded_map(layer_codes, layer_chunks), quant[s.output], workers, encoded=True)
             for t in _inputs(s):
                 if last_use[t] == i:
                     qx.pop(t, None)
