@@ -151,19 +151,19 @@ def in_groups(a: np.ndarray, group: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, (-a.shape[1]) % group))).reshape(-1, group)
 
 
-def _grouped(w: np.ndarray, scale: np.ndarray, hg: np.ndarray, m: int, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(w/scale clipped to ±m (C, K), its magnitudes in groups of G (`in_groups`), and the input
-    weights hg, already in groups: the same at every scale)."""
+def _grouped(w: np.ndarray, scale: np.ndarray, m: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(w/scale clipped to ±m (C, K), its magnitudes in groups of G (`in_groups`))."""
     x = np.clip(w / scale[:, None], -m, m)
-    return x, in_groups(np.abs(x), group), hg
+    return x, in_groups(np.abs(x), group)
 
 
-def _decompose(grouped: tuple[np.ndarray, np.ndarray, np.ndarray], tables: np.ndarray,
+def _decompose(grouped: tuple[np.ndarray, np.ndarray], hg: np.ndarray, tables: np.ndarray,
                masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer weights (C, K) and group set masks (C, ngroups) of `_grouped`'s weights on their scale."""
-    x, mag, hw = grouped
+    """Integer weights (C, K) and group set masks (C, ngroups) of `_grouped`'s weights on their scale,
+    the sets searched with the input weights hg in the same groups."""
+    x, mag = grouped
     c, k = x.shape
-    idx, mags = best_sets(mag, hw, tables)
+    idx, mags = best_sets(mag, hg, tables)
     q = (np.sign(x) * mags.reshape(c, -1)[:, :k]).astype(np.int64)
     return q, masks[idx].reshape(c, -1)
 
@@ -201,8 +201,7 @@ def feedback_decompose(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, ta
         lo, hi = b * group, min(k, (b + 1) * group)
         blk = x[:, :, lo:hi].clamp(-m, m).abs().reshape(c, -1)
         wts = (1.0 / ud[:, lo:hi] ** 2)[:, None, :].expand(g, c // g, hi - lo).reshape(c, -1)
-        pad = group - (hi - lo)
-        idx, _ = best_sets(np.pad(blk.numpy(), ((0, 0), (0, pad))), np.pad(wts.numpy(), ((0, 0), (0, pad))), tables)
+        idx, _ = best_sets(in_groups(blk.numpy(), group), in_groups(wts.numpy(), group), tables)
         shifts[:, b] = masks[idx]
         sel = tab[torch.from_numpy(idx)].reshape(g, c // g, -1)  # (g, C/g, T): each channel's table
         for j in range(lo, hi):
@@ -249,12 +248,12 @@ class _Best:
 
     def offer(self, w: np.ndarray, s: np.ndarray, err: ErrorModel, hg: np.ndarray, tables: np.ndarray,
               masks: np.ndarray, m: int, group: int) -> None:
-        grouped = _grouped(w, s, hg, m, group)  # shared by the search and the truncation
-        q, shifts = _decompose(grouped, tables, masks)
+        grouped = _grouped(w, s, m, group)  # shared by the search and the truncation
+        q, shifts = _decompose(grouped, hg, tables, masks)
         self.consider(w, q, s, shifts, err)
         if len(masks) > 1:
             top = [int(np.argmax(masks))]
-            q, shifts = _decompose(grouped, tables[top], masks[top])
+            q, shifts = _decompose(grouped, hg, tables[top], masks[top])
             self.consider(w, q, s, shifts, err)
 
     def consider(self, w: np.ndarray, q: np.ndarray, s: np.ndarray, shifts: np.ndarray, err: ErrorModel) -> None:

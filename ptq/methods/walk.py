@@ -98,6 +98,11 @@ def _schedule(graph: Graph, blocks: list[Block], layers: set[str]) -> list[Op | 
     return steps[:hooked[-1] + 1] if hooked else []
 
 
+def _slices(n: int, size: int) -> list[slice]:
+    """Consecutive slices of `size` samples covering n (the last may be shorter)."""
+    return [slice(j, j + size) for j in range(0, n, size)]
+
+
 def _inputs(step: Op | Block) -> list[str]:
     return [step.input] if isinstance(step, Block) else step.inputs
 
@@ -130,9 +135,9 @@ def walk(graph: Graph, stats, recipe: dict, weights: LayerWeights, blocks: list[
         if mirrors(graph, settings):  # each image mirrored left to right
             x = torch.cat([x, x.flip(-1)])
         fp = {graph.input: x} if blocks or float_inputs else None
-        parts = [slice(j, j + size) for j in range(0, x.shape[0], size)]  # mini-batches: bounded intermediates
+        parts = _slices(x.shape[0], size)  # mini-batches: bounded intermediates
         qx = {graph.input: Codes((x[p] for p in parts), quant[graph.input], workers)}  # the quantized stream, as codes
-        layer_chunks = [slice(j, j + LAYER_CHUNK) for j in range(0, x.shape[0], LAYER_CHUNK)]
+        layer_chunks = _slices(x.shape[0], LAYER_CHUNK)
         for i, s in enumerate(steps):
             if isinstance(s, Block):
                 target = torch.cat([s.run(fp[s.input][p], {}, None) for p in parts])
