@@ -17,7 +17,7 @@ from ptq.accbound import exceeds, sign_masses
 from ptq.intmath import qmax
 from ptq.ir.grids import Grid, SwisGrid
 from ptq.methods.base import per_layer
-from ptq.methods.errormodel import ErrorModel, clip_residuals, clip_search, quantize_symmetric
+from ptq.methods.errormodel import UNSEEN_WEIGHT, ErrorModel, clip_residuals, clip_search, quantize_symmetric
 from ptq.methods.rounding import feedback_integers
 
 
@@ -130,6 +130,23 @@ def test_swis_feedback_keeps_every_weight_on_its_groups_shift_set():
     assert not bitserial.unrepresentable(q, shifts, group).any()
     near = grid.project(torch.from_numpy(w / s[:, None]), torch.arange(k).expand(c, k)).numpy()
     assert errors(h, w, q, s).sum() < errors(h, w, near, s).sum()
+
+
+def test_swis_feedback_keeps_the_weights_of_an_input_never_seen():
+    """An input that is zero on every calibration sample is zero in H's row and column: its weights
+    stay the nearest values of their sets (not zeros, which other data would feel) and take no error."""
+    from ptq.methods.swis import feedback_decompose, position_sets
+    from ptq.bitserial import nearest_tables
+    rng = np.random.default_rng(6)
+    c, k, group = 4, 16, 8
+    w, h = rng.normal(size=(c, k)), correlated_h(k)
+    h[:, 3, :] = h[:, :, 3] = 0.0
+    masks = position_sets(7, 3)
+    s = np.abs(w).max(1) / 127
+    q, shifts = feedback_decompose(w, s, h, nearest_tables(masks, 7), masks, 127, group)
+    sets = SwisGrid(8, shifts, group)
+    near = sets.project(torch.from_numpy(w / s[:, None]), torch.arange(k).expand(c, k)).numpy()
+    assert np.array_equal(q[:, 3], near[:, 3]) and np.any(q[:, 3])
 
 
 @pytest.fixture(scope="module")
@@ -348,6 +365,24 @@ def test_clip_residuals_are_the_bits_of_the_integer_round_trip():
     scales[0, 0] = 0.05
     want = (w[None] - quantize_symmetric(w, scales, 4) * scales[..., None]).astype(np.float32)
     assert np.array_equal(clip_residuals(w, scales, 4), want)
+
+
+def test_a_group_unseen_on_calibration_data_is_measured_by_weight_error_and_the_others_as_before():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 64, 9)).astype(np.float32)  # 4 groups (a depthwise conv), 64 patches of 9
+    x[2] = 0.0  # group 2's input is zero on every sample
+    h = np.einsum("gnk,gnl->gkl", x, x) / 64
+    w = rng.standard_normal((4, 9))
+    unseen = ErrorModel(h, 4)
+    diff = rng.standard_normal((3, 4, 9)).astype(np.float32)
+    seen = [0, 1, 3]
+    alone = ErrorModel(h[seen], 3)
+    assert np.array_equal(unseen(diff)[:, seen], alone(diff[:, seen]))  # the seen groups' bits
+    level = UNSEEN_WEIGHT * np.einsum("gkk->g", h[seen], dtype=np.float64).mean() / 9
+    assert unseen(diff)[:, 2] == pytest.approx(level * (diff[:, 2].astype(np.float64) ** 2).sum(-1), rel=1e-5)
+    plain = clip_search(w, 4, ErrorModel(None, 4))  # weight error alone
+    assert clip_search(w, 4, unseen)[2] == plain[2]
+    assert h[2].sum() == 0  # the statistics are not touched
 
 
 class _Layer:

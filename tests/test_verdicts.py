@@ -172,6 +172,49 @@ def test_a_near_dead_channel_stays_on_its_schemes_grid(recipe, digit_images, tmp
         assert loaded.data["method_info"]["swis"]["cycles"] == sum(o["weight"]["cycles"] for o in loaded.weighted_ops())
 
 
+# ---------------------------------------------------------------- channels the calibration data never opens
+
+UNSEEN = 2
+
+
+class Unseen(nn.Module):
+    """A stem whose channel UNSEEN sums its input with positive weights, so after the ReLU it is zero on
+    negative images and open on positive ones, then a depthwise conv: calibrated on negative images,
+    the depthwise channel's input moments are all zero, and its output error is 0 for any weights."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8, 10)
+        with torch.no_grad():
+            self.stem.weight.copy_(-self.stem.weight.abs())  # open on negative images
+            self.stem.weight[UNSEEN] = self.stem.weight[UNSEEN].abs()  # open on positive ones only
+
+    def forward(self, x):
+        x = torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.stem(x))))))
+        return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("recipe", ["w4a8", "multipoint", "swis", "bitplane-4.5", "acc16"])
+def test_a_channel_the_calibration_data_never_opens_keeps_its_weights(recipe, digit_images):
+    """Its output error cannot choose a clip (every candidate's is 0): chosen by weight error, the
+    depthwise channel is its weights on the layer's grid, not clipped to the first ratio searched
+    (a quarter of its largest weight at 4 bits), which wrecked it for images that do open it."""
+    xtr, xte = digit_images
+    calib = -np.abs(xtr[:32]) - 0.1  # negative images: the channel's stem output is zero on every one
+    qm = ptq.quantize(Unseen().eval(), calib, recipe, eval_data=np.abs(xte[:8]), eval_size=8)
+    assert qm.report["verification"]["verified"] is True
+    m = qm.manifest
+    rec = next(o for o in m.weighted_ops() if o["name"] == "dw")
+    term = rec["weight"]["terms"][0]
+    w = Unseen().dw.weight.detach().numpy().reshape(4, -1)[UNSEEN].astype(np.float64)
+    what = m.tensor(term["q"]).reshape(4, -1)[UNSEEN] * m.tensor(term["scale"])[UNSEEN]
+    assert np.sum((w - what) ** 2) < 0.05 * np.sum(w ** 2)
+
+
 def test_a_weight_its_scheme_cannot_represent_is_not_verified_and_named(digit_images, tmp_path, monkeypatch):
     """Were a shared step to round a SWIS channel plainly (the rule before), quantize runs the
     loader's validation on what it built, exits 3 and names the weight and its group's set."""

@@ -50,6 +50,7 @@ def clip_residuals(w: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
 
 DENSE_BLOCK = 1 << 22  # entries of H converted to float64 at a time for a dense product (32 MB)
 SCREEN_RANK = 16  # leading directions of H that `ErrorModel.screen` keeps exactly
+UNSEEN_WEIGHT = 1e-9  # a group never seen on calibration data: its weight error's share of the seen energy
 
 
 class ErrorModel:
@@ -65,6 +66,25 @@ class ErrorModel:
         self.h = None if hessian is None or factor is not None else torch.from_numpy(hessian).float()  # (G, K, K)
         self.channels = channels
         self.known = hessian is not None
+        if self.known:
+            self._weigh_unseen_groups(hessian)
+
+    def _weigh_unseen_groups(self, hessian: np.ndarray) -> None:
+        """A conv group whose inputs were zero on every calibration sample (a depthwise channel after
+        a ReLU that these photos never open) has H = 0: every candidate's output error is 0, and a
+        search would keep the first one, its heaviest clipping, for a channel that other data does
+        open. Such a group is measured by weight error instead, UNSEEN_WEIGHT of the seen groups'
+        mean input energy per input (1 where none was seen), so its choices are the weight-MSE
+        ones while the sums over a layer's channels stay what the seen groups make them."""
+        trace = np.einsum("gkk->g", hessian, dtype=np.float64)
+        unseen = trace <= 0
+        if not unseen.any():
+            return
+        k = hessian.shape[-1]
+        level = UNSEEN_WEIGHT * float(trace[~unseen].mean()) / k if (~unseen).any() else 1.0
+        h = torch.from_numpy(np.array(hessian, np.float32))  # a copy: the statistics stay as measured
+        h[torch.from_numpy(unseen)] = level * torch.eye(k)
+        self.f, self.h = None, h
 
     def _grouped(self, d: torch.Tensor) -> torch.Tensor:
         """(..., C, K) → (G, rows, K), each group's channels with every leading index."""

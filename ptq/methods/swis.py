@@ -187,8 +187,7 @@ def feedback_decompose(w: np.ndarray, scale: np.ndarray, hessian: np.ndarray, ta
     h = torch.from_numpy(np.array(hessian, np.float64))
     x = torch.from_numpy(w / scale[:, None]).reshape(g, c // g, k).clone()
     diag = torch.diagonal(h, dim1=1, dim2=2)
-    dead = diag <= 0
-    x.masked_fill_(dead[:, None, :], 0.0)  # an input never seen on calibration data: its weight is free
+    dead = diag <= 0  # an input never seen on calibration data keeps its weight and takes no feedback: other data sees it
     h = h + torch.diag_embed(dead.double() + DAMP * diag.mean(1, keepdim=True).clamp_min(1e-12).expand_as(diag))
     with fixed_order():
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (g, K, K)
