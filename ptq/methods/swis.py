@@ -143,6 +143,8 @@ def _input_weights(op: Op, stats, c: int, k: int, objective: str) -> np.ndarray:
     if li is None:
         return np.ones((c, k), np.float32)
     d = np.diagonal(li.hessian, axis1=1, axis2=2)  # (groups, K)
+    unseen = d.sum(1) <= 0  # inputs zero on every calibration sample: each weight counts alike (`ErrorModel`)
+    d = np.where(unseen[:, None], 1.0, d)
     return np.repeat(d, c // d.shape[0], axis=0).astype(np.float32)
 
 
