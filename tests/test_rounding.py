@@ -383,6 +383,8 @@ def test_a_group_unseen_on_calibration_data_is_measured_by_weight_error_and_the_
     plain = clip_search(w, 4, ErrorModel(None, 4))  # weight error alone
     assert clip_search(w, 4, unseen)[2] == plain[2]
     assert h[2].sum() == 0  # the statistics are not touched
+    nothing = ErrorModel(np.zeros((1, 9, 9), np.float32), 4, np.zeros((1, 2, 9), np.float32))  # a classifier fed zeros
+    assert np.array_equal(clip_search(w, 4, nothing), plain)
 
 
 class _Layer:
