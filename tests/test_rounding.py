@@ -13,12 +13,14 @@ from hypothesis import given, settings, strategies as st
 import ptq
 from ptq.api import quantize_prepared
 from ptq import bitserial
+from ptq.bitserial import nearest_tables
 from ptq.accbound import exceeds, sign_masses
 from ptq.intmath import qmax
 from ptq.ir.grids import Grid, SwisGrid
 from ptq.methods.base import per_layer
 from ptq.methods.errormodel import UNSEEN_WEIGHT, ErrorModel, clip_residuals, clip_search, quantize_symmetric
 from ptq.methods.rounding import feedback_integers
+from ptq.methods.swis import feedback_decompose, position_sets
 
 
 def correlated_h(k: int, groups: int = 1, n: int = 3000, seed: int = 0) -> np.ndarray:
@@ -135,8 +137,6 @@ def test_swis_feedback_keeps_every_weight_on_its_groups_shift_set():
 def test_swis_feedback_keeps_the_weights_of_an_input_never_seen():
     """An input that is zero on every calibration sample is zero in H's row and column: its weights
     stay the nearest values of their sets (not zeros, which other data would feel) and take no error."""
-    from ptq.methods.swis import feedback_decompose, position_sets
-    from ptq.bitserial import nearest_tables
     rng = np.random.default_rng(6)
     c, k, group = 4, 16, 8
     w, h = rng.normal(size=(c, k)), correlated_h(k)

@@ -53,6 +53,12 @@ SCREEN_RANK = 16  # leading directions of H that `ErrorModel.screen` keeps exact
 UNSEEN_WEIGHT = 1e-9  # a group never seen on calibration data: its weight error's share of the seen energy
 
 
+def unseen_groups(hessian: np.ndarray) -> np.ndarray:
+    """(G,) whether each conv group's inputs were zero on every calibration sample (H's trace is 0):
+    its output error cannot tell candidates apart, so methods weigh its weights alike instead."""
+    return np.einsum("gkk->g", hessian, dtype=np.float64) <= 0
+
+
 class ErrorModel:
     """Evaluates (w − ŵ)ᵀ H (w − ŵ) per output channel for one layer, batched over candidates.
 
@@ -76,12 +82,12 @@ class ErrorModel:
         open. Such a group is measured by weight error instead, UNSEEN_WEIGHT of the seen groups'
         mean input energy per input (1 where none was seen), so its choices are the weight-MSE
         ones while the sums over a layer's channels stay what the seen groups make them."""
-        trace = np.einsum("gkk->g", hessian, dtype=np.float64)
-        unseen = trace <= 0
+        unseen = unseen_groups(hessian)
         if not unseen.any():
             return
         k = hessian.shape[-1]
-        level = UNSEEN_WEIGHT * float(trace[~unseen].mean()) / k if (~unseen).any() else 1.0
+        seen = hessian[~unseen]
+        level = UNSEEN_WEIGHT * float(np.einsum("gkk->g", seen, dtype=np.float64).mean()) / k if len(seen) else 1.0
         h = torch.from_numpy(np.array(hessian, np.float32))  # a copy: the statistics stay as measured
         h[torch.from_numpy(unseen)] = level * torch.eye(k)
         self.f, self.h = None, h

@@ -49,7 +49,7 @@ from ..ir import Graph, Op
 from .fields import Field, layer_setting
 from .selectors import override_matches
 from ..intmath import qmax
-from .errormodel import ErrorModel, clip_search, fixed_order
+from .errormodel import ErrorModel, clip_search, fixed_order, unseen_groups
 from .registry import register
 from ..ir import LayerWeights, WeightQuant
 from .base import error_weights, layer_error, per_layer
@@ -142,9 +142,8 @@ def _input_weights(op: Op, stats, c: int, k: int, objective: str) -> np.ndarray:
     li = stats.layer_inputs.get(op.name) if stats is not None and objective == "output" else None
     if li is None:
         return np.ones((c, k), np.float32)
-    d = np.diagonal(li.hessian, axis1=1, axis2=2)  # (groups, K)
-    unseen = d.sum(1) <= 0  # inputs zero on every calibration sample: each weight counts alike (`ErrorModel`)
-    d = np.where(unseen[:, None], 1.0, d)
+    h = li.hessian
+    d = np.where(unseen_groups(h)[:, None], 1.0, np.diagonal(h, axis1=1, axis2=2))  # (groups, K); a group never seen: each weight alike
     return np.repeat(d, c // d.shape[0], axis=0).astype(np.float32)
 
 
