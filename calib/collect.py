@@ -241,13 +241,14 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
                        positions: int = MAX_POSITIONS, sensitivity_samples: int = 0,
                        shard: Shard | None = None, fisher_now: bool = False,
                        grouped_positions: int = GROUPED_POSITIONS, moments: bool = True,
-                       pre_act_rows: int = 0) -> Statistics:
+                       pre_act_rows: int = 0, coherent: bool = False) -> Statistics:
     """One pass over `source`: ranges, histograms and per-layer input moments (unless not
     `moments`: a recipe that reads none skips most of the pass's work); each conv's and linear's
     FP32 pre-activation summed per output channel over the first `pre_act_rows` samples
     (`calib.preact`: bias correction's reference, `Statistics.pre_act_sums`); the
-    per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: none) is measured
-    when a method first asks for it, by this process alone.
+    per-channel Fisher sensitivity on the first `sensitivity_samples` samples (0: none; `coherent`:
+    measured with a probe, `calib.sensitivity`) is measured when a method first asks for it, by this
+    process alone.
 
     With a `shard` of several ranks (`calib.distributed`), this rank streams only its batches and
     every rank ends with the same totals, the bits one process gets; `fisher_now` measures the
@@ -333,7 +334,7 @@ def collect_statistics(graph: Graph, source: DataSource, batch_size: int = 16, s
                 terms = []
                 with part.agreed():
                     heads = (xb[:n - b * batch_size] for b, xb in zip(batches, source.batches(batch_size, batches)))
-                    for term in fisher_terms(graph, heads, seed, batches.start, batch_size):
+                    for term in fisher_terms(graph, heads, seed, batches.start, batch_size, coherent):
                         terms.append(term)
                         advance()
                 return fisher_mean(part.gather(terms))

@@ -385,7 +385,7 @@ def _prepare(model, calib, r, weights, seed, eval_data, eval_size, input_shape, 
         stats = collect_statistics(graph, src, cal["batch_size"], seed, cal["positions"], cal["sensitivity_samples"],
                                    shard, fisher_now=shard.world > 1 and METHODS[r["method"]].reads_fisher(r),
                                    grouped_positions=cal["grouped_positions"], moments=cal["layer_moments"],
-                                   pre_act_rows=r["bias_correction"]["samples"])
+                                   pre_act_rows=r["bias_correction"]["samples"], coherent=cal["sensitivity"] == "coherent")
     release_freed_memory()  # the fixed-point sums' integers
     t_stats = time.perf_counter() - t_cal
     return Prepared(lm, graph, stats, src, r, seed, ev, eval_size, t_stats, time.perf_counter() - t0, shard.rank, shard.world)

@@ -44,7 +44,7 @@ def card_fields(m: Manifest, fidelity: dict | None, verification: dict | None) -
         "accumulator": f"{'/'.join(map(str, acc_bits))}-bit, mode {m.weighted_ops()[0]['accumulator']['mode'] if layers else '-'}; "
                        + "bound met: " + ", ".join(f"{k} {v} layers" for k, v in sorted(Counter(
                            op["accumulator"].get("bound", "none") for op in m.weighted_ops()).items())),
-        "allocation": _allocation(m.data.get("method_info", {})),
+        "allocation": _allocation(m.data.get("method_info", {}), r),
         "compression": f"{32.0 / max(ws['mean_weight_bits'], 1e-9):.2f}x (32-bit floats / mean weight bits)",
         "multipoint": _multipoint(m),
         "bit_planes": _bitplanes(m),
@@ -135,14 +135,25 @@ def _overrides_table(m: Manifest) -> list[str]:
     return lines
 
 
-def _allocation(info: dict) -> str:
+def _allocation(info: dict, recipe: dict) -> str:
     a = info.get("allocator")
     if isinstance(a, dict):
         return (f"integer program, solver {a['solver']}, status {a['status']}, objective {a['objective']:.4g}"
-                + (f", budgets {a['budgets']}" if a.get("budgets") else "") + " (solve time: report.json)")
+                + (f", budgets {a['budgets']}" if a.get("budgets") else "") + f"; {_error_currency(recipe)} (solve time: report.json)")
     if a == "naive":
         return f"naive: {info['weight_bits']}-bit weights and {info['input_bits']}-bit inputs in every layer"
     return "fixed by the recipe"
+
+
+def _error_currency(recipe: dict) -> str:
+    """What the allocator's candidate errors are in (`ptq.methods.base.error_weights`)."""
+    cal = recipe.get("calibration", {})
+    if recipe.get("bitplane", {}).get("error") == "weight":
+        return "candidates' errors on the weights alone (bitplane.error = weight)"
+    if cal.get("sensitivity_samples", 32) == 0:
+        return "each layer's output error relative to its output energy (no Fisher sensitivity measured)"
+    return (f"each channel's output error weighted by its Fisher sensitivity ({cal.get('sensitivity', 'diagonal')}, "
+            f"{cal.get('sensitivity_samples', 32)} samples)")
 
 
 def _bitplanes(m: Manifest) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import RecipeError
 from .methods import METHODS
+from .calib.sensitivity import SENSITIVITIES
 from .ir.grids import ROUNDINGS
 from .methods.fields import Field, layer_setting  # noqa: F401  (layer_setting: part of the recipe API)
 from .methods.selectors import check_selector
@@ -105,6 +106,9 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
                                     "error feedback and the allocators read them; false for a recipe that reads none"),
         "sensitivity_samples": Field(32, int, lo=0, hi=100_000,
                                      help="samples for the per-channel Fisher sensitivity (one backward pass each; 0 skips it)"),
+        "sensitivity": Field("diagonal", str, SENSITIVITIES,
+                             help="how a channel's Fisher sensitivity counts its positions: diagonal (Σ E[g²], as if independent) "
+                                  "or coherent (measured with a probe weight error; needs ~128 samples)"),
     },
 }
 

@@ -51,6 +51,18 @@ def test_same_seed_same_fisher():
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_the_coherent_fisher_is_the_same_at_any_thread_count():
+    from ptq.determinism import threads
+    torch.manual_seed(0)
+    g = capture(ConvHead().eval(), (3, 8, 8))
+    x = torch.randn(24, 3, 8, 8)
+    with threads(1):
+        a = channel_fisher(g, x.split(12), seed=1, coherent=True)
+    with threads(2):
+        b = channel_fisher(g, x.split(12), seed=1, coherent=True)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_a_batch_is_back_propagated_in_chunks_whose_terms_add_up(monkeypatch):
     """The backward pass holds every layer's activations of the samples it runs, so a calibration batch
     runs in chunks of FISHER_CHUNK samples; their terms add up to what one sample at a time gives."""
@@ -66,3 +78,57 @@ def test_a_batch_is_back_propagated_in_chunks_whose_terms_add_up(monkeypatch):
     single = channel_fisher(g, x.split(1), seed=5)
     for name in batched:
         np.testing.assert_allclose(batched[name], single[name], rtol=1e-6)
+
+
+class ConvHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_conv_channels_sensitivity_predicts_the_divergence_its_weight_error_causes():
+    """One weight error moves all 64 positions of a channel the same way, and the pooled head adds
+    them up: ½·F_c·δwᵀHδw must give the KL a small error of the probe's shape causes, where counting
+    the positions as independent (`diagonal`, Σ_p E[g²]) undercounts it many times over."""
+    import ptq.calib.sensitivity as sens
+    torch.manual_seed(0)
+    model = ConvHead().eval()
+    g = capture(model, (3, 8, 8))
+    distinct = torch.randn(64, 3, 8, 8) + 0.5
+    x = distinct.repeat(32, 1, 1, 1)  # each input under many sampled labels
+    conv = g.weighted_ops()[0]
+    f = channel_fisher(g, x.split(512), seed=0, coherent=True)[conv.name]
+    independent = channel_fisher(g, x.split(512), seed=0)[conv.name]  # `diagonal`: positions as if independent
+    c, eps = 1, 0.05
+    dw = torch.zeros_like(model.conv.weight)
+    dw[c] = eps * sens.probe_error(model.conv.weight.detach().numpy())[c]
+    with torch.no_grad():
+        dz = torch.nn.functional.conv2d(distinct, dw, None, padding=1)[:, c]
+        p = torch.log_softmax(model(distinct).double(), -1)
+        model.conv.weight += dw
+        q = torch.log_softmax(model(distinct).double(), -1)
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    h_term = float((dz.double() ** 2).mean())
+    assert 0.8 < 0.5 * f[c] * h_term / kl < 1.25
+    assert 0.5 * independent[c] * h_term / kl < 0.5
+
+
+def test_a_layer_already_on_the_probe_grid_keeps_the_positions_sum():
+    """Weights a 4-bit grid holds exactly leave the probe at zero: the coherent F is then the diagonal one."""
+    import ptq.calib.sensitivity as sens
+    torch.manual_seed(0)
+    model = ConvHead().eval()
+    with torch.no_grad():
+        w = model.conv.weight
+        w.copy_(torch.randint(-7, 8, w.shape).float() * 0.25)
+        w[:, 0, 0, 0] = 1.75  # every channel's largest magnitude is 7 steps
+    g = capture(model, (3, 8, 8))
+    conv = g.weighted_ops()[0]
+    assert float(sens.probe_error(conv.weight).abs().max()) == 0.0
+    x = torch.randn(40, 3, 8, 8)
+    f = channel_fisher(g, x.split(8), seed=2, coherent=True)[conv.name]
+    assert np.array_equal(f, channel_fisher(g, x.split(8), seed=2)[conv.name])

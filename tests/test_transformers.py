@@ -233,15 +233,16 @@ def test_fisher_of_a_sentence_encoder_is_taken_on_its_embedding():
     from ptq.calib.sensitivity import channel_fisher
     model, x = tiny_bert()
     g = capture(model, x.shape[1:])
-    f = channel_fisher(g, torch.from_numpy(x[:32]).split(16), seed=0)
-    assert set(f) == {op.name for op in g.weighted_ops()}
-    assert all(v.shape == (op.weight.shape[0],) and (v > 0).all() for op in g.weighted_ops() for v in [f[op.name]])
     other = x[:32].copy()
     other[..., 0] = np.where(other[..., 1] == 0, 7, other[..., 0])
     assert not np.array_equal(other, x[:32])
-    f2 = channel_fisher(g, torch.from_numpy(other).split(16), seed=0)
-    for name in f:
-        np.testing.assert_allclose(f2[name], f[name], rtol=1e-5, err_msg=name)
+    for coherent in (False, True):
+        f = channel_fisher(g, torch.from_numpy(x[:32]).split(16), seed=0, coherent=coherent)
+        assert set(f) == {op.name for op in g.weighted_ops()}
+        assert all(v.shape == (op.weight.shape[0],) and (v > 0).all() for op in g.weighted_ops() for v in [f[op.name]])
+        f2 = channel_fisher(g, torch.from_numpy(other).split(16), seed=0, coherent=coherent)
+        for name in f:
+            np.testing.assert_allclose(f2[name], f[name], rtol=1e-5, err_msg=name)
 
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("all_minilm_l6_v2") is None,
