@@ -107,7 +107,9 @@ def test_manifest_record_round_trips_and_is_checked(bitplane_digits, tmp_path):
     qm = bitplane_digits[4.0]
     out = qm.save(tmp_path / "bp")
     assert (out / "planes.png").read_bytes()[:4] == b"\x89PNG"
-    assert "2-bit slice sparsity" in (out / "card.md").read_text()
+    card = (out / "card.md").read_text()
+    assert "2-bit slice sparsity" in card
+    assert "weighted by its Fisher sensitivity (coherent, 128 samples)" in card  # the recipe's [calibration]
     meta = read_ptq_metadata(save_onnx(export_qdq(qm.manifest), tmp_path / "m.onnx"))
     for rec in qm.manifest.weighted_ops():
         assert meta["layers"][rec["name"]]["bitplanes"] == rec["weight"]["bitplanes"]
