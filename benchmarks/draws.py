@@ -4,8 +4,9 @@
 
 A ROW is a recipe followed by its overrides, as one argument: `"w4a8-learned rounding.bias_rate=0.01"`
 (`KEY=VALUE` as `ptq quantize --set` takes them). The draw S picks both the 128 calibration crops
-and the 256 held-out crops (`ptq.api.prepare(..., seed=S)`); every row is quantized on that one
-calibration and printed as a JSON line as soon as it ends (top-1 agreement %, KL, SQNR, mean weight
+and the 256 held-out crops (`ptq.api.prepare(..., seed=S)`); consecutive rows whose statistics
+take the same [calibration] keys (the recipe's own, e.g. `bitplane`'s coherent sensitivity on 128
+samples, then --set) share one calibration, and each row is printed as a JSON line as soon as it ends (top-1 agreement %, KL, SQNR, mean weight
 bits, whether it verified). The figures of a learned row do not depend on the thread count; run it
 with `OMP_NUM_THREADS=1` to run two draws side by side on 2 cores.
 """
@@ -15,8 +16,9 @@ import argparse
 import json
 import shlex
 
-from ptq.api import prepare
+from ptq.api import STAGE_KEYS, prepare
 from ptq.cli import parse_sets
+from ptq.recipe import resolve
 
 from .variants import fidelity_row
 
@@ -42,12 +44,25 @@ def main() -> None:
     cal = parse_sets(args.sets)
     if any(not k.startswith("calibration.") for k in cal):
         ap.error("--set takes [calibration] keys only (a row's own keys go in the row)")
-    prep = prepare("efficientnet_lite0", "samples", "w8a8", calib_size=args.calib_size, eval_size=args.eval_size, seed=args.seed,
-                   overrides=cal)
+    prep, prepared = None, None
     for recipe, over in rows:
+        keys = statistics_keys(recipe, over, cal)
+        if keys != prepared:  # the row's own [calibration] (`bitplane`'s coherent sensitivity), not w8a8's
+            prep = None
+            prep = prepare("efficientnet_lite0", "samples", "w8a8", calib_size=args.calib_size, eval_size=args.eval_size,
+                           seed=args.seed, overrides=keys)
+            prepared = keys
         row = fidelity_row(prep, recipe, recipe, over)
-        print(json.dumps({"seed": args.seed, "recipe": recipe, "overrides": over, "calibration": cal,
+        print(json.dumps({"seed": args.seed, "recipe": recipe, "overrides": over, "calibration": keys,
                           "statistics_seconds": round(prep.calibration_seconds, 1), **{k: row[k] for k in KEYS}}), flush=True)
+
+
+def statistics_keys(recipe: str, over: dict, sets: dict) -> dict:
+    """The [calibration] keys a row's statistics are collected with where they differ from w8a8's:
+    the recipe's own, then its overrides, then --set (the keys that size later stages aside)."""
+    base, own = resolve("w8a8")["calibration"], resolve(recipe, over)["calibration"]
+    keys = {f"calibration.{k}": v for k, v in own.items() if k not in (*STAGE_KEYS, "layer_moments") and v != base[k]}
+    return {**keys, **sets}
 
 
 if __name__ == "__main__":

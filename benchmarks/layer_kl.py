@@ -23,7 +23,7 @@ from ptq.memory import reuse_freed_memory
 from ptq.metrics import fidelity
 from ptq.runtime.reference import dequantized_bias, dequantized_weight
 
-from .draws import parse_row
+from .draws import parse_row, statistics_keys
 from .variants import prepared_calibration
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     reuse_freed_memory()
     recipe, over = parse_row(args.row)
     prep = prepare("efficientnet_lite0", "samples", "w8a8", calib_size=args.calib_size, eval_size=args.eval_size,
-                   seed=args.seed)  # the statistics `benchmarks.draws` collects, so the rows are its manifests
+                   seed=args.seed, overrides=statistics_keys(recipe, over, {}))  # as `benchmarks.draws` prepares, so the rows are its manifests
     qm = quantize_prepared(prep, recipe, {**over, **prepared_calibration(prep)})
     m, graph = qm.manifest, prep.graph
     x = as_source("samples:eval", m.data["model"], args.eval_size, args.seed, "eval").tensor()
