@@ -16,11 +16,10 @@ import argparse
 import json
 import shlex
 
-from ptq.api import STAGE_KEYS, prepare
+from ptq.api import prepare
 from ptq.cli import parse_sets
-from ptq.recipe import resolve
 
-from .variants import fidelity_row
+from .variants import fidelity_row, statistics_keys
 
 KEYS = ("mean_weight_bits", "top1_agreement", "kl", "sqnr_db", "verified", "seconds")
 
@@ -55,14 +54,6 @@ def main() -> None:
         row = fidelity_row(prep, recipe, recipe, over)
         print(json.dumps({"seed": args.seed, "recipe": recipe, "overrides": over, "calibration": keys,
                           "statistics_seconds": round(prep.calibration_seconds, 1), **{k: row[k] for k in KEYS}}), flush=True)
-
-
-def statistics_keys(recipe: str, over: dict, sets: dict) -> dict:
-    """The [calibration] keys a row's statistics are collected with where they differ from w8a8's:
-    the recipe's own, then its overrides, then --set (the keys that size later stages aside)."""
-    base, own = resolve("w8a8")["calibration"], resolve(recipe, over)["calibration"]
-    keys = {f"calibration.{k}": v for k, v in own.items() if k not in (*STAGE_KEYS, "layer_moments") and v != base[k]}
-    return {**keys, **sets}
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from ptq.memory import reuse_freed_memory
 from ptq.metrics import fidelity
 from ptq.runtime.reference import dequantized_bias, dequantized_weight
 
-from .draws import parse_row, statistics_keys
-from .variants import prepared_calibration
+from .draws import parse_row
+from .variants import prepared_calibration, statistics_keys
 
 
 def main() -> None:

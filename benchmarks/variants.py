@@ -1,8 +1,10 @@
 """Shared by the method benchmarks: calibrate a model once, then quantize many recipe variants on it.
 
-Every recipe ships the same [calibration] section, so one `ptq.api.prepare` (capture + statistics)
-serves all the rows of a model; each row is one `quantize_prepared` through the integer simulator,
-with fidelity against FP32 on the same held-out sample crops.
+One `ptq.api.prepare` (capture + statistics, w8a8's [calibration]) serves all the rows of a model;
+each row is one `quantize_prepared` through the integer simulator, with fidelity against FP32 on the
+same held-out sample crops. A recipe whose own [calibration] asks for other statistics (`bitplane`'s
+coherent sensitivity) is measured on the shared ones, and its row says so (`own_calibration`);
+`benchmarks.draws` prepares each row on its own.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ptq.api import Prepared, QuantizedModel, prepare, quantize_prepared
+from ptq.api import STAGE_KEYS, Prepared, QuantizedModel, prepare, quantize_prepared
+from ptq.recipe import resolve
 
 
 def prepare_model(model: str, calib: int, evals: int) -> Prepared:
@@ -26,6 +29,14 @@ def prepared_calibration(prep: Prepared) -> dict[str, object]:
     """The [calibration] keys the prepared statistics were collected with, as overrides: a variant
     quantized on them must name the same section."""
     return {f"calibration.{k}": v for k, v in prep.recipe["calibration"].items()}
+
+
+def statistics_keys(recipe: Any, over: dict, sets: dict) -> dict:
+    """The [calibration] keys a row's statistics are collected with where they differ from w8a8's:
+    the recipe's own, then its overrides, then `sets` (the keys that size later stages aside)."""
+    base, own = resolve("w8a8")["calibration"], resolve(recipe, over)["calibration"]
+    keys = {f"calibration.{k}": v for k, v in own.items() if k not in (*STAGE_KEYS, "layer_moments") and v != base[k]}
+    return {**keys, **sets}
 
 
 def fidelity_row(prep: Prepared, label: str, recipe: Any, over: dict,
@@ -41,6 +52,9 @@ def fidelity_row(prep: Prepared, label: str, recipe: Any, over: dict,
            "min_share_within_1lsb": num["min_share_within_1lsb"], "max_lsb_error": num["max_lsb_error"],
            "layer_bits": [op["weight"]["bits"] for op in qm.manifest.weighted_ops()],
            "seconds": time.perf_counter() - t}
+    own = statistics_keys(recipe, over, {})
+    if any(prep.recipe["calibration"][k.split(".", 1)[1]] != v for k, v in own.items()):
+        row["own_calibration"] = own  # measured on the prepared statistics instead
     if extra is not None:
         row.update(extra(qm))
     return row

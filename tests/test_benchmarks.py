@@ -34,7 +34,7 @@ def test_a_draws_row_is_a_recipe_and_its_overrides_parsed_as_ptq_set_parses_them
 def test_a_draws_row_is_calibrated_as_its_recipe_says():
     """`bitplane` collects its coherent sensitivity on 128 samples; a recipe with w8a8's statistics
     needs none of its own; --set wins over the recipe."""
-    from benchmarks.draws import statistics_keys
+    from benchmarks.variants import statistics_keys
     assert statistics_keys("bitplane", {}, {}) == {"calibration.sensitivity": "coherent", "calibration.sensitivity_samples": 128}
     assert statistics_keys("bitplane-4.5", {}, {}) == {}
     assert statistics_keys("w8a8-fast", {}, {}) == {}  # verify_size and layer_moments size later stages only
