@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ptq.api import prepare
-from ptq.calib.sensitivity import channel_fisher, probe_error
+from ptq.calib.sensitivity import by_channel, channel_fisher, probe_error
 from ptq.ir import execute
 from ptq.ir.floatops import conv_float, float_kernels, linear_float, run_float
 from ptq.memory import reuse_freed_memory
@@ -36,8 +36,7 @@ def output_change_energy(graph, x: torch.Tensor) -> dict[str, np.ndarray]:
 
     def weighted(op, xs):
         f = conv_float if op.kind == "conv" else linear_float
-        dz = f(op, xs[0], probes[op.name], None).double()
-        dz = dz.flatten(2) if op.kind == "conv" else dz.reshape(dz.shape[0], -1, dz.shape[-1]).transpose(1, 2)
+        dz = by_channel(op, f(op, xs[0], probes[op.name], None).double())
         out[op.name] = out.get(op.name, 0.0) + (dz * dz).mean(2).sum(0).numpy()
         return kernels[op.kind](op, xs)
 

@@ -129,7 +129,7 @@ def _channel_sums(op: Op, x: torch.Tensor | None, probe: torch.Tensor | None, ke
         if probe is not None:
             with torch.no_grad():
                 dz = (conv_float if op.kind == "conv" else linear_float)(op, x, probe, None)
-                gc, dz = _by_channel(op, g.double()), _by_channel(op, dz.double())  # (N, C, positions)
+                gc, dz = by_channel(op, g.double()), by_channel(op, dz.double())  # (N, C, positions)
                 keep = kept[0]
                 if keep is not None and dz.shape[0] == keep.shape[0] and dz.shape[2] == keep.shape[1]:
                     dz = dz * keep[:, None, :]
@@ -142,7 +142,7 @@ def _channel_sums(op: Op, x: torch.Tensor | None, probe: torch.Tensor | None, ke
     return hook
 
 
-def _by_channel(op: Op, t: torch.Tensor) -> torch.Tensor:
+def by_channel(op: Op, t: torch.Tensor) -> torch.Tensor:
     """A layer output as (N, C, positions): a conv's (N, C, H, W), a linear's (N, ..., C)."""
     if op.kind == "conv":
         return t.flatten(2)
@@ -190,4 +190,4 @@ def fisher_mean(terms: Iterable[tuple[int, dict[str, np.ndarray]]]) -> dict[str,
     return out
 
 
-__all__ = ["SENSITIVITIES", "channel_fisher", "fisher_mean", "fisher_terms", "probe_error"]
+__all__ = ["SENSITIVITIES", "by_channel", "channel_fisher", "fisher_mean", "fisher_terms", "probe_error"]
