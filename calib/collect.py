@@ -42,6 +42,13 @@ PACK_MIN = 64  # narrower sums of x xᵀ are held whole (a depthwise layer's sma
 _MEASURING_FISHER = threading.Lock()  # layers searched on several threads may ask for it at once
 
 
+def rank_deficient(count: int, width: int) -> bool:
+    """Whether an H of `width` inputs measured on `count` input vectors has rank at most a quarter of
+    its width (a classifier after global pooling sees one per sample): held as a factor here, and
+    searched with a ridge (`ptq.methods.errormodel.RANK_RIDGE`)."""
+    return 0 < count and 4 * count <= width
+
+
 class LayerInputStats:
     """Sums for E[x xᵀ] and E[x] of a layer's input patches, one block per conv group. The sum of
     x xᵀ of a layer's totals (`pack`) is held as its upper triangles where it is exactly symmetric
@@ -80,8 +87,8 @@ class LayerInputStats:
         """F (G, r, K) with H = FᵀF from H's r leading eigenpairs, where the inputs seen bound its rank
         to r ≤ count ≤ K/4 (one input per sample to a classifier after pooling); None otherwise,
         where the full H is as cheap. Exact up to rounding: the other eigenvalues are zero."""
-        k = self.xx.shape[-1]
-        if self.count == 0 or 4 * self.count > k:
+        k = self.k
+        if not rank_deficient(self.count, k):
             return None
         with fixed_order():
             lam, u = torch.linalg.eigh(torch.from_numpy(self.hessian))  # ascending, per group

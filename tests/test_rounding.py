@@ -271,7 +271,7 @@ def test_sequential_cross_moment_is_taken_on_the_same_patches():
     g = torch.Generator().manual_seed(5)
     xf = torch.randn(6, 3, 10, 10, generator=g)
     xq = xf + 0.1 * torch.randn(6, 3, 10, 10, generator=g)
-    h, d = sequential_moments(op, xq, xf, positions=7, size=4)
+    h, d, _ = sequential_moments(op, xq, xf, positions=7, size=4)
     gen = torch.Generator().manual_seed(SEED)
     hh = dd = 0
     for i in (0, 4):

@@ -43,14 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calib.collect import layer_patches, layer_positions, moments_of, skip_patch_positions
+from ..calib.collect import layer_patches, layer_positions, moments_of, rank_deficient, skip_patch_positions
 from ..calib.progress import progress
 from ..determinism import single_threaded_map
 from ..errors import RecipeError
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..ir.grids import Grid, settle, term_grids
 from .base import error_record, per_layer, rounding_targets
-from .errormodel import ErrorModel, fixed_order
+from .errormodel import RANK_RIDGE, ErrorModel, fixed_order
 from .fields import layer_setting
 from .selectors import override_matches
 from .walk import mirrors, walk
@@ -144,18 +144,28 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
 
 
 def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings: dict,
-                   cross: np.ndarray | None = None, starts: dict[int, np.ndarray] | None = None) -> dict[str, float]:
+                   cross: np.ndarray | None = None, starts: dict[int, np.ndarray] | None = None,
+                   inputs: int = 0) -> dict[str, float]:
     """Re-decide one layer's integers with error feedback through its input second moment `hessian`
     (in place); the output error before and after. With the cross moment `cross` (D) the integers
     aim at the float target (`float_target`), else at the layer's own weights. Without H (no inputs
     seen) nothing changes. `starts`, when given, gets per decided term the real values (C, K, in
     units of the scale) its integers were rounded from: feedback's updated weights on the channels
-    that keep its integers, the term's own target elsewhere (the learned rounding's `start`)."""
+    that keep its integers, the term's own target elsewhere (the learned rounding's `start`).
+    An H measured on `inputs` input vectors, at most a quarter of its width, is damped by at least
+    RANK_RIDGE and its channels judged on H + RANK_RIDGE·mean(diag H)·I, as a search within a layer
+    is (`errormodel.RANK_RIDGE`): feedback on Lite0's classifier with 64 samples and the recipe's 3%
+    raised its held-out KL over nearest rounding by a quarter on two draws (BENCHMARKS.md, session 43)."""
     c = op.weight.shape[0]
     w = op.weight.reshape(c, -1).astype(np.float64)
     if cross is not None:
         w = float_target(w, hessian, cross, settings["target_damp"])
-    err = ErrorModel(hessian, c)
+    damp, judged = settings["damp"], hessian
+    if hessian is not None and rank_deficient(inputs, hessian.shape[-1]):  # feedback on H + RANK_RIDGE·mean(diag H)·I
+        damp = max(damp, RANK_RIDGE)
+        judged = hessian + (RANK_RIDGE * np.einsum("gkk->g", hessian, dtype=np.float64) / hessian.shape[-1])[:, None, None] \
+            * np.eye(hessian.shape[-1])
+    err = ErrorModel(judged, c)
     before = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
     if hessian is None:
         return error_record(before, before, err, w)
@@ -165,7 +175,7 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
     for t, rows, aim in rounding_targets(wq, w):
         q, s = wq.terms[t]
         seen: list[np.ndarray] | None = [] if starts is not None else None
-        new = feedback_integers(aim / s[:, None], hessian, grids[t], settings["order"], settings["damp"],
+        new = feedback_integers(aim / s[:, None], hessian, grids[t], settings["order"], damp,
                                 settings["block"], budget, seen)  # a budget comes only with single-term layers
         trial = wq.terms[:t] + [(np.where(rows[:, None], new, q.reshape(c, -1)).reshape(q.shape), s)] + wq.terms[t + 1:]
         e_new = err((w - WeightQuant(wq.scheme, trial, wq.bits, wq.extra).dequantized().reshape(c, -1)).astype(np.float32))
@@ -179,10 +189,11 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
 
 
 def sequential_moments(op: Op, xq: torch.Tensor, xf: torch.Tensor | None, positions: int,
-                       size: int, workers: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                       size: int, workers: int | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
     """H = E[x_q x_qᵀ] over a layer's input patches (`calib.collect.layer_patches`, seeded positions)
     in the model quantized so far, `size` samples at a time, and with its FP32 input `xf` the cross
-    moment D = E[(x_fp − x_q) x_qᵀ] over the same patches (each group's (K, K)).
+    moment D = E[(x_fp − x_q) x_qᵀ] over the same patches (each group's (K, K)); and how many
+    patches they were measured on.
 
     Copied patches in one float32 GEMM, not `calib.shifted`'s maps: with the maps `bitplane-4.5`
     measured KL 0.065/0.092/0.065 on three draws instead of 0.053/0.078/0.050, and this GEMM in
@@ -212,7 +223,7 @@ def sequential_moments(op: Op, xq: torch.Tensor, xf: torch.Tensor | None, positi
         total = m if total is None else total.merge(m)
         if part is not None:
             d = part if d is None else d + part
-    return total.hessian, None if d is None else (d / total.count).numpy()
+    return total.hessian, None if d is None else (d / total.count).numpy(), total.count
 
 
 def float_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: float) -> np.ndarray:
@@ -247,7 +258,8 @@ def _on_calibration_h(op: Op, stats, weights: LayerWeights, settings: dict,
                       starts: dict[int, np.ndarray] | None = None) -> dict[str, float]:
     """`feedback_layer` on the layer's input moments from the calibration statistics (FP32 model)."""
     li = stats.layer_inputs.get(op.name) if stats is not None else None
-    return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings, starts=starts)
+    return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings, starts=starts,
+                          inputs=0 if li is None else li.count)
 
 
 def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
@@ -278,10 +290,10 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
     with walk_bar as advance:
         def on_layer(op: Op, xq: torch.Tensor, xf: torch.Tensor | None) -> None:  # H from the model quantized so far
             cal = recipe["calibration"]
-            h, d = sequential_moments(op, xq, xf if to_float else None,
-                                      layer_positions(op, cal["positions"], cal["grouped_positions"]), settings["batch_size"],
-                                      threads)
-            report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings, d)}
+            h, d, count = sequential_moments(op, xq, xf if to_float else None,
+                                             layer_positions(op, cal["positions"], cal["grouped_positions"]),
+                                             settings["batch_size"], threads)
+            report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings, d, inputs=count)}
             advance()
 
         if not sequential:
