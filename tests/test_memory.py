@@ -53,6 +53,7 @@ def test_a_users_own_allocator_settings_win(env):
     assert int(mapped) >= 48 << 20  # glibc's default: a block this large is a mapping of its own
 
 
+@pytest.mark.slow  # 11 s of a fresh process; the default suite is near its 5-minute line (session 43)
 def test_the_manifest_does_not_depend_on_the_allocator():
     """Quantize the same prepared model twice in one process, before and after the setting, with
     mini-batch maps over glibc's default 32 MB threshold (8 samples × 16 × 256 × 256 float32): the
