@@ -62,6 +62,11 @@ UNSEEN_WEIGHT = 1e-9  # a group never seen on calibration data: its weight error
 RANK_RIDGE = 1.0
 
 
+def search_ridge(hessian: np.ndarray) -> np.ndarray:
+    """ρ = RANK_RIDGE·mean(diag H) per group of a rank-deficient H (G, K, K): what a search adds."""
+    return RANK_RIDGE * np.einsum("gkk->g", hessian, dtype=np.float64) / hessian.shape[-1]
+
+
 def unseen_groups(hessian: np.ndarray) -> np.ndarray:
     """(G,) whether each conv group's inputs were zero on every calibration sample (H's trace is 0):
     its output error cannot tell candidates apart, so methods weigh its weights alike instead."""
@@ -80,7 +85,7 @@ class ErrorModel:
         self.groups = 1 if hessian is None else hessian.shape[0]
         self.f = None if factor is None else torch.from_numpy(factor).float()  # (G, r, K), H = FᵀF + ρI
         self.h = None if hessian is None or factor is not None else torch.from_numpy(hessian).float()  # (G, K, K)
-        self.mean_diag = None if factor is None else np.einsum("gkk->g", hessian, dtype=np.float64) / hessian.shape[-1]
+        self._ridge_for_search = None if factor is None else search_ridge(hessian)  # ρ a search adds (`for_search`)
         self.ridge: torch.Tensor | None = None  # ρ (G,) where a search adds it (`for_search`)
         self.channels = channels
         self.known = hessian is not None
@@ -94,7 +99,7 @@ class ErrorModel:
             return self
         out = copy.copy(self)
         out.__dict__.pop("_screen", None)  # computed on the H without the ridge
-        out.ridge = torch.from_numpy(RANK_RIDGE * self.mean_diag).float()
+        out.ridge = torch.from_numpy(self._ridge_for_search).float()
         return out
 
     def _ridged(self, hd: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -116,7 +121,7 @@ class ErrorModel:
         level = UNSEEN_WEIGHT * float(np.einsum("gkk->g", seen, dtype=np.float64).mean()) / k if len(seen) else 1.0
         h = torch.from_numpy(np.array(hessian, np.float32))  # a copy: the statistics stay as measured
         h[torch.from_numpy(unseen)] = level * torch.eye(k)
-        self.f, self.h, self.ridge, self.mean_diag = None, h, None, None
+        self.f, self.h, self.ridge, self._ridge_for_search = None, h, None, None
 
     def _grouped(self, d: torch.Tensor) -> torch.Tensor:
         """(..., C, K) → (G, rows, K), each group's channels with every leading index."""

@@ -50,7 +50,7 @@ from ..errors import RecipeError
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..ir.grids import Grid, settle, term_grids
 from .base import error_record, per_layer, rounding_targets
-from .errormodel import RANK_RIDGE, ErrorModel, fixed_order
+from .errormodel import RANK_RIDGE, ErrorModel, fixed_order, search_ridge
 from .fields import layer_setting
 from .selectors import override_matches
 from .walk import mirrors, walk
@@ -163,8 +163,7 @@ def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings
     damp, judged = settings["damp"], hessian
     if hessian is not None and rank_deficient(inputs, hessian.shape[-1]):  # feedback on H + RANK_RIDGE·mean(diag H)·I
         damp = max(damp, RANK_RIDGE)
-        judged = hessian + (RANK_RIDGE * np.einsum("gkk->g", hessian, dtype=np.float64) / hessian.shape[-1])[:, None, None] \
-            * np.eye(hessian.shape[-1])
+        judged = hessian + search_ridge(hessian)[:, None, None] * np.eye(hessian.shape[-1])
     err = ErrorModel(judged, c)
     before = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
     if hessian is None:
