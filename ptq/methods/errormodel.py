@@ -193,8 +193,10 @@ class ErrorModel:
             q = torch.linalg.qr(y).Q
             lam, v = torch.linalg.eigh(torch.bmm(q.transpose(1, 2), self._hmat(q)).double())
             u = torch.bmm(q.double(), v[:, :, -r:]) * lam[:, -r:].clamp_min(0).sqrt()[:, None, :]
-            diag = self._ridged((self.f * self.f).sum(1)[:, None], torch.ones(g, 1, k))[:, 0] if self.f is not None \
-                else torch.diagonal(self.h, dim1=1, dim2=2)  # the factor's diagonal, plus ρ in a search
+            if self.f is None:
+                diag = torch.diagonal(self.h, dim1=1, dim2=2)
+            else:  # the factor's diagonal, plus ρ in a search
+                diag = (self.f * self.f).sum(1) + (0 if self.ridge is None else self.ridge[:, None])
             rest = (diag.double() - u.pow(2).sum(-1)).clamp_min(0)
         return u.float(), rest.float()
 
