@@ -49,6 +49,15 @@ def threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def single_threaded_pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool whose threads run torch single-threaded. OpenMP keeps its thread count per
+    thread: `torch.set_num_threads(1)` in the caller (`fixed_order`) leaves a new thread at OpenMP's
+    default, every core, while `torch.get_num_threads()` there says 1. A conv's gradient then summed
+    in another order on 2 threads than on 1 (an AVX-512 CPU: a learned bias 5·10⁻⁸ apart), and two
+    workers ran four threads on two cores. Each thread sets its own count as it starts."""
+    return ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+
+
 def single_threaded_map(work: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> Iterator[R]:
     """work(item) for each item, in item order, each call single-threaded (`fixed_order`) but up to
     `workers` calls at once (default: torch's thread count) on a thread pool, at most two per worker
@@ -60,7 +69,7 @@ def single_threaded_map(work: Callable[[T], R], items: Iterable[T], workers: int
             for item in items:
                 yield work(item)
             return
-        with ThreadPoolExecutor(n) as pool:
+        with single_threaded_pool(n) as pool:
             pending: deque = deque()
             for item in items:
                 pending.append(pool.submit(work, item))
@@ -70,4 +79,4 @@ def single_threaded_map(work: Callable[[T], R], items: Iterable[T], workers: int
                 yield pending.popleft().result()
 
 
-__all__ = ["fixed_order", "single_threaded_map", "threads"]
+__all__ = ["fixed_order", "single_threaded_map", "single_threaded_pool", "threads"]

@@ -363,6 +363,33 @@ def test_the_statistics_are_the_same_bits_at_any_thread_count(digits):
     assert got[0] == got[1]
 
 
+def test_a_pool_worker_computes_the_bits_of_one_thread():
+    """`single_threaded_map`'s workers run torch on one thread each: a conv's gradients in a worker
+    are the bits of the caller's single-threaded ones. A new thread does not inherit the caller's
+    thread count (OpenMP and MKL keep it per thread); on an AVX-512 CPU these gradients differed by
+    4·10⁻⁴ before each worker set its own."""
+    from ptq.determinism import fixed_order, single_threaded_map
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 1, 8, 8, generator=gen), torch.randn(4, 16, 8, 8, generator=gen)  # the digits CNN's stem
+    w, b = torch.randn(16, 1, 3, 3, generator=gen), torch.randn(16, generator=gen)
+
+    def grads(_: int) -> list[torch.Tensor]:
+        with torch.enable_grad():
+            wv, bv = w.clone().requires_grad_(), b.clone().requires_grad_()
+            loss = (torch.nn.functional.conv2d(x, wv, bv, padding=1).clamp(0, 6) - t).pow(2).sum()
+            return list(torch.autograd.grad(loss, [wv, bv]))
+
+    with fixed_order():
+        alone = grads(0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pooled = list(single_threaded_map(grads, range(4), workers=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, p) for got in pooled for a, p in zip(alone, got))
+
+
 THREADS_CHILD = r"""
 import hashlib, json, sys, tempfile
 import numpy as np, torch

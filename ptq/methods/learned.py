@@ -106,13 +106,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 
 import numpy as np
 import torch
 
 from ..accbound import exceeds
 from ..calib.progress import progress
+from ..determinism import single_threaded_pool
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..errors import RecipeError
 from ..ir.grids import settle, term_grids
@@ -387,7 +388,7 @@ def learn_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights, lay
     gen = torch.Generator().manual_seed(SEED)
     workers = min(PARTS, torch.get_num_threads())  # read before the walk runs single-threaded
     with progress("learned rounding (block-wise AdaRound)", len(blocks) * settings["iterations"]) as advance, \
-            (ThreadPoolExecutor(workers) if workers > 1 else nullcontext()) as pool:
+            (single_threaded_pool(workers) if workers > 1 else nullcontext()) as pool:
         def on_block(block: Block, x: torch.Tensor, target: torch.Tensor, quant: dict[str, Bounds],
                      x_float: torch.Tensor) -> None:
             weight = output_weight(block, stats, settings, target.dim())
