@@ -50,9 +50,10 @@ def threads(n: int) -> Iterator[None]:
 
 
 def single_threaded_pool(workers: int) -> ThreadPoolExecutor:
-    """A thread pool whose threads run torch single-threaded. OpenMP keeps its thread count per
-    thread: `torch.set_num_threads(1)` in the caller (`fixed_order`) leaves a new thread at OpenMP's
-    default, every core, while `torch.get_num_threads()` there says 1. A conv's gradient then summed
+    """A thread pool whose threads run torch single-threaded. The count `torch.set_num_threads` gives
+    torch's BLAS and OpenMP libraries is per thread: after `set_num_threads(1)` in the caller
+    (`fixed_order`) a new thread's kernels ran at their default, every core, while
+    `torch.get_num_threads()` there said 1. A conv's gradient then summed
     in another order on 2 threads than on 1 (an AVX-512 CPU: a learned bias 5·10⁻⁸ apart), and two
     workers ran four threads on two cores. Each thread sets its own count as it starts."""
     return ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
