@@ -35,6 +35,10 @@ BASE_SCHEMA: dict[str, dict[str, Field]] = {
                       help="clipping search: output error (H-weighted), weight MSE, or none"),
         "rounding": Field("nearest", str, ROUNDINGS,
                           help="how weights reach the grid: nearest, error feedback (GPTQ), or learned (block-wise AdaRound)"),
+        "ridge": Field(0.0, float, lo=0.0, hi=100.0,
+                       help="clip searches and error feedback use H + ridge·(inputs / calibration samples)·mean(diag H)·I: "
+                            "a wide layer's H, from few photos, is trusted less (a classifier's H of rank under a quarter "
+                            "of its inputs gets at least 1·mean(diag H))"),
     },
     "rounding": {
         "order": Field("diag", str, ("diag", "natural"),

@@ -29,7 +29,7 @@ def test_a_search_on_a_rank_deficient_h_adds_the_ridge_and_the_allocators_do_not
     h = stats.hessian
     ridge = errormodel.RANK_RIDGE * np.trace(h[0]) / h.shape[-1]
     d = np.random.default_rng(1).normal(size=(3, 64, 512)).astype(np.float32)
-    measured = ErrorModel(h, 64, stats.factor)
+    measured = ErrorModel.of(stats, 64)
     for model, dense in ((measured.for_search(), ErrorModel(h + ridge * np.eye(512)[None], 64)), (measured, ErrorModel(h, 64))):
         np.testing.assert_allclose(model(d), dense(d), rtol=1e-4)
         np.testing.assert_allclose(model.hmul(d).numpy(), dense.hmul(d).numpy(), rtol=1e-3, atol=1e-3 * ridge)
@@ -44,9 +44,25 @@ def test_a_classifier_is_not_clipped_where_the_calibration_inputs_put_no_energy(
     is a fifth lower than no clipping, and its calibration error stays within an eighth."""
     w, xc, xh, stats = _classifier(np.random.default_rng(0))
     no_clip = clip_search(w, 4, None)
-    ridged = clip_search(w, 4, ErrorModel(stats.hessian, 64, stats.factor))  # searches on `for_search`
+    ridged = clip_search(w, 4, ErrorModel.of(stats, 64))  # searches on `for_search`
     monkeypatch.setattr(errormodel, "RANK_RIDGE", 0.0)
-    raw = clip_search(w, 4, ErrorModel(stats.hessian, 64, stats.factor))
+    raw = clip_search(w, 4, ErrorModel.of(stats, 64))
     assert _error(w, raw, xh) > _error(w, no_clip, xh)  # measured 8.61 against 8.19
     assert _error(w, ridged, xh) < 0.8 * _error(w, no_clip, xh)  # measured 6.15
     assert _error(w, ridged, xc) < 1.15 * _error(w, raw, xc)  # measured 0.272 against 0.243
+
+
+def test_a_recipe_ridge_grows_with_a_layers_inputs_per_sample_and_the_classifiers_rule_stays_the_least():
+    """`weights.ridge` r: a search on a layer of K inputs measured on N samples uses H + r·K/N·mean(diag H)·I,
+    wherever its H comes from many patches; a rank-deficient H keeps at least RANK_RIDGE."""
+    rng = np.random.default_rng(2)
+    x = np.abs(rng.normal(size=(4096, 256)))  # 4096 patches of 16 samples, 256 inputs: full rank
+    conv = LayerInputStats(np.einsum("nk,nj->kj", x, x)[None], x.sum(0)[None], 4096)
+    h = conv.hessian
+    plain = ErrorModel.of(conv, 8, 0.0, 16)
+    assert plain.for_search() is plain
+    searched = ErrorModel.of(conv, 8, 0.03, 16).for_search()
+    np.testing.assert_allclose(searched.h.numpy(), h + 0.03 * 256 / 16 * np.trace(h[0]) / 256 * np.eye(256)[None], rtol=1e-6)
+    _, _, _, classifier = _classifier(rng)  # 32 samples, 512 wide
+    level = lambda r: float(ErrorModel.of(classifier, 64, r, 32).for_search().ridge[0] / (np.trace(classifier.hessian[0]) / 512))
+    assert abs(level(0.03) - errormodel.RANK_RIDGE) < 1e-6 and abs(level(0.5) - 0.5 * 512 / 32) < 1e-5

@@ -67,7 +67,7 @@ class LayerFit:
         self.op, self.p = op, p
         c = op.weight.shape[0]
         self.w = op.weight.reshape(c, -1).astype(np.float64)
-        self.err = layer_error(op, stats)
+        self.err = layer_error(op, stats, ridge=recipe["weights"]["ridge"])
         self.bias = op.bias.astype(np.float64) if op.bias is not None else np.zeros(c)
         self._histogram, self._act, self._producer_act = stats.histograms[input_tensor], recipe["activations"], producer_act
         self._encodings: dict[int, Encoding] = {}

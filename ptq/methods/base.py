@@ -49,10 +49,11 @@ def _size(op: Op) -> int:
     return 0 if op.weight is None else int(op.weight.size)
 
 
-def layer_error(op: Op, stats, output_error: bool = True) -> ErrorModel:
-    """The layer's error evaluator: output error from its input moments H, or weight MSE."""
+def layer_error(op: Op, stats, output_error: bool = True, ridge: float = 0.0) -> ErrorModel:
+    """The layer's error evaluator: output error from its input moments H, or weight MSE; its searches
+    add the ridge `errormodel.ridge_level` gives (`ridge`: the recipe's `weights.ridge`)."""
     li = stats.layer_inputs.get(op.name) if stats is not None and output_error else None
-    return ErrorModel(None if li is None else li.hessian, op.weight.shape[0], None if li is None else li.factor)
+    return ErrorModel(None, op.weight.shape[0]) if li is None else ErrorModel.of(li, op.weight.shape[0], ridge, stats.samples)
 
 
 def error_weights(op: Op, stats, err: ErrorModel, w: np.ndarray) -> np.ndarray | float:

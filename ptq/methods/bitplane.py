@@ -77,7 +77,7 @@ def layer_candidates(op: Op, stats, recipe: dict, span: tuple[int, int] | None, 
     c = op.weight.shape[0]
     w = op.weight.reshape(c, -1).astype(np.float64)
     if bp["error"] == "output":
-        err = layer_error(op, stats)
+        err = layer_error(op, stats, ridge=recipe["weights"]["ridge"])
         weight = error_weights(op, stats, err, w)
     else:
         err = ErrorModel(None, c)

@@ -17,6 +17,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from ..calib.collect import rank_deficient
 from ..determinism import fixed_order
 from ..intmath import qmax
 
@@ -58,13 +59,25 @@ UNSEEN_WEIGHT = 1e-9  # a group never seen on calibration data: its weight error
 # them: on Lite0's 1280-wide classifier at 4 bits the clip by the raw H cut the calibration KL 3-fold
 # and raised the held-out KL above no clipping at all; with the ridge its held-out KL halved on each
 # of three draws, the calibration KL the same (BENCHMARKS.md, session 43). The allocators compare
-# layers on the raw H: its error is what the calibration data measured.
+# layers on the raw H: its error is what the calibration data measured. A recipe's `weights.ridge`
+# extends the ridge to every layer in proportion to its inputs per calibration sample: on three Lite0
+# draws `bitplane-4.5`'s held-out KL fell 9-14% with 0.03 (BENCHMARKS.md, session 44).
 RANK_RIDGE = 1.0
 
 
-def search_ridge(hessian: np.ndarray) -> np.ndarray:
-    """ρ = RANK_RIDGE·mean(diag H) per group of a rank-deficient H (G, K, K): what a search adds."""
-    return RANK_RIDGE * np.einsum("gkk->g", hessian, dtype=np.float64) / hessian.shape[-1]
+def ridge_level(width: int, count: int, ridge: float = 0.0, samples: int = 0) -> float:
+    """ρ / mean(diag H) for a search within a layer of `width` inputs whose H was measured on `count`
+    input vectors from `samples` calibration samples: RANK_RIDGE where the count is at most a quarter
+    of the width (`calib.collect.rank_deficient`), and at least `ridge`·width/samples (the recipe's
+    `weights.ridge`: a late layer's H comes from many patches of few photos, and a search fits what
+    those photos show; module note); 0 for none."""
+    level = RANK_RIDGE if rank_deficient(count, width) else 0.0
+    return max(level, ridge * width / samples) if ridge > 0 and samples > 0 else level
+
+
+def search_ridge(hessian: np.ndarray, level: float) -> np.ndarray:
+    """ρ = level·mean(diag H) per group of H (G, K, K): what a search adds (`ridge_level`)."""
+    return level * np.einsum("gkk->g", hessian, dtype=np.float64) / hessian.shape[-1]
 
 
 def unseen_groups(hessian: np.ndarray) -> np.ndarray:
@@ -79,27 +92,41 @@ class ErrorModel:
     Where H is known to have rank r well below K (a classifier after global pooling sees one input
     per calibration sample: r ≤ N), it is used as H = FᵀF + ρI with F the (r, K) factor of its leading
     eigenvectors: a product costs r/K of the full one, what makes a 1280-wide classifier cheap. ρ is
-    0, and RANK_RIDGE·mean(diag H) per group in the model a search uses (`for_search`)."""
+    0; `search_ridge` (G,), where given, is what the model a search uses adds (`for_search`)."""
 
-    def __init__(self, hessian: np.ndarray | None, channels: int, factor: np.ndarray | None = None):
+    def __init__(self, hessian: np.ndarray | None, channels: int, factor: np.ndarray | None = None,
+                 search_ridge: np.ndarray | None = None):
         self.groups = 1 if hessian is None else hessian.shape[0]
         self.f = None if factor is None else torch.from_numpy(factor).float()  # (G, r, K), H = FᵀF + ρI
         self.h = None if hessian is None or factor is not None else torch.from_numpy(hessian).float()  # (G, K, K)
-        self._ridge_for_search = None if factor is None else search_ridge(hessian)  # ρ a search adds (`for_search`)
-        self.ridge: torch.Tensor | None = None  # ρ (G,) where a search adds it (`for_search`)
+        self._ridge_for_search = search_ridge  # ρ a search adds (`for_search`)
+        self.ridge: torch.Tensor | None = None  # ρ (G,) in the factor form where a search adds it
         self.channels = channels
         self.known = hessian is not None
         if self.known:
             self._weigh_unseen_groups(hessian)
 
+    @classmethod
+    def of(cls, li, channels: int, ridge: float = 0.0, samples: int = 0) -> "ErrorModel":
+        """The model of a layer's input statistics (`calib.collect.LayerInputStats`): its H, as a
+        factor where that is exact and cheaper, with the ridge its searches add (`ridge_level`;
+        `ridge`: the recipe's `weights.ridge`, over `samples` calibration samples)."""
+        h = li.hessian
+        level = ridge_level(h.shape[-1], li.count, ridge, samples)
+        return cls(h, channels, li.factor, search_ridge(h, level) if level > 0 else None)
+
     def for_search(self) -> "ErrorModel":
-        """The model a search within the layer uses: with the ridge RANK_RIDGE·mean(diag H) where H
-        is a low-rank factor (the module's note), else this one."""
-        if self.f is None:
+        """The model a search within the layer uses: H + ρI where the layer has a search ridge
+        (`ridge_level`; the module's note), else this one."""
+        if self._ridge_for_search is None:
             return self
         out = copy.copy(self)
         out.__dict__.pop("_screen", None)  # computed on the H without the ridge
-        out.ridge = torch.from_numpy(self._ridge_for_search).float()
+        rho = torch.from_numpy(self._ridge_for_search).float()
+        if self.f is not None:
+            out.ridge = rho
+        else:
+            out.h = self.h + rho[:, None, None] * torch.eye(self.h.shape[-1])
         return out
 
     def _ridged(self, hd: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -121,7 +148,7 @@ class ErrorModel:
         level = UNSEEN_WEIGHT * float(np.einsum("gkk->g", seen, dtype=np.float64).mean()) / k if len(seen) else 1.0
         h = torch.from_numpy(np.array(hessian, np.float32))  # a copy: the statistics stay as measured
         h[torch.from_numpy(unseen)] = level * torch.eye(k)
-        self.f, self.h, self.ridge, self._ridge_for_search = None, h, None, None
+        self.f, self.h, self.ridge = None, h, None  # an unseen group's ρ is 0: its H's trace is
 
     def _grouped(self, d: torch.Tensor) -> torch.Tensor:
         """(..., C, K) → (G, rows, K), each group's channels with every leading index."""

@@ -43,14 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..calib.collect import layer_patches, layer_positions, moments_of, rank_deficient, skip_patch_positions
+from ..calib.collect import layer_patches, layer_positions, moments_of, skip_patch_positions
 from ..calib.progress import progress
 from ..determinism import single_threaded_map
 from ..errors import RecipeError
 from ..ir import Graph, LayerWeights, Op, WeightQuant
 from ..ir.grids import Grid, settle, term_grids
 from .base import error_record, per_layer, rounding_targets
-from .errormodel import RANK_RIDGE, ErrorModel, fixed_order, search_ridge
+from .errormodel import ErrorModel, fixed_order, ridge_level, search_ridge
 from .fields import layer_setting
 from .selectors import override_matches
 from .walk import mirrors, walk
@@ -145,25 +145,27 @@ def feedback_integers(x: np.ndarray, hessian: np.ndarray, grid: Grid, order: str
 
 def feedback_layer(op: Op, hessian: np.ndarray | None, wq: WeightQuant, settings: dict,
                    cross: np.ndarray | None = None, starts: dict[int, np.ndarray] | None = None,
-                   inputs: int = 0) -> dict[str, float]:
+                   inputs: int = 0, ridge: float = 0.0, samples: int = 0) -> dict[str, float]:
     """Re-decide one layer's integers with error feedback through its input second moment `hessian`
     (in place); the output error before and after. With the cross moment `cross` (D) the integers
     aim at the float target (`float_target`), else at the layer's own weights. Without H (no inputs
     seen) nothing changes. `starts`, when given, gets per decided term the real values (C, K, in
     units of the scale) its integers were rounded from: feedback's updated weights on the channels
     that keep its integers, the term's own target elsewhere (the learned rounding's `start`).
-    An H measured on `inputs` input vectors, at most a quarter of its width, is damped by at least
-    RANK_RIDGE and its channels judged on H + RANK_RIDGE·mean(diag H)·I, as a search within a layer
-    is (`errormodel.RANK_RIDGE`): feedback on Lite0's classifier with 64 samples and the recipe's 3%
-    raised its held-out KL over nearest rounding by a quarter on two draws (BENCHMARKS.md, session 43)."""
+    An H measured on `inputs` input vectors from `samples` calibration samples is damped by at least
+    the level a search within the layer adds (`errormodel.ridge_level`, with the recipe's
+    `weights.ridge`) and its channels judged on H + that ridge: on Lite0's classifier (at most a
+    quarter as many inputs as it is wide) feedback with 64 samples and the recipe's 3% raised its
+    held-out KL over nearest rounding by a quarter on two draws (BENCHMARKS.md, session 43)."""
     c = op.weight.shape[0]
     w = op.weight.reshape(c, -1).astype(np.float64)
     if cross is not None:
         w = float_target(w, hessian, cross, settings["target_damp"])
     damp, judged = settings["damp"], hessian
-    if hessian is not None and rank_deficient(inputs, hessian.shape[-1]):  # feedback on H + RANK_RIDGE·mean(diag H)·I
-        damp = max(damp, RANK_RIDGE)
-        judged = hessian + search_ridge(hessian)[:, None, None] * np.eye(hessian.shape[-1])
+    level = 0.0 if hessian is None else ridge_level(hessian.shape[-1], inputs, ridge, samples)
+    if level > 0:  # feedback on H + level·mean(diag H)·I
+        damp = max(damp, level)
+        judged = hessian + search_ridge(hessian, level)[:, None, None] * np.eye(hessian.shape[-1])
     err = ErrorModel(judged, c)
     before = err((w - wq.dequantized().reshape(c, -1)).astype(np.float32))
     if hessian is None:
@@ -238,7 +240,7 @@ def float_target(w: np.ndarray, hessian: np.ndarray, cross: np.ndarray, damp: fl
 
 
 def _learned_starts(graph: Graph, stats, settings: dict, weights: LayerWeights,
-                    learned: list[str]) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, np.ndarray] | None]:
+                    learned: list[str], ridge: float) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, np.ndarray] | None]:
     """With `rounding.start = "feedback"`, error feedback on the learned layers (in place, on the
     calibration H) and each one's updated weights (`feedback_layer`'s `starts`), with the method's
     nearest weights taken before it (the records' "nearest"); else nothing to hand over."""
@@ -248,17 +250,18 @@ def _learned_starts(graph: Graph, stats, settings: dict, weights: LayerWeights,
     nearest = {op.name: weights[op.name].dequantized() for op in ops}
     starts: dict[str, dict[int, np.ndarray]] = {op.name: {} for op in ops}
 
-    per_layer(lambda op: _on_calibration_h(op, stats, weights, settings, starts[op.name]), ops, stats,
+    per_layer(lambda op: _on_calibration_h(op, stats, weights, settings, ridge, starts[op.name]), ops, stats,
               "error-feedback rounding (the learned rounding's start, layers)")
     return starts, nearest
 
 
-def _on_calibration_h(op: Op, stats, weights: LayerWeights, settings: dict,
+def _on_calibration_h(op: Op, stats, weights: LayerWeights, settings: dict, ridge: float,
                       starts: dict[int, np.ndarray] | None = None) -> dict[str, float]:
-    """`feedback_layer` on the layer's input moments from the calibration statistics (FP32 model)."""
+    """`feedback_layer` on the layer's input moments from the calibration statistics (FP32 model);
+    `ridge`: the recipe's `weights.ridge`."""
     li = stats.layer_inputs.get(op.name) if stats is not None else None
     return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings, starts=starts,
-                          inputs=0 if li is None else li.count)
+                          inputs=0 if li is None else li.count, ridge=ridge, samples=stats.samples if stats is not None else 0)
 
 
 def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
@@ -277,7 +280,8 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
     learned = [name for name, m in modes.items() if m == "learned"]
     feedback = [name for name, m in modes.items() if m == "feedback"]
     sequential = settings["sequential"] and bool(feedback)
-    starts, nearest = _learned_starts(graph, stats, settings, weights, learned) if learned else ({}, None)
+    ridge = recipe["weights"]["ridge"]
+    starts, nearest = _learned_starts(graph, stats, settings, weights, learned, ridge) if learned else ({}, None)
 
     if settings["target"] == "float" and not settings["sequential"] and feedback:
         raise RecipeError("rounding.target = 'float' needs the FP32 and quantized inputs of the sequential pass: "
@@ -292,12 +296,13 @@ def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
             h, d, count = sequential_moments(op, xq, xf if to_float else None,
                                              layer_positions(op, cal["positions"], cal["grouped_positions"]),
                                              settings["batch_size"], threads)
-            report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings, d, inputs=count)}
+            report[op.name] = {"rounding": "feedback", **feedback_layer(op, h, weights[op.name], settings, d, inputs=count,
+                                                                               ridge=ridge, samples=xq.shape[0])}
             advance()
 
         if not sequential:
             ops = [op for op in graph.weighted_ops() if op.name in feedback]
-            recs = per_layer(lambda op: _on_calibration_h(op, stats, weights, settings), ops, stats,
+            recs = per_layer(lambda op: _on_calibration_h(op, stats, weights, settings, ridge), ops, stats,
                              "error-feedback rounding (layers)")
             report.update({op.name: {"rounding": "feedback", **rec} for op, rec in zip(ops, recs)})
         visit = feedback if sequential else []

@@ -282,12 +282,14 @@ class _Best:
 
 
 def swis_layer(op: Op, stats, bits: int, group: int, shared_bits: int, lanes: int, truncate: bool,
-               scale_grid: int, objective: str, base: np.ndarray | None = None, feedback: bool = False) -> SwisLayer:
-    """Decompose one conv/linear layer (see the module docstring); `base`: its b₀-bit clipping scale if known."""
+               scale_grid: int, objective: str, base: np.ndarray | None = None, feedback: bool = False,
+               ridge: float = 0.0) -> SwisLayer:
+    """Decompose one conv/linear layer (see the module docstring); `base`: its b₀-bit clipping scale if
+    known; `ridge`: the recipe's `weights.ridge`."""
     c, k = op.weight_matrix_shape
     w = op.weight.reshape(c, k).astype(np.float64)
     m = qmax(bits)
-    err: ErrorModel = layer_error(op, stats, output_error=objective == "output")
+    err: ErrorModel = layer_error(op, stats, output_error=objective == "output", ridge=ridge)
     masks = position_sets(bits - 1, shared_bits, truncate)
     tables = nearest_tables(masks, bits - 1)
     hg = in_groups(_input_weights(op, stats, c, k, objective), group)
@@ -345,7 +347,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
 
     def run(op: Op, n: int, base: np.ndarray | None = None) -> SwisLayer:
         return swis_layer(op, stats, bits, group, n, lanes, truncate, sw["scale_grid"], sw["objective"], base,
-                          sw["feedback"])
+                          sw["feedback"], recipe["weights"]["ridge"])
 
     budgeted = sw["cycles"] > 0 or sw["mean_weight_bits"] > 0
     if sw["mode"] == "fixed" and not budgeted:
@@ -373,7 +375,7 @@ def quantize(graph: Graph, stats, recipe: dict) -> dict[str, WeightQuant]:
         lo, hi = spans[op.name]
         c, k = op.weight_matrix_shape
         w = op.weight.reshape(c, k).astype(np.float32)
-        err = layer_error(op, stats, output_error=sw["objective"] == "output")
+        err = layer_error(op, stats, output_error=sw["objective"] == "output", ridge=recipe["weights"]["ridge"])
         weight = error_weights(op, stats, err, w)
         base = None if sw["scale_grid"] else clip_search(w.astype(np.float64), bits, err)
         cands = []
