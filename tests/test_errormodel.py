@@ -61,7 +61,9 @@ def test_a_recipe_ridge_grows_with_a_layers_inputs_per_sample_and_the_classifier
     h = conv.hessian
     plain = ErrorModel.of(conv, 8, 0.0, 16)
     assert plain.for_search() is plain
-    searched = ErrorModel.of(conv, 8, 0.03, 16).for_search()
+    model = ErrorModel.of(conv, 8, 0.03, 16)
+    searched = model.for_search()
+    assert model.for_search() is searched and searched.for_search() is searched  # built once, ridged once
     np.testing.assert_allclose(searched.h.numpy(), h + 0.03 * 256 / 16 * np.trace(h[0]) / 256 * np.eye(256)[None], rtol=1e-6)
     _, _, _, classifier = _classifier(rng)  # 32 samples, 512 wide
     level = lambda r: float(ErrorModel.of(classifier, 64, r, 32).for_search().ridge[0] / (np.trace(classifier.hessian[0]) / 512))

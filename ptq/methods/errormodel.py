@@ -100,6 +100,7 @@ class ErrorModel:
         self.f = None if factor is None else torch.from_numpy(factor).float()  # (G, r, K), H = FᵀF + ρI
         self.h = None if hessian is None or factor is not None else torch.from_numpy(hessian).float()  # (G, K, K)
         self._ridge_for_search = search_ridge  # ρ a search adds (`for_search`)
+        self._searched: ErrorModel | None = None  # `for_search`'s model, once built
         self.ridge: torch.Tensor | None = None  # ρ (G,) in the factor form where a search adds it
         self.channels = channels
         self.known = hessian is not None
@@ -120,14 +121,17 @@ class ErrorModel:
         (`ridge_level`; the module's note), else this one."""
         if self._ridge_for_search is None:
             return self
-        out = copy.copy(self)
-        out.__dict__.pop("_screen", None)  # computed on the H without the ridge
-        rho = torch.from_numpy(self._ridge_for_search).float()
-        if self.f is not None:
-            out.ridge = rho
-        else:
-            out.h = self.h + rho[:, None, None] * torch.eye(self.h.shape[-1])
-        return out
+        if self._searched is None:  # built once: a full H's ridged copy is the size of H
+            out = copy.copy(self)
+            out.__dict__.pop("_screen", None)  # computed on the H without the ridge
+            out._ridge_for_search = None  # the searched model is its own
+            rho = torch.from_numpy(self._ridge_for_search).float()
+            if self.f is not None:
+                out.ridge = rho
+            else:
+                out.h = self.h + rho[:, None, None] * torch.eye(self.h.shape[-1])
+            self._searched = out
+        return self._searched
 
     def _ridged(self, hd: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """hd + ρ·d per group (G, ·, ·): H·d in the factor form, with the ridge of a search."""
@@ -148,7 +152,7 @@ class ErrorModel:
         level = UNSEEN_WEIGHT * float(np.einsum("gkk->g", seen, dtype=np.float64).mean()) / k if len(seen) else 1.0
         h = torch.from_numpy(np.array(hessian, np.float32))  # a copy: the statistics stay as measured
         h[torch.from_numpy(unseen)] = level * torch.eye(k)
-        self.f, self.h, self.ridge = None, h, None  # an unseen group's ρ is 0: its H's trace is
+        self.f, self.h, self.ridge = None, h, None  # an unseen group's ρ is 0, as its H's trace is
 
     def _grouped(self, d: torch.Tensor) -> torch.Tensor:
         """(..., C, K) → (G, rows, K), each group's channels with every leading index."""
