@@ -152,7 +152,7 @@ class ErrorModel:
         level = UNSEEN_WEIGHT * float(np.einsum("gkk->g", seen, dtype=np.float64).mean()) / k if len(seen) else 1.0
         h = torch.from_numpy(np.array(hessian, np.float32))  # a copy: the statistics stay as measured
         h[torch.from_numpy(unseen)] = level * torch.eye(k)
-        self.f, self.h, self.ridge = None, h, None  # an unseen group's ρ is 0, as its H's trace is
+        self.f, self.h = None, h  # a search's ρ for an unseen group is 0, as its H's trace is
 
     def _grouped(self, d: torch.Tensor) -> torch.Tensor:
         """(..., C, K) → (G, rows, K), each group's channels with every leading index."""

@@ -261,7 +261,7 @@ def _on_calibration_h(op: Op, stats, weights: LayerWeights, settings: dict, ridg
     `ridge`: the recipe's `weights.ridge`."""
     li = stats.layer_inputs.get(op.name) if stats is not None else None
     return feedback_layer(op, None if li is None else li.hessian, weights[op.name], settings, starts=starts,
-                          inputs=0 if li is None else li.count, ridge=ridge, samples=stats.samples if stats is not None else 0)
+                          inputs=0 if li is None else li.count, ridge=ridge, samples=0 if li is None else stats.samples)
 
 
 def apply_rounding(graph: Graph, stats, recipe: dict, weights: LayerWeights,
