@@ -24,7 +24,7 @@ damaging first (AXE-style ℓ1 control).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -119,43 +119,44 @@ def _threshold(u: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def project_l1(v: np.ndarray, radius: np.ndarray) -> np.ndarray:
-    """Euclidean projection of each row of v (C, K) onto {‖x‖₁ ≤ radius_c}; rows already inside are kept.
-
-    The sort-based threshold of Duchi et al. needs a row's magnitudes in descending order only as
-    far as its support: the `TOP_FIRST` largest are partitioned off and sorted first, and rows whose
-    support reaches past them are sorted 4× as far, then fully. The cumulative sums over the
-    prefix are those of a full sort, so θ is the same bits."""
-    return _project_into(v.copy(), radius)
-
-
-def _project_into(x: np.ndarray, radius: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
-    """`project_l1` of x's rows written into x itself (a temporary of the caller's): x. With `order`
-    (each row's columns by descending magnitude), a row's largest magnitudes are read in that order
-    instead of partitioned and sorted: the same values in the same order, so the same bits."""
+    """Euclidean projection of each row of v (C, K) onto {‖x‖₁ ≤ radius_c}; rows already inside are kept."""
+    x = np.ascontiguousarray(v, np.float64).copy()
     a = np.abs(x)
-    rows = np.flatnonzero(a.sum(1) > radius)
-    if rows.size == 0:
-        return x
-    a, r = a[rows], radius[rows]
-    k = a.shape[1]
-    theta = np.empty(len(rows))
-    todo, m = np.arange(len(rows)), TOP_FIRST
+    for rows, theta, _, _, _ in _projected(x, a, radius):
+        x[rows] = np.copysign(np.maximum(a[rows] - theta[:, None], 0.0), x[rows])  # signed zeros included
+    return x
+
+
+def _projected(x: np.ndarray, a: np.ndarray, radius: np.ndarray, order: np.ndarray | None = None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """For the rows of x (n, K) (magnitudes a, C-contiguous) outside their ℓ1 ball: (rows, their
+    projection's threshold θ, each row's m largest magnitudes in descending order, the same entries
+    of x, their flat indices into x), a group per prefix length m. The projection of such a row is
+    sign·max(|x| − θ, 0).
+
+    The sort-based threshold of Duchi et al. needs a row's magnitudes in descending order only as far
+    as its support: the `TOP_FIRST` largest are taken first, and rows whose support reaches past
+    them 4× as many, then all. The cumulative sums over the prefix are those of a full sort, so θ is
+    the same bits. With `order` (each row's columns by descending magnitude) the prefix is read in
+    that order instead of partitioned and sorted: the same values in the same order."""
+    todo, m, k = np.flatnonzero(a.sum(1) > radius), TOP_FIRST, a.shape[1]
     while todo.size:
         m = min(m, k)
-        if order is None:
-            top = a[todo] if m == k else np.partition(a[todo], k - m, axis=1)[:, k - m:]
-            top = -np.sort(-top, axis=1)
+        if order is not None:
+            cols = order[todo, :m]
+        elif m == k:
+            cols = np.argsort(-a[todo], axis=1, kind="stable")
         else:
-            top = a[todo[:, None], order[rows[todo], :m]]
-        t, wider = _threshold(top, r[todo])
+            part = np.argpartition(a[todo], k - m, axis=1)[:, k - m:]
+            cols = np.take_along_axis(part, np.argsort(-np.take_along_axis(a[todo], part, 1), axis=1, kind="stable"), 1)
+        flat = cols + (todo * k)[:, None]
+        signed = x.reshape(-1).take(flat)
+        top = np.abs(signed)
+        theta, wider = _threshold(top, radius[todo])
         done = ~wider | (m == k)
-        theta[todo[done]] = t[done]
+        theta = np.where(radius[todo] > 0, theta, np.inf)  # radius 0: the ball is the origin
+        yield todo[done], theta[done], top[done], signed[done], flat[done]
         todo, m = todo[~done], 4 * m
-    theta = np.where(r > 0, theta, np.inf)  # radius 0: the ball is the origin
-    a -= theta[:, None]
-    np.maximum(a, 0.0, out=a)
-    x[rows] = np.copysign(a, x[rows], out=a)  # sign(x)·max(|x| − θ, 0), signed zeros included
-    return x
 
 
 FIT_ELEMENTS = 1 << 21  # weights fitted per batch of rows: 16 MB float64 temporaries stay in the heap
@@ -187,8 +188,8 @@ def fit_l1(v: np.ndarray, radius: np.ndarray, qmax: int,
     out = np.empty(v.shape, np.int64)
     step = max(1, FIT_ELEMENTS // max(v.shape[1], 1))
     for i in range(0, len(v), step):
-        out[i:i + step] = _fit_rows(v[i:i + step], radius[i:i + step], qmax,
-                                    None if order is None else order(i, min(i + step, len(v))))
+        _fit_rows(v[i:i + step], radius[i:i + step], qmax, None if order is None else order(i, min(i + step, len(v))),
+                  out[i:i + step])
     return out
 
 
@@ -212,7 +213,10 @@ def fit_budget(v: np.ndarray, budget: np.ndarray, qmax: int, order: Order | None
         np.maximum(np.negative(x, out=x), 0.0, out=parts[len(r):])
         parts = fit_l1(parts, np.concatenate([budget[r, 0], budget[r, 1]]), qmax,
                        None if order is None else lambda i, j, r=r: _signed_orders(order, r, i, j))
-        out[r] = parts[:len(r)] - parts[len(r):]
+        if r[-1] - r[0] + 1 == len(r):  # consecutive rows (every row of a layer fitted per sign): no gather
+            np.subtract(parts[:len(r)], parts[len(r):], out=out[r[0]:r[-1] + 1])
+        else:
+            out[r] = parts[:len(r)] - parts[len(r):]
     return out
 
 
@@ -223,10 +227,33 @@ def _signed_orders(order: Order, rows: np.ndarray, i: int, j: int) -> np.ndarray
     return np.concatenate([order(rows[i:min(j, n)], "+"), order(rows[max(i - n, 0):max(j - n, 0)], "-")])
 
 
-def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int, order: np.ndarray | None = None) -> np.ndarray:
-    p = _project_into(np.clip(v, -qmax, qmax), radius, order)
-    frac = np.abs(p)
-    mag = np.floor(frac)
+def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int, order: np.ndarray | None, out: np.ndarray) -> None:
+    """`fit_l1` of a batch of rows, written into `out` (C-contiguous int64). A projected row's integers
+    are nonzero only on its support (the magnitudes above θ, a prefix of its sorted columns): they are
+    rounded there alone, a few dozen columns of thousands under a tight budget, the rest left zero."""
+    x = np.clip(v, -qmax, qmax)
+    a = np.abs(x)
+    out.fill(0)
+    inside = np.ones(len(x), bool)
+    for rows, theta, top, signed, flat in _projected(x, a, radius, order):
+        inside[rows] = False
+        # the support ends inside the prefix (descending: every later magnitude is ≤ θ)
+        fits = (top[:, -1] <= theta) | (top.shape[1] == x.shape[1])
+        mag = _round_within(np.maximum(top[fits] - theta[fits, None], 0.0), radius[rows[fits]], flat[fits])
+        out.reshape(-1)[flat[fits]] = np.copysign(mag, signed[fits])
+        r = rows[~fits]  # a support a last bit past the prefix: the whole row
+        out[r] = np.copysign(_round_within(np.maximum(a[r] - theta[~fits, None], 0.0), radius[r]), x[r])
+    r = np.flatnonzero(inside)
+    out[r] = np.copysign(_round_within(a[r], radius[r]), x[r])
+
+
+def _round_within(mag: np.ndarray, radius: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+    """Magnitudes (n, m) ≥ 0 rounded half up, then the fewest rounded-up entries rounded down again —
+    the smallest fractional parts first, the lower column among equal ones — until each row's sum is
+    within its radius. `cols`: numbers in the entries' column order, per row (default: their
+    positions). Works in place on mag."""
+    frac = mag.copy()
+    np.floor(mag, out=mag)
     frac -= mag
     up = frac >= 0.5
     mag += up
@@ -240,9 +267,25 @@ def _fit_rows(v: np.ndarray, radius: np.ndarray, qmax: int, order: np.ndarray | 
         t = least[np.arange(len(rows)), e - 1][:, None]
         down = key < t
         ties = key == t
-        down |= ties & (np.cumsum(ties, axis=1) <= (e - down.sum(1))[:, None])
+        need = e - down.sum(1)
+        place = np.cumsum(ties, axis=1)
+        if cols is not None:
+            _rank_by_column(place, ties, cols[rows], need)
+        down |= ties & (place <= need[:, None])
         mag[rows] -= down
-    return np.copysign(mag, p, out=mag).astype(np.int64)
+    return mag
+
+
+def _rank_by_column(place: np.ndarray, ties: np.ndarray, cols: np.ndarray, need: np.ndarray) -> None:
+    """Where a row has more tied entries than it rounds down, rank them by column (1 for the lowest)
+    in `place` instead of by position: the positions are a magnitude order, the rule is by column."""
+    some = np.flatnonzero(ties.sum(1) > need)
+    if some.size == 0:
+        return
+    by_col = np.where(ties[some], cols[some], np.iinfo(cols.dtype).max)
+    ranks = np.empty(by_col.shape, np.int64)
+    np.put_along_axis(ranks, np.argsort(by_col, axis=1, kind="stable"), np.arange(1, by_col.shape[1] + 1)[None], 1)
+    place[some] = ranks
 
 
 __all__ = ["limit", "bits_for", "datatype_bound", "input_span", "sign_masses", "reach", "worst_from_reach",

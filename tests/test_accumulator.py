@@ -62,10 +62,15 @@ def test_projection_threshold_holds_when_the_support_reaches_past_the_first_sort
     np.testing.assert_array_equal(p[4], v[4])
 
 
-def test_fit_l1_rounds_down_the_smallest_fractions_first_and_the_lower_column_among_equal_ones():
-    v = np.array([[1.5, 1.5, 1.5, 1.5], [2.6, -1.9, 0.7, 0.5]])
-    q = fit_l1(v, np.array([6.0, 5.0]), qmax=7)
-    np.testing.assert_array_equal(q, [[1, 1, 2, 2], [2, -2, 1, 0]])  # row 2: projected to (2.425, -1.725, .525, .325)
+@pytest.mark.parametrize("sorted_once", [False, True])
+def test_fit_l1_rounds_down_the_smallest_fractions_first_and_the_lower_column_among_equal_ones(sorted_once):
+    """Row 3 projects to (1.5, 3.5, 2, 0): one of its two halves goes down, the lower column's,
+    though a projected row is rounded in its magnitude order (column 1 first)."""
+    v = np.array([[1.5, 1.5, 1.5, 1.5], [2.6, -1.9, 0.7, 0.5], [2.5, 4.5, 3.0, 0.2]])
+    order = (lambda i, j: np.argsort(-np.abs(v[i:j]), axis=1, kind="stable")) if sorted_once else None
+    q = fit_l1(v, np.array([6.0, 5.0, 7.0]), qmax=7, order=order)
+    # row 2: projected to (2.425, -1.725, .525, .325)
+    np.testing.assert_array_equal(q, [[1, 1, 2, 2], [2, -2, 1, 0], [1, 4, 2, 0]])
 
 
 @pytest.mark.parametrize("span", [(0, 255), (-255, 0), (-128, 127), (0, 15), (-3, 12)])
