@@ -117,7 +117,7 @@ def correct_biases(graph: Graph, ms: list[Manifest], x: torch.Tensor, modes: lis
     fk = float_kernels(dtype)
     parts = _chunks(len(x))
     keep = _keep(graph, x)
-    kernels = [reference_kernels(m, dtype) for m in ms]
+    kernels = [reference_kernels(m, dtype, exact_sums=False) for m in ms]  # the kernels its figures were measured on
     records = [{r["name"]: r for r in m.ops} for m in ms]
     codec = Codec(ms[0])  # the candidates differ in biases only: one set of encodings
     last_use = {}

@@ -99,3 +99,23 @@ def test_level2_compares_each_op_with_the_reference_on_the_simulators_inputs(dig
     want = {t: {"share_within_1lsb": c[0] / c[1], "max_lsb_error": c[2]} for t, c in counts.items()}
     assert got == want
     assert (max(v["max_lsb_error"] for v in want.values()) > 1) == bool(acc_bits)
+
+
+def test_reference_sums_integer_codes_exactly_and_gives_the_dequantized_codes(digits, digits_quantized, monkeypatch):
+    """The float64 reference sums a single-term layer's integer codes in float32 (exact below 2^24)
+    and scales once; on the digits CNN every layer takes that path, and every op's codes equal those
+    of the dequantized float64 convolution it replaced (the path a layer past the bound keeps)."""
+    import ptq.runtime.reference as reference
+    from ptq.runtime.reference import Codec, _integer_weight, run_reference
+    _, xtr, _, _, _ = digits
+    qm, _ = digits_quantized
+    m = qm.manifest
+    assert all(_integer_weight(m, rec, Codec(m)) is not None for rec in m.weighted_ops())
+    x = torch.from_numpy(np.asarray(xtr[:32], np.float32))
+    keep = [rec["output"] for rec in m.ops]
+    exact = run_reference(m, x, keep)
+    monkeypatch.setattr(reference, "EXACT_FLOAT32", 0)  # no layer within the bound: all dequantized
+    assert all(_integer_weight(m, rec, Codec(m)) is None for rec in m.weighted_ops())
+    dequantized = run_reference(m, x, keep)
+    for t in keep:
+        assert torch.equal(exact[t], dequantized[t]), t

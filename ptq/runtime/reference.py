@@ -5,6 +5,12 @@ int32 biases are dequantized and multipliers are exact real ratios (quantizing t
 the quantized model: at 4-bit weights its step s_x·s_w can exceed a 16-bit output step). Agreement between
 the two (level-2 verification) shows the integer program realises the intended quantized model.
 Tensors flow as integer codes (q) stored in a float dtype.
+
+With `exact_sums` (the checkers' float64 reference) a single-term conv or linear sums its integer
+codes in a float32 conv, exact whenever every partial sum stays below 2^24 (Σ|q| · the largest
+input code, checked per layer), and applies s_x·s_w once in float64: the quantized model's sums
+without rounding, at float32 speed (a float64 depthwise conv is 6× a float32 one on a CPU). Other
+layers, and bias correction's float32 kernels, convolve the dequantized values.
 """
 from __future__ import annotations
 
@@ -54,18 +60,41 @@ def dequantized_bias(m: Manifest, rec: dict) -> np.ndarray:
     return m.tensor(rec["bias"]["q"]).astype(np.float64) * s_x * s0
 
 
-def reference_kernels(m: Manifest, dtype: torch.dtype = torch.float64) -> dict[str, Kernel]:
+EXACT_FLOAT32 = 1 << 24  # every integer below it in magnitude is a float32
+
+
+def _integer_weight(m: Manifest, rec: dict, codec: Codec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A single-term layer's integer weights (float32) and s_x·s_w per output channel (float64), when
+    a float32 sum of its integer products is exact for every input: Σ|q| · max|q_x − z_x| < 2^24."""
+    terms = rec["weight"]["terms"]
+    if len(terms) != 1:
+        return None
+    q = m.tensor(terms[0]["q"])
+    s_x, z, top = codec.params(rec["inputs"][0])
+    if float(np.abs(q.reshape(q.shape[0], -1).astype(np.int64)).sum(1).max(initial=0)) * max(z, top - z) >= EXACT_FLOAT32:
+        return None
+    return torch.from_numpy(q.astype(np.float32)), torch.from_numpy(m.tensor(terms[0]["scale"]).astype(np.float64) * s_x)
+
+
+def reference_kernels(m: Manifest, dtype: torch.dtype = torch.float64, exact_sums: bool = True) -> dict[str, Kernel]:
     codec = Codec(m)
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, tuple] = {}
 
     def weighted(op: Op, xs):
         rec = op.record
         if op.name not in weights:
-            weights[op.name] = dequantized_weight(m, rec, dtype)
+            exact = _integer_weight(m, rec, codec) if exact_sums else None
+            weights[op.name] = exact if exact is not None else (dequantized_weight(m, rec, dtype), None)
+        w, scale = weights[op.name]
         b = torch.from_numpy(dequantized_bias(m, rec)).to(dtype)
-        x = codec.dequantize(xs[0], op.inputs[0])
         f = conv_float if op.kind == "conv" else linear_float
-        return codec.quantize(f(op, x, weights[op.name], b), op.output, rec["clamp"])
+        if scale is None:
+            y = f(op, codec.dequantize(xs[0], op.inputs[0]), w, b)
+        else:  # the integer sums, exact in float32, then the real scales
+            view = (-1, 1, 1) if op.kind == "conv" else (-1,)
+            acc = f(op, torch.sub(xs[0], codec.params(op.inputs[0])[1]).float(), w, None).to(dtype)
+            y = acc.mul_(scale.to(dtype).reshape(view)).add_(b.reshape(view))
+        return codec.quantize(y, op.output, rec["clamp"])
 
     def add(op, xs):
         y = codec.dequantize(xs[0], op.inputs[0]) + codec.dequantize(xs[1], op.inputs[1])
