@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 MANTISSA_BITS = 31  # multipliers m satisfy 2^30 <= m < 2^31
+F32_EXACT = 2**24  # every integer below it in magnitude is a float32: integer sums bounded below it are exact
 
 
 def qmax(bits: int) -> int:

@@ -114,7 +114,7 @@ def test_reference_sums_integer_codes_exactly_and_gives_the_dequantized_codes(di
     x = torch.from_numpy(np.asarray(xtr[:32], np.float32))
     keep = [rec["output"] for rec in m.ops]
     exact = run_reference(m, x, keep)
-    monkeypatch.setattr(reference, "EXACT_FLOAT32", 0)  # no layer within the bound: all dequantized
+    monkeypatch.setattr(reference, "F32_EXACT", 0)  # no layer within the bound: all dequantized
     assert all(_integer_weight(m, rec, Codec(m)) is None for rec in m.weighted_ops())
     dequantized = run_reference(m, x, keep)
     for t in keep:

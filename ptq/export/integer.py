@@ -41,9 +41,9 @@ from typing import Callable
 
 from ..accbound import input_span, worst_accumulator
 from ..errors import ManifestError
-from ..intmath import qmax
+from ..intmath import F32_EXACT, qmax
 from ..manifest import Manifest
-from ..runtime.simulator import EXACT_LIMIT, F32_EXACT
+from ..runtime.simulator import EXACT_LIMIT
 from .onnxgraph import INPUT_NAME, GraphBuilder, slice_consts, torch_pads_to_onnx, weight_metadata
 
 

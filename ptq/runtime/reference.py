@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..ir import Kernel, Op, execute, require_all
 from ..ir.floatops import (conv_float, linear_float, lut_function, masked_scores, maxpool, pad, permute, pool_sum,
                            reshape, slice_)
+from ..intmath import F32_EXACT
 from ..manifest import Manifest
 
 
@@ -60,9 +61,6 @@ def dequantized_bias(m: Manifest, rec: dict) -> np.ndarray:
     return m.tensor(rec["bias"]["q"]).astype(np.float64) * s_x * s0
 
 
-EXACT_FLOAT32 = 1 << 24  # every integer below it in magnitude is a float32
-
-
 def _integer_weight(m: Manifest, rec: dict, codec: Codec) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A single-term layer's integer weights (float32) and s_x·s_w per output channel (float64), when
     a float32 sum of its integer products is exact for every input: Σ|q| · max|q_x − z_x| < 2^24."""
@@ -71,7 +69,7 @@ def _integer_weight(m: Manifest, rec: dict, codec: Codec) -> tuple[torch.Tensor,
         return None
     q = m.tensor(terms[0]["q"])
     s_x, z, top = codec.params(rec["inputs"][0])
-    if float(np.abs(q.reshape(q.shape[0], -1).astype(np.int64)).sum(1).max(initial=0)) * max(z, top - z) >= EXACT_FLOAT32:
+    if float(np.abs(q.reshape(q.shape[0], -1).astype(np.int64)).sum(1).max(initial=0)) * max(z, top - z) >= F32_EXACT:
         return None
     return torch.from_numpy(q.astype(np.float32)), torch.from_numpy(m.tensor(terms[0]["scale"]).astype(np.float64) * s_x)
 

@@ -25,13 +25,12 @@ from ..errors import ManifestError
 from .. import bitserial
 from ..ir import Kernel, Op, execute, require_all
 from ..ir.floatops import maxpool, pad, permute, pool_sum, reshape, slice_
-from ..intmath import dyadic_sum, qmax, rounding_shift
+from ..intmath import F32_EXACT, dyadic_sum, qmax, rounding_shift
 from .. import intnorm
 from ..manifest import Manifest
 
 EXACT_LIMIT = 2**52
 CODE = torch.float32  # carrier of activation codes (exact: codes have <= 16 bits)
-F32_EXACT = 2**24
 ACC_MODES = ("exact", "wrap", "saturate")
 
 
